@@ -1,0 +1,345 @@
+"""The wire protocol of the ESPO rollout server: the one definition, imported by the server.
+
+Every model forbids unknown fields: a misspelled sampling field that is silently ignored would
+corrupt RL data without anyone noticing. The server's OpenAPI schema is generated from these models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .stop_rule import BatchStats, EspoParams, StopRule
+from .stop_rule import EspoState as RuleState
+
+__all__ = [
+    "CommitRequest",
+    "CriticValuesRequest",
+    "CriticValuesResponse",
+    "DoneEvent",
+    "EndReason",
+    "ErrorBody",
+    "ErrorEvent",
+    "ErrorResponse",
+    "EspoState",
+    "HealthResponse",
+    "InfoResponse",
+    "Prompt",
+    "RolloutRequest",
+    "RolloutResponse",
+    "RolloutStreamEvent",
+    "RuleParams",
+    "StateResponse",
+    "StopRule",
+    "Traces",
+    "Trajectory",
+    "TrajectoryEvent",
+    "Usage",
+    "WeightsRequest",
+    "WeightsResponse",
+]
+
+EndReason = Literal["eos", "length", "espo_stop", "abort"]
+TraceName = Literal["regret", "z", "values", "entropy"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Prompt(_Model):
+    """One prompt: token ids or text (tokenised by the server), and optionally the task's answer."""
+
+    token_ids: list[int] | None = Field(None, description="Prompt token ids (preferred: exact).")
+    text: str | None = Field(None, description="Prompt text, tokenised by the server's tokenizer.")
+    answer: str | None = Field(
+        None,
+        description="Expected answer. When the server has a verifier for the task, `eos` trajectories "
+        "get its reward (1 correct, 0 wrong); otherwise their reward is null and the learner scores them.",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Prompt:
+        if (self.token_ids is None) == (self.text is None):
+            raise ValueError("give exactly one of token_ids or text")
+        if self.token_ids is not None and not self.token_ids:
+            raise ValueError("token_ids must not be empty")
+        if self.text is not None and not self.text:
+            raise ValueError("text must not be empty")
+        return self
+
+
+class RuleParams(_Model):
+    """Per-request overrides of the stop rule's parameters; unset fields keep the server's defaults."""
+
+    a_ema: float | None = Field(None, ge=0, le=1, description="a_ema: EMA weight of mu/var (paper 0.99).")
+    alpha_s: float | None = Field(None, ge=0, le=1, description="alpha_s: smoothing of z (paper 0.9).")
+    beta0: float | None = Field(None, gt=0, description="beta_0: initial threshold scale (paper 7.0).")
+    eta_beta: float | None = Field(None, ge=0, description="eta_beta: beta controller step (paper 0.1).")
+    tau: float | None = Field(None, ge=0, le=1, description="tau: target stop rate (paper 0.25).")
+    eps: float | None = Field(None, ge=0, description="eps: floor on V in the threshold (paper 0.2).")
+    r_fail: float | None = Field(None, description="r_fail: reward of a stopped trajectory (paper -1).")
+    clip_c: float | None = Field(None, gt=0, description="c: clip of the normalised regret.")
+    delta: float | None = Field(None, gt=0, description="delta: added to var under the square root.")
+    beta_min: float | None = Field(None, ge=0, description="Lower clip of beta.")
+    beta_max: float | None = Field(None, gt=0, description="Upper clip of beta.")
+    min_tokens: int | None = Field(None, ge=0, description="No stop before this response token index.")
+    critic_stride: int | None = Field(
+        None, ge=1, description="At most one critic query per this many tokens."
+    )
+    warm_after_batches: int | None = Field(
+        None, ge=0, description="State turns warm after this many batches."
+    )
+    random_rate: float | None = Field(
+        None, ge=0, le=1, description="`random`: fraction of trajectories stopped."
+    )
+    v_const: float | None = Field(None, description="`regret_only`: constant standing in for V(s_t).")
+    v_min: float | None = Field(None, description="`value_only`: stop when V(s_t) < v_min.")
+
+    def overrides(self) -> dict[str, object]:
+        return self.model_dump(exclude_none=True)
+
+    def apply(self, base: EspoParams) -> EspoParams:
+        return base.with_overrides(self.overrides())
+
+
+class EspoState(_Model):
+    """The rule's state between batches (frozen during a batch)."""
+
+    mu: float = Field(0.0, description="mu: running mean of the regret g.")
+    var: float = Field(1.0, ge=0, description="var: running variance of the regret g.")
+    beta: float = Field(7.0, gt=0, description="beta: threshold scale.")
+    warm: bool = Field(False, description="Stopping is enabled only when warm.")
+    initialised: bool = Field(False, description="False until a first batch has set mu and var.")
+    batches: int = Field(0, ge=0, description="Batches folded into this state.")
+
+    def to_rule(self) -> RuleState:
+        return RuleState(**self.model_dump())
+
+    @classmethod
+    def from_rule(cls, state: RuleState) -> EspoState:
+        return cls(**{name: getattr(state, name) for name in cls.model_fields})
+
+
+class RolloutRequest(_Model):
+    """`POST /v1/rollouts`: sample `n` trajectories per prompt under a stop rule."""
+
+    prompts: list[Prompt] = Field(..., min_length=1, description="Prompts; each gets `n` samples.")
+    n: int = Field(1, ge=1, description="Samples per prompt (the server caps it: see /v1/info).")
+    max_tokens: int = Field(256, ge=1, description="Response token limit; ends with `length` when hit.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (regret uses raw logprobs).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int | None = Field(None, description="Base seed; sample j of prompt i uses seed + i*n + j.")
+    stop_token_ids: list[int] | None = Field(None, description="Extra token ids that end a response (eos).")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks: fixed lengths).")
+    stop_rule: StopRule | None = Field(
+        None,
+        description="none, espo, random, regret_only or value_only (unset: the server's default_stop_rule).",
+    )
+    rule_params: RuleParams | None = Field(None, description="Overrides of the rule's parameters.")
+    shadow: bool = Field(
+        False,
+        description="Run the rule but never stop: record `shadow_stop_step` and generate to the end.",
+    )
+    batch_id: str | None = Field(
+        None,
+        max_length=200,
+        description="Calls that share a batch_id form one batch of the server-owned state, closed by "
+        "POST /v1/espo/commit or by a call with another batch_id. Unset: this call is its own batch.",
+    )
+    state: EspoState | None = Field(
+        None,
+        description="Learner-owned state: used instead of the server's, which is left untouched; the "
+        "response's `state_after` is this state updated with the call's batch statistics.",
+    )
+    update_state: bool = Field(
+        True, description="Fold this call's statistics into the server-owned state (false for evaluation)."
+    )
+    include: list[TraceName] = Field(
+        default_factory=list, description="Per-token traces to return: regret, z, values, entropy."
+    )
+    entropy_top_k: int | None = Field(
+        None, ge=1, description="k of the top-k entropy estimate (server default if unset)."
+    )
+    request_id: str | None = Field(
+        None,
+        max_length=200,
+        description="Idempotency key: a retry with the same id gets the first call's result, not a "
+        "second batch of samples.",
+    )
+
+
+class Traces(_Model):
+    """Per-token traces, one entry per returned token (values: null where the critic was not asked)."""
+
+    regret: list[float] | None = Field(None, description="g_t of each token.")
+    z: list[float] | None = Field(None, description="Smoothed normalised regret z_t of each token.")
+    values: list[float | None] | None = Field(None, description="V(s_t) where the critic was queried.")
+    entropy: list[float] | None = Field(None, description="Top-k estimate of the policy entropy at s_t.")
+
+
+class Trajectory(_Model):
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int] = Field(..., description="Response token ids (prompt excluded).")
+    logprobs: list[float] = Field(..., description="Raw log-probability of each sampled token.")
+    end_reason: EndReason
+    stop_step: int | None = Field(None, description="Index of the last kept token when stopped, else null.")
+    reward: float | None = Field(
+        None,
+        description="Reward on the last token: r_fail when stopped, the verifier's when known, else null.",
+    )
+    shadow_stop_step: int | None = Field(None, description="Where the rule would have stopped (shadow mode).")
+    policy_version: int = Field(..., description="Version of the weights that sampled this trajectory.")
+    discarded_tokens: int = Field(0, description="Tokens generated past the stop while the critic answered.")
+    critic_error: bool = Field(False, description="A critic query of this trajectory failed or timed out.")
+    traces: Traces | None = None
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    generated_tokens: int = Field(..., description="Tokens returned in trajectories.")
+    discarded_tokens: int = Field(0, description="Tokens generated after a stop step and thrown away.")
+    trajectories: int
+    stopped: int = Field(0, description="Trajectories ended by the rule (espo_stop).")
+    shadow_stopped: int = Field(0, description="Trajectories the rule would have stopped (shadow mode).")
+    tokens_saved_estimate: int = Field(0, description="Estimate: mean unstopped length minus kept length.")
+    tokens_saved_upper_bound: int = Field(0, description="Bound: max_tokens minus kept length.")
+    tokens_saved_shadow: int = Field(
+        0, description="Exact, shadow mode: full length minus shadow kept length."
+    )
+    critic_calls: int = 0
+    critic_errors: int = 0
+    critic_time_s: float = Field(0.0, description="Summed latency of this call's critic queries.")
+    wall_time_s: float = 0.0
+    regret_tokens: int = Field(0, description="Batch statistics: number of regret values.")
+    regret_sum: float = 0.0
+    regret_sumsq: float = 0.0
+
+    def batch_stats(self, *, shadow: bool = False) -> BatchStats:
+        """This call's contribution to the ESPO state update: the same sums the server folds in.
+
+        The stop count is `shadow_stopped` in shadow mode (where nothing is really stopped), else
+        `stopped`. Sums merge exactly, so several calls of one batch add up (`BatchStats.merge`).
+        """
+        return BatchStats(
+            tokens=self.regret_tokens,
+            g_sum=self.regret_sum,
+            g_sumsq=self.regret_sumsq,
+            trajectories=self.trajectories,
+            stops=self.shadow_stopped if shadow else self.stopped,
+        )
+
+
+class RolloutResponse(_Model):
+    request_id: str
+    trajectories: list[Trajectory]
+    usage: Usage
+    stop_rule: StopRule
+    shadow: bool
+    rule_params: dict[str, float | int | None] = Field(..., description="The parameters in effect.")
+    state_used: EspoState = Field(..., description="The state the rule ran with (frozen for the call).")
+    state_after: EspoState | None = Field(
+        None, description="The state after folding this call in (null while its batch is still open)."
+    )
+    policy_version: int
+
+    def batch_stats(self) -> BatchStats:
+        """This call's contribution to the ESPO state update (see `Usage.batch_stats`)."""
+        return self.usage.batch_stats(shadow=self.shadow)
+
+    def espo_params(self) -> EspoParams:
+        """The rule parameters in effect for this call, as the pure maths' `EspoParams`."""
+        known = set(EspoParams.names())
+        return EspoParams().with_overrides(
+            {name: value for name, value in self.rule_params.items() if name in known and value is not None}
+        )
+
+
+class StateResponse(_Model):
+    state: EspoState
+    open_batch_id: str | None = None
+    open_batch_calls: int = 0
+
+
+class CommitRequest(_Model):
+    batch_id: str | None = Field(None, description="The batch to close (default: whichever is open).")
+
+
+class WeightsRequest(_Model):
+    path: str = Field(..., min_length=1, description="Directory with safetensors weights on the server.")
+    version: int | None = Field(None, ge=0, description="New policy version (default: current + 1).")
+
+
+class WeightsResponse(_Model):
+    policy_version: int
+    load_time_s: float
+
+
+class InfoResponse(_Model):
+    model: str
+    policy_version: int
+    vocab_size: int
+    max_model_len: int
+    eos_token_id: int | None
+    max_n: int
+    max_prompts: int
+    critic: str
+    critic_fallback: str
+    default_stop_rule: StopRule
+    rule_defaults: dict[str, float | int | None]
+    entropy_top_k: int
+    state: EspoState
+    verifier: str | None = None
+
+
+class HealthResponse(_Model):
+    status: str
+    detail: dict[str, str] = Field(default_factory=dict)
+
+
+class ErrorBody(_Model):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(_Model):
+    error: ErrorBody
+
+
+class TrajectoryEvent(_Model):
+    """`POST /v1/rollouts?stream=true` NDJSON line: one trajectory, sent as soon as it finishes."""
+
+    type: Literal["trajectory"] = "trajectory"
+    trajectory: Trajectory
+
+
+class DoneEvent(_Model):
+    """The stream's last line on success: the whole response with `trajectories=[]` (they were sent)."""
+
+    type: Literal["done"] = "done"
+    response: RolloutResponse
+
+
+class ErrorEvent(_Model):
+    """The stream's last line on failure after the 200 status was sent: the error envelope's body."""
+
+    type: Literal["error"] = "error"
+    error: ErrorBody
+
+
+RolloutStreamEvent = Annotated[TrajectoryEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
+"""One NDJSON line of a streamed rollout: trajectory lines, then exactly one done or error line."""
+
+
+class CriticValuesRequest(_Model):
+    """`POST /v1/values` of a critic server: the value of each whole prefix."""
+
+    token_ids: list[list[int]] = Field(..., min_length=1, description="Prefixes (prompt + response[:t]).")
+
+
+class CriticValuesResponse(_Model):
+    values: list[float]
