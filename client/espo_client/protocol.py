@@ -217,18 +217,19 @@ class Usage(_Model):
     regret_sum: float = 0.0
     regret_sumsq: float = 0.0
 
-    def batch_stats(self, *, shadow: bool = False) -> BatchStats:
+    def batch_stats(self, *, shadow: bool = False, steers_beta: bool = True) -> BatchStats:
         """This call's contribution to the ESPO state update: the same sums the server folds in.
 
         The stop count is `shadow_stopped` in shadow mode (where nothing is really stopped), else
-        `stopped`. Sums merge exactly, so several calls of one batch add up (`BatchStats.merge`).
+        `stopped`. Under a rule that does not steer beta (`StopRule.steers_beta`), trajectories count
+        toward mu/var only, not toward the stop rate. Sums merge exactly (`BatchStats.merge`).
         """
         return BatchStats(
             tokens=self.regret_tokens,
             g_sum=self.regret_sum,
             g_sumsq=self.regret_sumsq,
-            trajectories=self.trajectories,
-            stops=self.shadow_stopped if shadow else self.stopped,
+            trajectories=self.trajectories if steers_beta else 0,
+            stops=(self.shadow_stopped if shadow else self.stopped) if steers_beta else 0,
         )
 
 
@@ -247,7 +248,7 @@ class RolloutResponse(_Model):
 
     def batch_stats(self) -> BatchStats:
         """This call's contribution to the ESPO state update (see `Usage.batch_stats`)."""
-        return self.usage.batch_stats(shadow=self.shadow)
+        return self.usage.batch_stats(shadow=self.shadow, steers_beta=self.stop_rule.steers_beta)
 
     def espo_params(self) -> EspoParams:
         """The rule parameters in effect for this call, as the pure maths' `EspoParams`."""

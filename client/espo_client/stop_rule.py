@@ -54,6 +54,11 @@ __all__ = [
 class StopRule(str, Enum):
     """Which stop rule a request runs (the paper's method and its ablations)."""
 
+    @property
+    def steers_beta(self) -> bool:
+        """Whether the rule's stop rate feeds the beta controller (the rules that use beta)."""
+        return self in (StopRule.ESPO, StopRule.REGRET_ONLY)
+
     NONE = "none"
     """Plain PPO: nothing is ever stopped."""
     ESPO = "espo"
@@ -395,13 +400,16 @@ class BatchStats:
     stops: int = 0
     """Trajectories the rule stopped (or would have stopped, in shadow mode)."""
 
-    def add_trajectory(self, g: Iterable[float], stopped: bool) -> None:
+    def add_trajectory(self, g: Iterable[float], stopped: bool | None) -> None:
+        """Fold in one trajectory's regrets; `stopped=None` for rules that do not steer beta (their
+        trajectories count toward mu/var but not toward the stop rate)."""
         arr = np.asarray(list(g), dtype=np.float64)
         self.tokens += int(arr.size)
         self.g_sum += float(arr.sum())
         self.g_sumsq += float((arr * arr).sum())
-        self.trajectories += 1
-        self.stops += int(stopped)
+        if stopped is not None:
+            self.trajectories += 1
+            self.stops += int(stopped)
 
     def merge(self, other: BatchStats) -> BatchStats:
         return BatchStats(

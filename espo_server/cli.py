@@ -1,0 +1,157 @@
+"""`espo-server`: serve, critic, make-tiny-model, train-toy, demo.
+
+`serve` flags are generated from `ServerConfig`, so `--help` always matches the config object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .config import ServerConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: object) -> object:
+    """`int | None` -> int; Literal/enum/str stay as they are."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return annotation
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field; unset flags fall through to env vars and defaults."""
+    for name, field in ServerConfig.model_fields.items():
+        base = _base_type(field.annotation)
+        help_text = f"{field.description} [env ESPO_{name.upper()}]"
+        if base is bool:
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
+        kwargs: dict = {"dest": name, "default": None, "help": help_text}
+        if typing.get_origin(base) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(base))
+        elif isinstance(base, type) and issubclass(base, BaseModel):
+            kwargs["type"] = json.loads
+            kwargs["metavar"] = "JSON"
+        elif base in (int, float):
+            kwargs["type"] = base
+        elif isinstance(base, type) and issubclass(base, Path):
+            kwargs["type"] = Path
+        elif hasattr(base, "__members__"):  # enums
+            kwargs["choices"] = [m.value for m in base]  # type: ignore[attr-defined]
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    given = {k: v for k, v in vars(args).items() if k in ServerConfig.model_fields and v is not None}
+    return ServerConfig(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import run_server
+
+    config = config_from_args(args)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    run_server(config)
+    return 0
+
+
+def _critic(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .critic_server import build_critic_app
+
+    app = build_critic_app(
+        args.model,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny_model import make_tiny_models
+
+    policy, critic = make_tiny_models(Path(args.dir), seed=args.seed)
+    print(f"policy: {policy}\ncritic: {critic}")
+    return 0
+
+
+def _train_toy(args: argparse.Namespace) -> int:
+    from .toy.train import train_toy_cli
+
+    return train_toy_cli(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .toy.demo import demo_cli
+
+    return demo_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="espo-server", description="vLLM rollout server for PPO with ESPO early stopping."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the rollout server (no --model: the embedded toy model)")
+    add_config_flags(serve)
+    serve.set_defaults(func=_serve)
+
+    critic = sub.add_parser("critic", help="serve a critic model over POST /v1/values")
+    critic.add_argument("--model", required=True, help="critic model directory (LlamaForTokenClassification)")
+    critic.add_argument("--host", default="127.0.0.1")
+    critic.add_argument("--port", type=int, default=8001)
+    critic.add_argument("--gpu-memory-utilization", type=float, default=0.15)
+    critic.add_argument("--max-model-len", type=int, default=None)
+    critic.add_argument("--dtype", default="auto", help="vLLM dtype (on CPU, auto means bfloat16)")
+    critic.set_defaults(func=_critic)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a random-weight tiny policy + critic (for tests)")
+    tiny.add_argument("dir", help="output directory (gets policy/ and critic/)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_make_tiny_model)
+
+    from .toy.train import add_train_toy_args
+
+    train = sub.add_parser("train-toy", help="train the toy-task policy and critic (cached)")
+    add_train_toy_args(train)
+    train.set_defaults(func=_train_toy)
+
+    demo = sub.add_parser("demo", help="start the embedded server, run none / espo / shadow, print savings")
+    demo.add_argument("--url", default=None, help="use this running server instead of starting one")
+    demo.add_argument("--port", type=int, default=8000, help="port of the server the demo starts")
+    demo.add_argument("--problems", type=int, default=64, help="toy test problems per batch")
+    demo.add_argument("--n", type=int, default=4, help="samples per problem")
+    demo.add_argument("--max-tokens", type=int, default=160)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Server configuration: one pydantic-settings object.
+
+Precedence: command-line flags > environment variables (`ESPO_<FIELD>`, e.g. `ESPO_PORT=9000`) >
+defaults. Every field below is also a `espo-server serve --<field-with-dashes>` flag (see cli.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from espo_client.protocol import EspoState, RuleParams
+from espo_client.stop_rule import EspoParams, StopRule
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ESPO_CACHE_DIR", Path.home() / ".cache" / "espo-server"))
+
+
+class ServerConfig(BaseSettings):
+    """Everything `espo-server serve` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="ESPO_", extra="forbid", protected_namespaces=())
+
+    # --- where it listens
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
+    api_key: str | None = Field(None, description="If set, every /v1 call needs 'Authorization: Bearer KEY'.")
+
+    # --- the policy
+    model: str | None = Field(
+        None,
+        description="Policy model directory (HF format). Unset: the embedded toy model (built on first use).",
+    )
+    gpu_memory_utilization: float = Field(
+        0.2, gt=0, le=1, description="vLLM memory fraction for the policy (on CPU: fraction of RAM)."
+    )
+    max_model_len: int | None = Field(None, ge=16, description="Context limit (default: the model's).")
+    dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, ...).")
+    seed: int = Field(0, description="Engine seed.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (GPU only).")
+
+    # --- the critic
+    critic: Literal["inprocess", "remote", "vllm-pooling", "none"] = Field(
+        "inprocess",
+        description="inprocess: a vLLM pooling engine in this process; remote: an espo critic server "
+        "(POST /v1/values); vllm-pooling: a `vllm serve --runner pooling` server (POST /pooling); none.",
+    )
+    critic_model: str | None = Field(
+        None, description="Critic model directory for `inprocess` (unset: the embedded toy critic)."
+    )
+    critic_url: str | None = Field(None, description="Base URL of the critic for `remote` / `vllm-pooling`.")
+    critic_gpu_memory_utilization: float = Field(0.15, gt=0, le=1, description="vLLM memory for the critic.")
+    critic_timeout_s: float = Field(5.0, gt=0, description="Timeout of one critic query.")
+    critic_fallback: Literal["no_stop", "regret_only"] = Field(
+        "no_stop",
+        description="What a failed critic query means: no_stop (never stop on it) or regret_only "
+        "(decide with v_const). Either way it is flagged in the response and counted in metrics.",
+    )
+
+    # --- the stop rule
+    default_stop_rule: StopRule = Field(StopRule.NONE, description="Rule of requests that name none.")
+    rule_params: RuleParams = Field(
+        default_factory=RuleParams,
+        description='Server-wide overrides of the rule parameters, as JSON (e.g. {"min_tokens": 4}).',
+    )
+    initial_state: EspoState | None = Field(
+        None, description="Server-owned state at start-up, as JSON (default: fresh, cold)."
+    )
+    entropy_top_k: int = Field(8, ge=1, le=64, description="k of the top-k entropy estimate.")
+
+    # --- limits
+    max_n: int = Field(64, ge=1, description="Largest `n` per request.")
+    max_prompts: int = Field(1024, ge=1, description="Most prompts per request.")
+    max_trajectories: int = Field(8192, ge=1, description="Most trajectories (prompts x n) per request.")
+    idempotency_cache: int = Field(256, ge=0, description="Finished responses kept for request_id retries.")
+
+    # --- the embedded toy task
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where built toy models live.")
+    toy_seed: int = Field(0, description="Seed of the embedded toy models.")
+    verifier: Literal["auto", "toy", "none"] = Field(
+        "auto", description="Reward for eos trajectories whose prompt has an answer (auto: toy if embedded)."
+    )
+
+    log_level: str = Field("info", description="Log level of the server.")
+
+    def rule_defaults(self) -> EspoParams:
+        return self.rule_params.apply(EspoParams())
+
+    @property
+    def embedded(self) -> bool:
+        return self.model is None
+
+    def verifier_name(self) -> str | None:
+        if self.verifier == "auto":
+            return "toy" if self.embedded else None
+        return None if self.verifier == "none" else self.verifier

@@ -1,0 +1,199 @@
+"""The policy engine: a thin wrapper over vLLM's AsyncLLM. Knows nothing of HTTP.
+
+One engine request per sample (prefix caching shares the prompt), token-id prompts, DELTA streaming
+with raw log-probabilities (`logprobs_mode=raw_logprobs`: before temperature and penalties, which
+is what the ESPO regret needs), per-request abort, and weight reload from a directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings of one sample."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    top_k_logprobs: int = 1
+    """Log-probabilities returned per step: 1 for the regret, k for the entropy estimate."""
+
+
+@dataclass
+class TokenChunk:
+    """New tokens of one sample since the last chunk (vLLM DELTA output)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """Raw log-probability of each sampled token."""
+    top_logprobs: list[float]
+    """Raw log-probability of the most likely token at each step (max_a log pi(a|s_t))."""
+    topk_logprobs: list[list[float]] = field(default_factory=list)
+    """The top-k raw log-probabilities at each step, when more than one was asked for."""
+    finish_reason: str | None = None
+    """None while running; else vLLM's reason: stop, length or abort."""
+
+
+class ReadWriteGate:
+    """Rollouts share the engine; a weight reload waits for them and holds new ones back."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._writers_waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class PolicyEngine:
+    """The policy model served by vLLM."""
+
+    def __init__(self, llm: AsyncLLM, model: str, tokenizer, policy_version: int = 0) -> None:
+        self.llm = llm
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy_version = policy_version
+        self.gate = ReadWriteGate()
+        model_config = llm.model_config
+        self.vocab_size: int = model_config.get_vocab_size()
+        self.max_model_len: int = model_config.max_model_len
+        self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def launch(
+        cls,
+        model: str,
+        *,
+        gpu_memory_utilization: float = 0.2,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_logprobs: int = 64,
+        enforce_eager: bool = False,
+    ) -> AsyncIterator[PolicyEngine]:
+        """Start AsyncLLM for `model`; shut it down on exit, whatever happened."""
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=model,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            seed=seed,
+            logprobs_mode="raw_logprobs",
+            max_logprobs=max_logprobs,
+            enable_prefix_caching=True,
+            enforce_eager=enforce_eager,
+            disable_log_stats=False,
+        )
+        started = time.perf_counter()
+        llm = AsyncLLM.from_engine_args(args)
+        log.info("policy engine for %s up in %.1fs", model, time.perf_counter() - started)
+        try:
+            yield cls(llm, model, AutoTokenizer.from_pretrained(model))
+        finally:
+            llm.shutdown()
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[TokenChunk]:
+        """Stream one sample. Closing or cancelling the iterator aborts the engine request."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop_token_ids=list(params.stop_token_ids) or None,
+            ignore_eos=params.ignore_eos,
+            logprobs=params.top_k_logprobs,
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,
+        )
+        want_topk = params.top_k_logprobs > 1
+        finished = False
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id):
+                completion = out.outputs[0]
+                chunk = TokenChunk(
+                    [], [], [], finish_reason=completion.finish_reason if out.finished else None
+                )
+                for token_id, step in zip(completion.token_ids, completion.logprobs or (), strict=True):
+                    # `step` maps token id -> Logprob for the sampled token and the top-k.
+                    chunk.token_ids.append(token_id)
+                    chunk.logprobs.append(step[token_id].logprob)
+                    chunk.top_logprobs.append(max(lp.logprob for lp in step.values()))
+                    if want_topk:
+                        ranked = sorted(step.values(), key=lambda lp: lp.rank or 0)
+                        chunk.topk_logprobs.append(
+                            [lp.logprob for lp in ranked if lp.rank and lp.rank <= params.top_k_logprobs]
+                        )
+                finished = out.finished
+                yield chunk
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.llm.abort(request_id)
+
+    async def reload_weights(self, path: str, version: int) -> float:
+        """Load new weights in place, reset the prefix cache; waits for running rollouts first."""
+        async with self.gate.exclusive():
+            started = time.perf_counter()
+            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            await self.llm.reset_prefix_cache()
+            self.policy_version = version
+            return time.perf_counter() - started
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()

@@ -1,0 +1,55 @@
+"""Prometheus series of the service (`espo_*`), in prometheus_client's default registry.
+
+vLLM registers its own `vllm:*` series in the same registry when stats logging is on, so
+`GET /metrics` serves both. Metrics are module-level: they exist once per process, however many
+apps a test builds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+TRAJECTORIES = Counter(
+    "espo_trajectories_total", "Trajectories returned, by end reason and stop rule", ["end_reason", "rule"]
+)
+GENERATED_TOKENS = Counter("espo_generated_tokens_total", "Response tokens returned to callers", ["rule"])
+DISCARDED_TOKENS = Counter(
+    "espo_discarded_tokens_total", "Tokens generated past a stop step while the critic answered, discarded"
+)
+STOPPED = Counter("espo_stopped_trajectories_total", "Trajectories ended by the stop rule", ["rule"])
+SHADOW_STOPPED = Counter(
+    "espo_shadow_stops_total", "Trajectories the rule would have stopped in shadow mode", ["rule"]
+)
+TOKENS_SAVED = Counter(
+    "espo_tokens_saved_total",
+    "Tokens saved by stopping: kind=estimate (mean unstopped length), upper_bound (max_tokens), "
+    "shadow (exact, shadow mode)",
+    ["kind"],
+)
+CRITIC_CALLS = Counter("espo_critic_calls_total", "Critic value queries", ["outcome"])
+CRITIC_LATENCY = Histogram(
+    "espo_critic_latency_seconds",
+    "Latency of one critic query",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+REQUESTS = Counter("espo_rollout_requests_total", "POST /v1/rollouts calls by outcome", ["outcome"])
+REQUEST_LATENCY = Histogram(
+    "espo_rollout_request_seconds",
+    "Wall time of one rollout call",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+INFLIGHT = Gauge("espo_inflight_trajectories", "Trajectories being generated now")
+POLICY_VERSION = Gauge("espo_policy_version", "Version of the weights being served")
+STATE = Gauge("espo_state", "Server-owned ESPO state (field=mu|var|beta|warm|batches)", ["field"])
+WEIGHT_LOADS = Counter("espo_weight_loads_total", "Weight reloads", ["outcome"])
+
+
+def set_state_gauges(mu: float, var: float, beta: float, warm: bool, batches: int) -> None:
+    for name, value in (
+        ("mu", mu),
+        ("var", var),
+        ("beta", beta),
+        ("warm", float(warm)),
+        ("batches", batches),
+    ):
+        STATE.labels(field=name).set(value)

@@ -1,0 +1,97 @@
+"""A server subprocess on loopback: start it, wait until it is ready, stop it (tests, demo, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+# Keep each CPU engine's KV cache small: several engines share one 24 GiB test machine.
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A subprocess serving HTTP on 127.0.0.1:port, with its log kept in a file."""
+
+    def __init__(self, name: str, argv: list[str], port: int, log_dir: Path, ready_path: str = "/readyz"):
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.ready_path = ready_path
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ServerProcess:
+        log = open(self.log_path, "w")
+        env = {**os.environ, **ENGINE_ENV}
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 900.0) -> ServerProcess:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def wait_listening(self, timeout: float = 900.0) -> ServerProcess:
+        """Up enough to answer HTTP at all (for servers that are expected to be unready)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                httpx.get(self.url + "/healthz", timeout=5)
+                return self
+            except httpx.HTTPError:
+                time.sleep(1.0)
+        raise RuntimeError(f"{self.name} not listening after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def espo_server_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "espo_server.cli", *args]
+
+
+def vllm_serve_argv(model: str, *args: str) -> list[str]:
+    """Stock `vllm serve MODEL ...`. Run as a module: the `vllm` script of the vllm-cpu build looks
+    up a distribution named "vllm" for its version and fails."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args]

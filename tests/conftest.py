@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models made from a seed, and real servers on loopback (started once)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from espo_server.process import ServerProcess, espo_server_argv, free_port
+
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """A random-weight policy + critic (seed 0), and a second policy (seed 7) for weight pushes."""
+    from espo_server.tiny_model import make_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    policy, critic = make_tiny_models(root / "a", seed=0)
+    policy_b, _ = make_tiny_models(root / "b", seed=7)
+    return {"policy": policy, "critic": critic, "policy_b": policy_b}
+
+
+@pytest.fixture(scope="session")
+def server_logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="session")
+def critic_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
+    """`espo-server critic` serving the tiny critic over POST /v1/values."""
+    port = free_port()
+    argv = espo_server_argv(
+        "critic", "--model", str(tiny_models["critic"]), "--port", str(port), "--dtype", "float32"
+    )
+    proc = ServerProcess("critic", argv, port, server_logs, ready_path="/health").start()
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def rollout_server(tiny_models, critic_server, server_logs) -> Iterator[ServerProcess]:
+    """The rollout server on the tiny policy, float32 (for HF parity), with the remote critic."""
+    port = free_port()
+    argv = espo_server_argv(
+        "serve",
+        "--model", str(tiny_models["policy"]),
+        "--critic", "remote",
+        "--critic-url", critic_server.url,
+        "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--port", str(port),
+        "--verifier", "none",
+        "--max-n", "32",
+    )  # fmt: skip
+    proc = ServerProcess("rollout", argv, port, server_logs).start()
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()

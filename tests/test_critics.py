@@ -1,0 +1,106 @@
+"""Critic clients against real critic servers, and a rollout server whose critic is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from espo_client.protocol import EspoState
+from espo_server.critic import CriticError, EspoValuesCritic, VllmPoolingCritic
+from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_serve_argv
+
+pytestmark = pytest.mark.vllm
+
+PREFIXES = [[5, 6, 14, 7, 17], [9, 8, 7], [4] * 40, [30, 31, 39, 44, 38, 5, 5, 22]]
+
+
+def hf_values(critic_dir: Path, prefixes: list[list[int]]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(critic_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return np.array([model(torch.tensor([p])).logits[0, -1, 0].item() for p in prefixes])
+
+
+@pytest.fixture(scope="module")
+def vllm_pooling_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
+    """A stock `vllm serve --runner pooling` on the tiny critic: what a user may host instead of ours."""
+    port = free_port()
+    argv = vllm_serve_argv(
+        str(tiny_models["critic"]), "--runner", "pooling", "--dtype", "float32", "--max-model-len", "512",
+        "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "critic",
+    )  # fmt: skip
+    proc = ServerProcess("vllm-pooling", argv, port, server_logs, ready_path="/health").start()
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def orphan_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
+    """A rollout server whose remote critic is not there."""
+    port, dead = free_port(), free_port()
+    argv = espo_server_argv(
+        "serve", "--model", str(tiny_models["policy"]), "--critic", "remote",
+        "--critic-url", f"http://127.0.0.1:{dead}", "--critic-timeout-s", "1", "--dtype", "float32",
+        "--max-model-len", "512", "--port", str(port), "--verifier", "none",
+    )  # fmt: skip
+    proc = ServerProcess("orphan", argv, port, server_logs).start()
+    try:
+        yield proc.wait_listening()
+    finally:
+        proc.stop()
+
+
+async def query(critic, prefixes):
+    try:
+        await critic.check()
+        return await critic.values(prefixes)
+    finally:
+        await critic.aclose()
+
+
+def test_espo_critic_server_matches_hf(critic_server, tiny_models):
+    got = asyncio.run(query(EspoValuesCritic(critic_server.url), PREFIXES))
+    np.testing.assert_allclose(got, hf_values(tiny_models["critic"], PREFIXES), atol=1e-4)
+    r = httpx.post(critic_server.url + "/v1/values", json={"token_ids": [[5, 999]]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "token_ids[0]"
+    r = httpx.post(critic_server.url + "/v1/values", json={"token_ids": []}, timeout=30)
+    assert r.status_code == 400
+
+
+def test_vllm_pooling_critic_matches_hf(vllm_pooling_server, tiny_models):
+    got = asyncio.run(query(VllmPoolingCritic(vllm_pooling_server.url, model="critic"), PREFIXES))
+    np.testing.assert_allclose(got, hf_values(tiny_models["critic"], PREFIXES), atol=1e-4)
+
+
+def test_unreachable_critic_raises_critic_error():
+    critic = EspoValuesCritic(f"http://127.0.0.1:{free_port()}", timeout_s=1)
+    with pytest.raises(CriticError, match="unreachable"):
+        asyncio.run(query(critic, [[1, 2]]))
+
+
+def test_rollouts_with_a_dead_critic_are_flagged_never_silently_changed(orphan_server):
+    ready = httpx.get(orphan_server.url + "/readyz", timeout=30)
+    assert ready.status_code == 503
+    assert ready.json()["detail"]["engine"] == "ok" and "down" in ready.json()["detail"]["critic"]
+    hot = EspoState(mu=0.3, var=0.2, beta=1.0, warm=True, initialised=True).model_dump()
+    # wait until the policy engine serves (readyz stays 503 because of the critic)
+    body = {"prompts": [{"token_ids": [5, 6, 14]}], "n": 8, "max_tokens": 64, "seed": 2,
+            "stop_rule": "espo", "state": hot}  # fmt: skip
+    r = httpx.post(orphan_server.url + "/v1/rollouts", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"]["critic_errors"] > 0
+    flagged = [t for t in out["trajectories"] if t["critic_error"]]
+    assert flagged, "queries were due (hot state) and every one failed"
+    assert all(t["end_reason"] != "espo_stop" for t in out["trajectories"])  # policy no_stop
+    metrics = httpx.get(orphan_server.url + "/metrics", timeout=30).text
+    assert 'espo_critic_calls_total{outcome="error"}' in metrics

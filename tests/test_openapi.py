@@ -1,0 +1,138 @@
+"""The published OpenAPI schema: checked in, up to date, and field for field the client's protocol.
+
+The server imports its wire models from `espo_client.protocol`, so a drift shows up in three ways,
+each caught here: docs/openapi.json not regenerated after a model changed (`make openapi`), a
+route answering with a model that is not the client's, or the rule's parameters and their wire
+overrides (`RuleParams`) parting ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from enum import Enum
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from espo_client import protocol
+from espo_client.stop_rule import EspoParams
+from espo_server.openapi import openapi_json, openapi_schema
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
+
+ROUTES = {
+    "/v1/rollouts": {"post"},
+    "/v1/espo/state": {"get", "put"},
+    "/v1/espo/commit": {"post"},
+    "/v1/weights": {"post"},
+    "/v1/info": {"get"},
+    "/healthz": {"get"},
+    "/readyz": {"get"},
+}
+PUBLISHED = {
+    "CommitRequest",
+    "ErrorBody",
+    "ErrorResponse",
+    "EspoState",
+    "HealthResponse",
+    "InfoResponse",
+    "Prompt",
+    "RolloutRequest",
+    "RolloutResponse",
+    "RuleParams",
+    "StateResponse",
+    "StopRule",
+    "Traces",
+    "Trajectory",
+    "Usage",
+    "WeightsRequest",
+    "WeightsResponse",
+}
+"""Protocol models (and the StopRule enum) the server's routes must publish."""
+FASTAPI_OWN = {"HTTPValidationError", "ValidationError"}
+"""Components FastAPI adds by itself (its default 422 answer), not part of espo_client.protocol."""
+
+
+@pytest.fixture(scope="module")
+def fresh() -> dict:
+    return openapi_schema()
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    assert DOCS.exists(), f"{DOCS} is missing: run `make openapi`"
+    return json.loads(DOCS.read_text())
+
+
+def test_committed_schema_is_up_to_date(fresh, committed):
+    assert committed == fresh, "docs/openapi.json is stale: run `make openapi` and commit it"
+    assert DOCS.read_text() == openapi_json(), "docs/openapi.json is not in `make openapi`'s format"
+
+
+def test_main_prints_the_schema(capsys):
+    from espo_server.openapi import main
+
+    assert main() == 0
+    assert json.loads(capsys.readouterr().out) == openapi_schema()
+
+
+def test_schema_lists_the_routes(fresh):
+    paths = {path: set(ops) for path, ops in fresh["paths"].items()}
+    for path, methods in ROUTES.items():
+        assert path in paths, f"{path} missing from the schema"
+        assert methods <= paths[path], f"{path}: {sorted(paths[path])}, expected {sorted(methods)}"
+
+
+def _model_name(component: str) -> str:
+    """FastAPI names a model `X-Input` / `X-Output` when its request and response schemas differ."""
+    for suffix in ("-Input", "-Output"):
+        if component.endswith(suffix):
+            return component[: -len(suffix)]
+    return component
+
+
+@pytest.mark.parametrize("which", ["fresh", "committed"])
+def test_components_are_the_client_protocol_models(which, request):
+    schema = request.getfixturevalue(which)
+    components = schema["components"]["schemas"]
+    published = {_model_name(name) for name in components} - FASTAPI_OWN
+    assert PUBLISHED <= published, f"not published: {sorted(PUBLISHED - published)}"
+    for name, component in components.items():
+        model_name = _model_name(name)
+        if model_name in FASTAPI_OWN:
+            continue
+        model = getattr(protocol, model_name, None)
+        assert model is not None and model_name in protocol.__all__, (
+            f"component {name} is not a model of espo_client.protocol"
+        )
+        if isinstance(model, type) and issubclass(model, Enum):
+            assert component["enum"] == [member.value for member in model], name
+            continue
+        if model is protocol.RolloutStreamEvent:  # the NDJSON union: one member per event model
+            members = {ref["$ref"].rsplit("/", 1)[-1] for ref in component["oneOf"]}
+            assert members == {"TrajectoryEvent", "DoneEvent", "ErrorEvent"}, members
+            continue
+        assert isinstance(model, type) and issubclass(model, BaseModel), name
+        properties = set(component.get("properties", {}))
+        fields = {field.alias or field_name for field_name, field in model.model_fields.items()}
+        assert properties == fields, (
+            f"{name}: only in the schema {sorted(properties - fields)}, "
+            f"only in the client's {model_name} {sorted(fields - properties)}"
+        )
+        required = set(component.get("required", []))
+        assert required == {n for n, f in model.model_fields.items() if f.is_required()}, name
+
+
+def test_rule_params_mirror_espo_params():
+    wire = set(protocol.RuleParams.model_fields)
+    maths = {field.name for field in dataclasses.fields(EspoParams)}
+    assert wire == maths, (
+        f"only in RuleParams {sorted(wire - maths)}, only in EspoParams {sorted(maths - wire)}"
+    )
+
+
+def test_rollout_request_overrides_are_rule_params(fresh):
+    usage = fresh["components"]["schemas"]["RolloutRequest"]["properties"]["rule_params"]
+    assert "#/components/schemas/RuleParams" in json.dumps(usage)

@@ -1,0 +1,234 @@
+"""The rollout loop's logic on scripted engine streams and critics (no vLLM): the lazy critic racing
+the token stream, the cut-back, discarded tokens, critic failures, cancellation.
+
+These fakes test pure control flow only; tests/test_server_integration.py runs the same loop on a
+real vLLM engine and a real critic."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
+
+from espo_client.protocol import EspoState, Prompt, RolloutRequest
+from espo_server.config import ServerConfig
+from espo_server.critic import CriticError
+from espo_server.engine import GenerationParams, ReadWriteGate, TokenChunk
+from espo_server.rollout import RolloutService
+
+# Every token has regret 9 (sampled -9, top 0): with this state gn = clip((9-1)/1, -5, 5) = 5,
+# z_t = 5 * (1 - 0.9^(t+1)): z > beta*eps = 0.5 from t = 0 on.
+HOT = EspoState(mu=1.0, var=1.0, beta=2.5, warm=True, initialised=True, batches=3)
+
+
+class FakeTokenizer:
+    eos_token_id = 2
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 50 + 4 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+class FakeEngine:
+    """Streams `length` tokens one per chunk, `delay` seconds apart; records aborts."""
+
+    def __init__(self, length: int = 40, delay: float = 0.002, finish: str = "length") -> None:
+        self.length, self.delay, self.finish = length, delay, finish
+        self.tokenizer = FakeTokenizer()
+        self.vocab_size, self.max_model_len, self.eos_token_id = 64, 512, 2
+        self.policy_version = 0
+        self.gate = ReadWriteGate()
+        self.aborted: list[str] = []
+        self.finished: list[str] = []
+
+    async def generate(self, request_id: str, prompt: list[int], params: GenerationParams):
+        done = False
+        try:
+            n = min(self.length, params.max_tokens)
+            for i in range(n):
+                await asyncio.sleep(self.delay)
+                last = i == n - 1
+                if last:
+                    done = True
+                    self.finished.append(request_id)
+                yield TokenChunk([10 + i % 40], [-9.0], [0.0], finish_reason=self.finish if last else None)
+        finally:
+            if not done:
+                self.aborted.append(request_id)
+
+
+class FakeCritic:
+    name = "fake"
+
+    def __init__(self, value: float = 0.0, delay: float = 0.0, fail: bool = False) -> None:
+        self.value, self.delay, self.fail = value, delay, fail
+        self.prefixes: list[list[int]] = []
+
+    async def values(self, prefixes):
+        self.prefixes.extend(list(p) for p in prefixes)
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise CriticError("critic down")
+        return [self.value for _ in prefixes]
+
+    async def check(self) -> None:
+        if self.fail:
+            raise CriticError("critic down")
+
+
+def service(engine, critic, **cfg) -> RolloutService:
+    return RolloutService(engine, critic, ServerConfig(model="fake", **cfg))
+
+
+def request(**kw) -> RolloutRequest:
+    base = dict(
+        prompts=[Prompt(token_ids=[5, 6, 7])],
+        max_tokens=40,
+        stop_rule="espo",
+        state=HOT,
+        rule_params={"min_tokens": 4, "critic_stride": 4},
+        include=["regret", "z", "values"],
+    )
+    base.update(kw)
+    return RolloutRequest(**base)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_slow_critic_overrun_is_cut_back_and_counted():
+    engine, critic = FakeEngine(length=40, delay=0.002), FakeCritic(value=0.0, delay=0.03)
+    out = run(service(engine, critic).rollouts(request()))
+    t = out.trajectories[0]
+    # first query at t = min_tokens = 4; V = 0 -> threshold beta*eps = 0.5 < z_4: stop at 4
+    assert t.end_reason == "espo_stop" and t.stop_step == 4
+    assert len(t.token_ids) == 5 and t.reward == -1.0
+    assert t.discarded_tokens > 0  # generation went on while the critic answered
+    assert out.usage.discarded_tokens == t.discarded_tokens
+    assert critic.prefixes == [[5, 6, 7, 10, 11, 12, 13]]  # s_4 = prompt + response[:4]
+    assert engine.aborted and not engine.finished
+    assert t.traces.values[4] == 0.0 and all(v is None for v in t.traces.values[:4])
+
+
+def test_stream_ending_while_critic_thinks_still_applies_the_decision():
+    engine, critic = FakeEngine(length=6, delay=0.0, finish="stop"), FakeCritic(value=0.0, delay=0.05)
+    out = run(service(engine, critic).rollouts(request()))
+    t = out.trajectories[0]
+    assert t.end_reason == "espo_stop" and t.stop_step == 4 and t.discarded_tokens == 1
+
+
+def test_high_value_keeps_going_and_queries_every_stride():
+    # V = 10: threshold beta*V = 25, above the largest possible z (5)
+    engine, critic = FakeEngine(length=30, delay=0.003), FakeCritic(value=10.0, delay=0.0)
+    out = run(service(engine, critic).rollouts(request()))
+    t = out.trajectories[0]
+    assert t.end_reason == "length" and t.stop_step is None and len(t.token_ids) == 30
+    queried = [i for i, v in enumerate(t.traces.values) if v is not None]
+    assert queried[0] == 4 and all(b - a >= 4 for a, b in itertools.pairwise(queried))
+    assert out.usage.critic_calls == len(queried) >= 4
+
+
+def test_shadow_records_and_runs_to_the_end():
+    engine, critic = FakeEngine(length=30), FakeCritic(value=0.0)
+    out = run(service(engine, critic).rollouts(request(shadow=True)))
+    t = out.trajectories[0]
+    assert t.end_reason == "length" and len(t.token_ids) == 30
+    assert t.shadow_stop_step == 4 and t.stop_step is None
+    assert out.usage.tokens_saved_shadow == 30 - 5 and out.usage.shadow_stopped == 1
+
+
+@pytest.mark.parametrize(("fallback", "stops"), [("no_stop", False), ("regret_only", True)])
+def test_critic_failure_is_flagged_and_follows_the_policy(fallback, stops):
+    engine, critic = FakeEngine(length=20), FakeCritic(fail=True)
+    out = run(service(engine, critic, critic_fallback=fallback).rollouts(request()))
+    t = out.trajectories[0]
+    assert t.critic_error and out.usage.critic_errors >= 1
+    assert (t.end_reason == "espo_stop") is stops
+
+
+def test_critic_timeout_counts_as_failure():
+    engine, critic = FakeEngine(length=20, delay=0.01), FakeCritic(value=0.0, delay=5.0)
+    out = run(service(engine, critic, critic_timeout_s=0.05).rollouts(request()))
+    assert out.trajectories[0].critic_error and out.trajectories[0].end_reason == "length"
+
+
+def test_cancelling_a_call_aborts_every_engine_request():
+    engine, critic = FakeEngine(length=10_000, delay=0.001), FakeCritic(value=1.0)
+    svc = service(engine, critic)
+
+    async def go():
+        task = asyncio.create_task(svc.rollouts(request(n=4, max_tokens=400, stop_rule="none")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(go())
+    assert len(engine.aborted) == 4 and not engine.finished
+    assert svc.ledger.state.batches == 0  # a cancelled call folds nothing into the state
+
+
+def test_idempotent_request_id_returns_the_first_result():
+    engine, critic = FakeEngine(length=5), FakeCritic()
+    svc = service(engine, critic)
+
+    async def go():
+        a, b = await asyncio.gather(
+            svc.rollouts(request(request_id="same", stop_rule="none")),
+            svc.rollouts(request(request_id="same", stop_rule="none")),
+        )
+        c = await svc.rollouts(request(request_id="same", stop_rule="none"))
+        return a, b, c
+
+    a, b, c = run(go())
+    assert a is b is c
+    assert len(engine.finished) == 1  # one engine request, not three
+
+
+def test_weight_reload_waits_for_running_rollouts():
+    gate = ReadWriteGate()
+    order: list[str] = []
+
+    async def reader():
+        async with gate.shared():
+            order.append("read-start")
+            await asyncio.sleep(0.05)
+            order.append("read-end")
+
+    async def writer():
+        await asyncio.sleep(0.01)
+        async with gate.exclusive():
+            order.append("write")
+
+    async def late_reader():
+        await asyncio.sleep(0.02)
+        async with gate.shared():
+            order.append("late-read")
+
+    async def go():
+        await asyncio.gather(reader(), writer(), late_reader())
+
+    run(go())
+    assert order == ["read-start", "read-end", "write", "late-read"]
+
+
+def test_engine_and_rule_modules_do_not_import_http():
+    """The engine and stop-rule layers know nothing of HTTP (vLLM's engine/entrypoint split)."""
+    root = Path(__file__).resolve().parents[1]
+    pure = [root / "espo_server" / name for name in ("engine.py", "rollout.py", "stopping.py")]
+    pure.append(root / "client" / "espo_client" / "stop_rule.py")
+    for path in pure:
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in names if m.split(".")[0] in ("fastapi", "starlette", "uvicorn")}, path
+    rule_tree = ast.parse((root / "client" / "espo_client" / "stop_rule.py").read_text())
+    rule_imports = {n.module for n in ast.walk(rule_tree) if isinstance(n, ast.ImportFrom)}
+    rule_imports |= {a.name for n in ast.walk(rule_tree) if isinstance(n, ast.Import) for a in n.names}
+    assert rule_imports <= {"__future__", "math", "collections.abc", "dataclasses", "enum", "numpy"}
