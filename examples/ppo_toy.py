@@ -1,0 +1,418 @@
+"""PPO on the toy arithmetic task, with rollouts from an ESPO server: a reference learner.
+
+One file that reads top to bottom, in the manner of CleanRL's ppo.py. Each iteration:
+
+1. sample `--problems` toy problems and ask the server for `--n` rollouts of each
+   (`POST /v1/rollouts`) under a stop rule, `espo` by default: failing trajectories come back cut
+   short, `end_reason == "espo_stop"`, with the reward r_fail on their last kept token;
+2. score the `eos` trajectories with the toy verifier (unless the server already did);
+3. pad the batch into tensors (`trajectories_to_tensors`), run the critic for V(s_t), and compute
+   advantages with `compute_gae`: `espo_stop` is an absorbing failure and `eos` is terminal (next
+   value 0), a `length` cut is bootstrapped with V(s_L) (DESIGN.md section 3);
+4. a few epochs of PPO: the clipped surrogate on the policy, MSE on the critic;
+5. save the policy (safetensors, a fresh directory per iteration) and push it to the server
+   (`POST /v1/weights`), so that the next iteration samples from the new weights. (The starting
+   policy is pushed too, before the first iteration, unless `--no-push-initial`.)
+
+The ESPO state (mu, var, beta, warm) is the learner's by default (`--state-owner learner`): sent
+with every call and folded forward with `update_learner_state`, the same pure maths the server
+runs. With `--state-owner server` the server keeps it: each iteration is one batch (`batch_id`),
+closed by `POST /v1/espo/commit`. Either way the learner says when its critic is trusted enough to
+stop (`warm`): here simply after `--warm-after` iterations.
+
+    espo-server serve --port 8000              # the embedded toy policy and critic
+    python examples/ppo_toy.py --iterations 20  # the same toy models, from the same cache
+
+Limits worth knowing:
+* `load_weights` sends a *path*: the server must see the files this script writes (same machine,
+  or a shared volume mounted at the same place).
+* The server's critic (the one the stop rule asks) is its own copy: this script trains its critic
+  for GAE but cannot push it, so the stop rule keeps using the critic the server started with.
+* vLLM's weight reload was checked against HF only for untied embeddings (DESIGN.md section 6), so
+  a policy with `tie_word_embeddings=True` is refused.
+* PPO's ratio uses the server's raw (temperature 1) logprobs: keep `--temperature 1`.
+"""
+
+import argparse
+import ast
+import dataclasses
+import itertools
+import json
+import random
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import numpy as np
+import torch
+from transformers import (
+    AutoTokenizer,
+    LlamaForCausalLM,
+    LlamaForTokenClassification,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from espo_client import EspoClient, protocol
+from espo_client.learner import compute_gae, trajectories_to_tensors, update_learner_state
+from espo_server.toy.task import TaskSpec, decode, encode, generate, verify
+
+
+@dataclass
+class Args:
+    url: str = "http://127.0.0.1:8000"
+    """base URL of a running espo-server"""
+    api_key: str | None = None
+    """bearer token of the server, if it has one (default: $ESPO_API_KEY)"""
+    policy: str | None = None
+    """policy directory (HF LlamaForCausalLM, untied embeddings); default: the trained toy policy"""
+    critic: str | None = None
+    """critic directory (HF LlamaForTokenClassification, num_labels=1); default: the trained toy critic"""
+    toy_cache_dir: str | None = None
+    """cache of the trained toy models (default: $ESPO_CACHE_DIR or ~/.cache/espo-server)"""
+    toy_seed: int = 0
+    """seed of the trained toy models"""
+    out: str = "runs/ppo_toy"
+    """each run writes out/<run name>/iter-0001, iter-0002, ... (the pushed policies) and log.jsonl"""
+    seed: int = 0
+    """seed of the problems, the rollouts and torch"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice)"""
+    ready_timeout: float = 600.0
+    """seconds to wait for the server's /readyz"""
+    push_initial: bool = True
+    """push the starting policy before the first rollouts (the server may serve another run's weights)"""
+
+    # Rollouts
+    iterations: int = 10
+    """PPO iterations: rollouts, update, push"""
+    problems: int = 16
+    """toy problems per iteration"""
+    n: int = 4
+    """samples per problem"""
+    max_tokens: int = 96
+    """response token limit (the longest toy solution is about 60 tokens)"""
+    temperature: float = 1.0
+    """sampling temperature; PPO's ratio uses raw (temperature 1) logprobs, so keep 1"""
+    stop_rule: Literal["none", "espo", "random", "regret_only", "value_only"] = "espo"
+    """the server's stop rule: none is plain PPO"""
+    state_owner: Literal["learner", "server"] = "learner"
+    """who keeps the ESPO state between batches"""
+    warm_after: int = 1
+    """iterations before the learner trusts its critic and lets the rule stop (sets `warm`)"""
+    rule_params: str = "{}"
+    """JSON overrides of the rule's parameters (`RuleParams`), e.g. '{"beta0": 2.0, "min_tokens": 4}'"""
+
+    # PPO
+    epochs: int = 2
+    """passes over each batch"""
+    minibatch_size: int = 16
+    """trajectories per gradient step"""
+    learning_rate: float = 1e-5
+    """Adam learning rate of the policy"""
+    critic_learning_rate: float = 1e-4
+    """Adam learning rate of the critic"""
+    gamma: float = 1.0
+    """discount"""
+    gae_lambda: float = 0.95
+    """GAE lambda (< 1 concentrates an espo_stop's negative TD error near the stop)"""
+    clip_coef: float = 0.2
+    """PPO clip of the probability ratio"""
+    norm_adv: bool = True
+    """normalise advantages over the batch's response tokens"""
+    max_grad_norm: float = 1.0
+    """gradient clipping of both networks"""
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """argparse from `Args`: one `--flag-name` per field, its help text the field's docstring."""
+    source = ast.parse(Path(__file__).read_text())
+    body = next(node for node in source.body if isinstance(node, ast.ClassDef) and node.name == "Args").body
+    docs = {
+        target.target.id: doc.value.value
+        for target, doc in itertools.pairwise(body)
+        if isinstance(target, ast.AnnAssign) and isinstance(target.target, ast.Name)
+        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    }  # fmt: skip
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for field in dataclasses.fields(Args):
+        kind, choices = field.type, None
+        if isinstance(kind, types.UnionType):  # `X | None`
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        if typing.get_origin(kind) is Literal:
+            kind, choices = str, list(typing.get_args(kind))
+        flag = "--" + field.name.replace("_", "-")
+        help_text = docs.get(field.name, "")
+        if "default" not in help_text:
+            help_text += f" (default: {field.default})"
+        if kind is bool:
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=field.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, choices=choices, default=field.default, help=help_text)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def response_logprobs(policy: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log pi(a_t | s_t) of each response token, [B, R]: the logits at the token before each one."""
+    prompt_width = batch["input_ids"].shape[1] - batch["responses"].shape[1]
+    logits = policy(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).logits[:, prompt_width - 1 : -1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1)
+
+
+def critic_values(critic: LlamaForTokenClassification, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The critic's output at every position, [B, P+R]: column c is V of the prefix ending at c."""
+    output = critic(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    )
+    return output.logits[..., 0].float()
+
+
+def push_policy(
+    client: EspoClient,
+    policy: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    version: int,
+) -> int:
+    """Save the policy (safetensors, untied embeddings) into `directory` and make the server serve it
+    as `version`; return the version it serves."""
+    assert not policy.config.tie_word_embeddings  # see the module docstring
+    policy.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return client.load_weights(str(directory), version=version).policy_version
+
+
+def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = None) -> list[dict]:
+    """Run PPO; return the per-iteration log records. `transport`: an httpx transport (tests)."""
+    args = parse_args(argv)
+    run_name = f"ppo_toy__{args.stop_rule}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.out) / run_name
+    for suffix in itertools.count(2):  # a fresh directory, even for two runs started in one second
+        if not run_dir.exists():
+            break
+        run_dir = Path(args.out) / f"{run_name}-{suffix}"
+    run_dir.mkdir(parents=True)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+
+    # Models: the trained toy policy and critic unless given.
+    task = TaskSpec()
+    policy_dir, critic_dir = args.policy, args.critic
+    if policy_dir is None or critic_dir is None:
+        from espo_server.toy.train import ensure_toy_models
+
+        toy = ensure_toy_models(args.toy_cache_dir, args.toy_seed)
+        policy_dir = policy_dir or str(toy.policy_dir)
+        critic_dir = critic_dir or str(toy.critic_dir)
+        task = toy.task
+    policy = LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    if policy.config.tie_word_embeddings:
+        raise SystemExit(f"{policy_dir}: tied embeddings; vLLM weight reload is checked only for untied ones")
+    critic = LlamaForTokenClassification.from_pretrained(critic_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)  # saved with each pushed policy
+    pad_id = policy.config.pad_token_id or 0
+    policy_optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)
+    problems = generate(args.problems * args.iterations, "train", seed=args.seed, spec=task)
+    rule_params = protocol.RuleParams.model_validate_json(args.rule_params)
+
+    client = EspoClient(base_url=args.url, api_key=args.api_key, transport=transport)
+    client.wait_ready(timeout=args.ready_timeout)
+    info = client.info()
+    version = info.policy_version  # pushes continue from the server's version, never go back
+    beta0 = rule_params.beta0 if rule_params.beta0 is not None else info.rule_defaults["beta0"]
+    state = protocol.EspoState(beta=float(beta0))
+    if args.state_owner == "server":
+        client.set_state(state)  # this run owns the server's state: start it fresh
+    print(f"{run_name}: {args.iterations} iterations of {args.problems} problems x {args.n} samples")
+    print(f"server {args.url}: {info.model} (v{version}), critic {info.critic}; writing {run_dir}")
+    if args.push_initial:
+        version = push_policy(client, policy, tokenizer, (run_dir / "iter-0000").resolve(), version + 1)
+
+    records: list[dict] = []
+    for iteration in range(args.iterations):
+        t_start = time.perf_counter()
+
+        # 1. Rollouts, with stopping enabled once the critic is trusted.
+        if iteration >= args.warm_after and not state.warm:
+            state = state.model_copy(update={"warm": True})
+            if args.state_owner == "server":
+                state = client.set_state(state).state
+        batch_problems = problems[iteration * args.problems : (iteration + 1) * args.problems]
+        prompt_ids = [encode(problem.prompt) for problem in batch_problems]
+        request = dict(
+            prompts=[
+                {"token_ids": ids, "answer": problem.answer}
+                for ids, problem in zip(prompt_ids, batch_problems, strict=True)
+            ],
+            n=args.n,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed + iteration * args.problems * args.n,
+            stop_rule=args.stop_rule,
+            rule_params=rule_params,
+        )
+        if args.state_owner == "learner":
+            response = client.rollouts(**request, state=state)
+            state = update_learner_state(state, response)
+        else:
+            batch_id = f"{run_name}-{iteration}"
+            response = client.rollouts(**request, batch_id=batch_id)
+            state = client.commit(batch_id).state
+        trajectories, usage = response.trajectories, response.usage
+        off_policy = sum(t.policy_version != version for t in trajectories)
+        if off_policy:
+            print(f"warning: {off_policy} trajectories sampled by another policy version than v{version}")
+        t_rollout = time.perf_counter()
+
+        # 2. Rewards: the verifier's for `eos` (when the server did not score it), r_fail for
+        # `espo_stop` (the server's), none for `length` (bootstrapped below).
+        rewards: list[float | None] = []
+        correct = 0
+        for trajectory in trajectories:
+            reward = trajectory.reward
+            if trajectory.end_reason == "eos" and reward is None:
+                problem = batch_problems[trajectory.prompt_index]
+                text, finished = decode(trajectory.token_ids)
+                reward = verify(problem.prompt, text, problem.answer, finished=finished).reward
+            rewards.append(reward)
+            correct += trajectory.end_reason == "eos" and reward == 1.0
+
+        # 3. Tensors, values, advantages.
+        batch = trajectories_to_tensors(trajectories, prompt_ids, pad_id=pad_id, rewards=rewards)
+        mask = batch["response_mask"]
+        prompt_width = batch["input_ids"].shape[1] - batch["responses"].shape[1]
+        with torch.no_grad():
+            local_logprobs = response_logprobs(policy, batch)
+            values_all = critic_values(critic, batch)
+        values = values_all[:, prompt_width - 1 : -1]  # V(s_t) before each response token
+        rows = torch.arange(len(trajectories))
+        bootstrap = values_all[rows, prompt_width + batch["response_lengths"] - 1]  # V(s_L), for `length`
+        advantages, returns = compute_gae(
+            batch["token_level_rewards"],
+            values,
+            mask,
+            batch["terminal"],
+            bootstrap_values=bootstrap,
+            gamma=args.gamma,
+            lam=args.gae_lambda,
+        )
+        if args.norm_adv:
+            adv_mean = masked_mean(advantages, mask)
+            adv_std = masked_mean((advantages - adv_mean) ** 2, mask).sqrt()
+            advantages = (advantages - adv_mean) / (adv_std + 1e-8) * mask
+        # The server's logprobs are pi_old; how far the local forward pass is from them says
+        # whether the server really serves this learner's weights.
+        logprob_gap = ((local_logprobs - batch["old_logprobs"]).abs() * mask).max().item()
+        if logprob_gap > 1e-3:
+            print(f"warning: local and server logprobs differ by up to {logprob_gap:.2e}: other weights?")
+
+        # 4. PPO epochs over minibatches of trajectories.
+        pg_losses, v_losses, approx_kls, clipfracs = [], [], [], []
+        for _epoch in range(args.epochs):
+            order = torch.randperm(len(trajectories))
+            for start in range(0, len(trajectories), args.minibatch_size):
+                mb = order[start : start + args.minibatch_size]
+                mb_batch = {name: tensor[mb] for name, tensor in batch.items()}
+                mb_mask = mask[mb]
+
+                newlogprob = response_logprobs(policy, mb_batch)
+                logratio = newlogprob - batch["old_logprobs"][mb]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    approx_kls.append(masked_mean((ratio - 1) - logratio, mb_mask).item())
+                    clipped = ((ratio - 1.0).abs() > args.clip_coef).float()
+                    clipfracs.append(masked_mean(clipped, mb_mask).item())
+                mb_advantages = advantages[mb]
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mb_mask)
+                policy_optimizer.zero_grad()
+                pg_loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                policy_optimizer.step()
+
+                newvalue = critic_values(critic, mb_batch)[:, prompt_width - 1 : -1]
+                v_loss = 0.5 * masked_mean((newvalue - returns[mb]) ** 2, mb_mask)
+                critic_optimizer.zero_grad()
+                v_loss.backward()
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                critic_optimizer.step()
+                pg_losses.append(pg_loss.item())
+                v_losses.append(v_loss.item())
+        t_update = time.perf_counter()
+
+        # 5. Save the policy in a fresh directory and push it: the next rollouts sample from it.
+        checkpoint = (run_dir / f"iter-{iteration + 1:04d}").resolve()
+        version = push_policy(client, policy, tokenizer, checkpoint, version + 1)
+        t_end = time.perf_counter()
+
+        n_traj = max(usage.trajectories, 1)
+        ends = [t.end_reason for t in trajectories]
+        record = {
+            "iteration": iteration + 1,
+            "sampled_by_version": response.policy_version,
+            "policy_version": version,
+            "accuracy": correct / n_traj,
+            "tokens_generated": usage.generated_tokens,
+            "tokens_discarded": usage.discarded_tokens,
+            "tokens_saved_estimate": usage.tokens_saved_estimate,
+            "tokens_saved_upper_bound": usage.tokens_saved_upper_bound,
+            "stop_rate": usage.stopped / n_traj,
+            "eos_rate": ends.count("eos") / n_traj,
+            "length_rate": ends.count("length") / n_traj,
+            "critic_calls": usage.critic_calls,
+            "state": state.model_dump(),
+            "pg_loss": float(np.mean(pg_losses)),
+            "v_loss": float(np.mean(v_losses)),
+            "approx_kl": float(np.mean(approx_kls)),
+            "clipfrac": float(np.mean(clipfracs)),
+            "logprob_gap": logprob_gap,
+            "checkpoint": str(checkpoint),
+            "rollout_s": t_rollout - t_start,
+            "update_s": t_update - t_rollout,
+            "push_s": t_end - t_update,
+            "wall_s": t_end - t_start,
+        }
+        records.append(record)
+        with open(run_dir / "log.jsonl", "a") as log_file:
+            log_file.write(json.dumps(record) + "\n")
+        print(
+            f"iter {iteration + 1}/{args.iterations} v{response.policy_version}->v{version}"
+            f" | acc {record['accuracy']:.3f} stop {record['stop_rate']:.2f} eos {record['eos_rate']:.2f}"
+            f" len {record['length_rate']:.2f}"
+            f" | tokens {usage.generated_tokens} saved ~{usage.tokens_saved_estimate}"
+            f" (<={usage.tokens_saved_upper_bound})"
+            f" | pg {record['pg_loss']:+.4f} v {record['v_loss']:.4f} kl {record['approx_kl']:.4f}"
+            f" clip {record['clipfrac']:.2f} gap {logprob_gap:.1e}"
+            f" | beta {state.beta:.2f}{' warm' if state.warm else ''}"
+            f" | {record['wall_s']:.1f}s (rollout {record['rollout_s']:.1f} update {record['update_s']:.1f}"
+            f" push {record['push_s']:.1f})",
+            flush=True,
+        )
+    client.close()
+    return records
+
+
+if __name__ == "__main__":
+    main()
