@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=4, help="samples per problem")
     demo.add_argument("--max-tokens", type=int, default=160)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--beta", type=float, default=None, help="beta of the warm state (default: tuned for the toy)"
+    )
     demo.add_argument("--json", type=Path, default=None, help="also write the figures here")
     demo.set_defaults(func=_demo)
     return parser

@@ -92,6 +92,7 @@ class SampleResult:
     critic_calls: int = 0
     critic_errors: int = 0
     critic_time_s: float = 0.0
+    lifetime_s: float = 0.0
 
 
 class RolloutService:
@@ -310,11 +311,14 @@ class RolloutService:
         engine_id = f"{plan.request_id}-{prompt_index}-{sample_index}"
         run = _SampleRun(self, plan, tracker, prompt)
         metrics.INFLIGHT.inc()
+        started = time.perf_counter()
         try:
             await run.generate(self.engine.generate(engine_id, prompt, gen_params))
         finally:
             metrics.INFLIGHT.dec()
-        return run.result(prompt_index, sample_index, plan.prompt_texts[prompt_index])
+        result = run.result(prompt_index, sample_index, plan.prompt_texts[prompt_index])
+        result.lifetime_s = time.perf_counter() - started
+        return result
 
     # ------------------------------------------------------------------ the end of a call
 
@@ -354,6 +358,7 @@ class RolloutService:
             critic_calls=sum(r.critic_calls for r in results),
             critic_errors=sum(r.critic_errors for r in results),
             critic_time_s=round(sum(r.critic_time_s for r in results), 6),
+            trajectory_time_s=round(sum(r.lifetime_s for r in results), 6),
             wall_time_s=round(time.perf_counter() - plan.started, 6),
             regret_tokens=stats.tokens,
             regret_sum=stats.g_sum,

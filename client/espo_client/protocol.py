@@ -212,6 +212,9 @@ class Usage(_Model):
     critic_calls: int = 0
     critic_errors: int = 0
     critic_time_s: float = Field(0.0, description="Summed latency of this call's critic queries.")
+    trajectory_time_s: float = Field(
+        0.0, description="Summed lifetime of this call's trajectories (critic_time_s / this: the critic's share)."
+    )
     wall_time_s: float = 0.0
     regret_tokens: int = Field(0, description="Batch statistics: number of regret values.")
     regret_sum: float = 0.0

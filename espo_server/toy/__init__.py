@@ -1,0 +1,1 @@
+"""The toy reasoning task (chained arithmetic), its trained tiny models and the demo."""

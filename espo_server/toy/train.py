@@ -1,0 +1,468 @@
+"""Train the toy policy and critic from a seed, on CPU, in a few minutes.
+
+1. policy: supervised next-token training on prompt + canonical solution, stopped as soon as its
+   exact-answer accuracy at temperature 1 lands mid-band (30-70%): a policy that fails often, with
+   failures that start at a wrong step and run on, is what ESPO needs to show anything.
+2. critic: the trained policy samples its own responses (temperature 1), the verifier labels them,
+   and a LlamaForTokenClassification regresses V(prefix) at every response position onto the final
+   reward (Monte-Carlo return, 0 or 1), so V(s_t) estimates the chance of success from s_t.
+3. both are saved in HF format (safetensors + tokenizer) in a cache directory keyed by seed and
+   configuration; `report.json` is written last and marks a complete entry.
+
+Conventions shared with the server: prompts are the token ids of the text, no BOS (`task.encode`);
+responses end with EOS; the critic output at position i is V of the prefix ending with token i, so
+V(s_t) for s_t = prompt + response[:t] is read at position len(prompt) - 1 + t.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from espo_server.tiny_model import (
+    EOS_ID,
+    PAD_ID,
+    TinyConfig,
+    build_tokenizer,
+    make_critic,
+    make_policy,
+    save_model,
+)
+from espo_server.toy.task import Problem, TaskSpec, decode, encode, generate, verify
+
+VERSION = 1  # bump when training changes in a way the config hash cannot see
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    task: TaskSpec = field(default_factory=TaskSpec)
+    # one head of 64 (vLLM's CPU attention needs head_dim 64): ~4x cheaper than 2 heads of 64
+    model: TinyConfig = field(default_factory=lambda: TinyConfig(64, 3, 1, 256))
+    # policy
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    max_steps: int = 2500
+    eval_every: int = 50
+    eval_problems: int = 256
+    stop_band: tuple[float, float] = (0.35, 0.65)  # early stop inside, a margin within the 30-70% goal
+    final_eval_problems: int = 512
+    max_new_tokens: int = 96  # the longest default solution is ~60 tokens
+    # critic: the policy's layers plus fresh ones on top. Seeing that token j contradicts what the
+    # policy predicted at j-1 needs layers after the policy's prediction is formed.
+    critic_extra_layers: int = 2
+    critic_samples: int = 2048
+    critic_heldout: int = 512
+    critic_steps: int = 250
+    critic_lr: float = 1e-3
+    log_every: int = 100
+
+    @classmethod
+    def quick(cls) -> ToyConfig:
+        """A reduced configuration for tests: a smaller task and budget; accuracy is not tuned."""
+        return cls(
+            task=TaskSpec(min_terms=3, max_terms=4, high=20),
+            model=TinyConfig(64, 2, 1, 128),
+            batch_size=32,
+            max_steps=150,
+            eval_every=75,
+            eval_problems=64,
+            final_eval_problems=64,
+            max_new_tokens=40,
+            critic_extra_layers=0,
+            critic_samples=128,
+            critic_heldout=64,
+            critic_steps=30,
+            log_every=50,
+        )
+
+    def critic_model(self) -> TinyConfig:
+        m = self.model
+        return TinyConfig(
+            m.hidden_size, m.num_layers + self.critic_extra_layers, m.num_heads, m.intermediate_size
+        )
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps([VERSION, asdict(self)], sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class ToyModels:
+    policy_dir: Path
+    critic_dir: Path
+    task: TaskSpec
+    report: dict
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One policy response, labelled by the verifier."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS unless truncated
+    reward: float
+    first_wrong: int | None
+
+
+def log(msg: str) -> None:
+    print(f"[train-toy] {msg}", flush=True)
+
+
+# --- data -> tensors, sampling, scoring ---
+
+
+def batch_tensors(prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+response ids and a 0/1 mask over response tokens (causal: pads come last,
+    so no real position ever attends to one and no attention mask is needed)."""
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    ids = torch.full((len(prompts), T), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T))
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p) : len(p) + len(r)] = 1.0
+    return ids, mask
+
+
+def solution_ids(problem: Problem) -> list[int]:
+    return [*encode(problem.solution), EOS_ID]
+
+
+@torch.no_grad()
+def log_likelihood(model, problems: list[Problem]) -> float:
+    """Mean log-probability per token of the canonical solutions (+EOS) given their prompts."""
+    model.eval()
+    ids, mask = batch_tensors([encode(p.prompt) for p in problems], [solution_ids(p) for p in problems])
+    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    return float((tok_logp * mask[:, 1:]).sum() / mask[:, 1:].sum())
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> list[list[int]]:
+    """One sampled response (token ids, ending with EOS unless truncated) per prompt.
+
+    Prompts are batched by length, so no padding (and no position-id bookkeeping) is needed.
+    temperature 0 means greedy."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = [[] for _ in prompts]
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_len[len(p)].append(i)
+    for _, idx_all in sorted(by_len.items()):
+        for s in range(0, len(idx_all), batch_size):
+            idx = idx_all[s : s + batch_size]
+            x = torch.tensor([encode(prompts[i]) for i in idx])
+            done = torch.zeros(len(idx), dtype=torch.bool)
+            tokens, past = [], None
+            for _ in range(max_new_tokens):
+                o = model(input_ids=x, past_key_values=past, use_cache=True)
+                past, logits = o.past_key_values, o.logits[:, -1].float()
+                if temperature > 0:
+                    probs = torch.softmax(logits / temperature, -1)
+                    nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                else:
+                    nxt = logits.argmax(-1)
+                tokens.append(nxt)
+                done |= nxt == EOS_ID
+                if done.all():
+                    break
+                x = nxt[:, None]
+            for j, row in enumerate(torch.stack(tokens, 1).tolist()):
+                out[idx[j]] = row[: row.index(EOS_ID) + 1] if EOS_ID in row else row
+    return out
+
+
+def rollouts(model, problems: list[Problem], max_new_tokens: int, seed: int, temperature: float = 1.0):
+    """Sample one response per problem and label it with the verifier."""
+    responses = sample(model, [p.prompt for p in problems], max_new_tokens, temperature, seed)
+    out = []
+    for p, r in zip(problems, responses, strict=True):
+        text, finished = decode(r)
+        v = verify(p.prompt, text, p.answer, finished=finished)
+        out.append(Sample(encode(p.prompt), r, v.reward, v.first_wrong_index))
+    return out
+
+
+def accuracy(
+    model, problems: list[Problem], max_new_tokens: int, seed: int, temperature: float = 1.0
+) -> float:
+    """Exact-answer accuracy of one sample per problem."""
+    return float(np.mean([s.reward for s in rollouts(model, problems, max_new_tokens, seed, temperature)]))
+
+
+def auc(scores, labels) -> float:
+    """ROC AUC (Mann-Whitney U, ties counted half); nan when one class is missing."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+# --- 1. policy ---
+
+
+def train_policy(cfg: ToyConfig, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """Supervised training until accuracy at temperature 1 enters `cfg.stop_band` (or max_steps)."""
+    t0 = time.time()
+    model = make_policy(cfg.model, seed)
+    # a fixed pool, sampled with replacement; large enough that memorising it is not an option
+    pool = generate(cfg.batch_size * cfg.max_steps // 4 + 1, "train", seed, cfg.task)
+    eval_set = generate(cfg.eval_problems, "test", seed, cfg.task)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    rng = np.random.default_rng(seed)
+    history: list[dict] = []
+    loss_ema, step = None, 0
+    for step in range(1, cfg.max_steps + 1):
+        model.train()
+        batch = [pool[i] for i in rng.integers(0, len(pool), cfg.batch_size)]
+        ids, mask = batch_tensors([encode(p.prompt) for p in batch], [solution_ids(p) for p in batch])
+        logits = model(input_ids=ids).logits[:, :-1]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        loss = (nll * mask[:, 1:].reshape(-1)).sum() / mask[:, 1:].sum()  # response tokens only
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        if step % cfg.log_every == 0:
+            log(f"policy step {step:5d}  loss {loss_ema:.4f}  {time.time() - t0:6.1f}s")
+        if step % cfg.eval_every == 0:
+            acc = accuracy(model, eval_set, cfg.max_new_tokens, seed=seed + step)
+            history.append({"step": step, "loss": round(loss_ema, 4), "acc_t1": acc})
+            log(f"policy step {step:5d}  test accuracy (T=1, n={len(eval_set)}) {acc:.3f}")
+            if cfg.stop_band[0] <= acc <= cfg.stop_band[1]:
+                break
+    report = {
+        "steps": step,
+        "train_time_s": round(time.time() - t0, 1),
+        "eval_history": history,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    return model, report
+
+
+# --- 2. critic ---
+
+
+def critic_batch(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids, a mask over the states s_0..s_R (positions len(prompt)-1 .. end), reward targets."""
+    ids, mask = batch_tensors([s.prompt_ids for s in samples], [s.response_ids for s in samples])
+    for i, s in enumerate(samples):
+        mask[i, len(s.prompt_ids) - 1] = 1.0  # s_0, the prompt alone, is valued at its last token
+    target = torch.tensor([s.reward for s in samples])[:, None].expand_as(mask)
+    return ids, mask, target
+
+
+@torch.no_grad()
+def critic_values(critic, samples: list[Sample]) -> list[np.ndarray]:
+    """V(s_0), ..., V(s_R) for each sample (R = its number of response tokens)."""
+    critic.eval()
+    out = []
+    for start in range(0, len(samples), 256):
+        chunk = samples[start : start + 256]
+        v = critic(input_ids=critic_batch(chunk)[0]).logits[..., 0].float()
+        for i, s in enumerate(chunk):
+            p = len(s.prompt_ids)
+            out.append(v[i, p - 1 : p + len(s.response_ids)].numpy())
+    return out
+
+
+def critic_quality(critic, samples: list[Sample]) -> dict:
+    """How well V predicts success: AUC at fractions of each response, MSE against the best
+    constant, and how V moves around the first wrong token of failing samples."""
+    values = critic_values(critic, samples)
+    rewards = np.array([s.reward for s in samples])
+    report = {"success_rate": round(float(rewards.mean()), 4)}
+    for frac in (0.0, 0.25, 0.5, 0.75):
+        at = [v[round(frac * (len(v) - 1))] for v in values]
+        report[f"auc_at_{frac:.2f}"] = round(auc(at, rewards > 0.5), 4)
+    flat_v = np.concatenate(values)
+    flat_r = np.concatenate([np.full(len(v), r) for v, r in zip(values, rewards, strict=True)])
+    report["mse"] = round(float(np.mean((flat_v - flat_r) ** 2)), 4)
+    report["mse_constant"] = round(float(np.var(flat_r)), 4)
+    # V(s_f) is the state just before the wrong token a_f; V(s_{f+k}) is k tokens after it
+    failing = [
+        (v, s.first_wrong) for v, s in zip(values, samples, strict=True) if s.reward == 0 and s.first_wrong
+    ]
+    for k in (0, 1, 4, 8):
+        vals = [v[min(f + k, len(v) - 1)] for v, f in failing]
+        report[f"v_at_first_wrong_plus_{k}"] = round(float(np.mean(vals)), 4) if vals else None
+    report["v_mean_successful"] = round(float(np.mean(flat_v[flat_r > 0.5])), 4) if rewards.any() else None
+    return report
+
+
+def train_critic(policy, cfg: ToyConfig, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """MSE regression of V(prefix), at every state of the policy's own samples, onto their reward."""
+    t0 = time.time()
+    train_problems = generate(cfg.critic_samples, "train", seed + 1, cfg.task)
+    heldout_problems = generate(cfg.critic_heldout, "test", seed + 1, cfg.task)
+    train = rollouts(policy, train_problems, cfg.max_new_tokens, seed=seed + 10_001)
+    heldout = rollouts(policy, heldout_problems, cfg.max_new_tokens, seed=seed + 10_002)
+    log(f"critic: sampled {len(train)} + {len(heldout)} responses in {time.time() - t0:.1f}s")
+
+    critic = make_critic(cfg.critic_model(), seed + 1)
+    # start from the policy: embeddings, its layers (the extra ones stay fresh) and final norm
+    res = critic.model.load_state_dict(policy.model.state_dict(), strict=False)
+    assert not res.unexpected_keys and all(k.startswith("layers.") for k in res.missing_keys), res
+    opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
+    rng = np.random.default_rng(seed + 1)
+    loss_ema = None
+    for step in range(1, cfg.critic_steps + 1):
+        critic.train()
+        ids, mask, target = critic_batch([train[i] for i in rng.integers(0, len(train), cfg.batch_size)])
+        v = critic(input_ids=ids).logits[..., 0]
+        loss = (((v - target) ** 2) * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        if step % cfg.log_every == 0:
+            log(f"critic step {step:5d}  mse {loss_ema:.4f}  {time.time() - t0:6.1f}s")
+    report = {
+        "steps": cfg.critic_steps,
+        "train_time_s": round(time.time() - t0, 1),
+        "params": sum(p.numel() for p in critic.parameters()),
+        "samples": len(train),
+        "heldout": critic_quality(critic, heldout),
+    }
+    return critic, report
+
+
+# --- 3. cache ---
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ESPO_CACHE_DIR") or Path.home() / ".cache" / "espo-server")
+
+
+def ensure_toy_models(
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    *,
+    quick: bool = False,
+    config: ToyConfig | None = None,
+    force: bool = False,
+    num_threads: int | None = 1,
+) -> ToyModels:
+    """The trained toy policy and critic for `seed`: from the cache, or trained now and cached.
+
+    num_threads: torch CPU threads while training. 1 by default: these models are so small that
+    a second thread gains little, and on a shared 2-core machine 2 threads ran ~4x slower than 1."""
+    cfg = config or (ToyConfig.quick() if quick else ToyConfig())
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entry = root / f"toy-seed{seed}-{cfg.key()}"
+    if (entry / "report.json").exists() and not force:
+        return _load(entry, cfg)
+
+    threads_before = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        t0 = time.time()
+        policy, policy_report = train_policy(cfg, seed)
+        final_set = generate(cfg.final_eval_problems, "test", seed + 2, cfg.task)
+        policy_report["accuracy_t1"] = accuracy(policy, final_set, cfg.max_new_tokens, seed=seed + 20_000)
+        policy_report["accuracy_greedy"] = accuracy(policy, final_set, cfg.max_new_tokens, 0, temperature=0)
+        policy_report["log_likelihood"] = round(log_likelihood(policy, final_set[:256]), 4)
+        lo, hi = 0.3, 0.7
+        policy_report["in_band"] = lo <= policy_report["accuracy_t1"] <= hi
+        log(
+            f"policy: accuracy T=1 {policy_report['accuracy_t1']:.3f} (n={len(final_set)}), "
+            f"greedy {policy_report['accuracy_greedy']:.3f}"
+        )
+        critic, critic_report = train_critic(policy, cfg, seed)
+        log(f"critic: {critic_report['heldout']}")
+        report = {
+            "version": VERSION,
+            "seed": seed,
+            "key": cfg.key(),
+            "config": asdict(cfg),
+            "policy": policy_report,
+            "critic": critic_report,
+            "total_time_s": round(time.time() - t0, 1),
+            "torch_threads": torch.get_num_threads(),
+        }
+    finally:
+        torch.set_num_threads(threads_before)
+
+    # write to a temporary sibling, then rename: a reader never sees a half-written entry
+    tmp = root / f".{entry.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = build_tokenizer()
+    save_model(policy, tokenizer, tmp / "policy")
+    save_model(critic, tokenizer, tmp / "critic")
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))  # last: marks the entry complete
+    shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry, or --force
+    try:
+        tmp.rename(entry)
+    except OSError:  # another process finished the same entry in between: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _load(entry, cfg)
+
+
+def _load(entry: Path, cfg: ToyConfig) -> ToyModels:
+    report = json.loads((entry / "report.json").read_text())
+    return ToyModels(entry / "policy", entry / "critic", cfg.task, report)
+
+
+# --- 4. command line ---
+
+
+def add_train_toy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="$ESPO_CACHE_DIR or ~/.cache/espo-server"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="retrain even if cached")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes for tests; accuracy not tuned")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    return parser
+
+
+def train_toy_cli(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    models = ensure_toy_models(
+        args.cache_dir, args.seed, quick=args.quick, force=args.force, num_threads=args.threads
+    )
+    p, c = models.report["policy"], models.report["critic"]
+    print(f"policy  {models.policy_dir}  ({p['params']:,} params, {p['steps']} steps)")
+    print(f"critic  {models.critic_dir}  ({c['params']:,} params)")
+    band = "" if p["in_band"] else "  (OUTSIDE the 30-70% band)"
+    print(f"accuracy at T=1 {p['accuracy_t1']:.3f}{band}, greedy {p['accuracy_greedy']:.3f}")
+    print(f"critic AUC at mid-response {c['heldout']['auc_at_0.50']:.3f}")
+    print(f"training took {models.report['total_time_s']:.0f}s; this call {time.time() - t0:.0f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train_toy_cli(add_train_toy_args(argparse.ArgumentParser("train-toy")).parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
