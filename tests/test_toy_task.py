@@ -160,6 +160,7 @@ def test_evaluate_hand_made_trajectories():
     # delays: trajectory 1: 8 - 5; trajectory 3: 7 - 4 (correct ones are excluded)
     assert (m["detection_delays"], m["median_detection_delay"], m["premature_stops"]) == (2, 3, 0)
     assert m["failing_ran_to_end"] == 1
+    assert m["failing_stopped"] == 1  # trajectory 1; trajectory 3's correctness is unknown
     assert m["oracle_tokens_saved"] == 27 - (5 + 1)
     assert m["shadow_tokens_saved"] == (27 - 9) + (15 - 5)
     assert (m["twins_used"], m["twins_mismatched"]) == (1, 0)

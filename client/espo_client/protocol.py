@@ -213,7 +213,7 @@ class Usage(_Model):
     critic_errors: int = 0
     critic_time_s: float = Field(0.0, description="Summed latency of this call's critic queries.")
     trajectory_time_s: float = Field(
-        0.0, description="Summed lifetime of this call's trajectories (critic_time_s / this: the critic's share)."
+        0.0, description="Summed lifetime of the trajectories (critic_time_s over this: the critic share)."
     )
     wall_time_s: float = 0.0
     regret_tokens: int = Field(0, description="Batch statistics: number of regret values.")

@@ -111,6 +111,7 @@ def evaluate(
 
     ran = [o for o in outs if o.end_reason in RAN_TO_END]
     failing = [o for o in ran if o.correct is False and o.first_wrong is not None]
+    known_failing_stops = sum(o.correct is False for o, _ in stop_events)
     oracle = sum(max(0, o.n_tokens - (o.first_wrong + 1)) for o in failing)
     shadow_saved = sum(
         max(0, o.n_tokens - (o.shadow_stop_step + 1)) for o in outs if o.shadow_stop_step is not None
@@ -135,6 +136,8 @@ def evaluate(
         "median_detection_delay": median(delays) if delays else None,
         "premature_stops": sum(d < 0 for d in delays),  # stopped before the first wrong token
         "failing_ran_to_end": len(failing),
+        # stop events on trajectories known to fail: over failing_ran_to_end, the share of failures caught
+        "failing_stopped": known_failing_stops,
         "oracle_tokens_saved": oracle,
         "oracle_fraction_saved": oracle / tokens if tokens else None,
         "shadow_tokens_saved": shadow_saved,

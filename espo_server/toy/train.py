@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,11 +46,12 @@ VERSION = 1  # bump when training changes in a way the config hash cannot see
 @dataclass(frozen=True)
 class ToyConfig:
     task: TaskSpec = field(default_factory=TaskSpec)
-    # one head of 64 (vLLM's CPU attention needs head_dim 64): ~4x cheaper than 2 heads of 64
-    model: TinyConfig = field(default_factory=lambda: TinyConfig(64, 3, 1, 256))
+    # 2 heads of 64 (vLLM's CPU attention needs head_dim 64). One head of 64 trained ~2x faster per
+    # step but needed ~2x the steps, and its critic barely learnt (mid-response AUC ~0.6 vs ~0.75).
+    model: TinyConfig = field(default_factory=lambda: TinyConfig(128, 2, 2, 512))
     # policy
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 2e-3
     warmup_steps: int = 50
     max_steps: int = 2500
     eval_every: int = 50
@@ -61,7 +61,7 @@ class ToyConfig:
     max_new_tokens: int = 96  # the longest default solution is ~60 tokens
     # critic: the policy's layers plus fresh ones on top. Seeing that token j contradicts what the
     # policy predicted at j-1 needs layers after the policy's prediction is formed.
-    critic_extra_layers: int = 2
+    critic_extra_layers: int = 1
     critic_samples: int = 2048
     critic_heldout: int = 512
     critic_steps: int = 250
@@ -155,39 +155,40 @@ def sample(
     max_new_tokens: int,
     temperature: float = 1.0,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int = 512,
 ) -> list[list[int]]:
     """One sampled response (token ids, ending with EOS unless truncated) per prompt.
 
-    Prompts are batched by length, so no padding (and no position-id bookkeeping) is needed.
-    temperature 0 means greedy."""
+    Prompts are left-padded, with an attention mask and explicit position ids so that padding
+    changes nothing (checked against unpadded prompts to ~1e-6). temperature 0 means greedy."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    out: list[list[int]] = [[] for _ in prompts]
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_len[len(p)].append(i)
-    for _, idx_all in sorted(by_len.items()):
-        for s in range(0, len(idx_all), batch_size):
-            idx = idx_all[s : s + batch_size]
-            x = torch.tensor([encode(prompts[i]) for i in idx])
-            done = torch.zeros(len(idx), dtype=torch.bool)
-            tokens, past = [], None
-            for _ in range(max_new_tokens):
-                o = model(input_ids=x, past_key_values=past, use_cache=True)
-                past, logits = o.past_key_values, o.logits[:, -1].float()
-                if temperature > 0:
-                    probs = torch.softmax(logits / temperature, -1)
-                    nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
-                else:
-                    nxt = logits.argmax(-1)
-                tokens.append(nxt)
-                done |= nxt == EOS_ID
-                if done.all():
-                    break
-                x = nxt[:, None]
-            for j, row in enumerate(torch.stack(tokens, 1).tolist()):
-                out[idx[j]] = row[: row.index(EOS_ID) + 1] if EOS_ID in row else row
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        enc = [encode(p) for p in prompts[start : start + batch_size]]
+        width = max(map(len, enc))
+        x = torch.tensor([[PAD_ID] * (width - len(e)) + e for e in enc])
+        attn = (x != PAD_ID).long()
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        done = torch.zeros(len(enc), dtype=torch.bool)
+        tokens, past = [], None
+        for _ in range(max_new_tokens):
+            o = model(
+                input_ids=x, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True
+            )
+            past, logits = o.past_key_values, o.logits[:, -1].float()
+            if temperature > 0:
+                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            tokens.append(nxt)
+            done |= nxt == EOS_ID
+            if done.all():
+                break
+            x, pos = nxt[:, None], pos[:, -1:] + 1
+            attn = torch.cat([attn, torch.ones_like(x)], 1)
+        for row in torch.stack(tokens, 1).tolist():
+            out.append(row[: row.index(EOS_ID) + 1] if EOS_ID in row else row)
     return out
 
 
