@@ -22,6 +22,7 @@ from typing import Protocol
 import httpx
 
 from . import metrics
+from .engine import running_async_llm
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,6 @@ class InProcessCritic:
         dtype: str = "auto",
     ) -> AsyncIterator[InProcessCritic]:
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
             model=model,
@@ -97,13 +97,8 @@ class InProcessCritic:
             # Per-token pooling needs every position's hidden state, so cached prefixes cannot help.
             enable_prefix_caching=False,
         )
-        started = time.perf_counter()
-        llm = AsyncLLM.from_engine_args(args)
-        log.info("critic engine for %s up in %.1fs", model, time.perf_counter() - started)
-        try:
+        async with running_async_llm(args, "critic") as llm:
             yield cls(llm, model)
-        finally:
-            llm.shutdown()
 
     async def _one(self, prefix: Sequence[int]) -> float:
         from vllm.pooling_params import PoolingParams

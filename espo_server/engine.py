@@ -88,6 +88,20 @@ class ReadWriteGate:
                 self._cond.notify_all()
 
 
+@contextlib.asynccontextmanager
+async def running_async_llm(args, what: str) -> AsyncIterator[AsyncLLM]:
+    """An AsyncLLM from engine args, shut down on exit whatever happened (policy and critic alike)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    started = time.perf_counter()
+    llm = AsyncLLM.from_engine_args(args)
+    log.info("%s engine for %s up in %.1fs", what, args.model, time.perf_counter() - started)
+    try:
+        yield llm
+    finally:
+        llm.shutdown()
+
+
 class PolicyEngine:
     """The policy model served by vLLM."""
 
@@ -118,7 +132,6 @@ class PolicyEngine:
         """Start AsyncLLM for `model`; shut it down on exit, whatever happened."""
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
             model=model,
@@ -132,13 +145,8 @@ class PolicyEngine:
             enforce_eager=enforce_eager,
             disable_log_stats=False,
         )
-        started = time.perf_counter()
-        llm = AsyncLLM.from_engine_args(args)
-        log.info("policy engine for %s up in %.1fs", model, time.perf_counter() - started)
-        try:
+        async with running_async_llm(args, "policy") as llm:
             yield cls(llm, model, AutoTokenizer.from_pretrained(model))
-        finally:
-            llm.shutdown()
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: GenerationParams

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -43,38 +44,40 @@ class ServerProcess:
         return self
 
     def wait_ready(self, timeout: float = 900.0) -> ServerProcess:
-        assert self.proc is not None
+        """Until `ready_path` answers 200."""
+        return self._wait(
+            lambda: httpx.get(self.url + self.ready_path, timeout=5).status_code == 200, timeout
+        )
+
+    def wait_listening(self, timeout: float = 900.0) -> ServerProcess:
+        """Until it answers HTTP at all (for servers that are expected to stay unready)."""
+        return self._wait(lambda: httpx.get(self.url + "/healthz", timeout=5) is not None, timeout)
+
+    def _wait(self, up: Callable[[], bool], timeout: float) -> ServerProcess:
+        assert self.proc is not None, "start() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + self.ready_path, timeout=5).status_code == 200:
+                if up():
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
-        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
-
-    def wait_listening(self, timeout: float = 900.0) -> ServerProcess:
-        """Up enough to answer HTTP at all (for servers that are expected to be unready)."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                httpx.get(self.url + "/healthz", timeout=5)
-                return self
-            except httpx.HTTPError:
-                time.sleep(1.0)
-        raise RuntimeError(f"{self.name} not listening after {timeout}s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.name} not up after {timeout}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

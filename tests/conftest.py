@@ -35,11 +35,8 @@ def critic_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
     argv = espo_server_argv(
         "critic", "--model", str(tiny_models["critic"]), "--port", str(port), "--dtype", "float32"
     )
-    proc = ServerProcess("critic", argv, port, server_logs, ready_path="/health").start()
-    try:
+    with ServerProcess("critic", argv, port, server_logs, ready_path="/health") as proc:
         yield proc.wait_ready()
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +54,5 @@ def rollout_server(tiny_models, critic_server, server_logs) -> Iterator[ServerPr
         "--verifier", "none",
         "--max-n", "32",
     )  # fmt: skip
-    proc = ServerProcess("rollout", argv, port, server_logs).start()
-    try:
+    with ServerProcess("rollout", argv, port, server_logs) as proc:
         yield proc.wait_ready()
-    finally:
-        proc.stop()

@@ -36,11 +36,8 @@ def vllm_pooling_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
         str(tiny_models["critic"]), "--runner", "pooling", "--dtype", "float32", "--max-model-len", "512",
         "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "critic",
     )  # fmt: skip
-    proc = ServerProcess("vllm-pooling", argv, port, server_logs, ready_path="/health").start()
-    try:
+    with ServerProcess("vllm-pooling", argv, port, server_logs, ready_path="/health") as proc:
         yield proc.wait_ready()
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +49,8 @@ def orphan_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
         "--critic-url", f"http://127.0.0.1:{dead}", "--critic-timeout-s", "1", "--dtype", "float32",
         "--max-model-len", "512", "--port", str(port), "--verifier", "none",
     )  # fmt: skip
-    proc = ServerProcess("orphan", argv, port, server_logs).start()
-    try:
+    with ServerProcess("orphan", argv, port, server_logs) as proc:
         yield proc.wait_listening()
-    finally:
-        proc.stop()
 
 
 async def query(critic, prefixes):
