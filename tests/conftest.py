@@ -51,7 +51,7 @@ def rollout_server(tiny_models, critic_server, server_logs) -> Iterator[ServerPr
         "--dtype", "float32",
         "--max-model-len", str(MAX_MODEL_LEN),
         "--port", str(port),
-        "--verifier", "none",
+        "--verifier", "toy",
         "--max-n", "32",
     )  # fmt: skip
     with ServerProcess("rollout", argv, port, server_logs) as proc:

@@ -232,3 +232,24 @@ def test_engine_and_rule_modules_do_not_import_http():
     rule_imports = {n.module for n in ast.walk(rule_tree) if isinstance(n, ast.ImportFrom)}
     rule_imports |= {a.name for n in ast.walk(rule_tree) if isinstance(n, ast.Import) for a in n.names}
     assert rule_imports <= {"__future__", "math", "collections.abc", "dataclasses", "enum", "numpy"}
+
+
+def test_verifier_rewards_eos_trajectories_whose_prompt_has_an_answer():
+    seen = []
+
+    def verifier(prompt: str, response: str, answer: str) -> float:
+        seen.append((prompt, response, answer))
+        return 1.0 if answer == "right" else 0.0
+
+    svc = RolloutService(
+        FakeEngine(length=3, finish="stop"), FakeCritic(), ServerConfig(model="fake"), verifier
+    )
+    prompts = [Prompt(text="ab", answer="right"), Prompt(text="cd", answer="wrong"), Prompt(text="ef")]
+    out = run(svc.rollouts(request(prompts=prompts, stop_rule="none")))
+    assert [t.reward for t in out.trajectories] == [1.0, 0.0, None]  # no answer: the learner scores it
+    assert seen[0] == ("ab", "\n\x0b\x0c", "right")  # decoded prompt and response text
+    svc = RolloutService(
+        FakeEngine(length=3, finish="length"), FakeCritic(), ServerConfig(model="fake"), verifier
+    )
+    out = run(svc.rollouts(request(prompts=prompts[:1], stop_rule="none")))
+    assert out.trajectories[0].reward is None  # truncated: no task reward

@@ -334,3 +334,14 @@ def test_text_prompts_entropy_and_metrics(rollout_server):
     assert metric(rollout_server, "espo_critic_calls_total", 'outcome="ok"') > 0
     info = httpx.get(rollout_server.url + "/v1/info", timeout=10).json()
     assert info["critic"] == "remote" and info["vocab_size"] == 53
+
+
+def test_toy_verifier_rewards_eos_trajectories_with_an_answer(rollout_server):
+    # many stop tokens: most samples end early with eos; the random policy's answers are wrong
+    out = rollouts(rollout_server, prompts=[{"text": "1+2=", "answer": "3"}, {"text": "1+2="}], n=4,
+                   max_tokens=32, seed=3, stop_token_ids=list(range(4, 40)))  # fmt: skip
+    scored = [t for t in out["trajectories"] if t["end_reason"] == "eos" and t["prompt_index"] == 0]
+    assert scored, "expected eos trajectories"
+    assert all(t["reward"] == 0.0 for t in scored)
+    assert all(t["reward"] is None for t in out["trajectories"] if t not in scored)
+    assert httpx.get(rollout_server.url + "/v1/info", timeout=10).json()["verifier"] == "toy"

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from espo_server.tiny_model import EOS_ID, make_policy  # noqa: E402
-from espo_server.toy.task import decode, generate  # noqa: E402
+from espo_server.toy.task import decode, encode, generate  # noqa: E402
 from espo_server.toy.train import (  # noqa: E402
     ToyConfig,
     critic_values,
@@ -48,8 +48,8 @@ def test_trained_policy_beats_random_weights(toy):
     texts = [decode(r) for r in responses]
     formatted = np.mean([finished and bool(STEP_FORMAT.match(t)) for t, finished in texts])
     assert formatted > 0.5, texts[:5]
-    correct = np.mean([t.endswith("#" + p.answer) for (t, _), p in zip(texts, test, strict=True)])
-    assert correct > 0.0
+    first_right = np.mean([r[:1] == encode(p.solution[0]) for r, p in zip(responses, test, strict=True)])
+    assert first_right > 0.3  # copies the first operand (a random policy: ~1/43)
     assert not any(STEP_FORMAT.match(decode(r)[0]) for r in sample(random_policy, ["1+2="] * 8, 20))
 
 

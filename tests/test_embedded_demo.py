@@ -1,0 +1,39 @@
+"""The main job end to end: `espo-server demo` builds (or reuses) the toy models, starts the embedded
+server (toy policy + in-process critic), and measures none / espo shadow / espo on toy problems."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from espo_server.process import ENGINE_ENV, free_port
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def test_demo_runs_the_embedded_server_and_reports_savings(tmp_path):
+    out = tmp_path / "demo.json"
+    argv = [sys.executable, "-m", "espo_server.cli", "demo", "--port", str(free_port()), "--problems", "64",
+            "--n", "4", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=3000, env={**os.environ, **ENGINE_ENV}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "false stops" in proc.stdout and "oracle" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    none, shadow, real = rows["none"], rows["espo shadow"], rows["espo"]
+    assert none["n"] == shadow["n"] == real["n"] == 256
+    # the toy policy is a mid-accuracy one: it fails part-way often enough for stopping to matter
+    assert 0.2 <= none["accuracy"] <= 0.8
+    assert none["failing_ran_to_end"] > 50
+    # shadow: same tokens as none (same seeds, nothing cut); the rule would stop a good share of failures
+    assert shadow["tokens_generated"] == none["tokens_generated"]
+    assert shadow["failing_stopped"] >= 0.2 * shadow["failing_ran_to_end"]
+    assert shadow["false_stop_rate"] is not None and shadow["false_stop_rate"] < 0.5
+    assert shadow["tokens_saved"] > 0
+    # stopping for real generates fewer tokens
+    assert real["stop_rate"] > 0 and real["tokens_generated"] < none["tokens_generated"]
