@@ -1,0 +1,306 @@
+"""What watching every token costs: espo-server against plain vLLM, side by side in one run.
+
+The same prompts, seeds, max_tokens (EOS ignored, so every path generates exactly the same number of
+tokens) and concurrency through:
+  (a) vLLM AsyncLLM directly, in this process, logprobs=1           -- the floor
+  (b) stock vLLM OpenAI server, /v1/completions with logprobs=1     -- what a user would run instead
+  (c) espo-server, stop_rule none                                    -- our HTTP + rollout loop
+  (d) espo-server, stop_rule espo in shadow mode, warm state         -- + the rule and the critic
+Runs alternate, the order rotating every repeat (a b c d, b c d a, ...), with `--settle` seconds of
+quiet before each, so drift on a shared machine hits all paths alike; each figure is the median of
+`--repeats` runs. Prints a table and writes JSON.
+
+    .venv/bin/python bench/overhead.py                  # CPU defaults (seeded random tiny models)
+    .venv/bin/python bench/overhead.py --concurrency 1 16 64 --repeats 5 --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_serve_argv  # noqa: E402
+
+# A warm state under which the rule is busy: the critic is asked often, so (d) pays the full price.
+WARM = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+
+
+def prompts_for(k: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(12)] for _ in range(k)]
+
+
+async def run_asyncllm(llm, prompts, max_tokens: int, seed: int) -> int:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    async def one(i: int, prompt: list[int]) -> int:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0,
+            logprobs=1,
+            seed=seed + i,
+            ignore_eos=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            detokenize=False,
+        )
+        final = None
+        async for out in llm.generate({"prompt_token_ids": prompt}, params, f"a-{time.monotonic_ns()}-{i}"):
+            final = out
+        return len(final.outputs[0].token_ids)
+
+    return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+async def run_vllm_openai(client: httpx.AsyncClient, model: str, prompts, max_tokens: int, seed: int) -> int:
+    async def one(i: int, prompt: list[int]) -> int:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 1.0,
+            "logprobs": 1,
+            "seed": seed + i,
+            "ignore_eos": True,
+        }
+        r = await client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+async def run_espo(client: httpx.AsyncClient, prompts, max_tokens: int, seed: int, shadow: bool) -> int:
+    body = {
+        "prompts": [{"token_ids": p} for p in prompts],
+        "n": 1,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "ignore_eos": True,
+        "update_state": False,
+    }
+    if shadow:
+        body.update(stop_rule="espo", shadow=True, state=WARM)
+    else:
+        body.update(stop_rule="none")
+    r = await client.post("/v1/rollouts", json=body)
+    r.raise_for_status()
+    usage = r.json()["usage"]
+    bench_critic_calls.append(usage["critic_calls"])
+    return usage["generated_tokens"]
+
+
+bench_critic_calls: list[int] = []
+
+
+async def main_async(args) -> dict:
+    policy, critic = args.policy, args.critic
+    if policy is None or critic is None:
+        # Seeded random tiny models: the cheapest engine step there is, so the largest relative cost
+        # of our per-token work (the worst case for us).
+        from espo_server.tiny_model import make_tiny_models
+
+        tiny_policy, tiny_critic = make_tiny_models(Path(tempfile.mkdtemp(prefix="espo-bench-")), seed=0)
+        policy, critic = policy or str(tiny_policy), critic or str(tiny_critic)
+    print(f"policy {policy}\ncritic {critic}", flush=True)
+    logs = Path(args.out).with_suffix(".logs")
+    logs.mkdir(parents=True, exist_ok=True)
+
+    espo_port, vllm_port = free_port(), free_port()
+    dtype = args.dtype
+    espo = ServerProcess(
+        "espo-server",
+        espo_server_argv(
+            "serve",
+            "--model",
+            policy,
+            "--critic-model",
+            critic,
+            "--dtype",
+            dtype,
+            "--port",
+            str(espo_port),
+            "--max-model-len",
+            str(args.max_model_len),
+            "--max-n",
+            "512",
+            "--verifier",
+            "none",
+            "--gpu-memory-utilization",
+            str(args.mem),
+            "--critic-gpu-memory-utilization",
+            str(args.critic_mem),
+        ),
+        espo_port,
+        logs,
+    ).start()
+    vllm_srv = ServerProcess(
+        "vllm-serve",
+        vllm_serve_argv(
+            policy,
+            "--dtype",
+            dtype,
+            "--port",
+            str(vllm_port),
+            "--host",
+            "127.0.0.1",
+            "--max-model-len",
+            str(args.max_model_len),
+            "--served-model-name",
+            "policy",
+            "--max-logprobs",
+            "20",
+            "--gpu-memory-utilization",
+            str(args.mem),
+            "--no-enable-log-requests",
+        ),
+        vllm_port,
+        logs,
+        ready_path="/health",
+    ).start()
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    atexit.register(espo.stop)
+    atexit.register(vllm_srv.stop)
+    llm = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=policy,
+            dtype=dtype,
+            max_model_len=args.max_model_len,
+            logprobs_mode="raw_logprobs",
+            max_logprobs=20,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=args.mem,
+        )
+    )
+    timeout = httpx.Timeout(10, read=1800)
+    results: dict = {"config": vars(args) | {"policy": policy, "critic": critic}, "rows": []}
+    try:
+        print("waiting for the servers ...", flush=True)
+        espo.wait_ready()
+        vllm_srv.wait_ready()
+        vocab = llm.model_config.get_vocab_size()
+        async with (
+            httpx.AsyncClient(base_url=espo.url, timeout=timeout) as espo_client,
+            httpx.AsyncClient(base_url=vllm_srv.url, timeout=timeout) as vllm_client,
+        ):
+            paths = {
+                "a_asyncllm": lambda p, s: run_asyncllm(llm, p, args.max_tokens, s),
+                "b_vllm_serve": lambda p, s: run_vllm_openai(vllm_client, "policy", p, args.max_tokens, s),
+                "c_espo_none": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, shadow=False),
+                "d_espo_shadow": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, shadow=True),
+            }
+            for k in args.concurrency:
+                prompts = prompts_for(k, vocab, seed=k)
+                for fn in paths.values():  # warm-up: compile, caches
+                    await fn(prompts[: min(k, 4)], 0)
+                rates: dict[str, list[float]] = {name: [] for name in paths}
+                bench_critic_calls.clear()
+                names = list(paths)
+                for rep in range(args.repeats):
+                    # Rotate the order every repeat, and let the last engine's OpenMP threads stop
+                    # spinning before the next path starts: otherwise the path after a switch pays.
+                    for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                        await asyncio.sleep(args.settle)
+                        start = time.perf_counter()
+                        tokens = await paths[name](prompts, 1000 * rep)
+                        seconds = time.perf_counter() - start
+                        assert tokens == k * args.max_tokens, (name, tokens)
+                        rates[name].append(tokens / seconds)
+                    print(
+                        f"  k={k} rep {rep + 1}/{args.repeats}: "
+                        + "  ".join(f"{n} {r[-1]:,.0f}" for n, r in rates.items()),
+                        flush=True,
+                    )
+                med = {name: statistics.median(r) for name, r in rates.items()}
+                row = {
+                    "concurrency": k,
+                    "tokens_per_run": k * args.max_tokens,
+                    **{f"{name}_tok_s": round(v, 1) for name, v in med.items()},
+                    "c_over_a": round(med["c_espo_none"] / med["a_asyncllm"], 3),
+                    "d_over_a": round(med["d_espo_shadow"] / med["a_asyncllm"], 3),
+                    "d_over_b": round(med["d_espo_shadow"] / med["b_vllm_serve"], 3),
+                    "b_over_a": round(med["b_vllm_serve"] / med["a_asyncllm"], 3),
+                    "critic_calls_per_seq_d": round(statistics.mean(bench_critic_calls) / k, 2),
+                    "runs": {name: [round(x, 1) for x in r] for name, r in rates.items()},
+                }
+                results["rows"].append(row)
+    finally:
+        llm.shutdown()
+        espo.stop()
+        vllm_srv.stop()
+    return results
+
+
+def print_table(results: dict) -> None:
+    print("\nGenerated tokens/s (median of alternating runs) and ratios")
+    head = f"{'conc':>5} {'(a) AsyncLLM':>13} {'(b) vllm serve':>15} {'(c) espo none':>14}"
+    print(head + f" {'(d) espo shadow':>16} {'c/a':>6} {'d/a':>6} {'d/b':>6} {'critic q/seq':>13}")
+    for r in results["rows"]:
+        print(
+            f"{r['concurrency']:>5} {r['a_asyncllm_tok_s']:>13,.0f} {r['b_vllm_serve_tok_s']:>15,.0f} "
+            f"{r['c_espo_none_tok_s']:>14,.0f} {r['d_espo_shadow_tok_s']:>16,.0f} {r['c_over_a']:>6.3f} "
+            f"{r['d_over_a']:>6.3f} {r['d_over_b']:>6.3f} {r['critic_calls_per_seq_d']:>13.2f}"
+        )
+    print(f"machine: {results['machine']}")
+
+
+def machine() -> str:
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        gpu = ""
+    return f"{os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each run")
+    parser.add_argument("--policy", default=None, help="policy dir (default: the seeded random tiny model)")
+    parser.add_argument("--critic", default=None, help="critic dir (default: the seeded random tiny critic)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--mem", type=float, default=0.1, help="gpu_memory_utilization of each policy engine")
+    parser.add_argument("--critic-mem", type=float, default=0.1)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
+    args = parser.parse_args()
+    started = time.time()
+    results = asyncio.run(main_async(args))
+    results["machine"] = machine()
+    results["wall_s"] = round(time.time() - started, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"wrote {args.out} ({results['wall_s']}s)")
+
+
+if __name__ == "__main__":
+    main()
