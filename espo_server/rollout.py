@@ -207,12 +207,9 @@ class RolloutService:
         """Run a whole call and return every trajectory. A retry with a known request_id gets the
         first call's answer (or waits for it), never a second batch of samples."""
         rid = request.request_id
-        if rid is not None:
-            if rid in self._finished:
-                return self._finished[rid]
-            if rid in self._running:
-                return await asyncio.shield(self._running[rid])
-        response = None
+        if rid is not None and rid in self._running:
+            return await asyncio.shield(self._running[rid])
+        response = None  # stream() replays a finished request_id's response
         async for item in self.stream(request):
             if isinstance(item, RolloutResponse):
                 response = item
