@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from espo_client.entropy_espo import topk_entropy
-from espo_client.protocol import EspoState as WireState
 from espo_client.protocol import RolloutRequest, RolloutResponse, Traces, Trajectory, Usage
 from espo_client.stop_rule import (
     BatchStats,
@@ -34,6 +33,7 @@ from espo_client.stop_rule import (
     tokens_saved,
     update_state,
 )
+from espo_client.stop_rule import EspoState as WireState
 
 from . import metrics
 from .config import ServerConfig
@@ -108,7 +108,7 @@ class RolloutService:
         self.config = config
         self.verifier = verifier
         self.rule_defaults = config.rule_defaults()
-        initial = config.initial_state.to_rule() if config.initial_state else None
+        initial = config.initial_state if config.initial_state else None
         self.ledger = StateLedger(self.rule_defaults, initial)
         self._finished: OrderedDict[str, RolloutResponse] = OrderedDict()
         self._running: dict[str, asyncio.Future[RolloutResponse]] = {}
@@ -233,7 +233,7 @@ class RolloutService:
             if request.state is not None:
                 plan.state = request.state
             else:
-                plan.state = WireState.from_rule(self.ledger.begin(request.batch_id, plan.params))
+                plan.state = self.ledger.begin(request.batch_id, plan.params)
             future: asyncio.Future[RolloutResponse] = asyncio.get_running_loop().create_future()
             if rid is not None:
                 self._running[rid] = future
@@ -290,7 +290,7 @@ class RolloutService:
             random_stop_at = draw_random_stop(rng, plan.params, request.max_tokens)
         tracker = make_tracker(
             plan.rule,
-            plan.state.to_rule(),
+            plan.state,
             plan.params,
             critic_fallback=self.config.critic_fallback,
             random_stop_at=random_stop_at,
@@ -334,10 +334,10 @@ class RolloutService:
         shadow_saved = sum(r.full_length - (r.trajectory.shadow_stop_step + 1) for r in shadow)
 
         if plan.learner_owned:
-            state_after = WireState.from_rule(update_state(plan.state.to_rule(), stats, plan.params))
+            state_after = update_state(plan.state, stats, plan.params)
         elif request.update_state:
             after = self.ledger.finish(request.batch_id, stats, plan.params)
-            state_after = WireState.from_rule(after) if after is not None else None
+            state_after = after if after is not None else None
             self._publish_state()
         else:
             state_after = None
@@ -394,10 +394,10 @@ class RolloutService:
     # ------------------------------------------------------------------ state and weights
 
     def state(self) -> WireState:
-        return WireState.from_rule(self.ledger.state)
+        return self.ledger.state
 
     def set_state(self, state: WireState) -> WireState:
-        self.ledger.set(state.to_rule())
+        self.ledger.set(state)
         self._publish_state()
         return self.state()
 

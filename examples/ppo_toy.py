@@ -42,7 +42,7 @@ import random
 import time
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
 
         # 1. Rollouts, with stopping enabled once the critic is trusted.
         if iteration >= args.warm_after and not state.warm:
-            state = state.model_copy(update={"warm": True})
+            state = dataclasses.replace(state, warm=True)
             if args.state_owner == "server":
                 state = client.set_state(state).state
         batch_problems = problems[iteration * args.problems : (iteration + 1) * args.problems]
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             "eos_rate": ends.count("eos") / n_traj,
             "length_rate": ends.count("length") / n_traj,
             "critic_calls": usage.critic_calls,
-            "state": state.model_dump(),
+            "state": asdict(state),
             "pg_loss": float(np.mean(pg_losses)),
             "v_loss": float(np.mean(v_losses)),
             "approx_kl": float(np.mean(approx_kls)),

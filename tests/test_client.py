@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 
 import httpx
 import pytest
@@ -57,7 +58,7 @@ def fake_rollout(body: dict) -> dict:
                 regret_tokens += 1
                 regret_sum += g
                 regret_sumsq += g * g
-    state = EspoState.model_validate(body["state"]) if "state" in body else EspoState(batches=5)
+    state = EspoState(**body["state"]) if "state" in body else EspoState(batches=5)
     n_traj = len(trajectories)
     n_stop = len(body["prompts"])
     usage = {
@@ -75,7 +76,7 @@ def fake_rollout(body: dict) -> dict:
     }
     stats = BatchStats(regret_tokens, regret_sum, regret_sumsq, n_traj, n_stop)
     after = update_state(
-        state.to_rule(),
+        state,
         stats,
         EspoParams().with_overrides({k: v for k, v in RULE_PARAMS.items() if v is not None}),
     )
@@ -86,8 +87,8 @@ def fake_rollout(body: dict) -> dict:
         "stop_rule": body.get("stop_rule", "none"),
         "shadow": body.get("shadow", False),
         "rule_params": RULE_PARAMS,
-        "state_used": state.model_dump(),
-        "state_after": EspoState.from_rule(after).model_dump(),
+        "state_used": asdict(state),
+        "state_after": asdict(after),
         "policy_version": 3,
     }
 
@@ -126,7 +127,7 @@ class FakeServer:
             version = body.get("version") or (7 if request.url.host == "a" else 8)
             return httpx.Response(200, json={"policy_version": version, "load_time_s": 2.0})
         if request.url.path in ("/v1/espo/state", "/v1/espo/commit"):
-            state = body if request.method == "PUT" else EspoState().model_dump()
+            state = body if request.method == "PUT" else asdict(EspoState())
             return httpx.Response(200, json={"state": state})
         if request.url.path == "/healthz":
             return httpx.Response(200, json={"status": "ok"})
@@ -320,13 +321,13 @@ def test_sharded_learner_owned_state_is_updated_from_all_shards() -> None:
             "prompts": [{"token_ids": p} for p in PROMPTS],
             "n": 2,
             "request_id": "r",
-            "state": state.model_dump(),
+            "state": asdict(state),
         }
     )
     assert response.state_used == state
     assert response.state_after is not None and response.state_after.batches == 4
     # the same as one server with the whole batch (up to the order of float sums)
-    assert response.state_after.model_dump() == pytest.approx(single["state_after"], rel=1e-12)
+    assert asdict(response.state_after) == pytest.approx(single["state_after"], rel=1e-12)
     assert response.state_after != response.state_used
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -85,7 +86,7 @@ def test_rollouts_with_a_dead_critic_are_flagged_never_silently_changed(orphan_s
     ready = httpx.get(orphan_server.url + "/readyz", timeout=30)
     assert ready.status_code == 503
     assert ready.json()["detail"]["engine"] == "ok" and "down" in ready.json()["detail"]["critic"]
-    hot = EspoState(mu=0.3, var=0.2, beta=1.0, warm=True, initialised=True).model_dump()
+    hot = asdict(EspoState(mu=0.3, var=0.2, beta=1.0, warm=True, initialised=True))
     # wait until the policy engine serves (readyz stays 503 because of the critic)
     body = {"prompts": [{"token_ids": [5, 6, 14]}], "n": 8, "max_tokens": 64, "seed": 2,
             "stop_rule": "espo", "state": hot}  # fmt: skip

@@ -185,10 +185,10 @@ class FakeServer:
             self.version = body["version"]
             return self.reply(protocol.WeightsResponse(policy_version=self.version, load_time_s=0.0))
         if path == "/v1/espo/state" and method == "PUT":
-            self.state = protocol.EspoState.model_validate(body)
+            self.state = protocol.EspoState(**body)
             return self.reply(protocol.StateResponse(state=self.state))
         if path == "/v1/espo/commit":
-            self.state = self.state.model_copy(update={"batches": self.state.batches + 1})
+            self.state = dataclasses.replace(self.state, batches=self.state.batches + 1)
             return self.reply(protocol.StateResponse(state=self.state))
         return httpx.Response(404, json={"error": {"message": path, "type": "not_found", "code": 404}})
 
@@ -220,9 +220,8 @@ class FakeServer:
         after = None
         if request.state is not None:
             params = stop_rule.EspoParams()
-            after = protocol.EspoState.from_rule(
-                stop_rule.update_state(used.to_rule(), usage.batch_stats(), params)
-            )
+            after = stop_rule.update_state(used, usage.batch_stats(), params)
+
         return protocol.RolloutResponse(
             request_id=request.request_id or "r",
             trajectories=trajectories,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import asdict
 
 import httpx
 import numpy as np
@@ -162,7 +163,7 @@ def test_espo_stops_and_traces_reproduce_the_decision(rollout_server):
     assert out["state_after"]["batches"] == EAGER["batches"] + 1
     # the learner's own update (same pure code) gives the server's state_after
     mine = update_learner_state(WireState(**EAGER), RolloutResponse(**out))
-    assert mine.model_dump() == pytest.approx(out["state_after"])
+    assert asdict(mine) == pytest.approx(out["state_after"])
     assert httpx.get(rollout_server.url + "/v1/espo/state", timeout=10).json() == server_state
 
 

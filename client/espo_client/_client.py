@@ -188,8 +188,6 @@ class _BaseClient:
                 raise TypeError("rollouts() needs prompts=[...] (or a RolloutRequest)")
             fields = dict(kwargs)
             fields["prompts"] = [_to_prompt(prompt) for prompt in fields["prompts"]]
-            if isinstance(fields.get("state"), stop_rule.EspoState):
-                fields["state"] = EspoState.from_rule(fields["state"])
             request = RolloutRequest(**fields)
         elif not isinstance(request, RolloutRequest):
             request = RolloutRequest.model_validate(request)
@@ -198,8 +196,10 @@ class _BaseClient:
         return request
 
     @staticmethod
-    def _body(model: BaseModel) -> bytes:
-        return model.model_dump_json(exclude_none=True).encode()
+    def _body(model: BaseModel | EspoState) -> bytes:
+        if isinstance(model, BaseModel):
+            return model.model_dump_json(exclude_none=True).encode()
+        return TypeAdapter(type(model)).dump_json(model, exclude_none=True)
 
     def _retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
         delay = min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
@@ -297,10 +297,9 @@ class _BaseClient:
         state_after = first.state_after
         if request.state is not None:
             if all(response.state_after is not None for response in responses):
-                updated = stop_rule.update_state(
-                    first.state_used.to_rule(), usage.batch_stats(shadow=first.shadow), first.espo_params()
+                state_after = stop_rule.update_state(
+                    first.state_used, usage.batch_stats(shadow=first.shadow), first.espo_params()
                 )
-                state_after = EspoState.from_rule(updated)
             else:
                 state_after = None
         return RolloutResponse(
@@ -382,12 +381,10 @@ def _sum_usage(usages: Sequence[Usage]) -> Usage:
     return Usage(**fields)
 
 
-def _state_body(state: EspoState | stop_rule.EspoState | Mapping[str, Any]) -> EspoState:
+def _state_body(state: EspoState | Mapping[str, Any]) -> EspoState:
     if isinstance(state, EspoState):
         return state
-    if isinstance(state, stop_rule.EspoState):
-        return EspoState.from_rule(state)
-    return EspoState.model_validate(state)
+    return TypeAdapter(EspoState).validate_python(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +490,7 @@ class EspoClient(_BaseClient):
         """`GET /v1/espo/state` of one replica."""
         return self._call("GET", self._replica(replica), "/v1/espo/state", StateResponse)
 
-    def set_state(self, state: EspoState | stop_rule.EspoState | Mapping[str, Any]) -> StateResponse:
+    def set_state(self, state: EspoState | Mapping[str, Any]) -> StateResponse:
         """`PUT /v1/espo/state` on every replica; returns the first replica's answer."""
         body = _state_body(state)
         return self._broadcast("PUT", "/v1/espo/state", StateResponse, body)[0]
@@ -855,7 +852,7 @@ class AsyncEspoClient(_BaseClient):
     async def state(self, *, replica: int = 0) -> StateResponse:
         return await self._call("GET", self._replica(replica), "/v1/espo/state", StateResponse)
 
-    async def set_state(self, state: EspoState | stop_rule.EspoState | Mapping[str, Any]) -> StateResponse:
+    async def set_state(self, state: EspoState | Mapping[str, Any]) -> StateResponse:
         body = _state_body(state)
         return (await self._broadcast("PUT", "/v1/espo/state", StateResponse, body))[0]
 

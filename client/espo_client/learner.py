@@ -305,5 +305,4 @@ def update_learner_state(
     if not responses:
         return state
     params = params if params is not None else responses[0].espo_params()
-    updated = update_state(state.to_rule(), batch_stats(responses), params)
-    return protocol.EspoState.from_rule(updated)
+    return update_state(state, batch_stats(responses), params)

@@ -10,8 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .stop_rule import BatchStats, EspoParams, StopRule
-from .stop_rule import EspoState as RuleState
+from .stop_rule import BatchStats, EspoParams, EspoState, StopRule
 
 __all__ = [
     "CommitRequest",
@@ -102,24 +101,6 @@ class RuleParams(_Model):
 
     def apply(self, base: EspoParams) -> EspoParams:
         return base.with_overrides(self.overrides())
-
-
-class EspoState(_Model):
-    """The rule's state between batches (frozen during a batch)."""
-
-    mu: float = Field(0.0, description="mu: running mean of the regret g.")
-    var: float = Field(1.0, ge=0, description="var: running variance of the regret g.")
-    beta: float = Field(7.0, gt=0, description="beta: threshold scale.")
-    warm: bool = Field(False, description="Stopping is enabled only when warm.")
-    initialised: bool = Field(False, description="False until a first batch has set mu and var.")
-    batches: int = Field(0, ge=0, description="Batches folded into this state.")
-
-    def to_rule(self) -> RuleState:
-        return RuleState(**self.model_dump())
-
-    @classmethod
-    def from_rule(cls, state: RuleState) -> EspoState:
-        return cls(**{name: getattr(state, name) for name in cls.model_fields})
 
 
 class RolloutRequest(_Model):

@@ -147,7 +147,14 @@ class EspoParams:
 
 @dataclass(frozen=True)
 class EspoState:
-    """The rule's state between batches: (mu, var, beta, warm), plus bookkeeping."""
+    """The rule's state between batches: (mu, var, beta, warm), plus bookkeeping.
+
+    The one type of the state: the wire protocol uses this dataclass as it is (pydantic validates and
+    documents a stdlib dataclass from `__pydantic_config__` and the field docstrings), so the server
+    and learners never convert between a "wire" and a "maths" state.
+    """
+
+    __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True}  # noqa: RUF012
 
     mu: float = 0.0
     """mu: running mean of the regret g."""
@@ -161,6 +168,20 @@ class EspoState:
     """False until the first batch has set mu and var; an uninitialised state never stops."""
     batches: int = 0
     """Number of batches folded into this state."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("mu", "var", "beta"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be finite, got {getattr(self, name)}")
+        if self.var < 0:
+            problems.append(f"var must be >= 0, got {self.var}")
+        if not self.beta > 0:
+            problems.append(f"beta must be > 0, got {self.beta}")
+        if self.batches < 0:
+            problems.append(f"batches must be >= 0, got {self.batches}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def fresh(cls, params: EspoParams) -> EspoState:

@@ -17,9 +17,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from espo_client import EspoClient
@@ -50,7 +52,7 @@ def run_batches(client: EspoClient, problems: list[Problem], args: argparse.Name
     plain, wall = timed("none", stop_rule="none")
     rows["none"] = evaluate(problems, plain.trajectories) | {"wall_s": wall}
 
-    warm = plain.state_after.model_copy(update={"warm": True, "beta": args.beta})
+    warm = dataclasses.replace(plain.state_after, warm=True, beta=args.beta)
     client.set_state(warm)
     shadow, wall = timed("espo shadow", stop_rule="espo", shadow=True, update_state=False)
     rows["espo shadow"] = evaluate(problems, shadow.trajectories) | {
@@ -72,7 +74,7 @@ def run_batches(client: EspoClient, problems: list[Problem], args: argparse.Name
     }
     return {
         "rows": rows,
-        "state": warm.model_dump(),
+        "state": asdict(warm),
         "oracle_tokens_saved": rows["none"]["oracle_tokens_saved"],
     }
 
