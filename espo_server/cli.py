@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -43,7 +44,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         kwargs: dict = {"dest": name, "default": None, "help": help_text}
         if typing.get_origin(base) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(base))
-        elif isinstance(base, type) and issubclass(base, BaseModel):
+        elif isinstance(base, type) and (issubclass(base, BaseModel) or dataclasses.is_dataclass(base)):
             kwargs["type"] = json.loads
             kwargs["metavar"] = "JSON"
         elif base in (int, float):
@@ -72,17 +73,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _critic(args: argparse.Namespace) -> int:
-    import uvicorn
+    from .serve import run_critic_server
 
-    from .critic_server import build_critic_app
-
-    app = build_critic_app(
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_critic_server(
         args.model,
+        host=args.host,
+        port=args.port,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         dtype=args.dtype,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

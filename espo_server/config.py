@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from espo_client.protocol import EspoState, RuleParams
+from espo_client.protocol import MAX_TOP_K_LOGPROBS, EspoState, RuleParams
 from espo_client.stop_rule import EspoParams, StopRule
 
 
@@ -71,7 +71,7 @@ class ServerConfig(BaseSettings):
     initial_state: EspoState | None = Field(
         None, description="Server-owned state at start-up, as JSON (default: fresh, cold)."
     )
-    entropy_top_k: int = Field(8, ge=1, le=64, description="k of the top-k entropy estimate.")
+    entropy_top_k: int = Field(8, ge=1, le=MAX_TOP_K_LOGPROBS, description="k of the top-k entropy estimate.")
 
     # --- limits
     max_n: int = Field(64, ge=1, description="Largest `n` per request.")
@@ -96,6 +96,8 @@ class ServerConfig(BaseSettings):
         return self.model is None
 
     def verifier_name(self) -> str | None:
+        """The verifier in effect. `auto` means the toy verifier when the policy is the embedded toy
+        model: start-up (`serve.resolve_models`) settles it before it fills in the toy model's path."""
         if self.verifier == "auto":
             return "toy" if self.embedded else None
         return None if self.verifier == "none" else self.verifier

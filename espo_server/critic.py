@@ -23,12 +23,15 @@ import httpx
 
 from . import metrics
 from .engine import running_async_llm
+from .errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 
-class CriticError(RuntimeError):
+class CriticError(ServiceError):
     """The critic did not answer in time or answered nonsense."""
+
+    type = "critic_unavailable"
 
 
 class CriticClient(Protocol):
@@ -125,7 +128,7 @@ class InProcessCritic:
 class _HttpCritic:
     """Shared HTTP plumbing of the remote critics: one pooled httpx client, errors as CriticError."""
 
-    name = "remote"
+    name: str
 
     def __init__(
         self, base_url: str, *, timeout_s: float = 5.0, client: httpx.AsyncClient | None = None

@@ -1,50 +1,36 @@
-"""`espo-server critic`: serve a critic model over `POST /v1/values` (the hosted-critic protocol)."""
+"""`espo-server critic`: a critic model's routes, `POST /v1/values` (the hosted-critic protocol).
+
+Start-up (serve.run_critic_server) starts the critic engine and hands it to `build_critic_app`.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from espo_client.protocol import CriticValuesRequest, CriticValuesResponse, HealthResponse
 
-from .app import error_response, install_error_handlers
 from .critic import InProcessCritic
+from .errors import InvalidRequest, install_error_handlers
 
 
-def build_critic_app(
-    model: str, *, gpu_memory_utilization: float = 0.15, max_model_len: int | None = None, dtype: str = "auto"
-) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with InProcessCritic.launch(
-            model, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype
-        ) as critic:
-            app.state.critic = critic
-            yield
-
-    app = FastAPI(title="espo-server critic", version="0.1.0", lifespan=lifespan)
+def build_critic_app(critic: InProcessCritic) -> FastAPI:
+    app = FastAPI(title="espo-server critic", version="0.1.0")
     install_error_handlers(app)
+    limit = critic.llm.model_config.max_model_len
+    vocab = critic.llm.model_config.get_vocab_size()
 
     @app.post("/v1/values", response_model=CriticValuesResponse)
-    async def values(body: CriticValuesRequest, request: Request):
-        critic: InProcessCritic = request.app.state.critic
-        limit = critic.llm.model_config.max_model_len
-        vocab = critic.llm.model_config.get_vocab_size()
+    async def values(body: CriticValuesRequest) -> CriticValuesResponse:
         for i, prefix in enumerate(body.token_ids):
             if not prefix or len(prefix) > limit or any(not 0 <= t < vocab for t in prefix):
-                return error_response(
-                    400,
-                    f"token_ids[{i}] must be 1..{limit} ids in [0, {vocab})",
-                    "invalid_request_error",
-                    f"token_ids[{i}]",
+                raise InvalidRequest(
+                    f"token_ids[{i}] must be 1..{limit} ids in [0, {vocab})", f"token_ids[{i}]"
                 )
         return CriticValuesResponse(values=await critic.values(body.token_ids))
 
     @app.get("/health", response_model=HealthResponse)
-    async def health(request: Request) -> HealthResponse:
-        await request.app.state.critic.check()
+    async def health() -> HealthResponse:
+        await critic.check()
         return HealthResponse(status="ok")
 
     return app

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from espo_client.stop_rule import EspoState
+
 TRAJECTORIES = Counter(
     "espo_trajectories_total", "Trajectories returned, by end reason and stop rule", ["end_reason", "rule"]
 )
@@ -44,12 +46,12 @@ STATE = Gauge("espo_state", "Server-owned ESPO state (field=mu|var|beta|warm|bat
 WEIGHT_LOADS = Counter("espo_weight_loads_total", "Weight reloads", ["outcome"])
 
 
-def set_state_gauges(mu: float, var: float, beta: float, warm: bool, batches: int) -> None:
+def set_state_gauges(state: EspoState) -> None:
     for name, value in (
-        ("mu", mu),
-        ("var", var),
-        ("beta", beta),
-        ("warm", float(warm)),
-        ("batches", batches),
+        ("mu", state.mu),
+        ("var", state.var),
+        ("beta", state.beta),
+        ("warm", float(state.warm)),
+        ("batches", state.batches),
     ):
         STATE.labels(field=name).set(value)

@@ -1,21 +1,40 @@
-"""Start-up: resolve the models, launch the engines, assemble the service, run uvicorn."""
+"""Start-up: resolve the models, launch the engines, assemble the service, serve the app.
+
+Start-up owns the engines' lifetime (vLLM's pattern): the engines and the critic are started in an
+async context manager *outside* the app, the app is built and handed the running service, uvicorn
+serves it in the same event loop, and on exit (SIGTERM, Ctrl-C) the engines are shut down.
+
+    run_server(config):  resolve_models -> launch_service (engines, critic, RolloutService)
+                         -> build_app(config) -> app.state.service = service -> uvicorn
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Coroutine
+from types import FrameType
+from typing import Any
 
+from fastapi import FastAPI
+
+from .app import build_app
 from .config import ServerConfig
 from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic
+from .critic_server import build_critic_app
 from .engine import PolicyEngine
-from .rollout import RolloutService, Verifier
+from .service import RolloutService, Verifier
 
 log = logging.getLogger(__name__)
 
 
 def resolve_models(config: ServerConfig) -> ServerConfig:
-    """Fill in the embedded toy models (trained on first use, then cached) where none were named."""
+    """Fill in the embedded toy models (trained on first use, then cached) where none were named, and
+    settle `verifier=auto` (the toy verifier for the embedded toy policy) before the model path is."""
+    if config.verifier == "auto":
+        config = config.model_copy(update={"verifier": "toy" if config.embedded else "none"})
     needs_critic = config.critic == "inprocess" and config.critic_model is None
     if config.model is not None and not needs_critic:
         return config
@@ -88,10 +107,53 @@ async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
 
 
 def run_server(config: ServerConfig) -> None:
+    """`espo-server serve`: until SIGTERM / Ctrl-C."""
+    # Resolve (and if need be train) the toy models before any engine starts, with progress on stdout.
+    config = resolve_models(config)
+    _run(_serve_rollouts(config))
+
+
+async def _serve_rollouts(config: ServerConfig) -> None:
+    async with launch_service(config) as service:
+        app = build_app(config)
+        app.state.service = service
+        await serve_app(app, config.host, config.port, config.log_level)
+
+
+def run_critic_server(
+    model: str,
+    *,
+    host: str,
+    port: int,
+    gpu_memory_utilization: float = 0.15,
+    max_model_len: int | None = None,
+    dtype: str = "auto",
+) -> None:
+    """`espo-server critic`: the critic engine, then its app (POST /v1/values)."""
+
+    async def main() -> None:
+        async with InProcessCritic.launch(
+            model, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype
+        ) as critic:
+            await serve_app(build_critic_app(critic), host, port, "info")
+
+    _run(main())
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: with the default
+    # handler that would kill the process before the engines' context managers shut them down.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    asyncio.run(main)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+async def serve_app(app: FastAPI, host: str, port: int, log_level: str) -> None:
+    """uvicorn in the running event loop; returns after a graceful shutdown (SIGTERM, SIGINT)."""
     import uvicorn
 
-    from .app import build_app
-
-    # Resolve (and if need be train) the toy models before uvicorn starts, with progress on stdout.
-    config = resolve_models(config)
-    uvicorn.run(build_app(config), host=config.host, port=config.port, log_level=config.log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    await server.serve()

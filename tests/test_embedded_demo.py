@@ -24,7 +24,12 @@ def test_demo_runs_the_embedded_server_and_reports_savings(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "false stops" in proc.stdout and "oracle" in proc.stdout
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    # the embedded default scores eos trajectories with the toy verifier (verifier=auto)
+    assert result["verifier"] == "toy"
+    rewards = result["server_rewards"]
+    assert rewards["eos"] > 0 and rewards["missing"] == 0 and rewards["disagreeing"] == 0, rewards
+    rows = result["rows"]
     none, shadow, real = rows["none"], rows["espo shadow"], rows["espo"]
     assert none["n"] == shadow["n"] == real["n"] == 256
     # the toy policy is a mid-accuracy one: it fails part-way often enough for stopping to matter

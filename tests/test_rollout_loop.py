@@ -17,7 +17,7 @@ from espo_client.protocol import EspoState, Prompt, RolloutRequest
 from espo_server.config import ServerConfig
 from espo_server.critic import CriticError
 from espo_server.engine import GenerationParams, ReadWriteGate, TokenChunk
-from espo_server.rollout import RolloutService
+from espo_server.service import RolloutService
 
 # Every token has regret 9 (sampled -9, top 0): with this state gn = clip((9-1)/1, -5, 5) = 5,
 # z_t = 5 * (1 - 0.9^(t+1)): z > beta*eps = 0.5 from t = 0 on.
@@ -221,7 +221,8 @@ def test_weight_reload_waits_for_running_rollouts():
 def test_engine_and_rule_modules_do_not_import_http():
     """The engine and stop-rule layers know nothing of HTTP (vLLM's engine/entrypoint split)."""
     root = Path(__file__).resolve().parents[1]
-    pure = [root / "espo_server" / name for name in ("engine.py", "rollout.py", "stopping.py")]
+    layers = ("engine.py", "critic.py", "sample.py", "service.py", "ledger.py", "metrics.py")
+    pure = [root / "espo_server" / name for name in layers]
     pure.append(root / "client" / "espo_client" / "stop_rule.py")
     for path in pure:
         tree = ast.parse(path.read_text())

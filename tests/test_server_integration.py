@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict
 
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from espo_client.learner import update_learner_state
-from espo_client.protocol import EspoState as WireState
 from espo_client.protocol import RolloutResponse
 from espo_client.stop_rule import EspoParams, EspoState, smoothed_regret, threshold
 
@@ -43,12 +42,21 @@ def hf_logprobs(model_dir, prompt: list[int], response: list[int]) -> np.ndarray
     return np.array([logp[len(prompt) - 1 + i, tok].item() for i, tok in enumerate(response)])
 
 
-def metric(server, name: str, labels: str = "") -> float:
+def scrape(server) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of GET /metrics, parsed by prometheus_client's own exposition parser."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    pattern = (
-        re.escape(name) + (r"\{" + labels + r"[^}]*\}" if labels else r"(\{[^}]*\})?") + r" ([0-9.e+-]+)"
+    return [
+        (s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+    ]
+
+
+def metric(server, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 where there is none yet)."""
+    return sum(
+        value
+        for sample, have, value in scrape(server)
+        if sample == name and all(have.get(k) == v for k, v in labels.items())
     )
-    return sum(float(m.group(m.lastindex)) for m in re.finditer(pattern, text))
 
 
 PROMPT = [5, 6, 14, 7, 17]
@@ -162,7 +170,7 @@ def test_espo_stops_and_traces_reproduce_the_decision(rollout_server):
     assert out["state_used"] == EAGER
     assert out["state_after"]["batches"] == EAGER["batches"] + 1
     # the learner's own update (same pure code) gives the server's state_after
-    mine = update_learner_state(WireState(**EAGER), RolloutResponse(**out))
+    mine = update_learner_state(EspoState(**EAGER), RolloutResponse(**out))
     assert asdict(mine) == pytest.approx(out["state_after"])
     assert httpx.get(rollout_server.url + "/v1/espo/state", timeout=10).json() == server_state
 
@@ -184,14 +192,14 @@ def test_shadow_mode_runs_to_the_end(rollout_server):
 
 
 def test_client_disconnect_aborts_engine_requests(rollout_server):
-    cancelled_before = metric(rollout_server, "espo_rollout_requests_total", 'outcome="cancelled"')
+    cancelled_before = metric(rollout_server, "espo_rollout_requests_total", outcome="cancelled")
     body = {"prompts": [{"token_ids": PROMPT}], "n": 16, "max_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(rollout_server.url + "/v1/rollouts", json=body, timeout=httpx.Timeout(10, read=1.5))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if (
-            metric(rollout_server, "espo_rollout_requests_total", 'outcome="cancelled"') > cancelled_before
+            metric(rollout_server, "espo_rollout_requests_total", outcome="cancelled") > cancelled_before
             and metric(rollout_server, "espo_inflight_trajectories") == 0
             and metric(rollout_server, "vllm:num_requests_running") == 0
         ):
@@ -219,7 +227,7 @@ BAD_INPUTS = [
     ({"stop_rule": "bogus"}, "stop_rule"),
     ({"rule_params": {"bogus": 1}}, "rule_params.bogus"),
     ({"rule_params": {"tau": 2}}, "rule_params.tau"),
-    ({"rule_params": {"beta_min": 5, "beta_max": 1}}, "rule_params"),
+    ({"rule_params": {"beta_min": 5, "beta_max": 1}}, "rule_params.beta_max"),
     ({"temprature": 0.5}, "temprature"),
     ({"stop_token_ids": [10_000]}, "stop_token_ids"),
     ({"include": ["everything"]}, "include[0]"),
@@ -282,7 +290,7 @@ def test_server_owned_state_batches_and_commit(rollout_server):
     assert committed["state"]["mu"] == pytest.approx(0.99 * s1["mu"] + 0.01 * g_mean)
     r = httpx.post(url + "/v1/espo/commit", json={"batch_id": "nope"}, timeout=10)
     assert r.status_code == 200  # nothing open: a no-op
-    assert metric(rollout_server, "espo_state", 'field="batches"') == 2
+    assert metric(rollout_server, "espo_state", field="batches") == 2
 
 
 def test_streaming_ndjson_and_idempotent_retry(rollout_server):
@@ -321,20 +329,42 @@ def test_text_prompts_entropy_and_metrics(rollout_server):
         assert len(ent) == len(t["token_ids"])
         # a near-uniform random policy over 53 tokens: entropy close to log(53)
         assert all(3.0 < e <= np.log(53) + 1e-6 for e in ent)
-    text = httpx.get(rollout_server.url + "/metrics", timeout=10).text
-    for name in (
-        "espo_trajectories_total",
-        "espo_generated_tokens_total",
-        "espo_stopped_trajectories_total",
-        "espo_tokens_saved_total",
-        "espo_critic_calls_total",
-        "espo_critic_latency_seconds",
-        "vllm:generation_tokens_total",
-    ):
-        assert name in text, name
-    assert metric(rollout_server, "espo_critic_calls_total", 'outcome="ok"') > 0
     info = httpx.get(rollout_server.url + "/v1/info", timeout=10).json()
     assert info["critic"] == "remote" and info["vocab_size"] == 53
+
+
+def test_metrics_move_by_what_the_responses_report(rollout_server):
+    """Counters read with the exposition parser move by exactly what the call's usage says."""
+    watched = {
+        "espo_generated_tokens_total": {"rule": "espo"},
+        "espo_stopped_trajectories_total": {"rule": "espo"},
+        "espo_discarded_tokens_total": {},
+        "espo_tokens_saved_total": {"kind": "estimate"},
+        "espo_critic_calls_total": {},
+        "espo_critic_latency_seconds_count": {},
+        "espo_trajectories_total": {"rule": "espo"},
+        "espo_rollout_requests_total": {"outcome": "ok"},
+        "vllm:generation_tokens_total": {},
+    }
+    before = {name: metric(rollout_server, name, **labels) for name, labels in watched.items()}
+    out = rollouts(rollout_server, prompts=[{"token_ids": PROMPT}], n=12, max_tokens=48, seed=21,
+                   stop_rule="espo", state=EAGER)  # fmt: skip
+    moved = {name: metric(rollout_server, name, **labels) - before[name] for name, labels in watched.items()}
+    usage = out["usage"]
+    assert usage["stopped"] > 0 and usage["critic_calls"] > 0, usage  # the eager state stops some
+    assert moved["espo_generated_tokens_total"] == usage["generated_tokens"]
+    assert moved["espo_stopped_trajectories_total"] == usage["stopped"]
+    assert moved["espo_discarded_tokens_total"] == usage["discarded_tokens"]
+    assert moved["espo_tokens_saved_total"] == usage["tokens_saved_estimate"]
+    assert moved["espo_critic_calls_total"] == usage["critic_calls"]
+    assert moved["espo_critic_latency_seconds_count"] == usage["critic_calls"] - usage["critic_errors"]
+    assert moved["espo_trajectories_total"] == 12
+    assert moved["espo_rollout_requests_total"] == 1
+    for reason in ("eos", "length", "espo_stop"):
+        count = sum(t["end_reason"] == reason for t in out["trajectories"])
+        assert metric(rollout_server, "espo_trajectories_total", rule="espo", end_reason=reason) >= count
+    # vLLM's own counter saw at least the kept tokens, and the discarded ones too
+    assert moved["vllm:generation_tokens_total"] >= usage["generated_tokens"] + usage["discarded_tokens"]
 
 
 def test_toy_verifier_rewards_eos_trajectories_with_an_answer(rollout_server):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .stop_rule import BatchStats, EspoParams, EspoState, StopRule
 
 __all__ = [
+    "MAX_TOP_K_LOGPROBS",
     "CommitRequest",
     "CriticValuesRequest",
     "CriticValuesResponse",
@@ -38,6 +39,10 @@ __all__ = [
     "WeightsRequest",
     "WeightsResponse",
 ]
+
+MAX_TOP_K_LOGPROBS = 64
+"""Most log-probabilities per step a request may ask for (the entropy estimate's k); the server's
+engine is started with this as vLLM's `max_logprobs`."""
 
 EndReason = Literal["eos", "length", "espo_stop", "abort"]
 TraceName = Literal["regret", "z", "values", "entropy"]
@@ -141,7 +146,10 @@ class RolloutRequest(_Model):
         default_factory=list, description="Per-token traces to return: regret, z, values, entropy."
     )
     entropy_top_k: int | None = Field(
-        None, ge=1, description="k of the top-k entropy estimate (server default if unset)."
+        None,
+        ge=1,
+        le=MAX_TOP_K_LOGPROBS,
+        description="k of the top-k entropy estimate (server default if unset).",
     )
     request_id: str | None = Field(
         None,

@@ -34,6 +34,7 @@ __all__ = [
     "EspoState",
     "EspoTracker",
     "NoStopTracker",
+    "ParameterError",
     "RandomTracker",
     "RegretOnlyTracker",
     "StopRule",
@@ -51,13 +52,18 @@ __all__ = [
 ]
 
 
+class ParameterError(ValueError):
+    """A parameter or state value outside its valid range. `field` names the first offending field
+    (transports use it to point at the field: the server answers 400 with `param` set to it)."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        super().__init__("; ".join(message for _, message in problems))
+        self.field = problems[0][0]
+        self.problems = list(problems)
+
+
 class StopRule(str, Enum):
     """Which stop rule a request runs (the paper's method and its ablations)."""
-
-    @property
-    def steers_beta(self) -> bool:
-        """Whether the rule's stop rate feeds the beta controller (the rules that use beta)."""
-        return self in (StopRule.ESPO, StopRule.REGRET_ONLY)
 
     NONE = "none"
     """Plain PPO: nothing is ever stopped."""
@@ -69,6 +75,16 @@ class StopRule(str, Enum):
     """ESPO with V(s_t) replaced by the constant `v_const`: no critic."""
     VALUE_ONLY = "value_only"
     """Critic queried every `critic_stride` tokens; stop when V(s_t) < `v_min`."""
+
+    @property
+    def steers_beta(self) -> bool:
+        """Whether the rule's stop rate feeds the beta controller (the rules that use beta)."""
+        return self in (StopRule.ESPO, StopRule.REGRET_ONLY)
+
+    @property
+    def needs_critic(self) -> bool:
+        """Whether the rule asks the critic for V(s_t)."""
+        return self in (StopRule.ESPO, StopRule.VALUE_ONLY)
 
 
 @dataclass(frozen=True)
@@ -112,24 +128,26 @@ class EspoParams:
     """`value_only` rule: stop when the critic's V(s_t) is below this."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems: list[tuple[str, str]] = []
         for name in ("a_ema", "alpha_s", "tau", "random_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                problems.append(f"{name} must be in [0, 1], got {value}")
+                problems.append((name, f"{name} must be in [0, 1], got {value}"))
         for name in ("eps", "delta", "clip_c", "beta_min", "eta_beta"):
             if getattr(self, name) < 0 or (name in ("delta", "clip_c") and getattr(self, name) == 0):
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+                problems.append((name, f"{name} must be positive, got {getattr(self, name)}"))
         if self.beta_max < self.beta_min:
-            problems.append(f"beta_max ({self.beta_max}) must be >= beta_min ({self.beta_min})")
+            problems.append(("beta_max", f"beta_max ({self.beta_max}) must be >= beta_min ({self.beta_min})"))
         if self.min_tokens < 0:
-            problems.append(f"min_tokens must be >= 0, got {self.min_tokens}")
+            problems.append(("min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}"))
         if self.critic_stride < 1:
-            problems.append(f"critic_stride must be >= 1, got {self.critic_stride}")
+            problems.append(("critic_stride", f"critic_stride must be >= 1, got {self.critic_stride}"))
         if self.warm_after_batches is not None and self.warm_after_batches < 0:
-            problems.append(f"warm_after_batches must be >= 0, got {self.warm_after_batches}")
+            problems.append(
+                ("warm_after_batches", f"warm_after_batches must be >= 0, got {self.warm_after_batches}")
+            )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ParameterError(problems)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -170,18 +188,18 @@ class EspoState:
     """Number of batches folded into this state."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems: list[tuple[str, str]] = []
         for name in ("mu", "var", "beta"):
             if not math.isfinite(getattr(self, name)):
-                problems.append(f"{name} must be finite, got {getattr(self, name)}")
+                problems.append((name, f"{name} must be finite, got {getattr(self, name)}"))
         if self.var < 0:
-            problems.append(f"var must be >= 0, got {self.var}")
+            problems.append(("var", f"var must be >= 0, got {self.var}"))
         if not self.beta > 0:
-            problems.append(f"beta must be > 0, got {self.beta}")
+            problems.append(("beta", f"beta must be > 0, got {self.beta}"))
         if self.batches < 0:
-            problems.append(f"batches must be >= 0, got {self.batches}")
+            problems.append(("batches", f"batches must be >= 0, got {self.batches}"))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ParameterError(problems)
 
     @classmethod
     def fresh(cls, params: EspoParams) -> EspoState:
@@ -312,8 +330,9 @@ class TrajectoryTracker:
         return self.last_query is None or t - self.last_query >= self.params.critic_stride
 
     def _regret_only_stop(self, t: int) -> bool:
-        p = self.params
-        return self.z[t] > threshold(self.state.beta, p.v_const, p.eps)
+        """What `regret_only` decides at t (also the `regret_only` critic fallback of other rules)."""
+        p, s = self.params, self.state
+        return s.armed and t >= p.min_tokens and self.z[t] > threshold(s.beta, p.v_const, p.eps)
 
     def _decide(self, t: int) -> Decision:
         return _CONTINUE
@@ -346,8 +365,6 @@ class RegretOnlyTracker(TrajectoryTracker):
     """Rule `regret_only`: z_t > beta * max(v_const, eps), no critic."""
 
     def _decide(self, t: int) -> Decision:
-        if not self.state.armed or t < self.params.min_tokens:
-            return _CONTINUE
         return _STOP if self._regret_only_stop(t) else _CONTINUE
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from espo_client import EspoClient
 from espo_server.process import ServerProcess, espo_server_argv
-from espo_server.toy.evaluate import evaluate
+from espo_server.toy.evaluate import evaluate, outcome
 from espo_server.toy.task import Problem, encode, generate
 
 # The toy policy's regret is small and spiky; the paper's beta0 = 7 (tuned for a 7B model on long
@@ -72,8 +72,20 @@ def run_batches(client: EspoClient, problems: list[Problem], args: argparse.Name
         "critic_calls": real.usage.critic_calls,
         "discarded_tokens": real.usage.discarded_tokens,
     }
+    # The server scores eos trajectories itself (the embedded default's toy verifier): its rewards
+    # must agree with the client-side verdicts that `evaluate` computed.
+    eos = [t for t in plain.trajectories if t.end_reason == "eos"]
+    verdicts = [outcome(problems[t.prompt_index], t).correct for t in eos]
     return {
         "rows": rows,
+        "verifier": client.info().verifier,
+        "server_rewards": {
+            "eos": len(eos),
+            "missing": sum(t.reward is None for t in eos),
+            "disagreeing": sum(
+                t.reward is not None and t.reward != float(c) for t, c in zip(eos, verdicts, strict=True)
+            ),
+        },
         "state": asdict(warm),
         "oracle_tokens_saved": rows["none"]["oracle_tokens_saved"],
     }

@@ -1,16 +1,17 @@
-"""The rollout loop: request -> one engine stream per sample -> stop rule -> critic -> trajectory.
+"""The rollout service: a call is validated, its samples run, its batch is folded in.
 
-`RolloutService` is the serving layer between the HTTP routes and the engines. For each sample it
-runs `_sample`: tokens stream in from vLLM, each goes through the stop rule's tracker; when the
-rule wants V(s_t) the critic is queried *while generation goes on*; when the answer says stop, the
-engine request is aborted and the trajectory is cut back to t+1 tokens (tokens generated while
-waiting are discarded and counted). Knows nothing of HTTP.
+    request --plan()--> CallPlan --stream()--> run_sample() per sample --> trajectories --> _finish()
+                                                 (sample.py)                  usage, state_after
+
+`RolloutService` is the serving layer between the transports (HTTP routes in app.py) and the
+engines. It knows nothing of HTTP: it raises `errors.InvalidRequest` for the caller's mistakes and
+returns protocol models. Besides calls it holds the server-owned ESPO state (`ledger`), the
+idempotency cache of finished calls, and weight reloads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -21,11 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-from espo_client.entropy_espo import topk_entropy
-from espo_client.protocol import RolloutRequest, RolloutResponse, Traces, Trajectory, Usage
+from espo_client.protocol import (
+    InfoResponse,
+    RolloutRequest,
+    RolloutResponse,
+    StateResponse,
+    Trajectory,
+    Usage,
+    WeightsResponse,
+)
 from espo_client.stop_rule import (
     BatchStats,
     EspoParams,
+    EspoState,
+    ParameterError,
     StopRule,
     TrajectoryTracker,
     draw_random_stop,
@@ -33,30 +43,19 @@ from espo_client.stop_rule import (
     tokens_saved,
     update_state,
 )
-from espo_client.stop_rule import EspoState as WireState
 
 from . import metrics
 from .config import ServerConfig
-from .critic import CriticClient, CriticError, timed_values
-from .engine import GenerationParams, PolicyEngine, TokenChunk
-from .stopping import StateLedger
+from .critic import CriticClient, CriticError
+from .engine import GenerationParams, PolicyEngine
+from .errors import InvalidRequest
+from .ledger import StateLedger
+from .sample import CriticAccess, SampleResult, SampleSpec, Scorer, run_sample
 
 log = logging.getLogger(__name__)
 
 Verifier = Callable[[str, str, str], float]
 """(prompt text, response text, expected answer) -> reward."""
-
-_END_REASONS = {"stop": "eos", "length": "length", "abort": "abort"}
-_NEEDS_CRITIC = {StopRule.ESPO, StopRule.VALUE_ONLY}
-
-
-class InvalidRequest(ValueError):
-    """The caller's mistake: answered 400 with the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 @dataclass
@@ -70,7 +69,7 @@ class CallPlan:
     rule: StopRule
     params: EspoParams
     top_k_logprobs: int
-    state: WireState | None = None
+    state: EspoState | None = None
     """Set when the call starts: the learner's, or the server's (frozen for the call's batch)."""
     policy_version: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -79,20 +78,31 @@ class CallPlan:
     def learner_owned(self) -> bool:
         return self.request.state is not None
 
+    def generation_params(self, flat_index: int) -> GenerationParams:
+        """The engine's sampling settings of sample `flat_index` (= prompt_index * n + sample_index):
+        the one place a request turns into sampling parameters."""
+        request = self.request
+        return GenerationParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=None if request.seed is None else request.seed + flat_index,
+            stop_token_ids=tuple(request.stop_token_ids or ()),
+            ignore_eos=request.ignore_eos,
+            top_k_logprobs=self.top_k_logprobs,
+        )
 
-@dataclass
-class SampleResult:
-    trajectory: Trajectory
-    g: list[float]
-    """Regret of every kept token (the batch statistics)."""
-    rule_stopped: bool
-    """Stopped, or would have been in shadow mode."""
-    full_length: int
-    """Tokens generated before the cut (kept + discarded)."""
-    critic_calls: int = 0
-    critic_errors: int = 0
-    critic_time_s: float = 0.0
-    lifetime_s: float = 0.0
+    def tracker(self, flat_index: int, critic_fallback: str) -> TrajectoryTracker:
+        """A fresh tracker of this call's rule, with the state frozen for the call."""
+        assert self.state is not None, "the state is read when the call starts"
+        random_stop_at = None
+        if self.rule is StopRule.RANDOM:
+            seed = self.request.seed
+            rng = np.random.default_rng(None if seed is None else [seed, flat_index])
+            random_stop_at = draw_random_stop(rng, self.params, self.request.max_tokens)
+        return make_tracker(
+            self.rule, self.state, self.params, critic_fallback=critic_fallback, random_stop_at=random_stop_at
+        )
 
 
 class RolloutService:
@@ -108,8 +118,10 @@ class RolloutService:
         self.config = config
         self.verifier = verifier
         self.rule_defaults = config.rule_defaults()
-        initial = config.initial_state if config.initial_state else None
-        self.ledger = StateLedger(self.rule_defaults, initial)
+        self.ledger = StateLedger(self.rule_defaults, config.initial_state)
+        self._critic_access = (
+            CriticAccess(critic, config.critic_timeout_s, config.critic_fallback) if critic else None
+        )
         self._finished: OrderedDict[str, RolloutResponse] = OrderedDict()
         self._running: dict[str, asyncio.Future[RolloutResponse]] = {}
         self._publish_state()
@@ -169,7 +181,7 @@ class RolloutService:
             prompt_texts.append(text)
 
         rule = request.stop_rule or cfg.default_stop_rule
-        if rule in _NEEDS_CRITIC and self.critic is None:
+        if rule.needs_critic and self.critic is None:
             raise InvalidRequest(
                 f"stop_rule {rule.value!r} needs a critic; this server runs without one (use regret_only)",
                 "stop_rule",
@@ -178,13 +190,11 @@ class RolloutService:
             params = (
                 request.rule_params.apply(self.rule_defaults) if request.rule_params else self.rule_defaults
             )
-        except (KeyError, ValueError) as exc:
+        except ParameterError as exc:
+            raise InvalidRequest(str(exc), f"rule_params.{exc.field}") from exc
+        except KeyError as exc:  # an unknown name: the protocol model forbids it first, config may not
             raise InvalidRequest(str(exc).strip("'\""), "rule_params") from exc
-        top_k = 1
-        if "entropy" in request.include:
-            top_k = request.entropy_top_k or cfg.entropy_top_k
-            if top_k > 64:
-                raise InvalidRequest("entropy_top_k must be at most 64", "entropy_top_k")
+        top_k = (request.entropy_top_k or cfg.entropy_top_k) if "entropy" in request.include else 1
         return CallPlan(
             request=request,
             request_id=request.request_id or uuid.uuid4().hex,
@@ -209,17 +219,17 @@ class RolloutService:
         rid = request.request_id
         if rid is not None and rid in self._running:
             return await asyncio.shield(self._running[rid])
-        response = None  # stream() replays a finished request_id's response
-        async for item in self.stream(request):
+        response = None
+        async for item in self.stream(self.plan(request)):
             if isinstance(item, RolloutResponse):
                 response = item
         assert response is not None
         return response
 
-    async def stream(self, request: RolloutRequest | CallPlan) -> AsyncIterator[Trajectory | RolloutResponse]:
-        """Yield trajectories as they finish, then the whole RolloutResponse."""
-        plan = request if isinstance(request, CallPlan) else None
-        request = plan.request if plan else request
+    async def stream(self, plan: CallPlan) -> AsyncIterator[Trajectory | RolloutResponse]:
+        """Yield trajectories as they finish, then the whole RolloutResponse. A finished request_id
+        replays the first call's answer."""
+        request = plan.request
         rid = request.request_id
         if rid is not None and rid in self._finished:
             cached = self._finished[rid]
@@ -227,13 +237,13 @@ class RolloutService:
                 yield trajectory
             yield cached
             return
-        plan = plan or self.plan(request)
         async with self.engine.gate.shared():
             plan.policy_version = self.engine.policy_version
-            if request.state is not None:
-                plan.state = request.state
-            else:
-                plan.state = self.ledger.begin(request.batch_id, plan.params)
+            plan.state = (
+                request.state
+                if request.state is not None
+                else self.ledger.begin(request.batch_id, plan.params)
+            )
             future: asyncio.Future[RolloutResponse] = asyncio.get_running_loop().create_future()
             if rid is not None:
                 self._running[rid] = future
@@ -277,50 +287,38 @@ class RolloutService:
         while len(self._finished) > self.config.idempotency_cache:
             self._finished.popitem(last=False)
 
-    # ------------------------------------------------------------------ one sample
-
     async def _sample(self, plan: CallPlan, prompt_index: int, sample_index: int) -> SampleResult:
         request = plan.request
-        prompt = plan.prompt_ids[prompt_index]
         flat_index = prompt_index * request.n + sample_index
-        seed = None if request.seed is None else request.seed + flat_index
-        random_stop_at = None
-        if plan.rule is StopRule.RANDOM:
-            rng = np.random.default_rng(None if request.seed is None else [request.seed, flat_index])
-            random_stop_at = draw_random_stop(rng, plan.params, request.max_tokens)
-        tracker = make_tracker(
-            plan.rule,
-            plan.state,
-            plan.params,
-            critic_fallback=self.config.critic_fallback,
-            random_stop_at=random_stop_at,
+        spec = SampleSpec(
+            engine_id=f"{plan.request_id}-{prompt_index}-{sample_index}",
+            prompt_index=prompt_index,
+            sample_index=sample_index,
+            prompt_ids=plan.prompt_ids[prompt_index],
+            generation=plan.generation_params(flat_index),
+            shadow=request.shadow,
+            include=frozenset(request.include),
+            r_fail=plan.params.r_fail,
+            policy_version=plan.policy_version,
+            score=self._scorer(plan, prompt_index),
         )
-        stop_token_ids = tuple(request.stop_token_ids or ())
-        gen_params = GenerationParams(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=seed,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=request.ignore_eos,
-            top_k_logprobs=plan.top_k_logprobs,
-        )
-        engine_id = f"{plan.request_id}-{prompt_index}-{sample_index}"
-        run = _SampleRun(self, plan, tracker, prompt)
-        metrics.INFLIGHT.inc()
-        started = time.perf_counter()
-        try:
-            await run.generate(self.engine.generate(engine_id, prompt, gen_params))
-        finally:
-            metrics.INFLIGHT.dec()
-        result = run.result(prompt_index, sample_index, plan.prompt_texts[prompt_index])
-        result.lifetime_s = time.perf_counter() - started
-        return result
+        tracker = plan.tracker(flat_index, self.config.critic_fallback)
+        return await run_sample(spec, tracker, self.engine, self._critic_access)
+
+    def _scorer(self, plan: CallPlan, prompt_index: int) -> Scorer | None:
+        """The verifier's reward for eos responses of this prompt, if the server can score them."""
+        answer = plan.request.prompts[prompt_index].answer
+        text = plan.prompt_texts[prompt_index]
+        verifier = self.verifier
+        if verifier is None or answer is None or text is None:
+            return None
+        return lambda token_ids: float(verifier(text, self._decode(token_ids), answer))
 
     # ------------------------------------------------------------------ the end of a call
 
     def _finish(self, plan: CallPlan, results: list[SampleResult]) -> RolloutResponse:
         request = plan.request
+        assert plan.state is not None
         results.sort(key=lambda r: (r.trajectory.prompt_index, r.trajectory.sample_index))
         trajectories = [r.trajectory for r in results]
         stats = BatchStats()
@@ -333,14 +331,12 @@ class RolloutService:
         shadow = [r for r in results if r.trajectory.shadow_stop_step is not None]
         shadow_saved = sum(r.full_length - (r.trajectory.shadow_stop_step + 1) for r in shadow)
 
+        state_after: EspoState | None = None
         if plan.learner_owned:
             state_after = update_state(plan.state, stats, plan.params)
         elif request.update_state:
-            after = self.ledger.finish(request.batch_id, stats, plan.params)
-            state_after = after if after is not None else None
+            state_after = self.ledger.finish(request.batch_id, stats, plan.params)
             self._publish_state()
-        else:
-            state_after = None
 
         usage = Usage(
             prompt_tokens=sum(len(p) for p in plan.prompt_ids) * request.n,
@@ -387,21 +383,25 @@ class RolloutService:
         metrics.TOKENS_SAVED.labels(kind="shadow").inc(usage.tokens_saved_shadow)
 
     def _publish_state(self) -> None:
-        s = self.ledger.state
-        metrics.set_state_gauges(s.mu, s.var, s.beta, s.warm, s.batches)
+        metrics.set_state_gauges(self.ledger.state)
         metrics.POLICY_VERSION.set(self.engine.policy_version)
 
-    # ------------------------------------------------------------------ state and weights
+    # ------------------------------------------------------------------ state, weights, info
 
-    def state(self) -> WireState:
-        return self.ledger.state
+    def state(self) -> StateResponse:
+        batch = self.ledger.open
+        return StateResponse(
+            state=self.ledger.state,
+            open_batch_id=batch.batch_id if batch else None,
+            open_batch_calls=batch.calls if batch else 0,
+        )
 
-    def set_state(self, state: WireState) -> WireState:
+    def set_state(self, state: EspoState) -> StateResponse:
         self.ledger.set(state)
         self._publish_state()
         return self.state()
 
-    def commit(self, batch_id: str | None) -> WireState:
+    def commit(self, batch_id: str | None) -> StateResponse:
         try:
             self.ledger.commit(batch_id)
         except KeyError as exc:
@@ -409,7 +409,7 @@ class RolloutService:
         self._publish_state()
         return self.state()
 
-    async def load_weights(self, path: str, version: int | None) -> tuple[int, float]:
+    async def load_weights(self, path: str, version: int | None) -> WeightsResponse:
         # Checked here: a reload that fails inside the engine can leave it half-loaded.
         directory = Path(path)
         if not directory.is_dir() or not any(directory.glob("*.safetensors")):
@@ -422,170 +422,39 @@ class RolloutService:
             raise
         metrics.WEIGHT_LOADS.labels(outcome="ok").inc()
         self._publish_state()
-        return new_version, seconds
+        return WeightsResponse(policy_version=new_version, load_time_s=round(seconds, 4))
 
-
-class _SampleRun:
-    """One sample's generation: feeds tokens to the tracker and races the critic against the stream."""
-
-    def __init__(
-        self, service: RolloutService, plan: CallPlan, tracker: TrajectoryTracker, prompt: list[int]
-    ):
-        self.service = service
-        self.plan = plan
-        self.tracker = tracker
-        self.prompt = prompt
-        self.shadow = plan.request.shadow
-        self.token_ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.topk: list[list[float]] = []
-        self.finish_reason: str | None = None
-        self.stop_step: int | None = None
-        self.shadow_stop_step: int | None = None
-        self.critic_calls = 0
-        self.critic_errors = 0
-        self.critic_time_s = 0.0
-        self._query: asyncio.Task[float | None] | None = None
-        self._query_t: int | None = None
-
-    async def generate(self, stream: AsyncIterator[TokenChunk]) -> None:
-        next_chunk: asyncio.Future[TokenChunk] | None = None
-        try:
-            while self.stop_step is None:
-                if self._query is None and next_chunk is None:
-                    try:
-                        chunk = await stream.__anext__()
-                    except StopAsyncIteration:
-                        break
-                else:
-                    if next_chunk is None:
-                        next_chunk = asyncio.ensure_future(stream.__anext__())
-                    waiting = {next_chunk} if self._query is None else {next_chunk, self._query}
-                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                    if self._query is not None and self._query in done:
-                        self._resolve_query()
-                        if self.stop_step is not None:
-                            break
-                    if next_chunk not in done:
-                        continue
-                    try:
-                        chunk = next_chunk.result()
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        next_chunk = None
-                self._feed(chunk)
-                if chunk.finish_reason is not None:
-                    self.finish_reason = chunk.finish_reason
-                    break
-            if self._query is not None and self.stop_step is None:
-                # The stream ended while the critic was thinking: the decision for step t still holds.
-                await asyncio.wait({self._query})
-                self._resolve_query()
-        finally:
-            if next_chunk is not None:
-                next_chunk.cancel()
-                await asyncio.gather(next_chunk, return_exceptions=True)
-            if self._query is not None:
-                self._query.cancel()
-                await asyncio.gather(self._query, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await stream.aclose()  # type: ignore[attr-defined]  # aborts the engine request if unfinished
-
-    def _feed(self, chunk: TokenChunk) -> None:
-        for i, token_id in enumerate(chunk.token_ids):
-            self.token_ids.append(token_id)
-            self.logprobs.append(chunk.logprobs[i])
-            if chunk.topk_logprobs:
-                self.topk.append(chunk.topk_logprobs[i])
-            decision = self.tracker.step(chunk.logprobs[i], chunk.top_logprobs[i])
-            t = self.tracker.t
-            if decision.stop:
-                self._decided(t)
-                if self.stop_step is not None:
-                    return
-            elif decision.query_value:
-                self._query_t = t
-                self._query = asyncio.create_task(self._value(self.prompt + self.token_ids[:t]))
-
-    def _decided(self, t: int) -> None:
-        if self.shadow:
-            self.shadow_stop_step = t
-        else:
-            self.stop_step = t
-
-    def _resolve_query(self) -> None:
-        assert self._query is not None and self._query_t is not None
-        value = self._query.result()
-        self._query = None
-        if self.tracker.resolve(self._query_t, value):
-            self._decided(self._query_t)
-
-    async def _value(self, prefix: list[int]) -> float | None:
-        service = self.service
-        assert service.critic is not None
-        self.critic_calls += 1
-        started = time.perf_counter()
-        try:
-            (value,) = await timed_values(service.critic, [prefix], service.config.critic_timeout_s)
-            return value
-        except CriticError as exc:
-            self.critic_errors += 1
-            log.warning("critic query failed (%s); policy %s", exc, service.config.critic_fallback)
-            return None
-        finally:
-            self.critic_time_s += time.perf_counter() - started
-
-    def result(self, prompt_index: int, sample_index: int, prompt_text: str | None) -> SampleResult:
-        plan, request = self.plan, self.plan.request
-        full_length = len(self.token_ids)
-        if self.stop_step is not None:
-            kept = self.stop_step + 1
-            end_reason = "espo_stop"
-        else:
-            kept = full_length
-            end_reason = _END_REASONS.get(self.finish_reason or "abort", "abort")
-        token_ids = self.token_ids[:kept]
-        reward: float | None = None
-        if end_reason == "espo_stop":
-            reward = plan.params.r_fail
-        elif end_reason == "eos":
-            answer = request.prompts[prompt_index].answer
-            verifier = self.service.verifier
-            if verifier is not None and answer is not None and prompt_text is not None:
-                reward = float(verifier(prompt_text, self.service._decode(token_ids), answer))
-        traces = None
-        if request.include:
-            want = set(request.include)
-            tr = self.tracker
-            traces = Traces(
-                regret=tr.g[:kept] if "regret" in want else None,
-                z=tr.z[:kept] if "z" in want else None,
-                values=[tr.values.get(t) for t in range(kept)] if "values" in want else None,
-                entropy=[topk_entropy(lp, self.service.engine.vocab_size) for lp in self.topk[:kept]]
-                if "entropy" in want
-                else None,
-            )
-        trajectory = Trajectory(
-            prompt_index=prompt_index,
-            sample_index=sample_index,
-            token_ids=token_ids,
-            logprobs=self.logprobs[:kept],
-            end_reason=end_reason,
-            stop_step=self.stop_step,
-            reward=reward,
-            shadow_stop_step=self.shadow_stop_step,
-            policy_version=plan.policy_version,
-            discarded_tokens=full_length - kept,
-            critic_error=self.critic_errors > 0,
-            traces=traces,
+    def info(self) -> InfoResponse:
+        engine, cfg = self.engine, self.config
+        return InfoResponse(
+            model=engine.model,
+            policy_version=engine.policy_version,
+            vocab_size=engine.vocab_size,
+            max_model_len=engine.max_model_len,
+            eos_token_id=engine.eos_token_id,
+            max_n=cfg.max_n,
+            max_prompts=cfg.max_prompts,
+            critic=self.critic.name if self.critic else "none",
+            critic_fallback=cfg.critic_fallback,
+            default_stop_rule=cfg.default_stop_rule,
+            rule_defaults=asdict(self.rule_defaults),
+            entropy_top_k=cfg.entropy_top_k,
+            state=self.ledger.state,
+            verifier=cfg.verifier_name(),
         )
-        return SampleResult(
-            trajectory=trajectory,
-            g=self.tracker.g[:kept],
-            rule_stopped=self.stop_step is not None or self.shadow_stop_step is not None,
-            full_length=full_length,
-            critic_calls=self.critic_calls,
-            critic_errors=self.critic_errors,
-            critic_time_s=self.critic_time_s,
-        )
+
+    async def readiness(self) -> dict[str, str]:
+        """'ok' or 'down: why' for the engine and (if any) the critic."""
+        detail: dict[str, str] = {}
+        try:
+            await self.engine.check_health()
+            detail["engine"] = "ok"
+        except Exception as exc:
+            detail["engine"] = f"down: {exc!r}"
+        if self.critic is not None:
+            try:
+                await self.critic.check()
+                detail["critic"] = "ok"
+            except CriticError as exc:
+                detail["critic"] = f"down: {exc}"
+        return detail

@@ -1,0 +1,103 @@
+"""The errors the service raises, the one envelope they are answered with, and the one mapper.
+
+The service (and the sample loop, the ledger, the critic clients) raise these; they know nothing of
+HTTP. Each HTTP app (`app.py`, `critic_server.py`) installs `install_error_handlers`, which answers
+every exception with `{"error": {"message", "type", "param", "code"}}`:
+
+    ServiceError                 503 service_unavailable (the base: something on our side is down)
+    +-- InvalidRequest           400 invalid_request_error, `param` names the field
+    +-- critic.CriticError       503 critic_unavailable
+    fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
+    HTTPException(401)           401 authentication_error
+    anything else                503 engine_error (logged with its traceback, never a bare 500)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from espo_client.protocol import ErrorBody, ErrorResponse
+from espo_client.stop_rule import ParameterError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+
+class ServiceError(Exception):
+    """An error with a status: subclasses say whose fault it is."""
+
+    status: int = 503
+    type: str = "service_unavailable"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(message=self.message, type=self.type, param=self.param, code=self.status)
+
+
+class InvalidRequest(ServiceError):
+    """The caller's mistake: answered 400 with the offending field."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+def error_body(exc: BaseException) -> ErrorBody:
+    """The envelope's body for any exception the service lets out (the one mapper)."""
+    if isinstance(exc, ServiceError):
+        return exc.body()
+    return ErrorBody(message=f"engine error: {exc.__class__.__name__}: {exc}", type="engine_error", code=503)
+
+
+def param_of(loc: tuple) -> str | None:
+    """pydantic's error location ('body', 'prompts', 0, 'text') -> 'prompts[0].text'."""
+    out = ""
+    for part in (str(p) for p in loc if p not in ("body", "query")):
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out or None
+
+
+def error_response(body: ErrorBody) -> JSONResponse:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=body.code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every exception with the envelope: 4xx for the caller's mistakes, 503 for what is down."""
+    from fastapi import HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0]
+        if first.get("type") == "json_invalid":
+            message = f"request body is not valid JSON: {first.get('msg')}"
+            return error_response(ErrorBody(message=message, type="invalid_request_error", code=400))
+        loc = tuple(first.get("loc", ()))
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, ParameterError):  # raised by a dataclass's own check: name its field
+            loc += (cause.field,)
+        param = param_of(loc)
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problems)"
+        return error_response(ErrorBody(message=message, type="invalid_request_error", param=param, code=400))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        type_ = "authentication_error" if exc.status_code == 401 else "http_error"
+        return error_response(ErrorBody(message=str(exc.detail), type=type_, code=exc.status_code))
+
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.body())
+
+    @app.exception_handler(Exception)  # Starlette logs these itself, with the traceback
+    async def _any(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(error_body(exc))
