@@ -16,6 +16,7 @@ from espo_client import (
     ConnectError,
     EspoClient,
     EspoError,
+    Replicas,
     RequestTimeoutError,
     RolloutRequest,
     ServerError,
@@ -140,6 +141,10 @@ class FakeServer:
 def client_for(server: FakeServer, **kwargs) -> EspoClient:
     kwargs.setdefault("base_url", "http://a")
     return EspoClient(transport=httpx.MockTransport(server), backoff=0.0, **kwargs)
+
+
+def replicas_for(server: FakeServer, base_urls: list[str]) -> Replicas:
+    return Replicas(base_urls=base_urls, transport=httpx.MockTransport(server), backoff=0.0)
 
 
 def connect_error(request: httpx.Request) -> httpx.Response:
@@ -277,7 +282,7 @@ def test_ready_raises_when_not_ready_without_retrying() -> None:
 
 def test_sharding_keeps_samples_of_a_prompt_together_and_restores_prompt_order() -> None:
     server = FakeServer()
-    with client_for(server, base_url=None, base_urls=["http://a", "http://b/"]) as client:
+    with replicas_for(server, ["http://a", "http://b/"]) as client:
         response = client.rollouts(prompts=PROMPTS, n=3, seed=100, request_id="rid")
     calls = {host: body for host, _, path, body, _ in server.calls if path == "/v1/rollouts"}
     assert set(calls) == {"a", "b"}
@@ -304,7 +309,7 @@ def test_sharding_keeps_samples_of_a_prompt_together_and_restores_prompt_order()
 
 def test_sharding_rotates_replicas_for_small_calls() -> None:
     server = FakeServer()
-    with client_for(server, base_url=None, base_urls=["http://a", "http://b"]) as client:
+    with replicas_for(server, ["http://a", "http://b"]) as client:
         for _ in range(4):
             response = client.rollouts(prompts=[[10]], n=2, request_id="x")
             assert response.request_id == "x" and [t.prompt_index for t in response.trajectories] == [0, 0]
@@ -314,7 +319,7 @@ def test_sharding_rotates_replicas_for_small_calls() -> None:
 def test_sharded_learner_owned_state_is_updated_from_all_shards() -> None:
     state = EspoState(mu=0.2, var=0.5, beta=6.0, warm=True, initialised=True, batches=3)
     server = FakeServer()
-    with client_for(server, base_url=None, base_urls=["http://a", "http://b"]) as client:
+    with replicas_for(server, ["http://a", "http://b"]) as client:
         response = client.rollouts(prompts=PROMPTS, n=2, state=state)
     single = fake_rollout(
         {
@@ -333,7 +338,7 @@ def test_sharded_learner_owned_state_is_updated_from_all_shards() -> None:
 
 def test_broadcasts() -> None:
     server = FakeServer()
-    with client_for(server, base_url=None, base_urls=["http://a", "http://b"]) as client:
+    with replicas_for(server, ["http://a", "http://b"]) as client:
         assert client.load_weights("/w", version=9).policy_version == 9
         with pytest.raises(EspoError, match="different policy versions"):
             client.load_weights("/w")
@@ -419,7 +424,7 @@ def test_stream_retries_before_the_first_line() -> None:
 
 def test_stream_over_two_replicas() -> None:
     server = FakeServer()
-    with client_for(server, base_url=None, base_urls=["http://a", "http://b"]) as client:
+    with replicas_for(server, ["http://a", "http://b"]) as client:
         with client.stream_rollouts(prompts=PROMPTS, n=2) as stream:
             seen = sorted((t.prompt_index, t.sample_index, t.token_ids[0]) for t in stream)
     assert seen == [(i, j, PROMPTS[i][0]) for i in range(len(PROMPTS)) for j in range(2)]
@@ -436,15 +441,13 @@ def test_async_client() -> None:
     async def main() -> None:
         server = FakeServer([connect_error, unavailable])
         transport = httpx.MockTransport(server)
-        async with AsyncEspoClient(
-            base_urls=["http://a", "http://b"], transport=transport, backoff=0.0
-        ) as client:
+        async with AsyncEspoClient(base_url="http://a", transport=transport, backoff=0.0) as client:
             response = await client.rollouts(prompts=PROMPTS, n=2, request_id="rid")
             assert [(t.prompt_index, t.token_ids[0]) for t in response.trajectories][::2] == [
                 (i, p[0]) for i, p in enumerate(PROMPTS)
             ]
             ids = [body["request_id"] for body in server.rollout_bodies()]
-            assert len(ids) == 4 and set(ids) == {"rid-0of2", "rid-1of2"}
+            assert len(ids) == 3 and set(ids) == {"rid"}
 
             async with client.stream_rollouts(prompts=PROMPTS, n=2) as stream:
                 seen = [t async for t in stream]
