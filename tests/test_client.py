@@ -37,7 +37,7 @@ from espo_client import (
 )
 from espo_client._core import Operation, Send, Sleep, rollout_request
 from espo_client.protocol import EspoState, RolloutResponse
-from espo_client.stop_rule import BatchStats, EspoParams, update_state
+from espo_client.stop_rule import BatchStats, EspoParams, StopRule, update_state
 
 # ---------------------------------------------------------------------------------------------
 # A fake server: answers from the request alone, and records every request it saw
@@ -88,7 +88,9 @@ def fake_rollout(body: dict) -> dict:
         "regret_sum": regret_sum,
         "regret_sumsq": regret_sumsq,
     }
-    stats = BatchStats(regret_tokens, regret_sum, regret_sumsq, n_traj, n_stop)
+    rule = StopRule(body.get("stop_rule", "none"))
+    steers = rule.steers_beta  # as the server: other rules' trajectories count toward mu/var only
+    stats = BatchStats(regret_tokens, regret_sum, regret_sumsq, n_traj * steers, n_stop * steers)
     after = update_state(
         state,
         stats,
@@ -98,7 +100,7 @@ def fake_rollout(body: dict) -> dict:
         "request_id": body["request_id"],
         "trajectories": trajectories,
         "usage": usage,
-        "stop_rule": body.get("stop_rule", "none"),
+        "stop_rule": rule.value,
         "shadow": body.get("shadow", False),
         "rule_params": RULE_PARAMS,
         "state_used": asdict(state),
@@ -635,17 +637,19 @@ def test_a_failed_shard_carries_the_callers_request_id(replicas) -> None:
     assert info.value.request_id == "rid"
 
 
-def test_sharded_learner_owned_state_is_updated_from_all_shards(replicas) -> None:
+@pytest.mark.parametrize("rule", ["espo", "none"])
+def test_sharded_learner_owned_state_is_updated_from_all_shards(replicas, rule: str) -> None:
     state = EspoState(mu=0.2, var=0.5, beta=6.0, warm=True, initialised=True, batches=3)
     server = FakeServer()
     with replicas(server) as client:
-        response = client.rollouts(prompts=PROMPTS, n=2, state=state)
+        response = client.rollouts(prompts=PROMPTS, n=2, state=state, stop_rule=rule)
     single = fake_rollout(
         {
             "prompts": [{"token_ids": p} for p in PROMPTS],
             "n": 2,
             "request_id": "r",
             "state": asdict(state),
+            "stop_rule": rule,
         }
     )
     assert response.state_used == state

@@ -422,8 +422,9 @@ def _merge(
       own shard's mean unstopped length, so it can differ a little from one server's).
     * Learner-owned state (`request.state` set): every shard ran with that state, which is
       `state_used`; `state_after` is recomputed here with the shared pure update
-      (`stop_rule.update_state`) from the summed regret moments and stop count of all shards,
-      with the parameters in effect, which is exactly what one server would have returned.
+      (`stop_rule.update_state`) from the summed regret moments and stop count of all shards
+      (`RolloutResponse.batch_stats`), with the parameters in effect, which is exactly what one
+      server would have returned.
     * Server-owned state: each replica keeps its own state and folds in only its own shard, so
       there is no single state; `state_used`/`state_after` are the first shard's. For one
       coherent state over several replicas, let the learner own it (send `state=` every call).
@@ -454,8 +455,7 @@ def _merge(
         return merged
     state_after = None
     if all(response.state_after is not None for response in responses):
-        stats = merged.usage.batch_stats(shadow=first.shadow)
-        state_after = stop_rule.update_state(first.state_used, stats, first.espo_params())
+        state_after = stop_rule.update_state(first.state_used, merged.batch_stats(), first.espo_params())
     return merged.model_copy(update={"state_after": state_after})
 
 
