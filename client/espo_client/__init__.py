@@ -5,6 +5,9 @@
     with EspoClient(base_url="http://rollouts:8000") as client:
         response = client.rollouts(prompts=[[1, 2, 3]], n=4, stop_rule="espo")
 
+Several replicas (prompts sharded over them, state-changing calls broadcast): `Replicas` and
+`AsyncReplicas`, from `espo_client.replicas`.
+
 Learner helpers (GAE with absorbing failure states, EGAE, state updates) are in `espo_client.learner`
 (needs the `torch` extra); Entropy-ESPO in `espo_client.entropy_espo` (`topk_entropy` is numpy-only).
 """
@@ -21,6 +24,7 @@ from ._client import (
 from ._exceptions import (
     APIStatusError,
     BadRequestError,
+    BroadcastError,
     ConnectError,
     EspoError,
     RequestTimeoutError,
@@ -31,6 +35,7 @@ from ._exceptions import (
     TransportError,
 )
 from .protocol import Prompt, RolloutRequest, RolloutResponse, Trajectory, Usage
+from .replicas import AsyncReplicas, Replicas
 from .stop_rule import BatchStats, EspoParams, StopRule, update_state
 
 __all__ = [
@@ -38,14 +43,17 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "APIStatusError",
     "AsyncEspoClient",
+    "AsyncReplicas",
     "AsyncRolloutStream",
     "BadRequestError",
     "BatchStats",
+    "BroadcastError",
     "ConnectError",
     "EspoClient",
     "EspoError",
     "EspoParams",
     "Prompt",
+    "Replicas",
     "RequestTimeoutError",
     "ResponseValidationError",
     "RolloutRequest",

@@ -1,4 +1,4 @@
-"""Exceptions raised by `EspoClient` and `AsyncEspoClient`.
+"""Exceptions raised by `EspoClient`, `AsyncEspoClient` and the replica clients (`espo_client.replicas`).
 
 One base class, then a branch for "no HTTP answer" and a branch for "the server said no":
 
@@ -11,8 +11,9 @@ One base class, then a branch for "no HTTP answer" and a branch for "the server 
     │   ├── ServiceUnavailableError  503: engine or critic down, not ready, draining        [retried]
     │   └── ServerError              any other 5xx
     ├── ResponseValidationError      a 2xx body that is not the protocol's model (client/server skew)
-    └── StreamError                  a streamed rollout failed after its 200: an error line, a bad
-                                     line, or a stream that ended without its done line
+    ├── StreamError                  a streamed rollout failed after its 200: an error line, a bad
+    │                                line, or a stream that ended without its done line
+    └── BroadcastError               a call sent to every replica failed on some: which did it, which not
 
 Only `ConnectError` and `ServiceUnavailableError` are retried (with exponential backoff, up to
 `max_retries`): neither lets the server start the work twice. A rollout call keeps its `request_id`
@@ -23,6 +24,7 @@ a rollout call's error carries that `request_id`, for a retry by the caller.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -30,6 +32,7 @@ import httpx
 __all__ = [
     "APIStatusError",
     "BadRequestError",
+    "BroadcastError",
     "ConnectError",
     "EspoError",
     "RequestTimeoutError",
@@ -130,6 +133,23 @@ class StreamError(EspoError):
         self.type = type
         self.param = param
         self.code = code
+
+
+class BroadcastError(EspoError):
+    """A call that `espo_client.replicas` sends to every replica failed on some of them.
+
+    `succeeded`: the base URLs where it took effect; `failed`: base URL -> the exception it raised
+    there (the first one is also `__cause__`). The message names both sides: after `load_weights`,
+    `succeeded` serve the new weights and `failed` are left on the old ones (one that timed out may
+    have loaded them late), so replicas on mixed versions are never left to be found later.
+    """
+
+    def __init__(
+        self, message: str, *, succeeded: Sequence[str], failed: Mapping[str, BaseException]
+    ) -> None:
+        super().__init__(message)
+        self.succeeded = tuple(succeeded)
+        self.failed = dict(failed)
 
 
 def status_error(response: httpx.Response) -> APIStatusError:
