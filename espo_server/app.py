@@ -24,11 +24,14 @@ from espo_client.protocol import (
     ErrorEvent,
     ErrorResponse,
     EspoState,
+    GroupEvent,
     HealthResponse,
     InfoResponse,
     RolloutRequest,
     RolloutResponse,
     RolloutStreamEvent,
+    RunRequest,
+    RunResponse,
     StateResponse,
     TrajectoryEvent,
     WeightsRequest,
@@ -139,6 +142,20 @@ def build_app(config: ServerConfig) -> FastAPI:
     async def weights(body: WeightsRequest, svc: RolloutService = Depends(get_service)) -> WeightsResponse:
         return await svc.load_weights(body.path, body.version)
 
+    @app.post("/v1/runs", response_model=RunResponse, dependencies=v1, responses=v1_errors)
+    async def open_run(
+        body: RunRequest | None = None, svc: RolloutService = Depends(get_service)
+    ) -> RunResponse:
+        return svc.open_run(body or RunRequest())
+
+    @app.get("/v1/runs/{run_id}", response_model=RunResponse, dependencies=v1, responses=v1_errors)
+    async def get_run(run_id: str, svc: RolloutService = Depends(get_service)) -> RunResponse:
+        return svc.run(run_id)
+
+    @app.delete("/v1/runs/{run_id}", response_model=RunResponse, dependencies=v1, responses=v1_errors)
+    async def close_run(run_id: str, svc: RolloutService = Depends(get_service)) -> RunResponse:
+        return await svc.close_run(run_id)
+
     @app.get("/v1/info", response_model=InfoResponse, dependencies=v1, responses=v1_errors)
     async def info(svc: RolloutService = Depends(get_service)) -> InfoResponse:
         return svc.info()
@@ -178,17 +195,20 @@ def build_app(config: ServerConfig) -> FastAPI:
 
 
 async def _ndjson(svc: RolloutService, plan: CallPlan) -> AsyncIterator[bytes]:
-    """NDJSON lines (protocol `RolloutStreamEvent`): a TrajectoryEvent per trajectory as it ends, then
-    one DoneEvent, or an ErrorEvent if the call fails after the 200 was sent. Starlette cancels this
+    """NDJSON lines (protocol `RolloutStreamEvent`): a TrajectoryEvent per trajectory as it ends, a
+    GroupEvent as each prompt group completes, then one DoneEvent, or an ErrorEvent if the call
+    fails after the 200 was sent. Starlette cancels this
     generator when the client disconnects, which aborts the engine requests."""
 
-    def line(event: TrajectoryEvent | DoneEvent | ErrorEvent) -> bytes:
+    def line(event: TrajectoryEvent | GroupEvent | DoneEvent | ErrorEvent) -> bytes:
         return (event.model_dump_json() + "\n").encode()
 
     try:
         async for item in svc.stream(plan):
             if isinstance(item, RolloutResponse):
                 yield line(DoneEvent(response=item.model_copy(update={"trajectories": []})))
+            elif isinstance(item, GroupEvent):
+                yield line(item)
             else:
                 yield line(TrajectoryEvent(trajectory=item))
     except Exception as exc:

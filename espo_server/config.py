@@ -43,6 +43,12 @@ class ServerConfig(BaseSettings):
     dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, ...).")
     seed: int = Field(0, description="Engine seed.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (GPU only).")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Sequences the engine runs at once, its slots (default: vLLM's choice)."
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Tokens the engine schedules per step (default: vLLM's choice)."
+    )
 
     # --- the critic
     critic: Literal["inprocess", "remote", "vllm-pooling", "none"] = Field(
@@ -78,6 +84,11 @@ class ServerConfig(BaseSettings):
     max_prompts: int = Field(1024, ge=1, description="Most prompts per request.")
     max_trajectories: int = Field(8192, ge=1, description="Most trajectories (prompts x n) per request.")
     idempotency_cache: int = Field(256, ge=0, description="Finished responses kept for request_id retries.")
+    run_idle_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A run (POST /v1/runs) with no call for this long is closed, its samples aborted.",
+    )
 
     # --- the embedded toy task
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where built toy models live.")

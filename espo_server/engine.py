@@ -115,6 +115,9 @@ class PolicyEngine:
         self.vocab_size: int = model_config.get_vocab_size()
         self.max_model_len: int = model_config.max_model_len
         self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
+        scheduler = getattr(getattr(llm, "vllm_config", None), "scheduler_config", None)
+        self.max_num_seqs: int | None = getattr(scheduler, "max_num_seqs", None)
+        self.max_num_batched_tokens: int | None = getattr(scheduler, "max_num_batched_tokens", None)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -128,6 +131,8 @@ class PolicyEngine:
         seed: int = 0,
         max_logprobs: int = 64,
         enforce_eager: bool = False,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
     ) -> AsyncIterator[PolicyEngine]:
         """Start AsyncLLM for `model`; shut it down on exit, whatever happened."""
         from transformers import AutoTokenizer
@@ -143,6 +148,8 @@ class PolicyEngine:
             max_logprobs=max_logprobs,
             enable_prefix_caching=True,
             enforce_eager=enforce_eager,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
             disable_log_stats=False,
         )
         async with running_async_llm(args, "policy") as llm:
@@ -195,13 +202,13 @@ class PolicyEngine:
             await self.llm.abort(request_id)
 
     async def reload_weights(self, path: str, version: int) -> float:
-        """Load new weights in place, reset the prefix cache; waits for running rollouts first."""
-        async with self.gate.exclusive():
-            started = time.perf_counter()
-            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-            await self.llm.reset_prefix_cache()
-            self.policy_version = version
-            return time.perf_counter() - started
+        """Load new weights in place and reset the prefix cache. The caller holds `gate.exclusive()`,
+        so that no sample is generating meanwhile."""
+        started = time.perf_counter()
+        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        await self.llm.reset_prefix_cache()
+        self.policy_version = version
+        return time.perf_counter() - started
 
     async def check_health(self) -> None:
         await self.llm.check_health()

@@ -6,6 +6,7 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
 
     ServiceError                 503 service_unavailable (the base: something on our side is down)
     +-- InvalidRequest           400 invalid_request_error, `param` names the field
+    +-- Conflict                 409 conflict (e.g. a run that already has a call in progress)
     +-- critic.CriticError       503 critic_unavailable
     fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
     HTTPException(401)           401 authentication_error
@@ -44,6 +45,13 @@ class InvalidRequest(ServiceError):
 
     status = 400
     type = "invalid_request_error"
+
+
+class Conflict(ServiceError):
+    """The request is valid but clashes with the server's current state (409)."""
+
+    status = 409
+    type = "conflict"
 
 
 def error_body(exc: BaseException) -> ErrorBody:

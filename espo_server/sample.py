@@ -4,21 +4,27 @@ Tokens stream in from vLLM; each goes through the stop rule's tracker. When the 
 the critic is asked *while generation goes on*; when the answer says stop, the engine request is
 aborted and the trajectory is cut back to t+1 tokens (tokens generated while waiting are discarded
 and counted). If the stream ends while a query is pending, the decision for step t still applies.
-Knows nothing of HTTP, of the call the sample belongs to, or of the ESPO batch state.
+
+A `Sample` can outlive the call that started it (a carried-over sample of a run) and be suspended
+for a weight push: its engine request is aborted, its tokens, logprobs and tracker are kept, and
+`resume()` continues it with a new engine request whose prompt is the prompt plus the tokens so
+far. Each such segment records the policy version that sampled it (`policy_version_spans`).
+Knows nothing of HTTP, of calls, or of the batch state it is judged with beyond its tracker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from espo_client.entropy_espo import topk_entropy
-from espo_client.protocol import Traces, Trajectory
-from espo_client.stop_rule import TrajectoryTracker
+from espo_client.protocol import Traces, Trajectory, VersionSpan
+from espo_client.stop_rule import EspoState, StopRule, TrajectoryTracker
 
 from . import metrics
 from .critic import CriticClient, CriticError, timed_values
@@ -44,7 +50,7 @@ class SampleSpec:
     shadow: bool
     include: frozenset[str]
     r_fail: float
-    policy_version: int
+    stop_rule: StopRule
     score: Scorer | None = None
 
 
@@ -61,9 +67,10 @@ class CriticAccess:
 class SampleResult:
     trajectory: Trajectory
     g: list[float]
-    """Regret of every kept token (the batch statistics)."""
+    """Regret of the kept tokens not yet counted in an earlier batch (this batch's statistics)."""
     rule_stopped: bool
     """Stopped, or would have been in shadow mode."""
+    steers_beta: bool
     full_length: int
     """Tokens generated before the cut (kept + discarded)."""
     critic_calls: int = 0
@@ -72,28 +79,19 @@ class SampleResult:
     lifetime_s: float = 0.0
 
 
-async def run_sample(
-    spec: SampleSpec, tracker: TrajectoryTracker, engine: PolicyEngine, critic: CriticAccess | None
-) -> SampleResult:
-    """Generate one sample under its stop rule and return its trajectory."""
-    run = _SampleRun(spec, tracker, critic)
-    metrics.INFLIGHT.inc()
-    started = time.perf_counter()
-    try:
-        await run.generate(engine.generate(spec.engine_id, spec.prompt_ids, spec.generation))
-    finally:
-        metrics.INFLIGHT.dec()
-    result = run.result(engine.vocab_size)
-    result.lifetime_s = time.perf_counter() - started
-    return result
+class Sample:
+    """One sample from its first token to its end, across engine requests (segments)."""
 
-
-class _SampleRun:
-    """One sample's generation: feeds tokens to the tracker and races the critic against the stream."""
-
-    def __init__(self, spec: SampleSpec, tracker: TrajectoryTracker, critic: CriticAccess | None) -> None:
+    def __init__(
+        self,
+        spec: SampleSpec,
+        tracker: TrajectoryTracker,
+        engine: PolicyEngine,
+        critic: CriticAccess | None,
+    ) -> None:
         self.spec = spec
         self.tracker = tracker
+        self.engine = engine
         self.critic = critic
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
@@ -104,10 +102,113 @@ class _SampleRun:
         self.critic_calls = 0
         self.critic_errors = 0
         self.critic_time_s = 0.0
+        self.spans: list[tuple[int, int]] = []
+        """(first token index, policy version) of each segment."""
+        self.counted = 0
+        """Tokens whose regret an earlier batch already took (`take_batch_regret`)."""
+        self.accounted = False
+        """The finished trajectory has been folded into a batch (set by the service)."""
+        self.task: asyncio.Task[SampleResult] | None = None
         self._query: asyncio.Task[float | None] | None = None
         self._query_t: int | None = None
+        self._engine_id: str | None = None
+        self._running = asyncio.Event()
+        self._running.set()
+        self._parked = asyncio.Event()
+        self._segments = 0
+        self._aborting = False
+        self._started = time.perf_counter()
 
-    async def generate(self, stream: AsyncIterator[TokenChunk]) -> None:
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> asyncio.Task[SampleResult]:
+        self.task = asyncio.create_task(self._run(), name=self.spec.engine_id)
+        return self.task
+
+    async def suspend(self) -> None:
+        """Stop generating (abort the engine request, keep everything) until `resume()`; returns once
+        every token received so far is accounted for."""
+        if self.task is None or self.task.done():
+            return
+        self._running.clear()
+        if self._engine_id is not None:
+            await self.engine.abort(self._engine_id)
+        parked = asyncio.ensure_future(self._parked.wait())
+        await asyncio.wait({self.task, parked}, return_when=asyncio.FIRST_COMPLETED)
+        parked.cancel()
+
+    def resume(self) -> None:
+        """Continue a suspended sample with a new engine request (under the weights now served)."""
+        self._parked.clear()
+        self._running.set()
+
+    async def abort(self) -> None:
+        """End the sample now: it returns an `abort` trajectory with the tokens it has."""
+        if self.task is None or self.task.done():
+            return
+        self._aborting = True
+        self._running.set()
+        if self._engine_id is not None:
+            await self.engine.abort(self._engine_id)
+
+    def rebase(self, state: EspoState) -> None:
+        """A new batch began: judge this sample's next tokens with its frozen state."""
+        self.tracker.rebase(state)
+
+    def take_batch_regret(self) -> list[float]:
+        """The regret of the tokens generated since the last call, for a batch that ends while this
+        sample runs on. Tokens after a step whose critic decision is pending may still be discarded,
+        so they are left for the next batch."""
+        safe = len(self.tracker.g) if self.tracker.pending is None else self.tracker.pending + 1
+        if self.stop_step is not None:
+            safe = min(safe, self.stop_step + 1)
+        g = self.tracker.g[self.counted : max(self.counted, safe)]
+        self.counted = max(self.counted, safe)
+        return g
+
+    # ------------------------------------------------------------------ generation
+
+    async def _run(self) -> SampleResult:
+        metrics.INFLIGHT.inc()
+        try:
+            while True:
+                if not self._running.is_set():  # suspended: wait for resume()
+                    self._parked.set()
+                    await self._running.wait()
+                if self._aborting:
+                    break
+                await self._segment()
+                done = self.stop_step is not None or self.finish_reason not in (None, "abort")
+                if done or self._aborting or self._running.is_set():
+                    break  # finished, aborted by us, or aborted by the engine (not a suspension)
+                self.finish_reason = None
+        finally:
+            metrics.INFLIGHT.dec()
+        result = self._result()
+        result.lifetime_s = time.perf_counter() - self._started
+        return result
+
+    async def _segment(self) -> None:
+        """One engine request: from the tokens so far to the end, a stop, or an abort."""
+        spec, k = self.spec, self._segments
+        self._segments += 1
+        done = len(self.token_ids)
+        params = spec.generation
+        if k:  # a continuation: the rest of the budget, under a seed of its own
+            seed = None if params.seed is None else params.seed + 7919 * k
+            params = dataclasses.replace(params, max_tokens=params.max_tokens - done, seed=seed)
+            if params.max_tokens <= 0:
+                self.finish_reason = "length"
+                return
+        self._engine_id = spec.engine_id if not k else f"{spec.engine_id}-r{k}"
+        self.spans.append((done, self.engine.policy_version))
+        stream = self.engine.generate(self._engine_id, spec.prompt_ids + self.token_ids, params)
+        try:
+            await self._generate(stream)
+        finally:
+            self._engine_id = None
+
+    async def _generate(self, stream: AsyncIterator[TokenChunk]) -> None:
         next_chunk: asyncio.Future[TokenChunk] | None = None
         try:
             while self.stop_step is None:
@@ -137,7 +238,9 @@ class _SampleRun:
                 if chunk.finish_reason is not None:
                     self.finish_reason = chunk.finish_reason
                     break
-            if self._query is not None and self.stop_step is None:
+                if self._aborting or not self._running.is_set():
+                    break  # abort() or suspend(): stop reading; closing the stream aborts the request
+            if self._query is not None and self.stop_step is None and not self._aborting:
                 # The stream ended while the critic was thinking: the decision for step t still holds.
                 await asyncio.wait({self._query})
                 self._resolve_query()
@@ -148,6 +251,7 @@ class _SampleRun:
             if self._query is not None:
                 self._query.cancel()
                 await asyncio.gather(self._query, return_exceptions=True)
+                self._query = None
             with contextlib.suppress(Exception):
                 await stream.aclose()  # type: ignore[attr-defined]  # aborts the engine request if unfinished
 
@@ -195,7 +299,9 @@ class _SampleRun:
         finally:
             self.critic_time_s += time.perf_counter() - started
 
-    def result(self, vocab_size: int) -> SampleResult:
+    # ------------------------------------------------------------------ the trajectory
+
+    def _result(self) -> SampleResult:
         spec = self.spec
         full_length = len(self.token_ids)
         if self.stop_step is not None:
@@ -203,7 +309,9 @@ class _SampleRun:
             end_reason = "espo_stop"
         else:
             kept = full_length
-            end_reason = _END_REASONS.get(self.finish_reason or "abort", "abort")
+            end_reason = (
+                "abort" if self._aborting else _END_REASONS.get(self.finish_reason or "abort", "abort")
+            )
         token_ids = self.token_ids[:kept]
         reward: float | None = None
         if end_reason == "espo_stop":
@@ -217,10 +325,11 @@ class _SampleRun:
                 regret=tr.g[:kept] if "regret" in want else None,
                 z=tr.z[:kept] if "z" in want else None,
                 values=[tr.values.get(t) for t in range(kept)] if "values" in want else None,
-                entropy=[topk_entropy(lp, vocab_size) for lp in self.topk[:kept]]
+                entropy=[topk_entropy(lp, self.engine.vocab_size) for lp in self.topk[:kept]]
                 if "entropy" in want
                 else None,
             )
+        spans = _version_spans(self.spans, kept)
         trajectory = Trajectory(
             prompt_index=spec.prompt_index,
             sample_index=spec.sample_index,
@@ -230,17 +339,36 @@ class _SampleRun:
             stop_step=self.stop_step,
             reward=reward,
             shadow_stop_step=self.shadow_stop_step,
-            policy_version=spec.policy_version,
+            policy_version=min((s.version for s in spans), default=self.engine.policy_version),
+            policy_version_spans=spans,
             discarded_tokens=full_length - kept,
             critic_error=self.critic_errors > 0,
             traces=traces,
         )
+        g = self.tracker.g[min(self.counted, kept) : kept]
+        self.counted = max(self.counted, kept)
         return SampleResult(
             trajectory=trajectory,
-            g=self.tracker.g[:kept],
+            g=g,
             rule_stopped=self.stop_step is not None or self.shadow_stop_step is not None,
+            steers_beta=spec.stop_rule.steers_beta,
             full_length=full_length,
             critic_calls=self.critic_calls,
             critic_errors=self.critic_errors,
             critic_time_s=self.critic_time_s,
         )
+
+
+def _version_spans(starts: list[tuple[int, int]], kept: int) -> list[VersionSpan]:
+    """Segments (first index, version) -> non-empty spans [start, end) of the kept tokens, adjacent
+    segments of one version merged."""
+    spans: list[VersionSpan] = []
+    for i, (start, version) in enumerate(starts):
+        end = min(kept, starts[i + 1][0] if i + 1 < len(starts) else kept)
+        if end <= start:
+            continue
+        if spans and spans[-1].version == version and spans[-1].end == start:
+            spans[-1] = VersionSpan(start=spans[-1].start, end=end, version=version)
+        else:
+            spans.append(VersionSpan(start=start, end=end, version=version))
+    return spans

@@ -100,10 +100,16 @@ async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
             dtype=config.dtype,
             seed=config.seed,
             enforce_eager=config.enforce_eager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
         ) as engine,
         launch_critic(config) as critic,
     ):
-        yield RolloutService(engine, critic, config, verifier)
+        service = RolloutService(engine, critic, config, verifier)
+        try:
+            yield service
+        finally:
+            await service.aclose()  # runs' carried samples are aborted before the engines go
 
 
 def run_server(config: ServerConfig) -> None:

@@ -16,16 +16,20 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from espo_client.protocol import (
+    Carried,
+    GroupEvent,
     InfoResponse,
     RolloutRequest,
     RolloutResponse,
+    RunRequest,
+    RunResponse,
     StateResponse,
     Trajectory,
     Usage,
@@ -48,9 +52,10 @@ from . import metrics
 from .config import ServerConfig
 from .critic import CriticClient, CriticError
 from .engine import GenerationParams, PolicyEngine
-from .errors import InvalidRequest
+from .errors import Conflict, InvalidRequest
 from .ledger import StateLedger
-from .sample import CriticAccess, SampleResult, SampleSpec, Scorer, run_sample
+from .runs import Group, RunRegistry
+from .sample import CriticAccess, Sample, SampleResult, SampleSpec, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +127,14 @@ class RolloutService:
         self._critic_access = (
             CriticAccess(critic, config.critic_timeout_s, config.critic_fallback) if critic else None
         )
+        self.runs = RunRegistry(config.run_idle_timeout_s)
         self._finished: OrderedDict[str, RolloutResponse] = OrderedDict()
         self._running: dict[str, asyncio.Future[RolloutResponse]] = {}
         self._publish_state()
+
+    async def aclose(self) -> None:
+        """Shutdown: the runs' carried samples are aborted (calls are cancelled by their transports)."""
+        await self.runs.aclose()
 
     # ------------------------------------------------------------------ validation
 
@@ -132,15 +142,26 @@ class RolloutService:
         """Check a request against the model and limits; raise InvalidRequest naming the field.
         No side effects: the state is read when the call starts (`stream`)."""
         cfg, engine = self.config, self.engine
+        carried_groups, carried_samples = self._check_run(request)
+        if not request.prompts and not carried_groups:
+            raise InvalidRequest("prompts must not be empty (unless run_id carries groups over)", "prompts")
+        groups = len(request.prompts) + carried_groups
+        if request.return_groups is not None and request.return_groups > groups:
+            raise InvalidRequest(
+                f"return_groups={request.return_groups} exceeds the {len(request.prompts)} prompt groups "
+                f"of this call plus the {carried_groups} carried over",
+                "return_groups",
+            )
         if request.n > cfg.max_n:
             raise InvalidRequest(f"n={request.n} exceeds this server's max_n={cfg.max_n}", "n")
         if len(request.prompts) > cfg.max_prompts:
             raise InvalidRequest(
                 f"{len(request.prompts)} prompts exceed max_prompts={cfg.max_prompts}", "prompts"
             )
-        if request.n * len(request.prompts) > cfg.max_trajectories:
+        if request.n * len(request.prompts) + carried_samples > cfg.max_trajectories:
+            carried = f" (plus {carried_samples} carried over by the run)" if carried_samples else ""
             raise InvalidRequest(
-                f"{len(request.prompts)} prompts x n={request.n} exceed "
+                f"{len(request.prompts)} prompts x n={request.n}{carried} exceed "
                 f"max_trajectories={cfg.max_trajectories}",
                 "n",
             )
@@ -205,6 +226,17 @@ class RolloutService:
             top_k_logprobs=top_k,
         )
 
+    def _check_run(self, request: RolloutRequest) -> tuple[int, int]:
+        """The run's carried (groups, samples); 400 for an unknown or closed run, 409 for a busy one."""
+        if request.run_id is None:
+            if request.leftover == "carry":
+                raise InvalidRequest("leftover=carry needs a run_id (POST /v1/runs opens one)", "run_id")
+            return 0, 0
+        run = self.runs.get(request.run_id)
+        if run.busy:
+            raise Conflict(f"run {request.run_id!r} already has a call in progress", "run_id")
+        return len(run.groups), len(run.samples())
+
     def encode_text(self, text: str) -> list[int]:
         return list(self.engine.tokenizer.encode(text))
 
@@ -226,40 +258,67 @@ class RolloutService:
         assert response is not None
         return response
 
-    async def stream(self, plan: CallPlan) -> AsyncIterator[Trajectory | RolloutResponse]:
-        """Yield trajectories as they finish, then the whole RolloutResponse. A finished request_id
-        replays the first call's answer."""
+    async def stream(self, plan: CallPlan) -> AsyncIterator[Trajectory | GroupEvent | RolloutResponse]:
+        """Yield trajectories as they finish and a GroupEvent as each prompt group completes, then the
+        whole RolloutResponse. With `return_groups`, a group's trajectories are yielded together when
+        the group completes (an incomplete group may be carried over: nothing is sent twice), and the
+        call ends once that many groups are complete. A finished request_id replays its answer."""
         request = plan.request
         rid = request.request_id
         if rid is not None and rid in self._finished:
-            cached = self._finished[rid]
-            for trajectory in cached.trajectories:
-                yield trajectory
-            yield cached
+            for item in _replay(self._finished[rid]):
+                yield item
             return
         async with self.engine.gate.shared():
+            run = self.runs.claim(request.run_id) if request.run_id else None
             plan.policy_version = self.engine.policy_version
             plan.state = (
                 request.state
                 if request.state is not None
                 else self.ledger.begin(request.batch_id, plan.params)
             )
+            carried = run.groups if run else []
+            for group in carried:  # their next tokens belong to this batch
+                for sample in group.samples:
+                    sample.rebase(plan.state)
+            new = [self._start_group(plan, p) for p in range(len(plan.prompt_ids))]
+            groups = new + carried
+            target = request.return_groups or len(groups)
+            by_group = request.return_groups is not None
             future: asyncio.Future[RolloutResponse] = asyncio.get_running_loop().create_future()
             if rid is not None:
                 self._running[rid] = future
             metrics.REQUESTS.labels(outcome="started").inc()
-            tasks = [
-                asyncio.create_task(self._sample(plan, p, s))
-                for p in range(len(plan.prompt_ids))
-                for s in range(request.n)
-            ]
-            results: list[SampleResult] = []
+            complete: list[Group] = []
+            kept: list[Group] = [g for g in carried]  # what the run keeps if this call fails
             try:
-                for next_done in asyncio.as_completed(tasks):
-                    result = await next_done
-                    results.append(result)
-                    yield result.trajectory
-                response = self._finish(plan, results)
+                unseen = {id(g): len(g.samples) for g in groups}  # samples of each group not seen ending
+                if target > 0:
+                    async for group, sample in _endings(groups):
+                        if not by_group:
+                            yield self._trajectory(plan, group, sample)
+                        unseen[id(group)] -= 1
+                        if not unseen[id(group)]:
+                            complete.append(group)
+                            if by_group:
+                                for member in group.samples:
+                                    yield self._trajectory(plan, group, member)
+                            yield _group_event(plan, group)
+                            if len(complete) >= target:
+                                break
+                leftovers = [g for g in groups if g not in complete]
+                aborted: list[Group] = []
+                if request.leftover == "carry" and run is not None:
+                    kept = leftovers
+                else:
+                    kept, aborted = [], leftovers
+                    samples = [s for g in leftovers for s in g.samples]
+                    await asyncio.gather(*(s.abort() for s in samples))
+                    await asyncio.gather(*(s.task for s in samples if s.task is not None))
+                    for group in aborted:
+                        for sample in group.samples:
+                            yield self._trajectory(plan, group, sample)
+                response = self._finish(plan, complete, aborted, kept)
                 future.set_result(response)
                 self._remember(plan.request_id, response)
                 metrics.REQUESTS.labels(outcome="ok").inc()
@@ -268,6 +327,9 @@ class RolloutService:
                 outcome = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "error"
                 metrics.REQUESTS.labels(outcome=outcome).inc()
                 # Nothing is folded into the state: a failed or cancelled call leaves it as it was.
+                # Its own samples are cancelled; the groups it took over from its run go back to it.
+                kept = [g for g in carried if g not in complete]
+                tasks = [s.task for g in new for s in g.samples if s.task is not None]
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -276,6 +338,8 @@ class RolloutService:
                     future.exception()  # mark retrieved
                 raise
             finally:
+                if run is not None:
+                    self.runs.release(run, kept)
                 if rid is not None:
                     self._running.pop(rid, None)
                 metrics.REQUEST_LATENCY.observe(time.perf_counter() - plan.started)
@@ -287,23 +351,29 @@ class RolloutService:
         while len(self._finished) > self.config.idempotency_cache:
             self._finished.popitem(last=False)
 
-    async def _sample(self, plan: CallPlan, prompt_index: int, sample_index: int) -> SampleResult:
+    def _start_group(self, plan: CallPlan, prompt_index: int) -> Group:
+        """The `n` samples of one prompt, started."""
         request = plan.request
-        flat_index = prompt_index * request.n + sample_index
-        spec = SampleSpec(
-            engine_id=f"{plan.request_id}-{prompt_index}-{sample_index}",
-            prompt_index=prompt_index,
-            sample_index=sample_index,
-            prompt_ids=plan.prompt_ids[prompt_index],
-            generation=plan.generation_params(flat_index),
-            shadow=request.shadow,
-            include=frozenset(request.include),
-            r_fail=plan.params.r_fail,
-            policy_version=plan.policy_version,
-            score=self._scorer(plan, prompt_index),
-        )
-        tracker = plan.tracker(flat_index, self.config.critic_fallback)
-        return await run_sample(spec, tracker, self.engine, self._critic_access)
+        samples = []
+        for sample_index in range(request.n):
+            flat_index = prompt_index * request.n + sample_index
+            spec = SampleSpec(
+                engine_id=f"{plan.request_id}-{prompt_index}-{sample_index}",
+                prompt_index=prompt_index,
+                sample_index=sample_index,
+                prompt_ids=plan.prompt_ids[prompt_index],
+                generation=plan.generation_params(flat_index),
+                stop_rule=plan.rule,
+                shadow=request.shadow,
+                include=frozenset(request.include),
+                r_fail=plan.params.r_fail,
+                score=self._scorer(plan, prompt_index),
+            )
+            tracker = plan.tracker(flat_index, self.config.critic_fallback)
+            sample = Sample(spec, tracker, self.engine, self._critic_access)
+            sample.start()
+            samples.append(sample)
+        return Group(plan.request_id, prompt_index, samples)
 
     def _scorer(self, plan: CallPlan, prompt_index: int) -> Scorer | None:
         """The verifier's reward for eos responses of this prompt, if the server can score them."""
@@ -314,16 +384,57 @@ class RolloutService:
             return None
         return lambda token_ids: float(verifier(text, self._decode(token_ids), answer))
 
+    @staticmethod
+    def _trajectory(plan: CallPlan, group: Group, sample: Sample) -> Trajectory:
+        """A finished sample's trajectory; one an earlier call started says where it came from."""
+        assert sample.task is not None and sample.task.done()
+        trajectory = sample.task.result().trajectory
+        if group.request_id == plan.request_id or trajectory.carried is not None:
+            return trajectory
+        spec, gen = sample.spec, sample.spec.generation
+        origin = Carried(
+            request_id=group.request_id,
+            prompt_token_ids=spec.prompt_ids,
+            stop_rule=spec.stop_rule,
+            shadow=spec.shadow,
+            max_tokens=gen.max_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            seed=gen.seed,
+            stop_token_ids=list(gen.stop_token_ids) or None,
+            ignore_eos=gen.ignore_eos,
+        )
+        return trajectory.model_copy(update={"carried": origin})
+
     # ------------------------------------------------------------------ the end of a call
 
-    def _finish(self, plan: CallPlan, results: list[SampleResult]) -> RolloutResponse:
+    def _finish(
+        self, plan: CallPlan, complete: list[Group], aborted: list[Group], kept: list[Group]
+    ) -> RolloutResponse:
+        """The response, and the batch's statistics folded in. The batch holds every kept token a
+        sample generated since a batch last took its tokens (docs/algorithm.md, "Carried over"), and
+        the stop-rate count of each trajectory that ended since."""
         request = plan.request
         assert plan.state is not None
-        results.sort(key=lambda r: (r.trajectory.prompt_index, r.trajectory.sample_index))
-        trajectories = [r.trajectory for r in results]
         stats = BatchStats()
-        for r in results:
-            stats.add_trajectory(r.g, r.rule_stopped if plan.rule.steers_beta else None)
+        results: list[SampleResult] = []
+        for group in complete + aborted + kept:
+            for sample in group.samples:
+                if sample.task is not None and sample.task.done():
+                    result = sample.task.result()
+                    if group not in kept:
+                        results.append(result)
+                    if not sample.accounted:
+                        sample.accounted = True
+                        ended = result.trajectory.end_reason != "abort" and result.steers_beta
+                        stats.add_trajectory(result.g, result.rule_stopped if ended else None)
+                else:
+                    stats.add_trajectory(sample.take_batch_regret(), None)
+        groups = {id(g): g for g in complete + aborted}
+        trajectories = sorted(
+            (self._trajectory(plan, g, s) for g in groups.values() for s in g.samples), key=_order
+        )
+        prompt_tokens = sum(len(s.spec.prompt_ids) for g in groups.values() for s in g.samples)
 
         stopped = [t for t in trajectories if t.end_reason == "espo_stop"]
         unstopped_lengths = [len(t.token_ids) for t in trajectories if t.end_reason in ("eos", "length")]
@@ -339,7 +450,7 @@ class RolloutService:
             self._publish_state()
 
         usage = Usage(
-            prompt_tokens=sum(len(p) for p in plan.prompt_ids) * request.n,
+            prompt_tokens=prompt_tokens,
             generated_tokens=sum(len(t.token_ids) for t in trajectories),
             discarded_tokens=sum(t.discarded_tokens for t in trajectories),
             trajectories=len(trajectories),
@@ -353,6 +464,10 @@ class RolloutService:
             critic_time_s=round(sum(r.critic_time_s for r in results), 6),
             trajectory_time_s=round(sum(r.lifetime_s for r in results), 6),
             wall_time_s=round(time.perf_counter() - plan.started, 6),
+            groups_returned=len(complete),
+            groups_carried=len(kept),
+            carried_in=sum(t.carried is not None for t in trajectories),
+            aborted=sum(t.end_reason == "abort" for t in trajectories),
             regret_tokens=stats.tokens,
             regret_sum=stats.g_sum,
             regret_sumsq=stats.g_sumsq,
@@ -368,6 +483,7 @@ class RolloutService:
             state_used=plan.state,
             state_after=state_after,
             policy_version=plan.policy_version,
+            run_id=request.run_id,
         )
 
     def _count(self, plan: CallPlan, trajectories: list[Trajectory], usage: Usage) -> None:
@@ -410,19 +526,39 @@ class RolloutService:
         return self.state()
 
     async def load_weights(self, path: str, version: int | None) -> WeightsResponse:
+        """Reload the policy in place once the running calls have ended (new calls wait). Samples
+        that runs carry between calls are suspended meanwhile and resume under the new weights."""
         # Checked here: a reload that fails inside the engine can leave it half-loaded.
         directory = Path(path)
         if not directory.is_dir() or not any(directory.glob("*.safetensors")):
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
-        new_version = self.engine.policy_version + 1 if version is None else version
-        try:
-            seconds = await self.engine.reload_weights(path, new_version)
-        except Exception:
-            metrics.WEIGHT_LOADS.labels(outcome="error").inc()
-            raise
+        async with self.engine.gate.exclusive():
+            new_version = self.engine.policy_version + 1 if version is None else version
+            background = [s for s in self.runs.background() if s.task is not None and not s.task.done()]
+            await asyncio.gather(*(sample.suspend() for sample in background))
+            log.info("weight push to version %d: %d carried samples suspended", new_version, len(background))
+            try:
+                seconds = await self.engine.reload_weights(path, new_version)
+            except Exception:
+                metrics.WEIGHT_LOADS.labels(outcome="error").inc()
+                raise
+            finally:
+                for sample in background:
+                    sample.resume()
         metrics.WEIGHT_LOADS.labels(outcome="ok").inc()
         self._publish_state()
         return WeightsResponse(policy_version=new_version, load_time_s=round(seconds, 4))
+
+    # ------------------------------------------------------------------ runs
+
+    def open_run(self, body: RunRequest) -> RunResponse:
+        return self.runs.open(body.run_id)
+
+    def run(self, run_id: str) -> RunResponse:
+        return self.runs.describe(run_id)
+
+    async def close_run(self, run_id: str) -> RunResponse:
+        return await self.runs.close(run_id)
 
     def info(self) -> InfoResponse:
         engine, cfg = self.engine, self.config
@@ -441,6 +577,10 @@ class RolloutService:
             entropy_top_k=cfg.entropy_top_k,
             state=self.ledger.state,
             verifier=cfg.verifier_name(),
+            max_num_seqs=engine.max_num_seqs,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
+            max_trajectories=cfg.max_trajectories,
+            run_idle_timeout_s=cfg.run_idle_timeout_s,
         )
 
     async def readiness(self) -> dict[str, str]:
@@ -458,3 +598,43 @@ class RolloutService:
             except CriticError as exc:
                 detail["critic"] = f"down: {exc}"
         return detail
+
+
+async def _endings(groups: list[Group]) -> AsyncIterator[tuple[Group, Sample]]:
+    """(group, sample) as each sample ends; those that ended already come first."""
+    pending = {s.task: (g, s) for g in groups for s in g.samples if s.task is not None}
+    ready = [task for task in pending if task.done()]
+    while pending:
+        if not ready:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            ready = list(done)
+        for task in ready:
+            yield pending.pop(task)
+        ready = []
+
+
+def _order(trajectory: Trajectory) -> tuple:
+    """This call's groups in prompt order, then carried-over ones by the call that started them."""
+    origin = trajectory.carried.request_id if trajectory.carried else ""
+    return (trajectory.carried is not None, origin, trajectory.prompt_index, trajectory.sample_index)
+
+
+def _group_event(plan: CallPlan, group: Group) -> GroupEvent:
+    carried_from = None if group.request_id == plan.request_id else group.request_id
+    return GroupEvent(
+        prompt_index=group.prompt_index, sample_count=len(group.samples), carried_from=carried_from
+    )
+
+
+def _replay(response: RolloutResponse) -> Iterator[Trajectory | GroupEvent | RolloutResponse]:
+    """A finished call's answer again, as its stream sent it: trajectories, group events, the end."""
+    groups: dict[tuple[str, int], list[Trajectory]] = {}
+    for trajectory in response.trajectories:
+        origin = trajectory.carried.request_id if trajectory.carried else response.request_id
+        groups.setdefault((origin, trajectory.prompt_index), []).append(trajectory)
+    for (origin, prompt_index), members in groups.items():
+        yield from members
+        if all(t.end_reason != "abort" for t in members):
+            carried_from = None if origin == response.request_id else origin
+            yield GroupEvent(prompt_index=prompt_index, sample_count=len(members), carried_from=carried_from)
+    yield response

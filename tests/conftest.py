@@ -53,6 +53,7 @@ def rollout_server(tiny_models, critic_server, server_logs) -> Iterator[ServerPr
         "--port", str(port),
         "--verifier", "toy",
         "--max-n", "32",
+        "--max-num-seqs", "48",
     )  # fmt: skip
     with ServerProcess("rollout", argv, port, server_logs) as proc:
         yield proc.wait_ready()

@@ -513,6 +513,52 @@ def test_stream_yields_trajectories_and_the_final_response(connect) -> None:
     assert all(body.closed for body in server.bodies)
 
 
+def test_stream_group_events_give_whole_groups_as_they_complete(connect) -> None:
+    whole = fake_rollout({"prompts": [{"token_ids": [10]}, {"token_ids": [11]}], "n": 2, "request_id": "r"})
+    by_prompt = {p: [t for t in whole["trajectories"] if t["prompt_index"] == p] for p in (0, 1)}
+    lines = [
+        *({"type": "trajectory", "trajectory": t} for t in by_prompt[1]),
+        {"type": "group", "prompt_index": 1, "sample_count": 2},
+        *({"type": "trajectory", "trajectory": t} for t in by_prompt[0]),
+        {"type": "group", "prompt_index": 0, "sample_count": 2},
+        {"type": "done", "response": {**whole, "trajectories": []}},
+    ]
+    content = b"\n".join(json.dumps(line).encode() for line in lines) + b"\n"
+    stream_body = Body(content)
+    server = FakeServer([lambda request: httpx.Response(200, stream=stream_body)])
+    groups: list[list[tuple[int, int]]] = []
+    with (
+        connect(server) as client,
+        client.stream_rollouts(prompts=[[10], [11]], n=2, request_id="r") as stream,
+    ):
+        for _ in stream:
+            groups += [[(t.prompt_index, t.sample_index) for t in g] for g in stream.pop_groups()]
+        groups += [[(t.prompt_index, t.sample_index) for t in g] for g in stream.pop_groups()]
+    assert groups == [[(1, 0), (1, 1)], [(0, 0), (0, 1)]]
+    assert len(stream.response.trajectories) == 4
+
+
+def test_run_calls(connect) -> None:
+    run = {"run_id": "r1", "open": True, "idle_timeout_s": 600.0}
+    server = FakeServer(
+        [
+            lambda request: httpx.Response(200, json=run),
+            lambda request: httpx.Response(200, json={**run, "carried_groups": 2}),
+            lambda request: httpx.Response(200, json={**run, "open": False, "aborted": 3}),
+        ]
+    )
+    with connect(server) as client:
+        assert client.open_run("r1").run_id == "r1"
+        assert client.describe_run("r1").carried_groups == 2
+        assert client.close_run("r1").aborted == 3
+    assert [(method, path) for _, method, path, _, _ in server.calls] == [
+        ("POST", "/v1/runs"),
+        ("GET", "/v1/runs/r1"),
+        ("DELETE", "/v1/runs/r1"),
+    ]
+    assert server.calls[0][3] == {"run_id": "r1"}
+
+
 def test_stream_from_a_server_that_answers_json(connect) -> None:
     whole = fake_rollout({"prompts": [{"token_ids": [10]}, {"token_ids": [11]}], "n": 2, "request_id": "r"})
     server = FakeServer([lambda request: httpx.Response(200, json=whole)])

@@ -30,7 +30,15 @@ from espo_client.learner import (  # noqa: E402
     trajectories_to_tensors,
     update_learner_state,
 )
-from espo_client.protocol import EspoState, RolloutResponse, Traces, Trajectory, Usage  # noqa: E402
+from espo_client.protocol import (  # noqa: E402
+    Carried,
+    EspoState,
+    RolloutResponse,
+    Traces,
+    Trajectory,
+    Usage,
+    VersionSpan,
+)
 from espo_client.stop_rule import BatchStats, EspoParams, update_state  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +193,25 @@ def test_trajectories_to_tensors_layout_and_rewards() -> None:
         trajectories_to_tensors(trajectories, prompts)  # the eos trajectory has nobody's reward
     with pytest.raises(ValueError, match="prompt_index"):
         trajectories_to_tensors(trajectories, prompts[:1], rewards=[1.0, None, None, None])
+
+
+def test_carried_trajectories_bring_their_prompt_and_version_spans() -> None:
+    carried = Carried(
+        request_id="earlier", prompt_token_ids=[301, 302], stop_rule="none", shadow=False,
+        max_tokens=8, temperature=1.0, top_p=1.0,
+    )  # fmt: skip
+    spans = [VersionSpan(start=0, end=2, version=3), VersionSpan(start=2, end=4, version=4)]
+    trajectories = [
+        traj(0, 0, [5, 6], "length"),
+        traj(7, 1, [8, 9, 10, 11], "length").model_copy(
+            update={"carried": carried, "policy_version": 3, "policy_version_spans": spans}
+        ),
+    ]
+    out = trajectories_to_tensors(trajectories, [[101]])  # prompt 7 is not this call's: carried brings it
+    assert out["input_ids"].tolist() == [[0, 101, 5, 6, 0, 0], [301, 302, 8, 9, 10, 11]]
+    assert out["policy_versions"].tolist() == [[0, 0, -1, -1], [3, 3, 4, 4]]
+    fresh = out["response_mask"] * (out["policy_versions"] >= 4)  # drop the span of version 3
+    assert fresh.tolist() == [[0, 0, 0, 0], [0, 0, 1, 1]]
 
 
 def test_tensors_feed_gae_and_carry_entropy_traces() -> None:

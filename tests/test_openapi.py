@@ -47,6 +47,11 @@ PUBLISHED = {
     "Traces",
     "Trajectory",
     "Usage",
+    "Carried",
+    "VersionSpan",
+    "GroupEvent",
+    "RunRequest",
+    "RunResponse",
     "WeightsRequest",
     "WeightsResponse",
 }
@@ -112,7 +117,7 @@ def test_components_are_the_client_protocol_models(which, request):
             continue
         if model is protocol.RolloutStreamEvent:  # the NDJSON union: one member per event model
             members = {ref["$ref"].rsplit("/", 1)[-1] for ref in component["oneOf"]}
-            assert members == {"TrajectoryEvent", "DoneEvent", "ErrorEvent"}, members
+            assert members == {"TrajectoryEvent", "GroupEvent", "DoneEvent", "ErrorEvent"}, members
             continue
         properties = set(component.get("properties", {}))
         required = set(component.get("required", []))

@@ -35,28 +35,58 @@ class FakeTokenizer:
 
 
 class FakeEngine:
-    """Streams `length` tokens one per chunk, `delay` seconds apart; records aborts."""
+    """Streams `length` tokens one per chunk, `delay` seconds apart; records aborts. `lengths` maps a
+    request id's prefix to its own length (per-sample lengths). `abort(id)` ends a stream as vLLM's
+    does: a last chunk with finish_reason "abort"."""
 
-    def __init__(self, length: int = 40, delay: float = 0.002, finish: str = "length") -> None:
-        self.length, self.delay, self.finish = length, delay, finish
+    def __init__(
+        self, length: int = 40, delay: float = 0.002, finish: str = "length", lengths: dict | None = None
+    ) -> None:
+        self.length, self.delay, self.finish, self.lengths = length, delay, finish, lengths or {}
         self.tokenizer = FakeTokenizer()
         self.vocab_size, self.max_model_len, self.eos_token_id = 64, 512, 2
+        self.max_num_seqs = self.max_num_batched_tokens = None
         self.policy_version = 0
         self.gate = ReadWriteGate()
         self.aborted: list[str] = []
         self.finished: list[str] = []
+        self.prompts: dict[str, list[int]] = {}
+        self._abort: set[str] = set()
+        self._prompt_len: dict[str, int] = {}
+
+    def _length(self, request_id: str) -> int:
+        for prefix, length in self.lengths.items():
+            if request_id.startswith(prefix):
+                return length
+        return self.length
+
+    async def abort(self, request_id: str) -> None:
+        self._abort.add(request_id)
+
+    async def reload_weights(self, path: str, version: int) -> float:
+        self.policy_version = version
+        return 0.0
 
     async def generate(self, request_id: str, prompt: list[int], params: GenerationParams):
         done = False
+        self.prompts[request_id] = list(prompt)
+        base = request_id.split("-r")[0]  # a resumed sample's request: "<id>-r<k>"
+        offset = len(prompt) - self._prompt_len.setdefault(base, len(prompt))  # tokens it already has
         try:
-            n = min(self.length, params.max_tokens)
+            n = min(self._length(base) - offset, params.max_tokens)
             for i in range(n):
                 await asyncio.sleep(self.delay)
+                if request_id in self._abort:
+                    done = True
+                    self.aborted.append(request_id)
+                    yield TokenChunk([], [], [], finish_reason="abort")
+                    return
                 last = i == n - 1
                 if last:
                     done = True
                     self.finished.append(request_id)
-                yield TokenChunk([10 + i % 40], [-9.0], [0.0], finish_reason=self.finish if last else None)
+                token = 10 + (offset + i) % 40
+                yield TokenChunk([token], [-9.0], [0.0], finish_reason=self.finish if last else None)
         finally:
             if not done:
                 self.aborted.append(request_id)

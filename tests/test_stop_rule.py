@@ -226,3 +226,22 @@ def test_tokens_saved():
 def test_stop_rule_names():
     assert {r.value for r in StopRule} == {"none", "espo", "random", "regret_only", "value_only"}
     assert math.isfinite(EspoParams().beta0)
+
+
+def test_rebase_judges_later_tokens_with_the_new_state_and_pending_ones_with_theirs():
+    """A carried-over sample switches to a new batch's frozen state; a decision pending for an
+    earlier step is still taken with the state that judged that step."""
+    params = EspoParams(min_tokens=0, critic_stride=1, eps=0.2)
+    old = EspoState(mu=0.0, var=1.0, beta=1.0, warm=True, initialised=True)
+    new = EspoState(mu=0.0, var=1.0, beta=50.0, warm=True, initialised=True)
+    tracker = make_tracker("espo", old, params)
+    assert feed(tracker, [5.0])[0].query_value  # z_0 = 0.5 > beta*eps = 0.2: asks the critic for t=0
+    tracker.rebase(new)
+    assert tracker.state_at(0) is old and tracker.state_at(1) is new
+    assert not feed(tracker, [5.0])[0].query_value  # pending, and under beta 50 no query anyway
+    assert tracker.resolve(0, 0.3)  # judged with old: z_0 = 0.5 > 1.0 * max(0.3, 0.2)
+    fresh = make_tracker("espo", old, params)
+    feed(fresh, [5.0])
+    fresh.rebase(new)
+    fresh.earlier_states.clear()  # what forgetting the old state would do: judged with beta 50
+    assert not fresh.resolve(0, 0.3)

@@ -59,6 +59,7 @@ from .protocol import (
     InfoResponse,
     RolloutRequest,
     RolloutResponse,
+    RunResponse,
     StateResponse,
     Trajectory,
     WeightsResponse,
@@ -134,6 +135,19 @@ class EspoClient(BaseClient, Closing):
         """`POST /v1/weights`: serve the weights in `path` (as `version`); returns once served."""
         return self._run(self._load_weights_op(path, version))
 
+    def open_run(self, run_id: str | None = None) -> RunResponse:
+        """`POST /v1/runs`: open a run, which carries unfinished groups from one call to the next
+        (`rollouts(..., run_id=..., return_groups=B, leftover="carry")`)."""
+        return self._run(self._open_run_op(run_id))
+
+    def describe_run(self, run_id: str) -> RunResponse:
+        """`GET /v1/runs/{run_id}`: what the run carries."""
+        return self._run(self._describe_run_op(run_id))
+
+    def close_run(self, run_id: str) -> RunResponse:
+        """`DELETE /v1/runs/{run_id}`: close the run; the samples it carries are aborted."""
+        return self._run(self._close_run_op(run_id))
+
     def info(self) -> InfoResponse:
         """`GET /v1/info`: model, versions, rule defaults, limits."""
         return self._run(self._info_op())
@@ -192,7 +206,8 @@ class RolloutStream(ClientStream, Closing):
         return self
 
     def __next__(self) -> Trajectory:
-        trajectory = self._take(self._client._advance(self._op))
+        while (trajectory := self._take(self._client._advance(self._op))) is True:
+            pass  # a complete group, kept for pop_groups()
         if trajectory is None:
             raise StopIteration
         return trajectory
@@ -252,6 +267,15 @@ class AsyncEspoClient(BaseClient, AsyncClosing):
     async def load_weights(self, path: str, version: int | None = None) -> WeightsResponse:
         return await self._run(self._load_weights_op(path, version))
 
+    async def open_run(self, run_id: str | None = None) -> RunResponse:
+        return await self._run(self._open_run_op(run_id))
+
+    async def describe_run(self, run_id: str) -> RunResponse:
+        return await self._run(self._describe_run_op(run_id))
+
+    async def close_run(self, run_id: str) -> RunResponse:
+        return await self._run(self._close_run_op(run_id))
+
     async def info(self) -> InfoResponse:
         return await self._run(self._info_op())
 
@@ -300,7 +324,8 @@ class AsyncRolloutStream(ClientStream, AsyncClosing):
         return self
 
     async def __anext__(self) -> Trajectory:
-        trajectory = self._take(await self._client._advance(self._op))
+        while (trajectory := self._take(await self._client._advance(self._op))) is True:
+            pass  # a complete group, kept for pop_groups()
         if trajectory is None:
             raise StopAsyncIteration
         return trajectory

@@ -11,7 +11,8 @@ async client, executes the steps and nothing else:
     Lines(response)      response.iter_lines / aiter_lines    the iterator (opaque to this module)
     NextLine(lines)      next / anext on that iterator        the next line, or None at the end
     Close(response)      response.close / aclose              None
-    Item(trajectory)     hands the trajectory to the caller   None, when the caller wants the next
+    Item(trajectory)     hands the trajectory (or a complete   None, when the caller wants the next
+                         group of them) to the caller
 
     (*) read and closed; with `stream=True` and a 2xx status, open with its body unread.
 
@@ -58,12 +59,15 @@ from .protocol import (
     DoneEvent,
     ErrorEvent,
     EspoState,
+    GroupEvent,
     HealthResponse,
     InfoResponse,
     Prompt,
     RolloutRequest,
     RolloutResponse,
     RolloutStreamEvent,
+    RunRequest,
+    RunResponse,
     StateResponse,
     Trajectory,
     TrajectoryEvent,
@@ -78,7 +82,7 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=60.0)
 DEFAULT_MAX_RETRIES = 2
 """Retries after the first attempt, for connection failures and 503 answers only."""
 
-_EVENTS: TypeAdapter[TrajectoryEvent | DoneEvent | ErrorEvent] = TypeAdapter(RolloutStreamEvent)
+_EVENTS: TypeAdapter[TrajectoryEvent | GroupEvent | DoneEvent | ErrorEvent] = TypeAdapter(RolloutStreamEvent)
 _M = TypeVar("_M", bound=BaseModel)
 _S = TypeVar("_S")
 T = TypeVar("T")
@@ -125,7 +129,10 @@ class Close:
 
 @dataclass(frozen=True)
 class Item:
-    trajectory: Trajectory
+    """For the caller: a trajectory as it arrives, or (`group`) a prompt group now complete."""
+
+    trajectory: Trajectory | None = None
+    group: list[Trajectory] | None = None
 
 
 @dataclass(frozen=True)
@@ -315,6 +322,15 @@ class BaseClient:
     def _load_weights_op(self, path: str, version: int | None) -> Op[WeightsResponse]:
         return self._call("POST", "/v1/weights", WeightsResponse, WeightsRequest(path=path, version=version))
 
+    def _open_run_op(self, run_id: str | None) -> Op[RunResponse]:
+        return self._call("POST", "/v1/runs", RunResponse, RunRequest(run_id=run_id))
+
+    def _describe_run_op(self, run_id: str) -> Op[RunResponse]:
+        return self._call("GET", f"/v1/runs/{_path(run_id)}", RunResponse)
+
+    def _close_run_op(self, run_id: str) -> Op[RunResponse]:
+        return self._call("DELETE", f"/v1/runs/{_path(run_id)}", RunResponse)
+
     def _info_op(self) -> Op[InfoResponse]:
         return self._call("GET", "/v1/info", InfoResponse)
 
@@ -410,6 +426,8 @@ class BaseClient:
                     if isinstance(event, TrajectoryEvent):
                         trajectories.append(event.trajectory)
                         yield Item(event.trajectory)
+                    elif isinstance(event, GroupEvent):
+                        yield Item(group=_group(trajectories, event, request.request_id or ""))
                     elif isinstance(event, DoneEvent):
                         return _in_prompt_order(event.response, trajectories)
                     elif isinstance(event, ErrorEvent):
@@ -462,14 +480,30 @@ class ClientStream(BaseStream):
         super().__init__(request)
         self._client = client
         self._op = client._stream_op(request)
+        self._groups: list[list[Trajectory]] = []
 
-    def _take(self, step: Item | Done[RolloutResponse]) -> Trajectory | None:
-        """The trajectory of an Item; at Done, keep the response and return None (the end)."""
+    def _take(self, step: Item | Done[RolloutResponse]) -> Trajectory | bool | None:
+        """The trajectory of an Item (a group Item is kept for `pop_groups`, and gives True); at Done,
+        keep the response and return None (the end)."""
         if isinstance(step, Item):
+            if step.group is not None:
+                self._groups.append(step.group)
+                return True
             return step.trajectory
         if step.value is not None:
             self._response = step.value
         return None
+
+    def pop_groups(self) -> list[list[Trajectory]]:
+        """The prompt groups completed since the last call, each all `n` trajectories of one prompt
+        (from the server's group events): a group-relative learner can score them right away.
+
+            for trajectory in stream:
+                for group in stream.pop_groups():
+                    ...
+        """
+        groups, self._groups = self._groups, []
+        return groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,11 +569,39 @@ def _parse(model: type[_M], response: httpx.Response) -> _M:
 
 
 def _in_prompt_order(response: RolloutResponse, trajectories: Sequence[Trajectory]) -> RolloutResponse:
-    ordered = sorted(trajectories, key=lambda t: (t.prompt_index, t.sample_index))
+    """The server's order: this call's groups by prompt, then carried-over ones by the call that
+    started them."""
+    ordered = sorted(trajectories, key=trajectory_order)
     return response.model_copy(update={"trajectories": ordered})
 
 
-def _event(line: str) -> TrajectoryEvent | DoneEvent | ErrorEvent | None:
+def trajectory_order(t: Trajectory) -> tuple[bool, str, int, int]:
+    origin = t.carried.request_id if t.carried else ""
+    return (t.carried is not None, origin, t.prompt_index, t.sample_index)
+
+
+def _group(trajectories: Sequence[Trajectory], event: GroupEvent, request_id: str) -> list[Trajectory]:
+    """The trajectories of the group that a GroupEvent announces (they were all sent before it)."""
+
+    def key(t: Trajectory) -> tuple[str, int]:
+        return (t.carried.request_id if t.carried else request_id, t.prompt_index)
+
+    members = [t for t in trajectories if key(t) == (event.carried_from or request_id, event.prompt_index)]
+    if len(members) != event.sample_count:
+        raise StreamError(
+            f"group event for prompt {event.prompt_index} announces {event.sample_count} trajectories; "
+            f"{len(members)} were sent"
+        )
+    return sorted(members, key=lambda t: t.sample_index)
+
+
+def _path(segment: str) -> str:
+    from urllib.parse import quote
+
+    return quote(segment, safe="")
+
+
+def _event(line: str) -> TrajectoryEvent | GroupEvent | DoneEvent | ErrorEvent | None:
     """Parse one NDJSON line; None for blank lines and event types this client does not know."""
     line = line.strip()
     if not line:
@@ -550,7 +612,7 @@ def _event(line: str) -> TrajectoryEvent | DoneEvent | ErrorEvent | None:
         raise StreamError(f"malformed stream line: {line[:200]!r}") from exc
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise StreamError(f"stream line without a type: {line[:200]!r}")
-    if obj["type"] not in ("trajectory", "done", "error"):
+    if obj["type"] not in ("trajectory", "group", "done", "error"):
         return None  # forward compatible: a newer server's extra event types are skipped
     try:
         return _EVENTS.validate_python(obj)

@@ -74,6 +74,9 @@ def trajectories_to_tensors(
         end_reason      [B]      long   END_REASON_CODES
         terminal        [B]      bool   eos or espo_stop (no bootstrap in `compute_gae`)
         old_entropy     [B, R]   float  only if every trajectory carries an `entropy` trace
+        policy_versions [B, R]   long   the policy version that sampled each token (-1 on padding):
+                                        `response_mask * (policy_versions >= v)` drops stale spans
+                                        of carried-over trajectories
 
     The values of a critic run on `input_ids` line up with the response as `values[:, P-1 : P+R-1]`
     (V(s_t) is read at the token before response token t), and the value after the last token,
@@ -101,6 +104,9 @@ def trajectories_to_tensors(
     batch = len(trajectories)
     prompts = []
     for trajectory in trajectories:
+        if trajectory.carried is not None:  # started by an earlier call: it brings its prompt
+            prompts.append(list(trajectory.carried.prompt_token_ids))
+            continue
         if not 0 <= trajectory.prompt_index < len(prompt_token_ids):
             raise ValueError(
                 f"prompt_index {trajectory.prompt_index} but {len(prompt_token_ids)} prompts given"
@@ -122,6 +128,7 @@ def trajectories_to_tensors(
         for t in trajectories
     )
     old_entropy = torch.zeros((batch, r_len), dtype=torch.float32)
+    policy_versions = torch.full((batch, r_len), -1, dtype=torch.long)
 
     for i, (trajectory, prompt) in enumerate(zip(trajectories, prompts, strict=True)):
         length = len(trajectory.token_ids)
@@ -134,6 +141,9 @@ def trajectories_to_tensors(
         if with_entropy and trajectory.traces is not None and trajectory.traces.entropy is not None:
             old_entropy[i, :length] = torch.tensor(trajectory.traces.entropy, dtype=torch.float32)
         response_lengths[i] = length
+        policy_versions[i, :length] = trajectory.policy_version
+        for span in trajectory.policy_version_spans:
+            policy_versions[i, span.start : min(span.end, length)] = span.version
         end_reason[i] = END_REASON_CODES[trajectory.end_reason]
         if trajectory.end_reason == "abort":
             continue
@@ -163,6 +173,7 @@ def trajectories_to_tensors(
         "prompt_lengths": torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long),
         "end_reason": end_reason,
         "terminal": terminal,
+        "policy_versions": policy_versions,
     }
     if with_entropy:
         tensors["old_entropy"] = old_entropy

@@ -14,6 +14,7 @@ from .stop_rule import BatchStats, EspoParams, EspoState, StopRule
 
 __all__ = [
     "MAX_TOP_K_LOGPROBS",
+    "Carried",
     "CommitRequest",
     "CriticValuesRequest",
     "CriticValuesResponse",
@@ -23,6 +24,7 @@ __all__ = [
     "ErrorEvent",
     "ErrorResponse",
     "EspoState",
+    "GroupEvent",
     "HealthResponse",
     "InfoResponse",
     "Prompt",
@@ -30,12 +32,15 @@ __all__ = [
     "RolloutResponse",
     "RolloutStreamEvent",
     "RuleParams",
+    "RunRequest",
+    "RunResponse",
     "StateResponse",
     "StopRule",
     "Traces",
     "Trajectory",
     "TrajectoryEvent",
     "Usage",
+    "VersionSpan",
     "WeightsRequest",
     "WeightsResponse",
 ]
@@ -111,7 +116,11 @@ class RuleParams(_Model):
 class RolloutRequest(_Model):
     """`POST /v1/rollouts`: sample `n` trajectories per prompt under a stop rule."""
 
-    prompts: list[Prompt] = Field(..., min_length=1, description="Prompts; each gets `n` samples.")
+    prompts: list[Prompt] = Field(
+        ...,
+        description="Prompts; each gets `n` samples. At least one, unless `run_id` names a run that "
+        "carries samples over (a call that only collects them).",
+    )
     n: int = Field(1, ge=1, description="Samples per prompt (the server caps it: see /v1/info).")
     max_tokens: int = Field(256, ge=1, description="Response token limit; ends with `length` when hit.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (regret uses raw logprobs).")
@@ -157,6 +166,25 @@ class RolloutRequest(_Model):
         description="Idempotency key: a retry with the same id gets the first call's result, not a "
         "second batch of samples.",
     )
+    return_groups: int | None = Field(
+        None,
+        ge=1,
+        description="Return as soon as this many prompt groups are complete (all `n` samples of a "
+        "prompt ended by eos, length or espo_stop), counting groups carried over from earlier calls "
+        "of the run. Unset: wait for every group.",
+    )
+    leftover: Literal["abort", "carry"] = Field(
+        "abort",
+        description="What happens to the samples of groups that were not complete at an early return: "
+        "`abort` (returned with end_reason abort; the learner drops them) or `carry` (they keep running "
+        "in the server and are handed back, as whole groups, by a later call of the same `run_id`).",
+    )
+    run_id: str | None = Field(
+        None,
+        max_length=200,
+        description="The run (POST /v1/runs) this call belongs to: its carried-over groups take part in "
+        "this call, and with leftover=carry this call's unfinished groups are carried for the next.",
+    )
 
 
 class Traces(_Model):
@@ -166,6 +194,30 @@ class Traces(_Model):
     z: list[float] | None = Field(None, description="Smoothed normalised regret z_t of each token.")
     values: list[float | None] | None = Field(None, description="V(s_t) where the critic was queried.")
     entropy: list[float] | None = Field(None, description="Top-k estimate of the policy entropy at s_t.")
+
+
+class VersionSpan(_Model):
+    """Tokens [start, end) of a response were sampled by policy version `version`."""
+
+    start: int = Field(..., ge=0)
+    end: int = Field(..., ge=0)
+    version: int
+
+
+class Carried(_Model):
+    """Where a carried-over trajectory came from: set only on trajectories that an earlier call of the
+    run started (its prompt_index and sample_index refer to that call's prompts)."""
+
+    request_id: str = Field(..., description="The call that started this trajectory.")
+    prompt_token_ids: list[int] = Field(..., description="Its prompt, so the learner needs no lookup.")
+    stop_rule: StopRule
+    shadow: bool
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = Field(None, description="The sample's seed (its first engine request's).")
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
 
 
 class Trajectory(_Model):
@@ -180,10 +232,22 @@ class Trajectory(_Model):
         description="Reward on the last token: r_fail when stopped, the verifier's when known, else null.",
     )
     shadow_stop_step: int | None = Field(None, description="Where the rule would have stopped (shadow mode).")
-    policy_version: int = Field(..., description="Version of the weights that sampled this trajectory.")
+    policy_version: int = Field(
+        ...,
+        description="Version of the weights that sampled this trajectory (the oldest, if weights were "
+        "pushed while it was carried over: see policy_version_spans).",
+    )
+    policy_version_spans: list[VersionSpan] = Field(
+        default_factory=list,
+        description="The policy version of every span of the returned tokens (one span unless the "
+        "trajectory was carried over across a weight push).",
+    )
     discarded_tokens: int = Field(0, description="Tokens generated past the stop while the critic answered.")
     critic_error: bool = Field(False, description="A critic query of this trajectory failed or timed out.")
     traces: Traces | None = None
+    carried: Carried | None = Field(
+        None, description="Set when an earlier call of the run started this trajectory (carried over)."
+    )
 
 
 class Usage(_Model):
@@ -205,6 +269,10 @@ class Usage(_Model):
         0.0, description="Summed lifetime of the trajectories (critic_time_s over this: the critic share)."
     )
     wall_time_s: float = 0.0
+    groups_returned: int = Field(0, description="Complete prompt groups in this response.")
+    groups_carried: int = Field(0, description="Groups left running for a later call of the run.")
+    carried_in: int = Field(0, description="Trajectories in this response that earlier calls started.")
+    aborted: int = Field(0, description="Trajectories of incomplete groups aborted at an early return.")
     regret_tokens: int = Field(0, description="Batch statistics: number of regret values.")
     regret_sum: float = 0.0
     regret_sumsq: float = 0.0
@@ -237,6 +305,7 @@ class RolloutResponse(_Model):
         None, description="The state after folding this call in (null while its batch is still open)."
     )
     policy_version: int
+    run_id: str | None = None
 
     def batch_stats(self) -> BatchStats:
         """This call's contribution to the ESPO state update (see `Usage.batch_stats`)."""
@@ -285,6 +354,10 @@ class InfoResponse(_Model):
     entropy_top_k: int
     state: EspoState
     verifier: str | None = None
+    max_num_seqs: int | None = Field(None, description="Sequences the engine runs at once (its slots).")
+    max_num_batched_tokens: int | None = Field(None, description="Tokens the engine schedules per step.")
+    max_trajectories: int | None = Field(None, description="Most trajectories (prompts x n) per call.")
+    run_idle_timeout_s: float | None = Field(None, description="A run with no call for this long is closed.")
 
 
 class HealthResponse(_Model):
@@ -317,6 +390,18 @@ class DoneEvent(_Model):
     response: RolloutResponse
 
 
+class GroupEvent(_Model):
+    """`?stream=true` NDJSON line: every trajectory of a prompt group has been sent (the group is
+    complete), so a group-relative learner can score it before the call ends."""
+
+    type: Literal["group"] = "group"
+    prompt_index: int
+    sample_count: int
+    carried_from: str | None = Field(
+        None, description="request_id of the call that started the group, if it was carried over."
+    )
+
+
 class ErrorEvent(_Model):
     """The stream's last line on failure after the 200 status was sent: the error envelope's body."""
 
@@ -324,8 +409,27 @@ class ErrorEvent(_Model):
     error: ErrorBody
 
 
-RolloutStreamEvent = Annotated[TrajectoryEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
-"""One NDJSON line of a streamed rollout: trajectory lines, then exactly one done or error line."""
+RolloutStreamEvent = Annotated[
+    TrajectoryEvent | GroupEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
+]
+"""One NDJSON line of a streamed rollout: trajectory and group lines, then exactly one done or error line."""
+
+
+class RunRequest(_Model):
+    """`POST /v1/runs`: open a run, the owner of samples carried over from one call to the next."""
+
+    run_id: str | None = Field(None, min_length=1, max_length=200, description="Default: a new uuid.")
+
+
+class RunResponse(_Model):
+    run_id: str
+    open: bool = Field(..., description="False once closed (DELETE /v1/runs/{run_id}) or expired.")
+    carried_groups: int = Field(0, description="Groups waiting for the next call of the run.")
+    carried_trajectories: int = Field(0, description="Their samples (finished or still running).")
+    running: int = Field(0, description="Of those, samples still generating.")
+    aborted: int = Field(0, description="Samples aborted when the run was closed.")
+    calls: int = Field(0, description="Rollout calls of this run so far.")
+    idle_timeout_s: float = Field(..., description="A run with no call for this long is closed.")
 
 
 class CriticValuesRequest(_Model):

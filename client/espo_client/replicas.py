@@ -208,6 +208,11 @@ class AsyncReplicas(AsyncClosing):
         of its prompt i with `seed + i*n + j`, so a shard starting at global prompt `lo` is sent
         `seed + lo*n`. Each shard gets its own request id, `<request_id>-<k>of<K>`.
         """
+        if request.run_id is not None or request.return_groups is not None:
+            raise ValueError(
+                "runs (run_id) and early return (return_groups) are per server: a run's carried groups "
+                "live on one replica; use one EspoClient per replica for them"
+            )
         clients = self.clients
         n_prompts = len(request.prompts)
         n_shards = min(len(clients), n_prompts)

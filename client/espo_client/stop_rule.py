@@ -287,11 +287,26 @@ class TrajectoryTracker:
     stop_step: int | None = None
     pending: int | None = None
     last_query: int | None = None
+    earlier_states: list[tuple[int, EspoState]] = field(default_factory=list)
+    """(end, state) of each state this tracker judged with before `rebase`: steps before `end`
+    were judged with `state`. Empty unless the trajectory outlived a batch (a carried-over sample)."""
 
     @property
     def t(self) -> int:
         """Index of the last token fed."""
         return len(self.g) - 1
+
+    def rebase(self, state: EspoState) -> None:
+        """Judge the tokens from the next one on with `state` (the frozen state of a new batch)."""
+        self.earlier_states.append((len(self.g), self.state))
+        self.state = state
+
+    def state_at(self, t: int) -> EspoState:
+        """The state step t was judged with."""
+        for end, state in self.earlier_states:
+            if t < end:
+                return state
+        return self.state
 
     def step(self, sampled_logprob: float, top_logprob: float) -> Decision:
         g_t = regret(sampled_logprob, top_logprob)
@@ -331,7 +346,7 @@ class TrajectoryTracker:
 
     def _regret_only_stop(self, t: int) -> bool:
         """What `regret_only` decides at t (also the `regret_only` critic fallback of other rules)."""
-        p, s = self.params, self.state
+        p, s = self.params, self.state_at(t)
         return s.armed and t >= p.min_tokens and self.z[t] > threshold(s.beta, p.v_const, p.eps)
 
     def _decide(self, t: int) -> Decision:
@@ -358,7 +373,7 @@ class EspoTracker(TrajectoryTracker):
         return _CONTINUE
 
     def _stop_with_value(self, t: int, value: float) -> bool:
-        return self.z[t] > threshold(self.state.beta, value, self.params.eps)
+        return self.z[t] > threshold(self.state_at(t).beta, value, self.params.eps)
 
 
 class RegretOnlyTracker(TrajectoryTracker):
