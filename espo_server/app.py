@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -49,8 +50,9 @@ _ERROR_RESPONSES: dict[int | str, dict] = {
     # "4XX" also keeps FastAPI from documenting its own 422 body, which this server never sends.
     "4XX": {
         "model": ErrorResponse,
-        "description": "Invalid request (400, error.param names the field) "
-        "or missing/wrong bearer token (401)",
+        "description": "Invalid request (400, error.param names the field), missing/wrong bearer "
+        "token (401), weights outside --weights-dir (403), a conflict (409: a request_id reused with "
+        "another body, a busy run or batch), too much in flight (429, with Retry-After)",
     },
     503: {"model": ErrorResponse, "description": "Engine or critic not available"},
 }
@@ -75,6 +77,11 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(watch())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself is cancelled (shutdown): so is the call
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise
     finally:
         watcher.cancel()
     if not task.done():
@@ -99,7 +106,9 @@ def build_app(config: ServerConfig) -> FastAPI:
         return request.app.state.service
 
     async def authorised(request: Request) -> None:
-        if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
+        if config.api_key and not hmac.compare_digest(
+            request.headers.get("authorization", "").encode(), f"Bearer {config.api_key}".encode()
+        ):
             raise HTTPException(401, "missing or wrong bearer token")
 
     v1 = [Depends(authorised)]
@@ -166,8 +175,7 @@ def build_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def readyz(svc: RolloutService = Depends(get_service)):
-        detail = await svc.readiness()
-        ok = all(v == "ok" for v in detail.values())
+        ok, detail = await svc.readiness()
         body = HealthResponse(status="ready" if ok else "unavailable", detail=detail)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 

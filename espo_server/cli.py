@@ -42,7 +42,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
             continue
         kwargs: dict = {"dest": name, "default": None, "help": help_text}
-        if typing.get_origin(base) is typing.Literal:
+        if typing.get_origin(base) is list:  # repeatable: --weights-dir A --weights-dir B
+            kwargs["action"] = "append"
+            kwargs["type"] = typing.get_args(base)[0]
+        elif typing.get_origin(base) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(base))
         elif isinstance(base, type) and (issubclass(base, BaseModel) or dataclasses.is_dataclass(base)):
             kwargs["type"] = json.loads

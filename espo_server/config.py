@@ -30,6 +30,11 @@ class ServerConfig(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
     api_key: str | None = Field(None, description="If set, every /v1 call needs 'Authorization: Bearer KEY'.")
+    weights_dir: list[Path] = Field(
+        default_factory=list,
+        description="Directories that POST /v1/weights may load from (repeat the flag; env: a JSON list). "
+        "Empty: weight pushes are refused.",
+    )
 
     # --- the policy
     model: str | None = Field(
@@ -84,6 +89,16 @@ class ServerConfig(BaseSettings):
     max_prompts: int = Field(1024, ge=1, description="Most prompts per request.")
     max_trajectories: int = Field(8192, ge=1, description="Most trajectories (prompts x n) per request.")
     idempotency_cache: int = Field(256, ge=0, description="Finished responses kept for request_id retries.")
+    idempotency_cache_mb: float = Field(
+        512.0, ge=0, description="Byte budget of those kept responses (MiB); the oldest go first."
+    )
+    idempotency_ttl_s: float = Field(900.0, gt=0, description="Kept responses older than this are dropped.")
+    max_inflight_trajectories: int = Field(
+        16384, ge=1, description="Trajectories generating at once (all calls and runs); beyond it: 429."
+    )
+    max_call_seconds: float | None = Field(
+        None, gt=0, description="Deadline of every call (a request's deadline_s may be shorter)."
+    )
     run_idle_timeout_s: float = Field(
         600.0,
         gt=0,

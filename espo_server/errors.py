@@ -6,7 +6,9 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
 
     ServiceError                 503 service_unavailable (the base: something on our side is down)
     +-- InvalidRequest           400 invalid_request_error, `param` names the field
-    +-- Conflict                 409 conflict (e.g. a run that already has a call in progress)
+    +-- Forbidden                403 permission_error (e.g. weights outside --weights-dir)
+    +-- Conflict                 409 conflict (a request_id reused with another body, a busy run, ...)
+    +-- Overloaded               429 overloaded, with Retry-After
     +-- critic.CriticError       503 critic_unavailable
     fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
     HTTPException(401)           401 authentication_error
@@ -54,6 +56,24 @@ class Conflict(ServiceError):
     type = "conflict"
 
 
+class Forbidden(ServiceError):
+    """Not allowed by the server's configuration (403), e.g. weights outside --weights-dir."""
+
+    status = 403
+    type = "permission_error"
+
+
+class Overloaded(ServiceError):
+    """Too much in flight (429): retry after `retry_after_s` (the Retry-After header)."""
+
+    status = 429
+    type = "overloaded"
+
+    def __init__(self, message: str, param: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, param)
+        self.retry_after_s = retry_after_s
+
+
 def error_body(exc: BaseException) -> ErrorBody:
     """The envelope's body for any exception the service lets out (the one mapper)."""
     if isinstance(exc, ServiceError):
@@ -69,10 +89,10 @@ def param_of(loc: tuple) -> str | None:
     return out or None
 
 
-def error_response(body: ErrorBody) -> JSONResponse:
+def error_response(body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=body.code)
+    return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=body.code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -104,7 +124,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.body())
+        headers = {"Retry-After": f"{exc.retry_after_s:g}"} if isinstance(exc, Overloaded) else None
+        return error_response(exc.body(), headers)
 
     @app.exception_handler(Exception)  # Starlette logs these itself, with the traceback
     async def _any(_: Request, exc: Exception) -> JSONResponse:

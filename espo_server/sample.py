@@ -170,6 +170,7 @@ class Sample:
 
     async def _run(self) -> SampleResult:
         metrics.INFLIGHT.inc()
+        reward = None
         try:
             while True:
                 if not self._running.is_set():  # suspended: wait for resume()
@@ -182,9 +183,12 @@ class Sample:
                 if done or self._aborting or self._running.is_set():
                     break  # finished, aborted by us, or aborted by the engine (not a suspension)
                 self.finish_reason = None
+            ended_by_model = self.stop_step is None and self.finish_reason == "stop" and not self._aborting
+            if ended_by_model and self.spec.score is not None:  # the verifier, off the event loop
+                reward = await asyncio.to_thread(self.spec.score, self.token_ids)
         finally:
             metrics.INFLIGHT.dec()
-        result = self._result()
+        result = self._result(reward)
         result.lifetime_s = time.perf_counter() - self._started
         return result
 
@@ -301,7 +305,7 @@ class Sample:
 
     # ------------------------------------------------------------------ the trajectory
 
-    def _result(self) -> SampleResult:
+    def _result(self, score: float | None) -> SampleResult:
         spec = self.spec
         full_length = len(self.token_ids)
         if self.stop_step is not None:
@@ -316,8 +320,8 @@ class Sample:
         reward: float | None = None
         if end_reason == "espo_stop":
             reward = spec.r_fail
-        elif end_reason == "eos" and spec.score is not None:
-            reward = spec.score(token_ids)
+        elif end_reason == "eos":
+            reward = score
         traces = None
         if spec.include:
             want, tr = spec.include, self.tracker

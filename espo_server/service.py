@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +51,8 @@ from . import metrics
 from .config import ServerConfig
 from .critic import CriticClient, CriticError
 from .engine import GenerationParams, PolicyEngine
-from .errors import Conflict, InvalidRequest
+from .errors import Conflict, Forbidden, InvalidRequest, Overloaded
+from .idempotency import CallEnded, IdempotencyCache
 from .ledger import StateLedger
 from .runs import Group, RunRegistry
 from .sample import CriticAccess, Sample, SampleResult, SampleSpec, Scorer
@@ -78,6 +78,10 @@ class CallPlan:
     """Set when the call starts: the learner's, or the server's (frozen for the call's batch)."""
     policy_version: int = 0
     started: float = field(default_factory=time.perf_counter)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    deadline_hit: bool = False
+    known: RolloutResponse | asyncio.Future[RolloutResponse] | None = None
+    """A retry: the first call's answer, or the future of the first call still running."""
 
     @property
     def learner_owned(self) -> bool:
@@ -128,8 +132,11 @@ class RolloutService:
             CriticAccess(critic, config.critic_timeout_s, config.critic_fallback) if critic else None
         )
         self.runs = RunRegistry(config.run_idle_timeout_s)
-        self._finished: OrderedDict[str, RolloutResponse] = OrderedDict()
-        self._running: dict[str, asyncio.Future[RolloutResponse]] = {}
+        self.inflight = 0
+        """Samples generating now (all calls, and the samples runs carry), for backpressure."""
+        self.idempotency = IdempotencyCache(
+            config.idempotency_cache, int(config.idempotency_cache_mb * 2**20), config.idempotency_ttl_s
+        )
         self._publish_state()
 
     async def aclose(self) -> None:
@@ -141,7 +148,21 @@ class RolloutService:
     def plan(self, request: RolloutRequest) -> CallPlan:
         """Check a request against the model and limits; raise InvalidRequest naming the field.
         No side effects: the state is read when the call starts (`stream`)."""
+        known = self.idempotency.lookup(request)
+        if known is not None:  # a retry: replayed (or waited for) by `stream`, not validated again
+            return CallPlan(
+                request, request.request_id or "", [], [], StopRule.NONE, self.rule_defaults, 1, known=known
+            )
         cfg, engine = self.config, self.engine
+        if request.batch_id is not None:
+            if request.state is not None:
+                message = "batch_id groups calls of the server-owned state; with state= the learner owns it"
+                raise InvalidRequest(message, "batch_id")
+            if not request.update_state:
+                raise InvalidRequest(
+                    "a call with update_state=false folds nothing: it has no batch_id", "batch_id"
+                )
+            self.ledger.check_begin(request.batch_id)
         carried_groups, carried_samples = self._check_run(request)
         if not request.prompts and not carried_groups:
             raise InvalidRequest("prompts must not be empty (unless run_id carries groups over)", "prompts")
@@ -157,6 +178,13 @@ class RolloutService:
         if len(request.prompts) > cfg.max_prompts:
             raise InvalidRequest(
                 f"{len(request.prompts)} prompts exceed max_prompts={cfg.max_prompts}", "prompts"
+            )
+        wanted = request.n * len(request.prompts)
+        if self.inflight + wanted > cfg.max_inflight_trajectories:
+            raise Overloaded(
+                f"{self.inflight} trajectories are generating; {wanted} more would exceed "
+                f"max_inflight_trajectories={cfg.max_inflight_trajectories}: retry later",
+                retry_after_s=2.0,
             )
         if request.n * len(request.prompts) + carried_samples > cfg.max_trajectories:
             carried = f" (plus {carried_samples} carried over by the run)" if carried_samples else ""
@@ -248,9 +276,6 @@ class RolloutService:
     async def rollouts(self, request: RolloutRequest) -> RolloutResponse:
         """Run a whole call and return every trajectory. A retry with a known request_id gets the
         first call's answer (or waits for it), never a second batch of samples."""
-        rid = request.request_id
-        if rid is not None and rid in self._running:
-            return await asyncio.shield(self._running[rid])
         response = None
         async for item in self.stream(self.plan(request)):
             if isinstance(item, RolloutResponse):
@@ -262,13 +287,27 @@ class RolloutService:
         """Yield trajectories as they finish and a GroupEvent as each prompt group completes, then the
         whole RolloutResponse. With `return_groups`, a group's trajectories are yielded together when
         the group completes (an incomplete group may be carried over: nothing is sent twice), and the
-        call ends once that many groups are complete. A finished request_id replays its answer."""
+        call ends once that many groups are complete. A known request_id replays its answer
+        (idempotency.py), waiting for it if the first call is still running."""
         request = plan.request
-        rid = request.request_id
-        if rid is not None and rid in self._finished:
-            for item in _replay(self._finished[rid]):
-                yield item
-            return
+        if plan.known is not None:
+            try:
+                known = (
+                    plan.known
+                    if isinstance(plan.known, RolloutResponse)
+                    else await asyncio.shield(plan.known)
+                )
+            except CallEnded:  # the first call was cancelled or failed and folded nothing: run it now
+                plan = self.plan(request)
+            else:
+                for item in _replay(known):
+                    yield item
+                return
+            if plan.known is not None:  # another retry got there first
+                async for item in self.stream(plan):
+                    yield item
+                return
+        self.idempotency.begin(request)
         async with self.engine.gate.shared():
             run = self.runs.claim(request.run_id) if request.run_id else None
             plan.policy_version = self.engine.policy_version
@@ -285,16 +324,16 @@ class RolloutService:
             groups = new + carried
             target = request.return_groups or len(groups)
             by_group = request.return_groups is not None
-            future: asyncio.Future[RolloutResponse] = asyncio.get_running_loop().create_future()
-            if rid is not None:
-                self._running[rid] = future
             metrics.REQUESTS.labels(outcome="started").inc()
             complete: list[Group] = []
             kept: list[Group] = [g for g in carried]  # what the run keeps if this call fails
+            folded = False
             try:
                 unseen = {id(g): len(g.samples) for g in groups}  # samples of each group not seen ending
+                limits = [x for x in (request.deadline_s, self.config.max_call_seconds) if x is not None]
+                deadline = plan.started_monotonic + min(limits) if limits else None
                 if target > 0:
-                    async for group, sample in _endings(groups):
+                    async for group, sample in _endings(groups, deadline):
                         if not by_group:
                             yield self._trajectory(plan, group, sample)
                         unseen[id(group)] -= 1
@@ -318,9 +357,10 @@ class RolloutService:
                     for group in aborted:
                         for sample in group.samples:
                             yield self._trajectory(plan, group, sample)
+                plan.deadline_hit = len(complete) < target
                 response = self._finish(plan, complete, aborted, kept)
-                future.set_result(response)
-                self._remember(plan.request_id, response)
+                folded = True
+                self.idempotency.finish(request, response)
                 metrics.REQUESTS.labels(outcome="ok").inc()
                 yield response
             except BaseException as exc:
@@ -333,23 +373,14 @@ class RolloutService:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                if not future.done():
-                    future.set_exception(RuntimeError(f"rollout call ended: {exc!r}"))
-                    future.exception()  # mark retrieved
+                self.idempotency.fail(request, exc)
+                if request.state is None and not folded:
+                    self.ledger.abandon(request.batch_id)
                 raise
             finally:
                 if run is not None:
                     self.runs.release(run, kept)
-                if rid is not None:
-                    self._running.pop(rid, None)
                 metrics.REQUEST_LATENCY.observe(time.perf_counter() - plan.started)
-
-    def _remember(self, request_id: str, response: RolloutResponse) -> None:
-        if self.config.idempotency_cache <= 0:
-            return
-        self._finished[request_id] = response
-        while len(self._finished) > self.config.idempotency_cache:
-            self._finished.popitem(last=False)
 
     def _start_group(self, plan: CallPlan, prompt_index: int) -> Group:
         """The `n` samples of one prompt, started."""
@@ -371,9 +402,13 @@ class RolloutService:
             )
             tracker = plan.tracker(flat_index, self.config.critic_fallback)
             sample = Sample(spec, tracker, self.engine, self._critic_access)
-            sample.start()
+            self.inflight += 1
+            sample.start().add_done_callback(self._sample_ended)
             samples.append(sample)
         return Group(plan.request_id, prompt_index, samples)
+
+    def _sample_ended(self, _: asyncio.Task) -> None:
+        self.inflight -= 1
 
     def _scorer(self, plan: CallPlan, prompt_index: int) -> Scorer | None:
         """The verifier's reward for eos responses of this prompt, if the server can score them."""
@@ -468,6 +503,7 @@ class RolloutService:
             groups_carried=len(kept),
             carried_in=sum(t.carried is not None for t in trajectories),
             aborted=sum(t.end_reason == "abort" for t in trajectories),
+            deadline_hit=plan.deadline_hit,
             regret_tokens=stats.tokens,
             regret_sum=stats.g_sum,
             regret_sumsq=stats.g_sumsq,
@@ -518,18 +554,14 @@ class RolloutService:
         return self.state()
 
     def commit(self, batch_id: str | None) -> StateResponse:
-        try:
-            self.ledger.commit(batch_id)
-        except KeyError as exc:
-            raise InvalidRequest(str(exc).strip("'\""), "batch_id") from exc
+        self.ledger.commit(batch_id)
         self._publish_state()
         return self.state()
 
     async def load_weights(self, path: str, version: int | None) -> WeightsResponse:
         """Reload the policy in place once the running calls have ended (new calls wait). Samples
         that runs carry between calls are suspended meanwhile and resume under the new weights."""
-        # Checked here: a reload that fails inside the engine can leave it half-loaded.
-        directory = Path(path)
+        directory = self._allowed_weights_dir(path)
         if not directory.is_dir() or not any(directory.glob("*.safetensors")):
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
         async with self.engine.gate.exclusive():
@@ -548,6 +580,16 @@ class RolloutService:
         metrics.WEIGHT_LOADS.labels(outcome="ok").inc()
         self._publish_state()
         return WeightsResponse(policy_version=new_version, load_time_s=round(seconds, 4))
+
+    def _allowed_weights_dir(self, path: str) -> Path:
+        """`path` resolved, if it lies inside a --weights-dir; else 403: no caller loads any path."""
+        allowed = [Path(d).resolve() for d in self.config.weights_dir]
+        if not allowed:
+            raise Forbidden("this server takes no weight pushes: start it with --weights-dir DIR", "path")
+        directory = Path(path).resolve()
+        if not any(directory == root or root in directory.parents for root in allowed):
+            raise Forbidden(f"{path} is outside the --weights-dir directories of this server", "path")
+        return directory
 
     # ------------------------------------------------------------------ runs
 
@@ -583,8 +625,10 @@ class RolloutService:
             run_idle_timeout_s=cfg.run_idle_timeout_s,
         )
 
-    async def readiness(self) -> dict[str, str]:
-        """'ok' or 'down: why' for the engine and (if any) the critic."""
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Whether the server can serve rollouts now, and the health of each part. Readiness follows
+        the policy engine: a critic that is down is reported, but the server still serves (its
+        queries follow `critic_fallback`, flagged on the trajectories)."""
         detail: dict[str, str] = {}
         try:
             await self.engine.check_health()
@@ -596,17 +640,21 @@ class RolloutService:
                 await self.critic.check()
                 detail["critic"] = "ok"
             except CriticError as exc:
-                detail["critic"] = f"down: {exc}"
-        return detail
+                detail["critic"] = f"down: {exc} (serving with critic_fallback={self.config.critic_fallback})"
+        return detail["engine"] == "ok", detail
 
 
-async def _endings(groups: list[Group]) -> AsyncIterator[tuple[Group, Sample]]:
-    """(group, sample) as each sample ends; those that ended already come first."""
+async def _endings(groups: list[Group], deadline: float | None) -> AsyncIterator[tuple[Group, Sample]]:
+    """(group, sample) as each sample ends; those that ended already come first. Ends early at
+    `deadline` (time.monotonic)."""
     pending = {s.task: (g, s) for g in groups for s in g.samples if s.task is not None}
     ready = [task for task in pending if task.done()]
     while pending:
         if not ready:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                return  # the deadline
             ready = list(done)
         for task in ready:
             yield pending.pop(task)

@@ -40,7 +40,7 @@ def critic_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="session")
-def rollout_server(tiny_models, critic_server, server_logs) -> Iterator[ServerProcess]:
+def rollout_server(tiny_models, critic_server, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
     """The rollout server on the tiny policy, float32 (for HF parity), with the remote critic."""
     port = free_port()
     argv = espo_server_argv(
@@ -54,6 +54,7 @@ def rollout_server(tiny_models, critic_server, server_logs) -> Iterator[ServerPr
         "--verifier", "toy",
         "--max-n", "32",
         "--max-num-seqs", "48",
+        "--weights-dir", str(tmp_path_factory.getbasetemp()),  # every test's checkpoints live there
     )  # fmt: skip
     with ServerProcess("rollout", argv, port, server_logs) as proc:
         yield proc.wait_ready()

@@ -106,7 +106,7 @@ def test_batch_statistics_of_a_run_by_hand():
 
 def test_carried_sample_resumes_across_a_weight_push_with_version_spans(tmp_path):
     eng = engine()
-    svc = service(eng, FakeCritic())
+    svc = service(eng, FakeCritic(), weights_dir=[tmp_path])
     weights = tmp_path / "w"
     weights.mkdir()
     (weights / "model.safetensors").write_bytes(b"")

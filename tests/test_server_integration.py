@@ -228,6 +228,7 @@ BAD_INPUTS = [
     ({"rule_params": {"bogus": 1}}, "rule_params.bogus"),
     ({"rule_params": {"tau": 2}}, "rule_params.tau"),
     ({"rule_params": {"beta_min": 5, "beta_max": 1}}, "rule_params.beta_max"),
+    ({"rule_params": {"beta_min": 0.0, "eta_beta": 1.0, "tau": 1.0}}, "rule_params.beta_min"),
     ({"temprature": 0.5}, "temprature"),
     ({"stop_token_ids": [10_000]}, "stop_token_ids"),
     ({"include": ["everything"]}, "include[0]"),

@@ -11,6 +11,7 @@ from espo_client.stop_rule import (
     BatchStats,
     EspoParams,
     EspoState,
+    ParameterError,
     StopRule,
     draw_random_stop,
     make_tracker,
@@ -208,6 +209,10 @@ def test_warm_after_batches():
 def test_params_validation_and_overrides():
     with pytest.raises(ValueError, match="beta_max"):
         EspoParams(beta_min=5, beta_max=1)
+    for bad in ({"beta_min": 0.0}, {"beta0": 0.0}, {"eta_beta": math.nan}, {"eps": math.inf}, {"delta": 0}):
+        with pytest.raises(ParameterError) as info:
+            EspoParams(**bad)
+        assert info.value.field == next(iter(bad))
     with pytest.raises(KeyError, match="nope"):
         EspoParams().with_overrides({"nope": 1})
     assert EspoParams().with_overrides({"tau": 0.5}).tau == 0.5

@@ -15,7 +15,16 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from espo_client.stop_rule import EspoParams, EspoState, StopRule, make_tracker
+from espo_client.stop_rule import (
+    REGRET_CAP,
+    BatchStats,
+    EspoParams,
+    EspoState,
+    StopRule,
+    make_tracker,
+    regret,
+    update_state,
+)
 
 
 def reference(rule, g, values, state, p, latency, fallback, random_stop_at):
@@ -127,3 +136,48 @@ def test_every_rule_matches_the_reference_loop(
     assert len(got[1]) >= len(want[1])
     for mine, theirs in zip(got[1], want[1], strict=False):
         assert math.isclose(mine, theirs, rel_tol=1e-12, abs_tol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch update at the parameters' edges: always a valid state
+# ---------------------------------------------------------------------------------------------
+
+edge = st.sampled_from([0.0, 1e-12, 1e-6, 0.5, 1.0])
+edge_params = st.builds(
+    EspoParams,
+    a_ema=st.one_of(edge, st.floats(0.0, 1.0)),
+    eta_beta=st.one_of(st.sampled_from([0.0, 1.0, 1e6]), st.floats(0.0, 100.0)),
+    tau=st.one_of(edge, st.floats(0.0, 1.0)),
+    beta_min=st.one_of(st.sampled_from([1e-12, 1e-6, 0.5]), st.floats(1e-9, 10.0)),
+    beta_max=st.one_of(st.sampled_from([10.0, 50.0, 1e9]), st.floats(10.0, 1e6)),
+    warm_after_batches=st.one_of(st.none(), st.integers(0, 3)),
+)
+batches = st.lists(
+    st.tuples(
+        st.lists(st.one_of(st.floats(0.0, 50.0), st.sampled_from([0.0, 1e3])), max_size=30),
+        st.one_of(st.none(), st.booleans()),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(p=edge_params, state=states, trajectories=batches, steps=st.integers(1, 4))
+def test_update_state_keeps_the_state_valid_at_every_edge(p, state, trajectories, steps):
+    """No parameter combination that EspoParams accepts drives the state out of range (beta 0,
+    NaN, negative var), however many batches are folded in."""
+    for _ in range(steps):
+        stats = BatchStats()
+        for g, stopped in trajectories:
+            stats.add_trajectory(g, stopped)
+        before = state
+        state = update_state(state, stats, p)  # raises ParameterError if the result were invalid
+        assert math.isfinite(state.mu) and math.isfinite(state.var) and state.var >= 0
+        assert state.beta > 0 and math.isfinite(state.beta)
+        if before.armed and stats.trajectories and stats.tokens:
+            assert p.beta_min <= state.beta <= p.beta_max
+
+
+def test_regret_is_finite_for_a_zero_probability_token():
+    assert regret(-math.inf, 0.0) == REGRET_CAP and regret(math.nan, 0.0) == REGRET_CAP
+    assert regret(-5.0, -1.0) == 4.0

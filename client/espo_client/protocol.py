@@ -54,7 +54,8 @@ TraceName = Literal["regret", "z", "values", "entropy"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No NaN or infinity anywhere: Python's JSON reader would let `NaN` through into the maths.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Prompt(_Model):
@@ -91,7 +92,7 @@ class RuleParams(_Model):
     r_fail: float | None = Field(None, description="r_fail: reward of a stopped trajectory (paper -1).")
     clip_c: float | None = Field(None, gt=0, description="c: clip of the normalised regret.")
     delta: float | None = Field(None, gt=0, description="delta: added to var under the square root.")
-    beta_min: float | None = Field(None, ge=0, description="Lower clip of beta.")
+    beta_min: float | None = Field(None, gt=0, description="Lower clip of beta (> 0: beta stays positive).")
     beta_max: float | None = Field(None, gt=0, description="Upper clip of beta.")
     min_tokens: int | None = Field(None, ge=0, description="No stop before this response token index.")
     critic_stride: int | None = Field(
@@ -165,6 +166,12 @@ class RolloutRequest(_Model):
         max_length=200,
         description="Idempotency key: a retry with the same id gets the first call's result, not a "
         "second batch of samples.",
+    )
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        description="Return by then (seconds from the call's start): groups not complete are handled as "
+        "`leftover` says, and usage.deadline_hit is set. Unset: the server's max_call_seconds, if any.",
     )
     return_groups: int | None = Field(
         None,
@@ -273,6 +280,7 @@ class Usage(_Model):
     groups_carried: int = Field(0, description="Groups left running for a later call of the run.")
     carried_in: int = Field(0, description="Trajectories in this response that earlier calls started.")
     aborted: int = Field(0, description="Trajectories of incomplete groups aborted at an early return.")
+    deadline_hit: bool = Field(False, description="The call returned at its deadline, not at its target.")
     regret_tokens: int = Field(0, description="Batch statistics: number of regret values.")
     regret_sum: float = 0.0
     regret_sumsq: float = 0.0

@@ -128,14 +128,23 @@ class EspoParams:
     """`value_only` rule: stop when the critic's V(s_t) is below this."""
 
     def __post_init__(self) -> None:
+        # Every combination that passes keeps `update_state`'s result a valid EspoState: beta stays in
+        # [beta_min, beta_max] with beta_min > 0, and mu, var stay finite.
         problems: list[tuple[str, str]] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append((f.name, f"{f.name} must be finite, got {value}"))
         for name in ("a_ema", "alpha_s", "tau", "random_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 problems.append((name, f"{name} must be in [0, 1], got {value}"))
-        for name in ("eps", "delta", "clip_c", "beta_min", "eta_beta"):
-            if getattr(self, name) < 0 or (name in ("delta", "clip_c") and getattr(self, name) == 0):
-                problems.append((name, f"{name} must be positive, got {getattr(self, name)}"))
+        for name in ("eps", "eta_beta"):
+            if getattr(self, name) < 0:
+                problems.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
+        for name in ("delta", "clip_c", "beta_min", "beta0"):
+            if not getattr(self, name) > 0:
+                problems.append((name, f"{name} must be > 0, got {getattr(self, name)}"))
         if self.beta_max < self.beta_min:
             problems.append(("beta_max", f"beta_max ({self.beta_max}) must be >= beta_min ({self.beta_min})"))
         if self.min_tokens < 0:
@@ -172,7 +181,7 @@ class EspoState:
     and learners never convert between a "wire" and a "maths" state.
     """
 
-    __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True}  # noqa: RUF012
+    __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True, "allow_inf_nan": False}  # noqa: RUF012
 
     mu: float = 0.0
     """mu: running mean of the regret g."""
@@ -216,9 +225,16 @@ class EspoState:
 # ---------------------------------------------------------------------------------------------
 
 
+REGRET_CAP = 1000.0
+"""g is capped here: a token sampled with (numerically) zero probability has g = inf, which would
+make the batch statistics infinite; 1000 nats is far beyond any real regret and still finite."""
+
+
 def regret(sampled_logprob: float, top_logprob: float) -> float:
-    """g_t = max_a log pi(a|s_t) - log pi(a_t|s_t); clamped at 0 against rounding."""
-    return max(0.0, top_logprob - sampled_logprob)
+    """g_t = max_a log pi(a|s_t) - log pi(a_t|s_t); clamped to [0, REGRET_CAP] (rounding; zero
+    probability)."""
+    g = top_logprob - sampled_logprob
+    return min(REGRET_CAP, max(0.0, g)) if g == g else REGRET_CAP
 
 
 def normalise(g: float, mu: float, var: float, delta: float, clip_c: float) -> float:

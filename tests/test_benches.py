@@ -1,0 +1,35 @@
+"""The benchmarks run end to end at tiny sizes, so they never rot (their figures are not checked:
+timings belong to the benchmarks themselves, run on a quiet machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from espo_server.process import ENGINE_ENV
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_bench_runs_every_mode(tmp_path):
+    out = tmp_path / "throughput.json"
+    argv = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--problems", "8", "--n", "2",
+            "--repeats", "1", "--max-num-seqs", "8", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=1800, env={**os.environ, **ENGINE_ENV}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "target espo/none" in proc.stdout and "time to B groups" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["config"]["engine_max_num_seqs"] == 8
+    summary = result["summary"]
+    assert set(summary) == {"none", "espo", "random", "over:none", "over:espo"}
+    assert all(row["wall_s"] > 0 and row["tokens"] > 0 for row in summary.values())
+    for mode in ("over:none", "over:espo"):  # 11 prompts sent, the first 8 complete groups returned
+        assert result["runs"][mode][0]["groups_returned"] == 8

@@ -1,0 +1,202 @@
+"""Hostile or unlucky callers on the scripted engine of test_rollout_loop: reused request ids,
+retries racing cancellations, batches committed under running calls, too much in flight, deadlines,
+a slow verifier, a dead critic. Each must end in a defined answer with nothing stored wrongly."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+
+from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse
+from espo_client.stop_rule import EspoState
+from espo_server.errors import Conflict, Forbidden, InvalidRequest, Overloaded
+from espo_server.idempotency import IdempotencyCache, response_size
+from tests.test_rollout_loop import FakeCritic, FakeEngine, run, service
+
+
+def req(**kw) -> RolloutRequest:
+    body = dict(prompts=[Prompt(token_ids=[5, 6, 7])], n=2, max_tokens=20, stop_rule="none")
+    body.update(kw)
+    return RolloutRequest(**body)
+
+
+def test_a_request_id_reused_with_another_body_is_a_conflict_and_stores_nothing():
+    engine = FakeEngine(length=5)
+    svc = service(engine, FakeCritic())
+    first = run(svc.rollouts(req(request_id="x", n=2, seed=1)))
+    for other in (req(request_id="x", n=3, seed=1), req(request_id="x", n=2, seed=2)):
+        with pytest.raises(Conflict) as info:
+            svc.plan(other)
+        assert info.value.param == "request_id" and info.value.status == 409
+    again = run(svc.rollouts(req(request_id="x", n=2, seed=1)))
+    assert again is first and len(engine.finished) == 2  # replayed, not regenerated
+    unnamed = run(svc.rollouts(req(seed=1)))
+    assert svc.idempotency.lookup(req(request_id=unnamed.request_id, seed=1)) is None  # not kept
+
+
+def test_the_cache_is_bounded_by_bytes_count_and_age():
+    svc = service(FakeEngine(length=5), FakeCritic())
+    responses = [run(svc.rollouts(req(request_id=f"r{i}"))) for i in range(3)]
+    size = response_size(responses[0])
+    cache = IdempotencyCache(max_entries=10, max_bytes=2 * size, ttl_s=60)
+
+    async def fill():
+        for i, response in enumerate(responses):
+            cache.begin(req(request_id=f"r{i}"))
+            cache.finish(req(request_id=f"r{i}"), response)
+
+    run(fill())
+    assert cache.lookup(req(request_id="r0")) is None and cache.lookup(req(request_id="r2")) is not None
+    assert cache.bytes <= 2 * size
+    cache.ttl_s = 0.0
+    assert cache.lookup(req(request_id="r2")) is None and cache.bytes == 0
+
+
+def test_a_retry_waiting_on_a_cancelled_call_runs_it_instead_of_hanging():
+    engine = FakeEngine(length=400, delay=0.002)
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        first = asyncio.create_task(svc.rollouts(req(request_id="y", max_tokens=400)))
+        await asyncio.sleep(0.05)
+        retry = asyncio.create_task(svc.rollouts(req(request_id="y", max_tokens=400)))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        return await asyncio.wait_for(retry, 30)
+
+    out = run(go())
+    assert out.usage.trajectories == 2 and all(len(t.token_ids) == 400 for t in out.trajectories)
+    assert sorted(engine.aborted) == ["y-0-0", "y-0-1"]  # the first call's, cancelled
+    assert svc.ledger.state.batches == 1  # only the retry's batch was folded
+
+
+def test_a_streaming_retry_of_a_running_call_waits_and_replays_it():
+    engine = FakeEngine(length=30, delay=0.002)
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        first = asyncio.create_task(svc.rollouts(req(request_id="z")))
+        await asyncio.sleep(0.02)
+        items = [item async for item in svc.stream(svc.plan(req(request_id="z")))]
+        return await first, items
+
+    first, items = run(go())
+    assert items[-1] is first and len(engine.finished) == 2  # one run, not two
+
+
+def test_batches_close_only_when_their_calls_have_returned():
+    engine = FakeEngine(length=200, delay=0.002)
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        running = asyncio.create_task(svc.rollouts(req(batch_id="b1", max_tokens=200)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Conflict):
+            svc.commit("b1")  # a late call would be folded in as a batch of its own
+        with pytest.raises(Conflict):
+            svc.plan(req(batch_id="b2"))  # would close b1 under its running call
+        with pytest.raises(Conflict):
+            svc.set_state(EspoState())
+        await running
+        assert svc.ledger.open.calls == 1 and svc.ledger.open.running == 0
+        cancelled = asyncio.create_task(svc.rollouts(req(batch_id="b1", max_tokens=200)))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert svc.ledger.open.calls == 1 and svc.ledger.open.running == 0  # as if it never ran
+        svc.commit("b1")
+        return svc.ledger.state
+
+    state = run(go())
+    assert state.batches == 1 and svc.ledger.open is None
+    for bad in (req(batch_id="b", update_state=False), req(batch_id="b", state=EspoState())):
+        with pytest.raises(InvalidRequest) as info:
+            svc.plan(bad)
+        assert info.value.param == "batch_id"
+
+
+def test_too_much_in_flight_is_a_429_with_retry_after():
+    svc = service(FakeEngine(length=200, delay=0.002), FakeCritic(), max_inflight_trajectories=5)
+
+    async def go():
+        running = asyncio.create_task(svc.rollouts(req(n=4, max_tokens=200)))
+        await asyncio.sleep(0.02)
+        with pytest.raises(Overloaded) as info:
+            svc.plan(req(n=2))
+        assert info.value.status == 429 and info.value.retry_after_s > 0
+        svc.plan(req(n=1))  # what still fits
+        await running
+        assert svc.inflight == 0
+        return svc.plan(req(n=5))
+
+    assert run(go()).request.n == 5
+
+
+def test_a_deadline_returns_what_is_complete_and_aborts_the_rest():
+    engine = FakeEngine(length=5, delay=0.002, lengths={"d-1-": 10_000})
+    svc = service(engine, FakeCritic())
+    started = time.monotonic()
+    out = run(svc.rollouts(req(request_id="d", prompts=[Prompt(token_ids=[5]), Prompt(token_ids=[6])],
+                               max_tokens=400, deadline_s=0.3)))  # fmt: skip
+    assert time.monotonic() - started < 5
+    assert out.usage.deadline_hit and out.usage.groups_returned == 1 and out.usage.aborted == 2
+    quick = run(svc.rollouts(req(max_tokens=5, deadline_s=30)))
+    assert not quick.usage.deadline_hit
+
+
+def test_the_verifier_runs_off_the_event_loop():
+    def slow_verifier(prompt, response, answer):
+        time.sleep(0.3)  # a verifier that blocks (a sandbox, a parser)
+        return 1.0
+
+    svc = service(FakeEngine(length=3, finish="stop"), FakeCritic())
+    svc.verifier = slow_verifier
+    ticks = []
+
+    async def go():
+        async def ticker():
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        tick = asyncio.create_task(ticker())
+        out = await svc.rollouts(req(prompts=[Prompt(text="ab", answer="x")], n=2))
+        tick.cancel()
+        return out
+
+    out = run(go())
+    assert [t.reward for t in out.trajectories] == [1.0, 1.0]
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert max(gaps) < 0.2, max(gaps)  # the loop kept ticking while the verifier slept
+
+
+def test_readiness_follows_the_engine_not_the_critic():
+    svc = service(FakeEngine(), FakeCritic(fail=True))
+
+    async def check_health():
+        return None
+
+    svc.engine.check_health = check_health
+    ok, detail = run(svc.readiness())
+    assert ok and detail["engine"] == "ok" and detail["critic"].startswith("down")
+    assert isinstance(run(svc.rollouts(req(stop_rule="espo"))), RolloutResponse)  # and it serves
+
+
+def test_weight_pushes_load_only_from_the_configured_directories(tmp_path):
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    for d in (allowed / "ckpt", elsewhere / "ckpt"):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"")
+    closed = service(FakeEngine(), FakeCritic())
+    with pytest.raises(Forbidden, match="--weights-dir"):
+        run(closed.load_weights(str(allowed / "ckpt"), 1))
+    svc = service(FakeEngine(), FakeCritic(), weights_dir=[allowed])
+    for path in (elsewhere / "ckpt", allowed / ".." / "elsewhere" / "ckpt", "/etc"):
+        with pytest.raises(Forbidden) as info:
+            run(svc.load_weights(str(path), 1))
+        assert info.value.status == 403 and info.value.param == "path"
+    assert run(svc.load_weights(str(allowed / "ckpt"), 4)).policy_version == 4
+    assert svc.engine.policy_version == 4
