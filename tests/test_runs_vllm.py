@@ -107,7 +107,7 @@ def test_carried_samples_span_a_weight_push_and_each_span_matches_its_weights(ro
         assert t["carried"]["request_id"] == first["request_id"] and 1 <= t["prompt_index"] <= 12
         assert t["carried"]["prompt_token_ids"] == prompts[t["prompt_index"]]["token_ids"]
         old, new = t["policy_version_spans"]  # sampled partly before, partly after the push
-        assert old["version"] == 0 and new["version"] == 100 and old["start"] == 0
+        assert old["version"] == first["policy_version"] and new["version"] == 100 and old["start"] == 0
         assert 0 < old["end"] == new["start"] < new["end"] == len(t["token_ids"])
         if k % 6:
             continue  # HF parity on one sample in six is enough
