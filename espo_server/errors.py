@@ -6,6 +6,7 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
 
     ServiceError                 503 service_unavailable (the base: something on our side is down)
     +-- InvalidRequest           400 invalid_request_error, `param` names the field
+    |   +-- ModelNotFound        404 not_found_error (OpenAI API: `model` is not the served one)
     +-- critic.CriticError       503 critic_unavailable
     fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
     HTTPException(401)           401 authentication_error
@@ -44,6 +45,13 @@ class InvalidRequest(ServiceError):
 
     status = 400
     type = "invalid_request_error"
+
+
+class ModelNotFound(InvalidRequest):
+    """An OpenAI-style request names a model this server does not serve: 404, `param` "model"."""
+
+    status = 404
+    type = "not_found_error"
 
 
 def error_body(exc: BaseException) -> ErrorBody:

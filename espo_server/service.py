@@ -90,6 +90,8 @@ class CallPlan:
             stop_token_ids=tuple(request.stop_token_ids or ()),
             ignore_eos=request.ignore_eos,
             top_k_logprobs=self.top_k_logprobs,
+            top_ids="top_logprobs" in request.include,
+            stop=tuple(request.stop or ()),
         )
 
     def tracker(self, flat_index: int, critic_fallback: str) -> TrajectoryTracker:
@@ -195,6 +197,8 @@ class RolloutService:
         except KeyError as exc:  # an unknown name: the protocol model forbids it first, config may not
             raise InvalidRequest(str(exc).strip("'\""), "rule_params") from exc
         top_k = (request.entropy_top_k or cfg.entropy_top_k) if "entropy" in request.include else 1
+        if "top_logprobs" in request.include:  # one k serves both: the larger
+            top_k = max(top_k, request.top_logprobs or request.entropy_top_k or cfg.entropy_top_k)
         return CallPlan(
             request=request,
             request_id=request.request_id or uuid.uuid4().hex,
@@ -210,6 +214,15 @@ class RolloutService:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.engine.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text, special tokens skipped (what `include: ["text"]` returns)."""
+        return self._decode(ids)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each token id decoded on its own (special tokens kept): the `tokens` of OpenAI logprobs."""
+        tokenizer = self.engine.tokenizer
+        return [tokenizer.decode([token]) for token in ids]
 
     # ------------------------------------------------------------------ calls
 
@@ -297,13 +310,16 @@ class RolloutService:
             prompt_ids=plan.prompt_ids[prompt_index],
             generation=plan.generation_params(flat_index),
             shadow=request.shadow,
-            include=frozenset(request.include),
+            include=frozenset(request.include) - {"text"},  # text is decoded here, below
             r_fail=plan.params.r_fail,
             policy_version=plan.policy_version,
             score=self._scorer(plan, prompt_index),
         )
         tracker = plan.tracker(flat_index, self.config.critic_fallback)
-        return await run_sample(spec, tracker, self.engine, self._critic_access)
+        result = await run_sample(spec, tracker, self.engine, self._critic_access)
+        if "text" in request.include:
+            result.trajectory.text = self._decode(result.trajectory.token_ids)
+        return result
 
     def _scorer(self, plan: CallPlan, prompt_index: int) -> Scorer | None:
         """The verifier's reward for eos responses of this prompt, if the server can score them."""
@@ -368,6 +384,7 @@ class RolloutService:
             state_used=plan.state,
             state_after=state_after,
             policy_version=plan.policy_version,
+            prompt_token_ids=plan.prompt_ids if any(p.text is not None for p in request.prompts) else None,
         )
 
     def _count(self, plan: CallPlan, trajectories: list[Trajectory], usage: Usage) -> None:
