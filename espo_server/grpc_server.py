@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 from pydantic import ValidationError
 
 from espo_client.grpc_codec import from_message, to_message
@@ -73,7 +74,10 @@ async def abort(context: grpc.aio.ServicerContext, body: ErrorBody) -> None:
     if body.param:
         metadata.append(("espo-error-param", body.param))
     context.set_trailing_metadata(tuple(metadata))
-    await context.abort(STATUS.get(body.code, grpc.StatusCode.UNAVAILABLE), body.message)
+    message = body.message
+    if body.param and not message.startswith(body.param + ":"):
+        message = f"{body.param}: {message}"  # the status message starts with the field
+    await context.abort(STATUS.get(body.code, grpc.StatusCode.UNAVAILABLE), message)
 
 
 class RolloutsServicer(pb_grpc.RolloutsServicer):
@@ -121,36 +125,48 @@ class RolloutsServicer(pb_grpc.RolloutsServicer):
         except Exception as exc:  # cancellation (BaseException) goes through: the stream aborts its samples
             await self._fail(context, exc)
 
-    async def GetState(self, request: empty_pb2.Empty, context) -> pb.StateResponse:
+    async def _unary(
+        self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Message]]
+    ) -> Message:
+        """One unary call: auth, the work, every failure mapped to its status."""
         await self._check(context)
-        return to_message(self.service.state(), pb.StateResponse)
+        try:
+            return await work()
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise  # not reached: _fail raises
+
+    async def GetState(self, request: empty_pb2.Empty, context) -> pb.StateResponse:
+        async def work():
+            return to_message(self.service.state(), pb.StateResponse)
+
+        return await self._unary(context, work)
 
     async def SetState(self, request: pb.EspoState, context) -> pb.StateResponse:
-        await self._check(context)
-        try:
+        async def work():
             return to_message(self.service.set_state(from_message(request, EspoState)), pb.StateResponse)
-        except Exception as exc:
-            await self._fail(context, exc)
+
+        return await self._unary(context, work)
 
     async def Commit(self, request: pb.CommitRequest, context) -> pb.StateResponse:
-        await self._check(context)
-        try:
+        async def work():
             body = from_message(request, CommitRequest)
             return to_message(self.service.commit(body.batch_id), pb.StateResponse)
-        except Exception as exc:
-            await self._fail(context, exc)
+
+        return await self._unary(context, work)
 
     async def LoadWeights(self, request: pb.WeightsRequest, context) -> pb.WeightsResponse:
-        await self._check(context)
-        try:
+        async def work():
             body = from_message(request, WeightsRequest)
             return to_message(await self.service.load_weights(body.path, body.version), pb.WeightsResponse)
-        except Exception as exc:
-            await self._fail(context, exc)
+
+        return await self._unary(context, work)
 
     async def Info(self, request: empty_pb2.Empty, context) -> pb.InfoResponse:
-        await self._check(context)
-        return to_message(self.service.info(), pb.InfoResponse)
+        async def work():
+            return to_message(self.service.info(), pb.InfoResponse)
+
+        return await self._unary(context, work)
 
 
 @contextlib.asynccontextmanager

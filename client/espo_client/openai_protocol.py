@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 
 from .protocol import MAX_TOP_K_LOGPROBS, EspoState, RolloutResponse, RuleParams, TraceName, Trajectory
 from .stop_rule import StopRule
@@ -80,6 +80,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _one_of(forms: str) -> WrapValidator:
+    """A union field's error names the field itself (`prompt`), not the union member (`prompt.str`)."""
+
+    def validate(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"must be {forms}") from None
+
+    return WrapValidator(validate)
+
+
 class StreamOptions(_Model):
     include_usage: bool = Field(False, description="Send a last chunk with the usage (choices: []).")
 
@@ -120,7 +132,9 @@ class _Sampling(_EspoFields):
     n: int = Field(1, ge=1, description="Choices per prompt.")
     stream: bool = Field(False, description="Server-sent events: a chunk per choice as it finishes.")
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
+    stop: Annotated[
+        str | list[Annotated[str, Field(min_length=1)]] | None, _one_of("a non-empty string or a list of them")
+    ] = Field(
         None, description="Stop strings (up to 16): a choice ends once its text contains one."
     )
     seed: int | None = Field(None, description="Base seed; choice j of prompt i uses seed + i*n + j.")
@@ -133,7 +147,10 @@ class _Sampling(_EspoFields):
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`: OpenAI's legacy completions, text or token-id prompts."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Annotated[
+        str | list[str] | list[int] | list[list[int]],
+        _one_of("a string, a list of strings, a list of token ids or a list of token-id lists"),
+    ] = Field(
         ..., description="A text, texts, token ids, or lists of token ids (exact: no re-tokenisation)."
     )
     max_tokens: int | None = Field(16, ge=1, description="Tokens per choice (OpenAI's default: 16).")
