@@ -50,3 +50,25 @@ def test_defaults_leave_vllm_to_choose(monkeypatch):
 def test_bad_parallelism_is_refused_at_start(flag):
     with pytest.raises((SystemExit, ValueError)):
         config_from_args(build_parser().parse_args(["serve", flag]))
+
+
+def test_replicas_merge_prompt_token_ids_in_call_order():
+    """Shards of a call with a text prompt: the merged answer lists every prompt's ids, like one server."""
+    from espo_client.protocol import EspoState, Prompt, RolloutRequest, RolloutResponse, Usage
+    from espo_client.replicas import _merge_prompt_ids, _Shard
+
+    def shard(prompts: list[Prompt], first: int) -> _Shard:
+        return _Shard(
+            client=None, request=RolloutRequest(prompts=prompts), prompts=range(first, first + len(prompts))
+        )  # type: ignore[arg-type]
+
+    def response(prompt_token_ids) -> RolloutResponse:
+        return RolloutResponse(
+            request_id="r", trajectories=[], usage=Usage(prompt_tokens=0, generated_tokens=0, trajectories=0),
+            stop_rule="none", shadow=False, rule_params={}, state_used=EspoState(), policy_version=0,
+            prompt_token_ids=prompt_token_ids,
+        )  # fmt: skip
+
+    shards = [shard([Prompt(token_ids=[1, 2])], 0), shard([Prompt(text="ab"), Prompt(token_ids=[3])], 1)]
+    assert _merge_prompt_ids(shards, [response(None), response([[30, 31], [3]])]) == [[1, 2], [30, 31], [3]]
+    assert _merge_prompt_ids(shards, [response(None), response(None)]) is None

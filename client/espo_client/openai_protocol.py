@@ -133,10 +133,9 @@ class _Sampling(_EspoFields):
     stream: bool = Field(False, description="Server-sent events: a chunk per choice as it finishes.")
     stream_options: StreamOptions | None = None
     stop: Annotated[
-        str | list[Annotated[str, Field(min_length=1)]] | None, _one_of("a non-empty string or a list of them")
-    ] = Field(
-        None, description="Stop strings (up to 16): a choice ends once its text contains one."
-    )
+        str | list[Annotated[str, Field(min_length=1)]] | None,
+        _one_of("a non-empty string or a list of them"),
+    ] = Field(None, description="Stop strings (up to 16): a choice ends once its text contains one.")
     seed: int | None = Field(None, description="Base seed; choice j of prompt i uses seed + i*n + j.")
     presence_penalty: float | None = Field(None, description="Accepted only as 0 (not implemented).")
     frequency_penalty: float | None = Field(None, description="Accepted only as 0 (not implemented).")
@@ -150,9 +149,7 @@ class CompletionRequest(_Sampling):
     prompt: Annotated[
         str | list[str] | list[int] | list[list[int]],
         _one_of("a string, a list of strings, a list of token ids or a list of token-id lists"),
-    ] = Field(
-        ..., description="A text, texts, token ids, or lists of token ids (exact: no re-tokenisation)."
-    )
+    ] = Field(..., description="A text, texts, token ids, or lists of token ids (exact: no re-tokenisation).")
     max_tokens: int | None = Field(16, ge=1, description="Tokens per choice (OpenAI's default: 16).")
     logprobs: int | None = Field(
         None, ge=0, le=20, description="Return the sampled tokens' raw logprobs and the top-N at each step."
