@@ -29,6 +29,9 @@ from .engine import Parallelism, PolicyEngine
 from .service import RolloutService, Verifier
 from .tiny_model import CHAT_TEMPLATE
 
+EMBEDDED_NAME = "espo-toy"
+"""The OpenAI-compatible API's model name of the embedded toy model."""
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +55,8 @@ def resolve_models(config: ServerConfig) -> ServerConfig:
             "critic_model": config.critic_model or (str(toy.critic_dir) if needs_critic else None),
             # The toy models cached before the tiny tokenizer had a chat template lack one.
             "chat_template": config.chat_template or (CHAT_TEMPLATE if config.model is None else None),
+            "served_model_name": config.served_model_name
+            or (EMBEDDED_NAME if config.model is None else None),
         }
     )
 

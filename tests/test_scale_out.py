@@ -72,3 +72,22 @@ def test_replicas_merge_prompt_token_ids_in_call_order():
     shards = [shard([Prompt(token_ids=[1, 2])], 0), shard([Prompt(text="ab"), Prompt(token_ids=[3])], 1)]
     assert _merge_prompt_ids(shards, [response(None), response([[30, 31], [3]])]) == [[1, 2], [30, 31], [3]]
     assert _merge_prompt_ids(shards, [response(None), response(None)]) is None
+
+
+def test_embedded_model_is_espo_toy_with_a_chat_template(monkeypatch, tmp_path):
+    """resolve_models fills the toy paths; the OpenAI name and chat template of the embedded model stay."""
+    from espo_server import serve
+    from espo_server.config import ServerConfig
+    from espo_server.tiny_model import CHAT_TEMPLATE
+    from espo_server.toy import train
+
+    class Toy:
+        policy_dir = tmp_path / "policy"
+        critic_dir = tmp_path / "critic"
+
+    monkeypatch.setattr(train, "ensure_toy_models", lambda *a, **k: Toy())
+    config = serve.resolve_models(ServerConfig())
+    assert config.model == str(Toy.policy_dir) and config.model_name() == "espo-toy"
+    assert config.chat_template == CHAT_TEMPLATE
+    named = serve.resolve_models(ServerConfig(model="/m", critic="none"))
+    assert named.model_name() == "/m" and named.chat_template is None
