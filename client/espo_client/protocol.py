@@ -160,7 +160,7 @@ class RolloutRequest(_Model):
         ge=1,
         le=MAX_TOP_K_LOGPROBS,
         description="k of the `top_logprobs` trace: the k most likely tokens at each step (default "
-        "entropy_top_k).",
+        "entropy_top_k). With `entropy` too, both use the larger k.",
     )
     entropy_top_k: int | None = Field(
         None,
