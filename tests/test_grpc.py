@@ -10,6 +10,7 @@ import filecmp
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -288,6 +289,16 @@ def test_bad_requests_are_invalid_argument_naming_the_field(inprocess_server, cl
     assert client.rollouts(prompts=[[5, 6]], max_tokens=2).usage.trajectories == 1  # still serving
 
 
+def _drain(call) -> list:
+    """Every event of a streaming call, then the status code name it ended with if not OK."""
+    out: list = []
+    try:
+        out.extend(call)
+    except grpc.RpcError as exc:
+        out.append(exc.code().name)
+    return out
+
+
 @pytest.mark.vllm
 def test_cancelling_the_call_aborts_the_samples(inprocess_server):
     import time
@@ -312,12 +323,19 @@ def test_cancelling_the_call_aborts_the_samples(inprocess_server):
 
     cancelled = metric("espo_rollout_requests_total", outcome="cancelled")
     generated = metric("vllm:generation_tokens_total", espo_engine="policy")
-    message = pb.RolloutRequest(prompts=[pb.Prompt(token_ids=[5, 6])], n=8, max_tokens=480, ignore_eos=True)
+    # 32 x 480 tokens: long enough on 2 CPU cores to be caught running (8 x 480 can end within a poll)
+    message = pb.RolloutRequest(prompts=[pb.Prompt(token_ids=[5, 6])], n=32, max_tokens=480, ignore_eos=True)
     with grpc.insecure_channel(f"127.0.0.1:{inprocess_server.grpc_port}") as channel:
         call = pb_grpc.RolloutsStub(channel).Rollouts(message, timeout=300)
-        assert wait_for(lambda: metric("espo_inflight_trajectories") > 0)
+        events: list = []
+        reader = threading.Thread(target=lambda: events.extend(_drain(call)), daemon=True)
+        reader.start()  # reads the stream as a client would, until the call ends
+        assert wait_for(lambda: not reader.is_alive() or metric("espo_inflight_trajectories") > 0)
+        assert reader.is_alive(), f"the call ended before it was cancelled: {events[-1:]}"
         call.cancel()
+        reader.join(timeout=60)
+        assert events[-1:] == ["CANCELLED"]
         assert wait_for(lambda: metric("espo_inflight_trajectories") == 0, timeout=60)
     assert metric("espo_rollout_requests_total", outcome="cancelled") == cancelled + 1
-    assert metric("vllm:generation_tokens_total", espo_engine="policy") - generated < 8 * 480  # cut short
+    assert metric("vllm:generation_tokens_total", espo_engine="policy") - generated < 32 * 480  # cut short
     assert wait_for(lambda: metric("vllm:num_requests_running", espo_engine="policy") == 0, timeout=30)
