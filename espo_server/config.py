@@ -35,6 +35,12 @@ class ServerConfig(BaseSettings):
         description="Directories that POST /v1/weights may load from (repeat the flag; env: a JSON list). "
         "Empty: weight pushes are refused.",
     )
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve the gRPC API (espo.v1.Rollouts) on this port, same host (unset: no gRPC).",
+    )
 
     # --- the policy
     model: str | None = Field(
@@ -53,6 +59,32 @@ class ServerConfig(BaseSettings):
     )
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="Tokens the engine schedules per step (default: vLLM's choice)."
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="The model name of the OpenAI-compatible API (/v1/models; requests must name it). "
+        "Unset: the model directory, or `espo-toy` for the embedded toy model.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template for /v1/chat/completions, inline or a file path (unset: the "
+        "tokenizer's own; a tokenizer without one answers chat requests 400).",
+    )
+
+    # --- scale-out: vLLM's own parallelism, passed through to the policy engine
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism: GPUs per model replica.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM pipeline parallelism: stages per replica.")
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM data parallelism: engine replicas in this server, requests balanced by vLLM "
+        "(GPUs used: tensor x pipeline x data).",
+    )
+    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = Field(
+        None, description="vLLM's distributed executor (unset: vLLM picks; mp on one node, ray across nodes)."
+    )
+    enable_expert_parallel: bool = Field(
+        False, description="vLLM expert parallelism for MoE layers (instead of tensor-parallel experts)."
     )
 
     # --- the critic
@@ -113,6 +145,12 @@ class ServerConfig(BaseSettings):
     )
 
     log_level: str = Field("info", description="Log level of the server.")
+
+    def model_name(self) -> str:
+        """The name the OpenAI-compatible API serves the policy under."""
+        if self.served_model_name:
+            return self.served_model_name
+        return "espo-toy" if self.model is None else self.model
 
     def rule_defaults(self) -> EspoParams:
         return self.rule_params.apply(EspoParams())

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import metrics
+
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -33,6 +35,33 @@ class GenerationParams:
     ignore_eos: bool = False
     top_k_logprobs: int = 1
     """Log-probabilities returned per step: 1 for the regret, k for the entropy estimate."""
+    top_ids: bool = False
+    """Also return the top-k token ids of each step (`TokenChunk.topk_token_ids`)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings (vLLM then detokenizes this sample's output to look for them)."""
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """vLLM's parallelism, passed through to the engine as it is (see vLLM's docs on each)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    """mp, ray, uni or external_launcher; None: vLLM picks (mp on one node)."""
+    enable_expert_parallel: bool = False
+
+    def engine_kwargs(self) -> dict:
+        kwargs: dict = {
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "data_parallel_size": self.data_parallel_size,
+            "enable_expert_parallel": self.enable_expert_parallel,
+        }
+        if self.distributed_executor_backend is not None:
+            kwargs["distributed_executor_backend"] = self.distributed_executor_backend
+        return kwargs
 
 
 @dataclass
@@ -46,6 +75,8 @@ class TokenChunk:
     """Raw log-probability of the most likely token at each step (max_a log pi(a|s_t))."""
     topk_logprobs: list[list[float]] = field(default_factory=list)
     """The top-k raw log-probabilities at each step, when more than one was asked for."""
+    topk_token_ids: list[list[int]] = field(default_factory=list)
+    """The token ids of `topk_logprobs`, when `GenerationParams.top_ids` asked for them."""
     finish_reason: str | None = None
     """None while running; else vLLM's reason: stop, length or abort."""
 
@@ -95,10 +126,19 @@ async def running_async_llm(args, what: str) -> AsyncIterator[AsyncLLM]:
 
     started = time.perf_counter()
     llm = AsyncLLM.from_engine_args(args)
-    log.info("%s engine for %s up in %.1fs", what, args.model, time.perf_counter() - started)
+    # Before any other engine is built: a second engine's stat logger would unregister these series.
+    series = metrics.ENGINE_SERIES.adopt(what)
+    log.info(
+        "%s engine for %s up in %.1fs (%d vllm:* series)",
+        what,
+        args.model,
+        time.perf_counter() - started,
+        series,
+    )
     try:
         yield llm
     finally:
+        metrics.ENGINE_SERIES.release(what)
         llm.shutdown()
 
 
@@ -133,12 +173,44 @@ class PolicyEngine:
         enforce_eager: bool = False,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
+        parallel: Parallelism | None = None,
     ) -> AsyncIterator[PolicyEngine]:
         """Start AsyncLLM for `model`; shut it down on exit, whatever happened."""
         from transformers import AutoTokenizer
+
+        args = cls.engine_args(
+            model,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            seed=seed,
+            max_logprobs=max_logprobs,
+            enforce_eager=enforce_eager,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            parallel=parallel,
+        )
+        async with running_async_llm(args, "policy") as llm:
+            yield cls(llm, model, AutoTokenizer.from_pretrained(model))
+
+    @staticmethod
+    def engine_args(
+        model: str,
+        *,
+        gpu_memory_utilization: float = 0.2,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_logprobs: int = 64,
+        enforce_eager: bool = False,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        parallel: Parallelism | None = None,
+    ):  # -> vllm.engine.arg_utils.AsyncEngineArgs
+        """The policy's vLLM engine arguments (no engine is started)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        args = AsyncEngineArgs(
+        return AsyncEngineArgs(
             model=model,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
@@ -151,9 +223,8 @@ class PolicyEngine:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             disable_log_stats=False,
+            **(parallel or Parallelism()).engine_kwargs(),
         )
-        async with running_async_llm(args, "policy") as llm:
-            yield cls(llm, model, AutoTokenizer.from_pretrained(model))
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
@@ -171,9 +242,10 @@ class PolicyEngine:
             ignore_eos=params.ignore_eos,
             logprobs=params.top_k_logprobs,
             output_kind=RequestOutputKind.DELTA,
-            detokenize=False,
+            detokenize=bool(params.stop),
+            stop=list(params.stop) or None,
         )
-        want_topk = params.top_k_logprobs > 1
+        want_topk = params.top_k_logprobs > 1 or params.top_ids
         finished = False
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id):
@@ -187,10 +259,11 @@ class PolicyEngine:
                     chunk.logprobs.append(step[token_id].logprob)
                     chunk.top_logprobs.append(max(lp.logprob for lp in step.values()))
                     if want_topk:
-                        ranked = sorted(step.values(), key=lambda lp: lp.rank or 0)
-                        chunk.topk_logprobs.append(
-                            [lp.logprob for lp in ranked if lp.rank and lp.rank <= params.top_k_logprobs]
-                        )
+                        ranked = sorted(step.items(), key=lambda kv: kv[1].rank or 0)
+                        top = [(t, lp) for t, lp in ranked if lp.rank and lp.rank <= params.top_k_logprobs]
+                        chunk.topk_logprobs.append([lp.logprob for _, lp in top])
+                        if params.top_ids:
+                            chunk.topk_token_ids.append([t for t, _ in top])
                 finished = out.finished
                 yield chunk
         finally:

@@ -9,6 +9,7 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
     +-- Forbidden                403 permission_error (e.g. weights outside --weights-dir)
     +-- Conflict                 409 conflict (a request_id reused with another body, a busy run, ...)
     +-- Overloaded               429 overloaded, with Retry-After
+    |   +-- ModelNotFound        404 not_found_error (OpenAI API: `model` is not the served one)
     +-- critic.CriticError       503 critic_unavailable
     fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
     HTTPException(401)           401 authentication_error
@@ -72,6 +73,13 @@ class Overloaded(ServiceError):
     def __init__(self, message: str, param: str | None = None, retry_after_s: float = 1.0) -> None:
         super().__init__(message, param)
         self.retry_after_s = retry_after_s
+
+
+class ModelNotFound(InvalidRequest):
+    """An OpenAI-style request names a model this server does not serve: 404, `param` "model"."""
+
+    status = 404
+    type = "not_found_error"
 
 
 def error_body(exc: BaseException) -> ErrorBody:

@@ -3,11 +3,23 @@
 vLLM registers its own `vllm:*` series in the same registry when stats logging is on, so
 `GET /metrics` serves both. Metrics are module-level: they exist once per process, however many
 apps a test builds.
+
+Several engines in one process (the policy and the in-process critic): each vLLM engine's
+`PrometheusStatLogger` starts by unregistering every `vllm:*` collector in the default registry
+(`vllm.v1.metrics.prometheus.unregister_vllm_metrics`, called from its `__init__`) and registers
+its own under the same names. The engine started first keeps counting into collectors nobody
+exports, so only the last engine's series would show. `ENGINE_SERIES` fixes that: right after an
+engine is built, `adopt(role)` moves the collectors it registered out of the default registry and
+into this one collector, which exports every adopted engine's series with an `espo_engine` label
+(`policy`, `critic`) under one metric family per name.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 from espo_client.stop_rule import EspoState
 
@@ -55,3 +67,53 @@ def set_state_gauges(state: EspoState) -> None:
         ("batches", state.batches),
     ):
         STATE.labels(field=name).set(value)
+
+
+ENGINE_LABEL = "espo_engine"
+"""The label that tells the engines' `vllm:*` series apart: `policy` or `critic`."""
+
+
+class EngineSeries:
+    """The `vllm:*` series of every engine in this process, each labelled with its role."""
+
+    def __init__(self) -> None:
+        self._engines: dict[str, list] = {}
+
+    def adopt(self, role: str, registry: CollectorRegistry = REGISTRY) -> int:
+        """Take the `vllm:*` collectors now in `registry` (those of the engine just built) as `role`'s.
+        Call it right after the engine is constructed, before another engine is. Returns how many."""
+        collectors = [
+            c for c in list(registry._collector_to_names) if str(getattr(c, "_name", "")).startswith("vllm:")
+        ]
+        for collector in collectors:
+            registry.unregister(collector)
+        self._engines[role] = collectors
+        return len(collectors)
+
+    def release(self, role: str) -> None:
+        """Stop exporting `role`'s series (its engine shut down)."""
+        self._engines.pop(role, None)
+
+    def describe(self) -> list[Metric]:
+        return []  # names are not reserved: the families depend on which engines are running
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for role, collectors in list(self._engines.items()):
+            for collector in collectors:
+                for family in collector.collect():
+                    merged = families.get(family.name)
+                    if merged is None:
+                        merged = Metric(family.name, family.documentation, family.type)
+                        merged.unit = family.unit
+                        families[family.name] = merged
+                    for sample in family.samples:
+                        labels = {**sample.labels, ENGINE_LABEL: role}
+                        merged.add_sample(
+                            sample.name, labels, sample.value, sample.timestamp, sample.exemplar
+                        )
+        yield from families.values()
+
+
+ENGINE_SERIES = EngineSeries()
+REGISTRY.register(ENGINE_SERIES)

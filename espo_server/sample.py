@@ -96,6 +96,7 @@ class Sample:
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.topk: list[list[float]] = []
+        self.topk_ids: list[list[int]] = []
         self.finish_reason: str | None = None
         self.stop_step: int | None = None
         self.shadow_stop_step: int | None = None
@@ -265,6 +266,8 @@ class Sample:
             self.logprobs.append(chunk.logprobs[i])
             if chunk.topk_logprobs:
                 self.topk.append(chunk.topk_logprobs[i])
+            if chunk.topk_token_ids:
+                self.topk_ids.append(chunk.topk_token_ids[i])
             decision = self.tracker.step(chunk.logprobs[i], chunk.top_logprobs[i])
             t = self.tracker.t
             if decision.stop:
@@ -332,6 +335,8 @@ class Sample:
                 entropy=[topk_entropy(lp, self.engine.vocab_size) for lp in self.topk[:kept]]
                 if "entropy" in want
                 else None,
+                top_token_ids=self.topk_ids[:kept] if "top_logprobs" in want else None,
+                top_logprobs=self.topk[:kept] if "top_logprobs" in want else None,
             )
         spans = _version_spans(self.spans, kept)
         trajectory = Trajectory(

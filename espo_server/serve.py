@@ -6,6 +6,7 @@ serves it in the same event loop, and on exit (SIGTERM, Ctrl-C) the engines are 
 
     run_server(config):  resolve_models -> launch_service (engines, critic, RolloutService)
                          -> build_app(config) -> app.state.service = service -> uvicorn
+                            (and, with --grpc-port, grpc_server.py's gRPC server in the same loop)
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from .app import build_app
 from .config import ServerConfig
 from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic
 from .critic_server import build_critic_app
-from .engine import PolicyEngine
+from .engine import Parallelism, PolicyEngine
 from .service import RolloutService, Verifier
+from .tiny_model import CHAT_TEMPLATE
+
+EMBEDDED_NAME = "espo-toy"
+"""The OpenAI-compatible API's model name of the embedded toy model."""
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,10 @@ def resolve_models(config: ServerConfig) -> ServerConfig:
             "dtype": "float32" if config.model is None and config.dtype == "auto" else config.dtype,
             "model": config.model or str(toy.policy_dir),
             "critic_model": config.critic_model or (str(toy.critic_dir) if needs_critic else None),
+            # The toy models cached before the tiny tokenizer had a chat template lack one.
+            "chat_template": config.chat_template or (CHAT_TEMPLATE if config.model is None else None),
+            "served_model_name": config.served_model_name
+            or (EMBEDDED_NAME if config.model is None else None),
         }
     )
 
@@ -86,6 +95,17 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             await critic.aclose()
 
 
+def parallelism(config: ServerConfig) -> Parallelism:
+    """The policy engine's vLLM parallelism, from the settings of the same names."""
+    return Parallelism(
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        data_parallel_size=config.data_parallel_size,
+        distributed_executor_backend=config.distributed_executor_backend,
+        enable_expert_parallel=config.enable_expert_parallel,
+    )
+
+
 @contextlib.asynccontextmanager
 async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
     """Engines up, service assembled; everything shut down on exit."""
@@ -102,6 +122,7 @@ async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
             enforce_eager=config.enforce_eager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            parallel=parallelism(config),
         ) as engine,
         launch_critic(config) as critic,
     ):
@@ -123,7 +144,20 @@ async def _serve_rollouts(config: ServerConfig) -> None:
     async with launch_service(config) as service:
         app = build_app(config)
         app.state.service = service
-        await serve_app(app, config.host, config.port, config.log_level)
+        async with serve_grpc(service, config):  # beside uvicorn, in the same loop, when --grpc-port
+            await serve_app(app, config.host, config.port, config.log_level)
+
+
+@contextlib.asynccontextmanager
+async def serve_grpc(service: RolloutService, config: ServerConfig) -> AsyncIterator[int | None]:
+    """The gRPC API while inside, if `config.grpc_port` is set (grpcio is imported only then)."""
+    if config.grpc_port is None:
+        yield None
+        return
+    from .grpc_server import grpc_server
+
+    async with grpc_server(service, config) as port:
+        yield port
 
 
 def run_critic_server(

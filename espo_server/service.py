@@ -99,6 +99,8 @@ class CallPlan:
             stop_token_ids=tuple(request.stop_token_ids or ()),
             ignore_eos=request.ignore_eos,
             top_k_logprobs=self.top_k_logprobs,
+            top_ids="top_logprobs" in request.include,
+            stop=tuple(request.stop or ()),
         )
 
     def tracker(self, flat_index: int, critic_fallback: str) -> TrajectoryTracker:
@@ -244,6 +246,8 @@ class RolloutService:
         except KeyError as exc:  # an unknown name: the protocol model forbids it first, config may not
             raise InvalidRequest(str(exc).strip("'\""), "rule_params") from exc
         top_k = (request.entropy_top_k or cfg.entropy_top_k) if "entropy" in request.include else 1
+        if "top_logprobs" in request.include:  # one k serves both: the larger
+            top_k = max(top_k, request.top_logprobs or request.entropy_top_k or cfg.entropy_top_k)
         return CallPlan(
             request=request,
             request_id=request.request_id or uuid.uuid4().hex,
@@ -270,6 +274,15 @@ class RolloutService:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.engine.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text, special tokens skipped (what `include: ["text"]` returns)."""
+        return self._decode(ids)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each token id decoded on its own (special tokens kept): the `tokens` of OpenAI logprobs."""
+        tokenizer = self.engine.tokenizer
+        return [tokenizer.decode([token]) for token in ids]
 
     # ------------------------------------------------------------------ calls
 
@@ -396,7 +409,7 @@ class RolloutService:
                 generation=plan.generation_params(flat_index),
                 stop_rule=plan.rule,
                 shadow=request.shadow,
-                include=frozenset(request.include),
+                include=frozenset(request.include) - {"text"},  # decoded in _trajectory
                 r_fail=plan.params.r_fail,
                 score=self._scorer(plan, prompt_index),
             )
@@ -419,11 +432,13 @@ class RolloutService:
             return None
         return lambda token_ids: float(verifier(text, self._decode(token_ids), answer))
 
-    @staticmethod
-    def _trajectory(plan: CallPlan, group: Group, sample: Sample) -> Trajectory:
-        """A finished sample's trajectory; one an earlier call started says where it came from."""
+    def _trajectory(self, plan: CallPlan, group: Group, sample: Sample) -> Trajectory:
+        """A finished sample's trajectory (decoded with `include: ["text"]`); one an earlier call
+        started says where it came from."""
         assert sample.task is not None and sample.task.done()
         trajectory = sample.task.result().trajectory
+        if "text" in plan.request.include and trajectory.text is None:
+            trajectory.text = self._decode(trajectory.token_ids)
         if group.request_id == plan.request_id or trajectory.carried is not None:
             return trajectory
         spec, gen = sample.spec, sample.spec.generation
@@ -520,6 +535,7 @@ class RolloutService:
             state_after=state_after,
             policy_version=plan.policy_version,
             run_id=request.run_id,
+            prompt_token_ids=plan.prompt_ids if any(p.text is not None for p in request.prompts) else None,
         )
 
     def _count(self, plan: CallPlan, trajectories: list[Trajectory], usage: Usage) -> None:

@@ -16,6 +16,9 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 CHARS = string.digits + "+-*=;#?., :()" + string.ascii_lowercase
 VOCAB = SPECIAL_TOKENS + list(CHARS)
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+"""The tiny tokenizer's chat template: the messages' contents, concatenated. The toy task has no roles
+(its prompt is the problem itself), so a chat of one user message "7+5=" is the prompt "7+5="."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
@@ -50,6 +53,8 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
         unk_token="<unk>",
         clean_up_tokenization_spaces=False,
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def llama_config(cfg: TinyConfig, **extra):  # -> transformers.LlamaConfig

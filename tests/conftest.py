@@ -58,3 +58,26 @@ def rollout_server(tiny_models, critic_server, server_logs, tmp_path_factory) ->
     )  # fmt: skip
     with ServerProcess("rollout", argv, port, server_logs) as proc:
         yield proc.wait_ready()
+
+
+@pytest.fixture(scope="session")
+def inprocess_server(tiny_models, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
+    """The embedded default's layout on the tiny models: policy and critic engines in one process
+    (`--critic inprocess`), with the gRPC API on a second port (`server.grpc_port`). The tiny
+    tokenizer has a chat template (tiny_model.CHAT_TEMPLATE)."""
+    port, grpc_port = free_port(), free_port()
+    argv = espo_server_argv(
+        "serve",
+        "--model", str(tiny_models["policy"]),
+        "--critic-model", str(tiny_models["critic"]),
+        "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--port", str(port),
+        "--grpc-port", str(grpc_port),
+        "--served-model-name", "tiny",
+        "--verifier", "toy",
+        "--weights-dir", str(tmp_path_factory.getbasetemp()),
+    )  # fmt: skip
+    with ServerProcess("inprocess", argv, port, server_logs) as proc:
+        proc.grpc_port = grpc_port  # type: ignore[attr-defined]
+        yield proc.wait_ready()

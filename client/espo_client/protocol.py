@@ -50,7 +50,9 @@ MAX_TOP_K_LOGPROBS = 64
 engine is started with this as vLLM's `max_logprobs`."""
 
 EndReason = Literal["eos", "length", "espo_stop", "abort"]
-TraceName = Literal["regret", "z", "values", "entropy"]
+TraceName = Literal["regret", "z", "values", "entropy", "top_logprobs", "text"]
+"""What `include` can ask for: per-token traces (`Traces`), and `text`, the decoded response
+(`Trajectory.text`)."""
 
 
 class _Model(BaseModel):
@@ -128,6 +130,12 @@ class RolloutRequest(_Model):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int | None = Field(None, description="Base seed; sample j of prompt i uses seed + i*n + j.")
     stop_token_ids: list[int] | None = Field(None, description="Extra token ids that end a response (eos).")
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None,
+        max_length=16,
+        description="Strings that end a response (eos) once the decoded text contains one; the tokens up "
+        "to and including the one that completed it are kept.",
+    )
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks: fixed lengths).")
     stop_rule: StopRule | None = Field(
         None,
@@ -153,7 +161,16 @@ class RolloutRequest(_Model):
         True, description="Fold this call's statistics into the server-owned state (false for evaluation)."
     )
     include: list[TraceName] = Field(
-        default_factory=list, description="Per-token traces to return: regret, z, values, entropy."
+        default_factory=list,
+        description="Per-token traces to return: regret, z, values, entropy, top_logprobs; and text (the "
+        "decoded response of each trajectory).",
+    )
+    top_logprobs: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TOP_K_LOGPROBS,
+        description="k of the `top_logprobs` trace: the k most likely tokens at each step (default "
+        "entropy_top_k). With `entropy` too, both use the larger k.",
     )
     entropy_top_k: int | None = Field(
         None,
@@ -201,6 +218,12 @@ class Traces(_Model):
     z: list[float] | None = Field(None, description="Smoothed normalised regret z_t of each token.")
     values: list[float | None] | None = Field(None, description="V(s_t) where the critic was queried.")
     entropy: list[float] | None = Field(None, description="Top-k estimate of the policy entropy at s_t.")
+    top_token_ids: list[list[int]] | None = Field(
+        None, description="`top_logprobs`: the k most likely token ids at s_t, most likely first."
+    )
+    top_logprobs: list[list[float]] | None = Field(
+        None, description="`top_logprobs`: their raw log-probabilities, in the same order."
+    )
 
 
 class VersionSpan(_Model):
@@ -254,6 +277,9 @@ class Trajectory(_Model):
     traces: Traces | None = None
     carried: Carried | None = Field(
         None, description="Set when an earlier call of the run started this trajectory (carried over)."
+    )
+    text: str | None = Field(
+        None, description="The decoded response (special tokens skipped), with `include: [\"text\"]`."
     )
 
 
@@ -314,6 +340,11 @@ class RolloutResponse(_Model):
     )
     policy_version: int
     run_id: str | None = None
+    prompt_token_ids: list[list[int]] | None = Field(
+        None,
+        description="The token ids of every prompt, in order, when any was given as text (the "
+        "tokenisation the trajectories continue); null when all prompts were token ids.",
+    )
 
     def batch_stats(self) -> BatchStats:
         """This call's contribution to the ESPO state update (see `Usage.batch_stats`)."""

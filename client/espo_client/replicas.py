@@ -455,6 +455,7 @@ def _merge(
         state_used=first.state_used,
         state_after=first.state_after,
         policy_version=min(response.policy_version for response in responses),
+        prompt_token_ids=_merge_prompt_ids(shards, responses),
     )
     if request.state is None:
         return merged
@@ -462,6 +463,22 @@ def _merge(
     if all(response.state_after is not None for response in responses):
         state_after = stop_rule.update_state(first.state_used, merged.batch_stats(), first.espo_params())
     return merged.model_copy(update={"state_after": state_after})
+
+
+def _merge_prompt_ids(
+    shards: Sequence[_Shard], responses: Sequence[RolloutResponse]
+) -> list[list[int]] | None:
+    """Every prompt's token ids, in call order, when any shard had a text prompt (else None, as one
+    server answers); a shard of token-id prompts only contributes its prompts' own ids."""
+    if all(response.prompt_token_ids is None for response in responses):
+        return None
+    merged: list[list[int]] = []
+    for shard, response in zip(shards, responses, strict=True):
+        if response.prompt_token_ids is not None:
+            merged.extend(response.prompt_token_ids)
+        else:
+            merged.extend(list(prompt.token_ids or []) for prompt in shard.request.prompts)
+    return merged
 
 
 def _remap(shard: _Shard, trajectory: Trajectory) -> Trajectory:

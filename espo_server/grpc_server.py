@@ -1,0 +1,231 @@
+"""The gRPC API (`espo.v1.Rollouts`, espo_client/proto/espo.proto): a transport like app.py.
+
+Each RPC converts its message to the protocol's pydantic model (`espo_client.grpc_codec`), calls
+the same `RolloutService` method as the HTTP route, and converts the answer back. Errors get the
+HTTP API's semantics as gRPC status codes:
+
+    pydantic ValidationError, InvalidRequest   INVALID_ARGUMENT  "param: message"
+    ModelNotFound                              NOT_FOUND
+    Forbidden (weights outside --weights-dir)  PERMISSION_DENIED
+    Conflict (reused request_id, busy run)     FAILED_PRECONDITION
+    Overloaded                                 RESOURCE_EXHAUSTED (retry after espo-retry-after-s)
+    missing/wrong bearer token                 UNAUTHENTICATED
+    ServiceError (critic down), anything else  UNAVAILABLE
+
+with the field also in the trailing metadata `espo-error-param` and the error type in
+`espo-error-type`. A cancelled call (the client went away, or cancelled it) cancels the rollout,
+which aborts its engine requests. Started by serve.py beside uvicorn when `--grpc-port` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
+from pydantic import ValidationError
+
+from espo_client.grpc_codec import from_message, to_message
+from espo_client.proto import espo_pb2 as pb
+from espo_client.proto import espo_pb2_grpc as pb_grpc
+from espo_client.protocol import (
+    CommitRequest,
+    ErrorBody,
+    EspoState,
+    GroupEvent,
+    RolloutRequest,
+    RolloutResponse,
+    RunRequest,
+    WeightsRequest,
+)
+from espo_client.stop_rule import ParameterError
+
+from .config import ServerConfig
+from .errors import InvalidRequest, error_body, param_of
+from .service import RolloutService
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+"""HTTP status of the error envelope -> gRPC status code."""
+
+
+def validation_body(exc: ValidationError) -> ErrorBody:
+    """pydantic's complaint about a converted message, naming the field as the HTTP API does."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ParameterError):
+        loc += (cause.field,)
+    param = param_of(loc)
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
+    return ErrorBody(message=message, type="invalid_request_error", param=param, code=400)
+
+
+async def abort(context: grpc.aio.ServicerContext, body: ErrorBody) -> None:
+    """End the call with the status matching `body` (raises, as grpc.aio's abort does)."""
+    metadata = [("espo-error-type", body.type)]
+    if body.param:
+        metadata.append(("espo-error-param", body.param))
+    context.set_trailing_metadata(tuple(metadata))
+    message = body.message
+    if body.type == "overloaded":
+        metadata.append(("espo-retry-after-s", "2"))
+    if body.param and not message.startswith(body.param + ":"):
+        message = f"{body.param}: {message}"  # the status message starts with the field
+    await context.abort(STATUS.get(body.code, grpc.StatusCode.UNAVAILABLE), message)
+
+
+class RolloutsServicer(pb_grpc.RolloutsServicer):
+    """espo.v1.Rollouts over a RolloutService."""
+
+    def __init__(self, service: RolloutService, config: ServerConfig) -> None:
+        self.service = service
+        self.api_key = config.api_key
+
+    async def _check(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.api_key:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        given = str(metadata.get("authorization", "")).encode()
+        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            await abort(
+                context,
+                ErrorBody(message="missing or wrong bearer token", type="authentication_error", code=401),
+            )
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, ValidationError):
+            await abort(context, validation_body(exc))
+        if not isinstance(exc, grpc.aio.AbortError):
+            body = error_body(exc)
+            if body.code >= 500:
+                log.error("gRPC call failed: %r", exc, exc_info=exc)
+            await abort(context, body)
+        raise exc
+
+    async def Rollouts(
+        self, request: pb.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RolloutEvent]:
+        await self._check(context)
+        try:
+            plan = self.service.plan(from_message(request, RolloutRequest))
+        except Exception as exc:
+            await self._fail(context, exc)
+        try:
+            async for item in self.service.stream(plan):
+                if isinstance(item, RolloutResponse):
+                    done = item.model_copy(update={"trajectories": []})
+                    yield pb.RolloutEvent(done=to_message(done, pb.RolloutResponse))
+                elif isinstance(item, GroupEvent):
+                    yield pb.RolloutEvent(group=to_message(item, pb.GroupEvent))
+                else:
+                    yield pb.RolloutEvent(trajectory=to_message(item, pb.Trajectory))
+        except Exception as exc:  # cancellation (BaseException) goes through: the stream aborts its samples
+            await self._fail(context, exc)
+
+    async def _unary(
+        self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Message]]
+    ) -> Message:
+        """One unary call: auth, the work, every failure mapped to its status."""
+        await self._check(context)
+        try:
+            return await work()
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise  # not reached: _fail raises
+
+    async def GetState(self, request: empty_pb2.Empty, context) -> pb.StateResponse:
+        async def work():
+            return to_message(self.service.state(), pb.StateResponse)
+
+        return await self._unary(context, work)
+
+    async def SetState(self, request: pb.EspoState, context) -> pb.StateResponse:
+        async def work():
+            return to_message(self.service.set_state(from_message(request, EspoState)), pb.StateResponse)
+
+        return await self._unary(context, work)
+
+    async def Commit(self, request: pb.CommitRequest, context) -> pb.StateResponse:
+        async def work():
+            body = from_message(request, CommitRequest)
+            return to_message(self.service.commit(body.batch_id), pb.StateResponse)
+
+        return await self._unary(context, work)
+
+    async def LoadWeights(self, request: pb.WeightsRequest, context) -> pb.WeightsResponse:
+        async def work():
+            body = from_message(request, WeightsRequest)
+            return to_message(await self.service.load_weights(body.path, body.version), pb.WeightsResponse)
+
+        return await self._unary(context, work)
+
+    async def Info(self, request: empty_pb2.Empty, context) -> pb.InfoResponse:
+        async def work():
+            return to_message(self.service.info(), pb.InfoResponse)
+
+        return await self._unary(context, work)
+
+    async def OpenRun(self, request: pb.RunRequest, context) -> pb.RunResponse:
+        async def work():
+            return to_message(self.service.open_run(from_message(request, RunRequest)), pb.RunResponse)
+
+        return await self._unary(context, work)
+
+    async def GetRun(self, request: pb.RunRequest, context) -> pb.RunResponse:
+        async def work():
+            return to_message(self.service.run(_run_id(from_message(request, RunRequest))), pb.RunResponse)
+
+        return await self._unary(context, work)
+
+    async def CloseRun(self, request: pb.RunRequest, context) -> pb.RunResponse:
+        async def work():
+            run_id = _run_id(from_message(request, RunRequest))
+            return to_message(await self.service.close_run(run_id), pb.RunResponse)
+
+        return await self._unary(context, work)
+
+
+def _run_id(body: RunRequest) -> str:
+    if body.run_id is None:
+        raise InvalidRequest("run_id: which run?", "run_id")
+    return body.run_id
+
+
+@contextlib.asynccontextmanager
+async def grpc_server(service: RolloutService, config: ServerConfig) -> AsyncIterator[int | None]:
+    """Serve gRPC on `config.grpc_port` (same host) in this event loop while inside; yields the bound
+    port (None when gRPC is off). Stops with a grace period for running calls on exit."""
+    if config.grpc_port is None:
+        yield None
+        return
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    )
+    pb_grpc.add_RolloutsServicer_to_server(RolloutsServicer(service, config), server)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    port = server.add_insecure_port(f"{host}:{config.grpc_port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
+    await server.start()
+    log.info("gRPC (espo.v1.Rollouts) on %s:%d", config.host, port)
+    try:
+        yield port
+    finally:
+        await server.stop(grace=5)

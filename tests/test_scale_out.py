@@ -1,0 +1,93 @@
+"""vLLM's parallelism settings reach the policy engine's arguments unchanged (no engine is started:
+a multi-GPU run needs GPUs this test machine does not have)."""
+
+from __future__ import annotations
+
+import pytest
+
+from espo_server.cli import build_parser, config_from_args
+from espo_server.engine import Parallelism, PolicyEngine
+from espo_server.serve import parallelism
+
+
+def test_flags_reach_the_engine_arguments():
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--tensor-parallel-size", "4",
+            "--pipeline-parallel-size", "2",
+            "--data-parallel-size", "3",
+            "--distributed-executor-backend", "ray",
+            "--enable-expert-parallel",
+        ]
+    )  # fmt: skip
+    config = config_from_args(args)
+    parallel = parallelism(config)
+    assert parallel == Parallelism(4, 2, 3, "ray", True)
+    engine_args = PolicyEngine.engine_args("/models/policy", parallel=parallel)
+    assert engine_args.tensor_parallel_size == 4
+    assert engine_args.pipeline_parallel_size == 2
+    assert engine_args.data_parallel_size == 3
+    assert engine_args.distributed_executor_backend == "ray"
+    assert engine_args.enable_expert_parallel is True
+    # the rest of the policy's engine arguments are untouched by it
+    assert engine_args.logprobs_mode == "raw_logprobs" and engine_args.enable_prefix_caching is True
+
+
+def test_defaults_leave_vllm_to_choose(monkeypatch):
+    for key in ("ESPO_TENSOR_PARALLEL_SIZE", "ESPO_DISTRIBUTED_EXECUTOR_BACKEND"):
+        monkeypatch.delenv(key, raising=False)
+    config = config_from_args(build_parser().parse_args(["serve"]))
+    engine_args = PolicyEngine.engine_args("/models/policy", parallel=parallelism(config))
+    defaults = PolicyEngine.engine_args("/models/policy")
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                 "distributed_executor_backend", "enable_expert_parallel"):  # fmt: skip
+        assert getattr(engine_args, name) == getattr(defaults, name), name
+    assert engine_args.tensor_parallel_size == 1 and engine_args.distributed_executor_backend is None
+
+
+@pytest.mark.parametrize("flag", ["--tensor-parallel-size=0", "--distributed-executor-backend=slurm"])
+def test_bad_parallelism_is_refused_at_start(flag):
+    with pytest.raises((SystemExit, ValueError)):
+        config_from_args(build_parser().parse_args(["serve", flag]))
+
+
+def test_replicas_merge_prompt_token_ids_in_call_order():
+    """Shards of a call with a text prompt: the merged answer lists every prompt's ids, like one server."""
+    from espo_client.protocol import EspoState, Prompt, RolloutRequest, RolloutResponse, Usage
+    from espo_client.replicas import _merge_prompt_ids, _Shard
+
+    def shard(prompts: list[Prompt], first: int) -> _Shard:
+        return _Shard(
+            client=None, request=RolloutRequest(prompts=prompts), prompts=range(first, first + len(prompts))
+        )  # type: ignore[arg-type]
+
+    def response(prompt_token_ids) -> RolloutResponse:
+        return RolloutResponse(
+            request_id="r", trajectories=[], usage=Usage(prompt_tokens=0, generated_tokens=0, trajectories=0),
+            stop_rule="none", shadow=False, rule_params={}, state_used=EspoState(), policy_version=0,
+            prompt_token_ids=prompt_token_ids,
+        )  # fmt: skip
+
+    shards = [shard([Prompt(token_ids=[1, 2])], 0), shard([Prompt(text="ab"), Prompt(token_ids=[3])], 1)]
+    assert _merge_prompt_ids(shards, [response(None), response([[30, 31], [3]])]) == [[1, 2], [30, 31], [3]]
+    assert _merge_prompt_ids(shards, [response(None), response(None)]) is None
+
+
+def test_embedded_model_is_espo_toy_with_a_chat_template(monkeypatch, tmp_path):
+    """resolve_models fills the toy paths; the OpenAI name and chat template of the embedded model stay."""
+    from espo_server import serve
+    from espo_server.config import ServerConfig
+    from espo_server.tiny_model import CHAT_TEMPLATE
+    from espo_server.toy import train
+
+    class Toy:
+        policy_dir = tmp_path / "policy"
+        critic_dir = tmp_path / "critic"
+
+    monkeypatch.setattr(train, "ensure_toy_models", lambda *a, **k: Toy())
+    config = serve.resolve_models(ServerConfig())
+    assert config.model == str(Toy.policy_dir) and config.model_name() == "espo-toy"
+    assert config.chat_template == CHAT_TEMPLATE
+    named = serve.resolve_models(ServerConfig(model="/m", critic="none"))
+    assert named.model_name() == "/m" and named.chat_template is None
