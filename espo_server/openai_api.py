@@ -49,7 +49,7 @@ from espo_client.openai_protocol import (
     ModelCard,
     ModelList,
 )
-from espo_client.protocol import RolloutRequest, RolloutResponse, Trajectory
+from espo_client.protocol import GroupEvent, RolloutRequest, RolloutResponse, Trajectory
 
 from .config import ServerConfig
 from .errors import InvalidRequest, ModelNotFound, error_body, param_of
@@ -264,6 +264,8 @@ class OpenAIServing:
                         espo=item.model_copy(update={"trajectories": []}),
                     )
                     yield _event(last.model_dump_json())
+                elif isinstance(item, GroupEvent):
+                    continue  # OpenAI streams have no group events; choices carry their prompt index
                 elif call.kind == "completion":
                     yield _event(chunk_model(**common, choices=[self._choice(call, item)]).model_dump_json())
                 else:
