@@ -6,7 +6,11 @@ number of iterations, from the same supervised policy (each run pushes the start
 
   none         plain PPO
   espo         the full rule (regret gated by the critic's V(s_t))
-  random       stops at a uniformly drawn step, at espo's measured stop rate (of the same seed)
+  random       stops at a uniformly drawn step, at espo's measured stop rate (of the same seed): the
+               server's random rule draws the step in [min_tokens, max_tokens), so a draw past a
+               trajectory's end stops nothing; its `random_rate` is scaled up by
+               (max_tokens - min_tokens) / (mean length - min_tokens), the mean length that of the
+               same seed's `none` run, and the table reports the stop rate it really had
   regret_only  the rule with a constant in place of V(s_t)
   value_only   stop when V(s_t) < v_min
 
@@ -44,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from espo_client import EspoClient  # noqa: E402
+from espo_client.stop_rule import EspoParams  # noqa: E402
 from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
 from espo_server.toy.demo import DEMO_BETA  # noqa: E402
 
@@ -102,6 +107,18 @@ def measured_stop_rate(records: list[dict]) -> float:
     return statistics.fmean(warm) if warm else 0.0
 
 
+def random_rate_for(stop_rate: float, mean_length: float, max_tokens: int, min_tokens: int) -> float:
+    """The `random_rate` that stops about `stop_rate` of trajectories of about `mean_length` tokens
+    when the stop step is drawn uniformly from [min_tokens, max_tokens)."""
+    reach = max(1e-6, (mean_length - min_tokens) / max(1, max_tokens - min_tokens))
+    return min(1.0, stop_rate / min(1.0, reach))
+
+
+def mean_length(run: dict) -> float:
+    """Mean tokens per trajectory of a run."""
+    return run["cumulative_tokens"] / max(1, len(run["records"]) * run["per_iteration"])
+
+
 def run_one(ppo_toy, args: argparse.Namespace, url: str, rule: str, seed: int, random_rate: float | None):
     rule_params: dict = {"beta0": args.beta0}
     if rule == "random":
@@ -127,6 +144,7 @@ def run_one(ppo_toy, args: argparse.Namespace, url: str, rule: str, seed: int, r
         "heldout_acc_t1": last.get("heldout_acc_t1"),
         "heldout_acc_greedy": last.get("heldout_acc_greedy"),
         "stop_rate": measured_stop_rate(records),
+        "per_iteration": args.problems * args.n,
         "records": records,
     }
 
@@ -245,14 +263,20 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"supervised start: held-out T=1 {start['heldout_acc_t1']:.3f}, greedy "
               f"{start['heldout_acc_greedy']:.3f}", flush=True)  # fmt: skip
         total = len(args.rules) * len(args.seeds)
+        min_tokens = EspoParams().min_tokens
         for seed in args.seeds:
-            espo_rate = args.random_rate
+            rate, length, espo_stop_rate = args.random_rate, None, 0.0  # espo runs before random
             for rule in args.rules:
                 print(f"=== run {len(runs) + 1}/{total}: rule {rule}, seed {seed} "
                       f"({time.perf_counter() - started:.0f}s so far)", flush=True)  # fmt: skip
-                run = run_one(ppo_toy, args, url, rule, seed, espo_rate)
-                if rule == "espo" and args.random_rate is None:
-                    espo_rate = run["stop_rate"]
+                if rule == "random" and args.random_rate is None:
+                    rate = random_rate_for(espo_stop_rate, length, args.max_tokens, min_tokens)
+                    print(f"random_rate {rate:.3f} for espo's stop rate {espo_stop_rate:.3f}", flush=True)
+                run = run_one(ppo_toy, args, url, rule, seed, rate)
+                if rule == "espo":
+                    espo_stop_rate = run["stop_rate"]
+                if rule == "none" or (rule == "espo" and length is None):
+                    length = mean_length(run)  # none's if it ran (espo's are cut short)
                 runs.append(run)
                 (args.out / "reproduce.json").write_text(json.dumps({"runs": runs}, default=str))
     finally:

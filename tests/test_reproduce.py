@@ -62,3 +62,17 @@ def test_reduced_reproduction_writes_table_and_plot(reproduce, tmp_path):
     table = (tmp_path / "out" / "reproduce.md").read_text()
     assert "| none |" in table and "| espo |" in table and "held-out acc T=1" in table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_random_rate_is_scaled_to_stop_espos_share(reproduce):
+    """The random rule draws its step in [min_tokens, max_tokens): scaled so that, on trajectories of
+    the mean length, the share it really stops is espo's."""
+    import numpy as np
+
+    rate = reproduce.random_rate_for(0.25, mean_length=40, max_tokens=96, min_tokens=8)
+    assert rate == pytest.approx(0.25 * 88 / 32)
+    rng = np.random.default_rng(0)
+    drawn = rng.random(200_000) < rate
+    step = rng.integers(8, 96, 200_000)
+    assert np.mean(drawn & (step < 40)) == pytest.approx(0.25, abs=0.01)
+    assert reproduce.random_rate_for(0.9, mean_length=20, max_tokens=96, min_tokens=8) == 1.0  # capped
