@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools run serve test test-fast lint openapi bench clean
+.PHONY: install tools run serve test test-fast lint openapi bench reproduce clean
 
 install: $(STAMP)
 
@@ -67,6 +67,11 @@ openapi: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/savings.py
+
+# The paper's comparison at toy scale (outside CI; about an hour or two on 2 CPU cores): PPO with
+# examples/ppo_toy.py under each stop rule, 3 seeds; writes bench/results/reproduce/ and docs/reproduce.png.
+reproduce: $(STAMP)
+	$(PY) bench/reproduce.py
 
 clean:
 	rm -rf $(VENV)

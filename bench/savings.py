@@ -1,10 +1,12 @@
-"""What early stopping saves on the toy task: none vs espo, beside the oracle, in one run.
+"""What early stopping saves on the toy task: none vs espo vs regret_only, beside the oracle, in one run.
 
 Starts the embedded server (toy policy + in-process critic), then for each repeat (a new seed and
-new problems) runs the demo's three batches with the same seeds: `none` (which, as the first batch
+new problems) runs the demo's five batches with the same seeds: `none` (which, as the first batch
 after a reset, sets mu and var), `espo` in shadow mode (exactly where it would stop, and whether those
-trajectories were in fact correct), and `espo` for real (the same state). Reports, summed or as
-medians over repeats:
+trajectories were in fact correct), `espo` for real (the same state), and `regret_only` (no value
+gate) in shadow mode and for real, its threshold set so that its shadow run stops exactly as many
+trajectories as espo's: what the critic adds at the same stop rate. Reports, summed or as medians
+over repeats:
 
   wall time to finish the batch, tokens generated, tokens saved, stop rate, false-stop rate (stopped
   trajectories whose shadow twin was correct), critic calls per trajectory, critic time share
@@ -14,6 +16,9 @@ medians over repeats:
   detection delay (tokens from the first wrong token to the stop).
 
     .venv/bin/python bench/savings.py                   # 3 repeats x 64 problems x n=4 (768 trajectories)
+
+Compass targets for espo stopping for real (issue 11): >= 25% fewer tokens than none, <= 3% false
+stops, >= 60% of the oracle's savings; printed as met or missed.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from espo_client import EspoClient  # noqa: E402
 from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
-from espo_server.toy.demo import DEMO_BETA, run_batches  # noqa: E402
+from espo_server.toy.demo import COMPASS, DEMO_BETA, run_batches  # noqa: E402
 from espo_server.toy.task import generate  # noqa: E402
 
 
@@ -99,15 +104,7 @@ def summarise(runs: list[dict]) -> dict:
     n = total("none", "n")
     oracle = sum(r["oracle_tokens_saved"] for r in runs)
     failing = total("none", "failing_ran_to_end")
-    delays = [
-        r["rows"]["espo"]["median_detection_delay"]
-        for r in runs
-        if r["rows"]["espo"]["median_detection_delay"] is not None
-    ]
-    stops_judged, false_stops = total("espo", "stops_judged"), total("espo", "false_stops")
-    sh_judged, sh_false = total("espo shadow", "stops_judged"), total("espo shadow", "false_stops")
-    saved_real = total("none", "tokens_generated") - total("espo", "tokens_generated")
-    return {
+    out = {
         "trajectories_per_mode": n,
         "failing_trajectories": failing,
         "none": {
@@ -115,81 +112,121 @@ def summarise(runs: list[dict]) -> dict:
             "tokens": total("none", "tokens_generated"),
             "accuracy": total("none", "accuracy") / len(runs),
         },
-        "espo": {
-            "wall_s_median": med("espo", "wall_s"),
-            "tokens": total("espo", "tokens_generated"),
-            "accuracy": total("espo", "accuracy") / len(runs),
-            "tokens_saved_measured": saved_real,
-            "tokens_saved_estimate": total("espo", "tokens_saved"),
-            "tokens_saved_upper_bound": total("espo", "tokens_saved_upper_bound"),
-            "stop_rate": total("espo", "stop_rate") / len(runs),
-            "false_stop_rate": false_stops / stops_judged if stops_judged else None,
-            "critic_calls_per_trajectory": total("espo", "critic_calls") / n,
-            "critic_time_share": total("espo", "critic_time_s")
-            / max(1e-9, total("espo", "trajectory_time_s")),
-            "discarded_tokens": total("espo", "discarded_tokens"),
-            "median_detection_delay": statistics.median(delays) if delays else None,
-        },
-        "shadow": {
-            "tokens_saved_exact": total("espo shadow", "tokens_saved"),
-            "stop_rate": total("espo shadow", "shadow_stop_rate") / len(runs),
-            "false_stop_rate": sh_false / sh_judged if sh_judged else None,
-            "failing_stopped_share": total("espo shadow", "failing_stopped") / failing if failing else None,
-        },
         "oracle_tokens_saved": oracle,
-        "espo_fraction_of_oracle": saved_real / oracle if oracle else None,
-        "shadow_fraction_of_oracle": total("espo shadow", "tokens_saved") / oracle if oracle else None,
-        "wall_ratio_espo_over_none": med("espo", "wall_s") / med("none", "wall_s"),
+        "regret_only_beta": [r["regret_only_beta"] for r in runs],
     }
+    for rule in ("espo", "regret_only"):
+        shadow = f"{rule} shadow"
+        delays = [
+            r["rows"][rule]["median_detection_delay"]
+            for r in runs
+            if r["rows"][rule]["median_detection_delay"] is not None
+        ]
+        stops_judged, false_stops = total(rule, "stops_judged"), total(rule, "false_stops")
+        sh_judged, sh_false = total(shadow, "stops_judged"), total(shadow, "false_stops")
+        saved_real = total("none", "tokens_generated") - total(rule, "tokens_generated")
+        out[rule] = {
+            "wall_s_median": med(rule, "wall_s"),
+            "tokens": total(rule, "tokens_generated"),
+            "accuracy": total(rule, "accuracy") / len(runs),
+            "tokens_saved_measured": saved_real,
+            "fewer_tokens": saved_real / max(1, total("none", "tokens_generated")),
+            "tokens_saved_estimate": total(rule, "tokens_saved"),
+            "tokens_saved_upper_bound": total(rule, "tokens_saved_upper_bound"),
+            "stop_rate": total(rule, "stop_rate") / len(runs),
+            "false_stop_rate": false_stops / stops_judged if stops_judged else None,
+            "critic_calls_per_trajectory": total(rule, "critic_calls") / n,
+            "critic_time_share": total(rule, "critic_time_s") / max(1e-9, total(rule, "trajectory_time_s")),
+            "discarded_tokens": total(rule, "discarded_tokens"),
+            "median_detection_delay": statistics.median(delays) if delays else None,
+            "oracle_share": saved_real / oracle if oracle else None,
+            "wall_ratio_over_none": med(rule, "wall_s") / med("none", "wall_s"),
+        }
+        out[f"{rule}_shadow"] = {
+            "tokens_saved_exact": total(shadow, "tokens_saved"),
+            "stop_rate": total(shadow, "shadow_stop_rate") / len(runs),
+            "false_stop_rate": sh_false / sh_judged if sh_judged else None,
+            "failing_stopped_share": total(shadow, "failing_stopped") / failing if failing else None,
+            "oracle_share": total(shadow, "tokens_saved") / oracle if oracle else None,
+        }
+    # names kept from before regret_only joined the table
+    out["shadow"] = out["espo_shadow"]
+    out["espo_fraction_of_oracle"] = out["espo"]["oracle_share"]
+    out["shadow_fraction_of_oracle"] = out["espo_shadow"]["oracle_share"]
+    out["wall_ratio_espo_over_none"] = out["espo"]["wall_ratio_over_none"]
+    e = out["espo"]
+    out["compass"] = {
+        name: e[name] is not None and (e[name] >= bound if op == ">=" else e[name] <= bound)
+        for name, (op, bound) in COMPASS.items()
+    }
+    return out
 
 
 def print_table(s: dict) -> None:
-    e, sh, no = s["espo"], s["shadow"], s["none"]
+    no, e, r = s["none"], s["espo"], s["regret_only"]
 
-    def row(label: str, none_value: str, espo_value: str, note: str = "") -> None:
-        print(f"{label:<28} {none_value:>10} {espo_value:>10}   {note}".rstrip())
+    def row(label: str, *values: str, note: str = "") -> None:
+        print(f"{label:<28}" + "".join(f" {v:>11}" for v in values) + (f"   {note}" if note else ""))
 
     print(
         f"\nToy task: {s['trajectories_per_mode']} trajectories per mode, {s['failing_trajectories']} failing"
     )
-    row("", "none", "espo")
+    row("", "none", "espo", "regret_only")
     row(
         "wall time, median (s)",
         f"{no['wall_s_median']:.2f}",
         f"{e['wall_s_median']:.2f}",
-        f"ratio {s['wall_ratio_espo_over_none']:.3f}",
+        f"{r['wall_s_median']:.2f}",
+        note=f"ratio to none {e['wall_ratio_over_none']:.3f} / {r['wall_ratio_over_none']:.3f}",
     )
-    saved = e["tokens_saved_measured"]
+    row("tokens generated", str(no["tokens"]), str(e["tokens"]), str(r["tokens"]))
+    row("fewer tokens than none", "-", f"{e['fewer_tokens']:.1%}", f"{r['fewer_tokens']:.1%}")
     row(
-        "tokens generated",
-        str(no["tokens"]),
-        str(e["tokens"]),
-        f"saved {saved} ({saved / max(1, no['tokens']):.1%})",
+        "accuracy (stops = failures)", f"{no['accuracy']:.3f}", f"{e['accuracy']:.3f}", f"{r['accuracy']:.3f}"
     )
-    row("accuracy (stops = failures)", f"{no['accuracy']:.3f}", f"{e['accuracy']:.3f}")
-    row("stop rate", "-", f"{e['stop_rate']:.3f}")
-    row("false-stop rate", "-", _f(e["false_stop_rate"]), "stopped, shadow twin correct")
+    row("stop rate", "-", f"{e['stop_rate']:.3f}", f"{r['stop_rate']:.3f}")
+    row(
+        "false-stop rate",
+        "-",
+        _f(e["false_stop_rate"]),
+        _f(r["false_stop_rate"]),
+        note="stopped, shadow twin correct",
+    )
+    row("share of the oracle's saving", "-", _f(e["oracle_share"]), _f(r["oracle_share"]))
     row(
         "median detection delay",
         "-",
         _f(e["median_detection_delay"], ".1f"),
-        "tokens after the first wrong one",
+        _f(r["median_detection_delay"], ".1f"),
+        note="tokens after the first wrong one",
     )
-    row("critic calls / trajectory", "-", f"{e['critic_calls_per_trajectory']:.2f}")
-    row("critic time share", "-", f"{e['critic_time_share']:.3f}", "query pending / trajectory lifetime")
+    row("critic calls / trajectory", "-", f"{e['critic_calls_per_trajectory']:.2f}", "-")
+    row("critic time share", "-", f"{e['critic_time_share']:.3f}", "-", note="query pending / lifetime")
     row(
         "tokens saved, estimate",
         "-",
         str(e["tokens_saved_estimate"]),
-        f"upper bound {e['tokens_saved_upper_bound']}",
+        str(r["tokens_saved_estimate"]),
+        note=f"upper bounds {e['tokens_saved_upper_bound']} / {r['tokens_saved_upper_bound']}",
     )
+    for rule in ("espo", "regret_only"):
+        sh = s[f"{rule}_shadow"]
+        print(
+            f"{rule} shadow: stop rate {sh['stop_rate']:.3f}, false-stop rate {_f(sh['false_stop_rate'])}, "
+            f"stops {_f(sh['failing_stopped_share'])} of the failing, saves {sh['tokens_saved_exact']} "
+            f"tokens exactly ({_f(sh['oracle_share'])} of the oracle's)"
+        )
     print(
-        f"shadow: stop rate {sh['stop_rate']:.3f}, false-stop rate {_f(sh['false_stop_rate'])}, stops "
-        f"{_f(sh['failing_stopped_share'])} of the failing, saves {sh['tokens_saved_exact']} tokens exactly"
+        f"oracle: {s['oracle_tokens_saved']} tokens (failing trajectories stopped at their first wrong token)"
     )
+    betas = ", ".join(f"{b:.3f}" for b in s["regret_only_beta"])
+    print(f"regret_only: v_const 1, beta per repeat {betas} (matched to espo shadow's stop count)")
     print(
-        f"oracle: {s['oracle_tokens_saved']} tokens; espo saved {_f(s['espo_fraction_of_oracle'])} of it "
-        f"(shadow {_f(s['shadow_fraction_of_oracle'])})"
+        "compass (espo, real): "
+        + ", ".join(
+            f"{name} {_f(e[name])} {op} {bound}: {'met' if s['compass'][name] else 'MISSED'}"
+            for name, (op, bound) in COMPASS.items()
+        )
     )
 
 

@@ -13,6 +13,12 @@ One file that reads top to bottom, in the manner of CleanRL's ppo.py. Each itera
 5. save the policy (safetensors, a fresh directory per iteration) and push it to the server
    (`POST /v1/weights`), so that the next iteration samples from the new weights. (The starting
    policy is pushed too, before the first iteration, unless `--no-push-initial`.)
+6. save the critic the same way (`critic-0001`, ...: a LlamaForTokenClassification safetensors
+   directory, num_labels 1, regression: the format the server's critic loads) and, with
+   `--push-critic`, push it so that the stop rule judges with the critic PPO trains;
+7. every `--eval-every` iterations, held-out accuracy (test-split problems, one sample each, at
+   T=1 and greedy) through the server with `stop_rule: none` and `update_state: false`: these
+   evaluation tokens are not rollout tokens and are counted apart.
 
 The ESPO state (mu, var, beta, warm) is the learner's by default (`--state-owner learner`): sent
 with every call and folded forward with `update_learner_state`, the same pure maths the server
@@ -20,14 +26,17 @@ runs. With `--state-owner server` the server keeps it: each iteration is one bat
 closed by `POST /v1/espo/commit`. Either way the learner says when its critic is trusted enough to
 stop (`warm`): here simply after `--warm-after` iterations.
 
-    espo-server serve --port 8000              # the embedded toy policy and critic
-    python examples/ppo_toy.py --iterations 20  # the same toy models, from the same cache
+    # the embedded toy policy and critic; pushes may come from the toy cache and this script's --out
+    espo-server serve --port 8000 --weights-dir ~/.cache/espo-server --weights-dir /tmp/ppo-toy
+    python examples/ppo_toy.py --iterations 20 --out /tmp/ppo-toy
 
 Limits worth knowing:
 * `load_weights` sends a *path*: the server must see the files this script writes (same machine,
   or a shared volume mounted at the same place).
-* The server's critic (the one the stop rule asks) is its own copy: this script trains its critic
-  for GAE but cannot push it, so the stop rule keeps using the critic the server started with.
+* The server's critic (the one the stop rule asks) is its own copy. This script trains its critic
+  for GAE and saves it every iteration; pushing it needs the server's critic-weights endpoint
+  (issue 10), which this server does not have yet: `--push-critic` fails at start-up with a message
+  saying so, and without it the stop rule keeps using the critic the server started with.
 * vLLM's weight reload was checked against HF only for untied embeddings (DESIGN.md section 6), so
   a policy with `tie_word_embeddings=True` is refused.
 * PPO's ratio uses the server's raw (temperature 1) logprobs: keep `--temperature 1`.
@@ -127,6 +136,16 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping of both networks"""
 
+    # Critic pushes and evaluation
+    save_critic: bool = True
+    """save the critic after every update (out/<run>/critic-0001, ...), in the server's critic format"""
+    push_critic: bool = False
+    """push the saved critic to the server each iteration (needs issue 10's endpoint: fails until then)"""
+    eval_every: int = 0
+    """held-out accuracy (T=1 and greedy) every this many iterations and after the last (0: never)"""
+    eval_problems: int = 128
+    """test-split problems of each evaluation (one sample each, per temperature)"""
+
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """argparse from `Args`: one `--flag-name` per field, its help text the field's docstring."""
@@ -198,6 +217,63 @@ def push_policy(
     return client.load_weights(str(directory), version=version).policy_version
 
 
+def save_critic(
+    critic: LlamaForTokenClassification, tokenizer: PreTrainedTokenizerBase, directory: Path
+) -> Path:
+    """Save the critic as the server's critic is stored: a LlamaForTokenClassification safetensors
+    directory (num_labels 1, problem_type regression, so vLLM's pooling runner applies no
+    sigmoid) with its tokenizer."""
+    assert critic.config.num_labels == 1 and critic.config.problem_type == "regression"
+    critic.config.architectures = [type(critic).__name__]
+    critic.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+HELDOUT_SEED = 10_000  # of the evaluation problems (test split) and their sampling
+
+
+# TODO(issue 10): the server's critic-weights push. Until that endpoint and its client method exist,
+# `--push-critic` stops the run at start-up (before any rollout) with this message.
+CRITIC_PUSH_METHOD = "load_critic_weights"
+CRITIC_PUSH_MISSING = (
+    "--push-critic: this espo-server/espo-client has no critic-weights push yet (issue 10: "
+    f"EspoClient.{CRITIC_PUSH_METHOD}); run without --push-critic (the critic is still saved each "
+    "iteration, ready to push) or with a server that has it"
+)
+
+
+def check_critic_push(client: EspoClient) -> None:
+    if not callable(getattr(client, CRITIC_PUSH_METHOD, None)):
+        raise SystemExit(CRITIC_PUSH_MISSING)
+
+
+def push_critic(client: EspoClient, directory: Path, version: int) -> None:
+    """Make the server's stop rule judge with this critic (issue 10's endpoint; see above)."""
+    getattr(client, CRITIC_PUSH_METHOD)(str(directory), version=version)
+
+
+def evaluate_heldout(client: EspoClient, problems: list, max_tokens: int, seed: int) -> dict:
+    """Accuracy on held-out problems at T=1 and greedy, sampled by the server with no stop rule and
+    without touching its ESPO state; returns the accuracies and the tokens it generated."""
+    out: dict = {"eval_tokens": 0}
+    prompts = [{"token_ids": encode(p.prompt), "answer": p.answer} for p in problems]
+    for name, temperature in (("heldout_acc_t1", 1.0), ("heldout_acc_greedy", 0.0)):
+        response = client.rollouts(
+            prompts=prompts, n=1, max_tokens=max_tokens, temperature=temperature, seed=seed,
+            stop_rule="none", update_state=False,
+        )  # fmt: skip
+        correct = 0
+        for t in response.trajectories:
+            if t.end_reason == "eos":
+                problem = problems[t.prompt_index]
+                text, finished = decode(t.token_ids)
+                correct += verify(problem.prompt, text, problem.answer, finished=finished).correct
+        out[name] = correct / len(problems)
+        out["eval_tokens"] += response.usage.generated_tokens
+    return out
+
+
 def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = None) -> list[dict]:
     """Run PPO; return the per-iteration log records. `transport`: an httpx transport (tests)."""
     args = parse_args(argv)
@@ -234,9 +310,13 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
     policy_optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)
     problems = generate(args.problems * args.iterations, "train", seed=args.seed, spec=task)
+    # the same held-out problems for every run, whatever its seed: runs compare on one test set
+    heldout = generate(args.eval_problems, "test", seed=HELDOUT_SEED, spec=task) if args.eval_every else []
     rule_params = protocol.RuleParams.model_validate_json(args.rule_params)
 
     client = EspoClient(base_url=args.url, api_key=args.api_key, transport=transport)
+    if args.push_critic:
+        check_critic_push(client)  # before anything runs: see CRITIC_PUSH_MISSING
     client.wait_ready(timeout=args.ready_timeout)
     info = client.info()
     version = info.policy_version  # pushes continue from the server's version, never go back
@@ -250,6 +330,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
         version = push_policy(client, policy, tokenizer, (run_dir / "iter-0000").resolve(), version + 1)
 
     records: list[dict] = []
+    cumulative_tokens, started = 0, time.perf_counter()
     for iteration in range(args.iterations):
         t_start = time.perf_counter()
 
@@ -365,7 +446,19 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
         # 5. Save the policy in a fresh directory and push it: the next rollouts sample from it.
         checkpoint = (run_dir / f"iter-{iteration + 1:04d}").resolve()
         version = push_policy(client, policy, tokenizer, checkpoint, version + 1)
+        critic_checkpoint = None
+        if args.save_critic or args.push_critic:
+            critic_dir = (run_dir / f"critic-{iteration + 1:04d}").resolve()
+            critic_checkpoint = save_critic(critic, tokenizer, critic_dir)
+        if args.push_critic:
+            push_critic(client, critic_checkpoint, iteration + 1)
         t_end = time.perf_counter()
+
+        # 7. Held-out accuracy of the new policy (not rollout tokens: counted apart).
+        evaluation = {}
+        if args.eval_every and ((iteration + 1) % args.eval_every == 0 or iteration + 1 == args.iterations):
+            evaluation = evaluate_heldout(client, heldout, args.max_tokens, seed=HELDOUT_SEED)
+        cumulative_tokens += usage.generated_tokens
 
         n_traj = max(usage.trajectories, 1)
         ends = [t.end_reason for t in trajectories]
@@ -389,6 +482,10 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             "clipfrac": float(np.mean(clipfracs)),
             "logprob_gap": logprob_gap,
             "checkpoint": str(checkpoint),
+            "critic_checkpoint": None if critic_checkpoint is None else str(critic_checkpoint),
+            "cumulative_tokens": cumulative_tokens,
+            "elapsed_s": time.perf_counter() - started,
+            **evaluation,
             "rollout_s": t_rollout - t_start,
             "update_s": t_update - t_rollout,
             "push_s": t_end - t_update,
@@ -407,7 +504,13 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             f" clip {record['clipfrac']:.2f} gap {logprob_gap:.1e}"
             f" | beta {state.beta:.2f}{' warm' if state.warm else ''}"
             f" | {record['wall_s']:.1f}s (rollout {record['rollout_s']:.1f} update {record['update_s']:.1f}"
-            f" push {record['push_s']:.1f})",
+            f" push {record['push_s']:.1f})"
+            + (
+                f" | held-out T=1 {evaluation['heldout_acc_t1']:.3f}"
+                f" greedy {evaluation['heldout_acc_greedy']:.3f}"
+                if evaluation
+                else ""
+            ),
             flush=True,
         )
     client.close()

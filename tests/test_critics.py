@@ -99,3 +99,32 @@ def test_rollouts_with_a_dead_critic_are_flagged_never_silently_changed(orphan_s
     assert all(t["end_reason"] != "espo_stop" for t in out["trajectories"])  # policy no_stop
     metrics = httpx.get(orphan_server.url + "/metrics", timeout=30).text
     assert 'espo_critic_calls_total{outcome="error"}' in metrics
+
+
+@pytest.fixture(scope="module")
+def toy_critic_server(server_logs) -> Iterator[tuple[ServerProcess, Path]]:
+    """`espo-server critic` on the trained toy critic (4 layers: the policy's 2 and 2 fresh ones)."""
+    from espo_server.toy.train import ensure_toy_models
+
+    critic_dir = ensure_toy_models().critic_dir
+    port = free_port()
+    argv = espo_server_argv("critic", "--model", str(critic_dir), "--port", str(port), "--dtype", "float32")
+    with ServerProcess("toy-critic", argv, port, server_logs, ready_path="/health") as proc:
+        yield proc.wait_ready(), critic_dir
+
+
+def test_trained_toy_critic_on_vllm_matches_hf(toy_critic_server):
+    from transformers import AutoConfig
+
+    from espo_server.toy.task import encode
+
+    server, critic_dir = toy_critic_server
+    config = AutoConfig.from_pretrained(critic_dir)
+    assert config.architectures == ["LlamaForTokenClassification"]
+    assert config.num_labels == 1 and config.problem_type == "regression" and not config.tie_word_embeddings
+    assert config.head_dim == 64
+    prefixes = [
+        encode("7+5+9+2=" + r) for r in ("", "7+5=12;", "7+5=13;13+9=22", "7+5=12;12+9=21;21+2=23;#23")
+    ]
+    got = asyncio.run(query(EspoValuesCritic(server.url), prefixes))
+    np.testing.assert_allclose(got, hf_values(critic_dir, prefixes), atol=1e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import random
 import sys
@@ -324,3 +325,39 @@ def test_ppo_example_trains_and_pushes_to_the_server(ppo_toy, rollout_server, ti
             url + "/v1/weights", json={"path": str(tiny_models["policy"]), "version": start + 4}, timeout=300
         )
         assert r.status_code == 200, r.text
+
+
+def test_the_critic_is_saved_in_the_servers_format_and_evaluation_is_apart(ppo_toy, tiny_pair, tmp_path):
+    from transformers import AutoConfig, LlamaForTokenClassification
+
+    server = FakeServer()
+    argv = tiny_args(
+        tmp_path, *tiny_pair, "--url", "http://fake", "--eval-every", "1", "--eval-problems", "3"
+    )
+    records = ppo_toy.main(argv, transport=httpx.MockTransport(server.handle))
+    for r in records:
+        critic_dir = Path(r["critic_checkpoint"])
+        assert critic_dir.name == f"critic-{r['iteration']:04d}"
+        config = AutoConfig.from_pretrained(critic_dir)
+        assert config.architectures == ["LlamaForTokenClassification"]
+        assert config.num_labels == 1 and config.problem_type == "regression"
+        assert not config.tie_word_embeddings and (critic_dir / "tokenizer.json").exists()
+        LlamaForTokenClassification.from_pretrained(critic_dir)  # loads back
+        assert 0 <= r["heldout_acc_t1"] <= 1 and 0 <= r["heldout_acc_greedy"] <= 1 and r["eval_tokens"] > 0
+    assert [r["cumulative_tokens"] for r in records] == list(
+        itertools.accumulate(r["tokens_generated"] for r in records)
+    )  # rollout tokens only: the evaluation's are counted apart
+    evals = [b for m, p, b in server.calls if p == "/v1/rollouts" and b["stop_rule"] == "none"]
+    assert len(evals) == 2 * len(records)  # T=1 and greedy after each iteration
+    assert all(not b["update_state"] and b["n"] == 1 for b in evals)
+    assert {b["temperature"] for b in evals} == {0.0, 1.0}
+    held = {tuple(p["token_ids"]) for b in evals for p in b["prompts"]}
+    assert len(held) == 3  # the same held-out problems every time
+
+
+def test_push_critic_fails_clearly_until_the_server_has_it(ppo_toy, tiny_pair, tmp_path):
+    server = FakeServer()
+    argv = tiny_args(tmp_path, *tiny_pair, "--url", "http://fake", "--push-critic")
+    with pytest.raises(SystemExit, match="issue 10"):
+        ppo_toy.main(argv, transport=httpx.MockTransport(server.handle))
+    assert server.calls == []  # it failed before any call: nothing sampled, nothing pushed

@@ -16,12 +16,17 @@ transformers = pytest.importorskip("transformers")
 from espo_server.tiny_model import EOS_ID, make_policy  # noqa: E402
 from espo_server.toy.task import decode, encode, generate  # noqa: E402
 from espo_server.toy.train import (  # noqa: E402
+    CRITIC_TARGETS,
     ToyConfig,
+    auc,
+    critic_quality,
     critic_values,
     ensure_toy_models,
     log_likelihood,
+    lr_factor,
     rollouts,
     sample,
+    weights_sha256,
 )
 
 pytestmark = pytest.mark.slow
@@ -74,7 +79,11 @@ def test_report_and_cache(toy, tmp_path):
     assert report == toy.report
     assert report["policy"]["eval_history"] and report["policy"]["params"] > 0
     assert 0.0 <= report["policy"]["accuracy_t1"] <= 1.0
-    assert set(report["critic"]["heldout"]) >= {"auc_at_0.50", "mse", "mse_constant"}
+    assert set(report["critic"]["heldout"]) >= {
+        "auc_at_0.50", "mse", "mse_constant", "mse_ratio", "auc_after_mistake", "drop_after_mistake"
+    }  # fmt: skip
+    assert set(report["critic"]["heldout"]["targets_met"]) == set(CRITIC_TARGETS)
+    assert report["torch_threads"] == 1
     for d in (toy.policy_dir, toy.critic_dir):
         assert (d / "model.safetensors").exists() and (d / "tokenizer.json").exists()
 
@@ -87,7 +96,7 @@ def test_report_and_cache(toy, tmp_path):
 
 def test_incomplete_cache_entry_is_rebuilt(tmp_path):
     # a tiny budget: this checks the cache logic, not learning
-    cfg = replace(ToyConfig.quick(), max_steps=4, eval_every=100, critic_samples=16, critic_steps=2)
+    cfg = replace(ToyConfig.quick(), policy_steps=4, eval_every=100, critic_problems=8, critic_steps=2)
     first = ensure_toy_models(tmp_path, seed=1, config=cfg)
     (first.policy_dir.parent / "report.json").unlink()  # as if a run died before finishing
     (first.policy_dir / "model.safetensors").write_bytes(b"garbage")
@@ -95,3 +104,84 @@ def test_incomplete_cache_entry_is_rebuilt(tmp_path):
     assert (second.policy_dir.parent / "report.json").exists()
     transformers.LlamaForCausalLM.from_pretrained(second.policy_dir)  # loads: rebuilt, not the garbage
     assert [p.name for p in tmp_path.iterdir()] == [first.policy_dir.parent.name]  # no temp dirs left
+
+
+TINY = replace(
+    ToyConfig.quick(),
+    policy_steps=6,
+    eval_every=3,
+    critic_problems=8,
+    critic_heldout_problems=8,
+    critic_steps=3,
+)
+
+
+def test_same_seed_gives_bit_identical_models(tmp_path):
+    """Training is deterministic for a seed: two runs, same weights (hash) and the same figures."""
+    first = ensure_toy_models(tmp_path / "a", seed=3, config=TINY)
+    second = ensure_toy_models(tmp_path / "b", seed=3, config=TINY)
+    other = ensure_toy_models(tmp_path / "c", seed=4, config=TINY)
+
+    def figures(report: dict) -> dict:
+        drop = {"train_time_s", "total_time_s"}
+        return {
+            k: ({kk: vv for kk, vv in v.items() if kk not in drop} if isinstance(v, dict) else v)
+            for k, v in report.items()
+            if k not in drop
+        }
+
+    assert figures(first.report) == figures(second.report)
+    for part in ("policy", "critic"):
+        assert first.report[part]["weights_sha256"] == second.report[part]["weights_sha256"]
+        assert first.report[part]["weights_sha256"] != other.report[part]["weights_sha256"]
+    a = (first.policy_dir / "model.safetensors").read_bytes()
+    assert a == (second.policy_dir / "model.safetensors").read_bytes()
+    loaded = transformers.LlamaForCausalLM.from_pretrained(first.policy_dir)
+    assert weights_sha256(loaded) == first.report["policy"]["weights_sha256"]
+    # the evaluations during training only print: the step count is the configured one
+    assert first.report["policy"]["steps"] == TINY.policy_steps
+    assert [h["step"] for h in first.report["policy"]["eval_history"]] == [3]
+    # the torch settings are restored afterwards
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_auc_from_ranks_matches_pairwise_counts():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 200).astype(float)  # many ties
+    labels = rng.random(200) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
+        len(pos) * len(neg)
+    )
+    assert auc(scores, labels) == pytest.approx(pairwise)
+    assert np.isnan(auc([1.0, 2.0], [True, True]))
+
+
+def test_critic_quality_measures_what_it_says(monkeypatch):
+    from espo_server.toy import train
+
+    # 2 failing samples (first wrong token at 2) and 2 successful, responses of 12 tokens
+    samples = [
+        train.Sample([5], [6] * 12, 0.0, 2),
+        train.Sample([5], [6] * 12, 0.0, 2),
+        train.Sample([5], [6] * 12, 1.0, None),
+        train.Sample([5], [6] * 12, 1.0, None),
+    ]
+    seeing = [np.r_[[0.5] * 3, [0.1] * 10], np.r_[[0.5] * 3, [0.1] * 10], np.full(13, 0.9), np.full(13, 0.9)]
+    monkeypatch.setattr(train, "critic_values", lambda critic, s: seeing)
+    q = critic_quality(None, samples)
+    assert q["auc_after_mistake"] == 1.0 and q["drop_after_mistake"] == pytest.approx(0.4)
+    assert q["mse_ratio"] < 0.7 and all(q["targets_met"].values())
+    blind = [np.full(13, 0.5)] * 4  # a constant: predicts nothing, sees nothing
+    monkeypatch.setattr(train, "critic_values", lambda critic, s: blind)
+    q = critic_quality(None, samples)
+    assert q["auc_after_mistake"] == 0.5 and q["drop_after_mistake"] == 0.0
+    assert q["mse_ratio"] == pytest.approx(1.0) and not any(q["targets_met"].values())

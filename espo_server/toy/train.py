@@ -1,13 +1,22 @@
-"""Train the toy policy and critic from a seed, on CPU, in a few minutes.
+"""Train the toy policy and critic from a seed, on CPU, in a few minutes; deterministic on a machine.
 
-1. policy: supervised next-token training on prompt + canonical solution, stopped as soon as its
-   exact-answer accuracy at temperature 1 lands mid-band (30-70%): a policy that fails often, with
-   failures that start at a wrong step and run on, is what ESPO needs to show anything.
-2. critic: the trained policy samples its own responses (temperature 1), the verifier labels them,
-   and a LlamaForTokenClassification regresses V(prefix) at every response position onto the final
-   reward (Monte-Carlo return, 0 or 1), so V(s_t) estimates the chance of success from s_t.
+1. policy: supervised next-token training on prompt + canonical solution for a fixed number of steps
+   (warm-up, then cosine decay), sized so that its exact-answer accuracy at temperature 1 lands mid-band
+   (30-70%): a policy that fails often, with failures that start at a wrong step and run on, is what
+   ESPO needs to show anything. There is no early stop on a measured accuracy: a noisy estimate
+   crossing a band edge one evaluation sooner or later gave different models on different machines.
+2. critic: the trained policy samples its own responses (temperature 1, several per problem, seeded),
+   the verifier scores them (final reward only), and a LlamaForTokenClassification, initialised from
+   the policy's layers plus fresh ones on top, regresses V(s_t) at every state of every response onto
+   that final reward (the Monte-Carlo return, 0 or 1). The verifier's first wrong token is never a
+   target: it is the oracle, used only to measure the critic on held-out samples.
 3. both are saved in HF format (safetensors + tokenizer) in a cache directory keyed by seed and
    configuration; `report.json` is written last and marks a complete entry.
+
+Determinism: one torch thread (a reduction's order depends on the thread count), torch's
+deterministic algorithms, and every random draw from a seeded generator (batches, sampling, inits),
+so that the same seed gives bit-identical weights on one machine (`weights_sha256` in the report).
+Another CPU (other vector kernels) may round differently; the README gives ranges over seeds.
 
 Conventions shared with the server: prompts are the token ids of the text, no BOS (`task.encode`);
 responses end with EOS; the critic output at position i is V of the prefix ending with token i, so
@@ -17,8 +26,10 @@ V(s_t) for s_t = prompt + response[:t] is read at position len(prompt) - 1 + t.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -40,7 +51,7 @@ from espo_server.tiny_model import (
 )
 from espo_server.toy.task import Problem, TaskSpec, decode, encode, generate, verify
 
-VERSION = 1  # bump when training changes in a way the config hash cannot see
+VERSION = 2  # bump when training changes in a way the config hash cannot see
 
 
 @dataclass(frozen=True)
@@ -49,22 +60,25 @@ class ToyConfig:
     # 2 heads of 64 (vLLM's CPU attention needs head_dim 64). One head of 64 trained ~2x faster per
     # step but needed ~2x the steps, and its critic barely learnt (mid-response AUC ~0.6 vs ~0.75).
     model: TinyConfig = field(default_factory=lambda: TinyConfig(128, 2, 2, 512))
-    # policy
+    # policy: a fixed budget (no early stop), lr warm-up then cosine decay to lr * lr_final
     batch_size: int = 64
     lr: float = 2e-3
+    lr_final: float = 0.1
     warmup_steps: int = 50
-    max_steps: int = 2500
-    eval_every: int = 50
-    eval_problems: int = 256
-    stop_band: tuple[float, float] = (0.35, 0.65)  # early stop inside, a margin within the 30-70% goal
+    policy_steps: int = 600
+    eval_every: int = 200  # progress lines only: nothing depends on these estimates
+    eval_problems: int = 128
     final_eval_problems: int = 512
     max_new_tokens: int = 96  # the longest default solution is ~60 tokens
     # critic: the policy's layers plus fresh ones on top. Seeing that token j contradicts what the
-    # policy predicted at j-1 needs layers after the policy's prediction is formed.
-    critic_extra_layers: int = 1
-    critic_samples: int = 2048
-    critic_heldout: int = 512
-    critic_steps: int = 250
+    # policy predicted at j-1 needs a layer after the policy's prediction is formed, and carrying
+    # "a mistake was made" forward to later positions needs another.
+    critic_extra_layers: int = 2
+    critic_problems: int = 4096
+    critic_samples_per_problem: int = 4  # same prompt, different outcomes: what separates them is the path
+    critic_heldout_problems: int = 256
+    critic_steps: int = 1000
+    critic_batch_size: int = 64
     critic_lr: float = 1e-3
     log_every: int = 100
 
@@ -75,15 +89,17 @@ class ToyConfig:
             task=TaskSpec(min_terms=3, max_terms=4, high=20),
             model=TinyConfig(64, 2, 1, 128),
             batch_size=32,
-            max_steps=150,
+            policy_steps=150,
             eval_every=75,
             eval_problems=64,
             final_eval_problems=64,
             max_new_tokens=40,
             critic_extra_layers=0,
-            critic_samples=128,
-            critic_heldout=64,
+            critic_problems=64,
+            critic_samples_per_problem=2,
+            critic_heldout_problems=32,
             critic_steps=30,
+            critic_batch_size=32,
             log_every=50,
         )
 
@@ -211,31 +227,57 @@ def accuracy(
 
 
 def auc(scores, labels) -> float:
-    """ROC AUC (Mann-Whitney U, ties counted half); nan when one class is missing."""
+    """ROC AUC (Mann-Whitney U from ranks, ties counted half); nan when one class is missing."""
     scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores))
+    # average rank (1-based) of each group of tied scores
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, count in zip(first, counts, strict=True):
+        ranks[order[start : start + count]] = start + (count + 1) / 2
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 # --- 1. policy ---
 
 
+def lr_factor(step: int, warmup: int, total: int, final: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from 1 to `final` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def weights_sha256(model) -> str:
+    """A hash of every tensor (name, dtype, shape, bytes): equal iff the weights are bit-identical."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def train_policy(cfg: ToyConfig, seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """Supervised training until accuracy at temperature 1 enters `cfg.stop_band` (or max_steps)."""
+    """Supervised training for exactly `cfg.policy_steps` steps (evaluations only print progress)."""
     t0 = time.time()
     model = make_policy(cfg.model, seed)
     # a fixed pool, sampled with replacement; large enough that memorising it is not an option
-    pool = generate(cfg.batch_size * cfg.max_steps // 4 + 1, "train", seed, cfg.task)
+    pool = generate(cfg.batch_size * cfg.policy_steps // 4 + 1, "train", seed, cfg.task)
     eval_set = generate(cfg.eval_problems, "test", seed, cfg.task)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.policy_steps, cfg.lr_final)
+    )
     rng = np.random.default_rng(seed)
     history: list[dict] = []
-    loss_ema, step = None, 0
-    for step in range(1, cfg.max_steps + 1):
+    loss_ema = None
+    for step in range(1, cfg.policy_steps + 1):
         model.train()
         batch = [pool[i] for i in rng.integers(0, len(pool), cfg.batch_size)]
         ids, mask = batch_tensors([encode(p.prompt) for p in batch], [solution_ids(p) for p in batch])
@@ -249,15 +291,13 @@ def train_policy(cfg: ToyConfig, seed: int = 0) -> tuple[torch.nn.Module, dict]:
         sched.step()
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
         if step % cfg.log_every == 0:
-            log(f"policy step {step:5d}  loss {loss_ema:.4f}  {time.time() - t0:6.1f}s")
-        if step % cfg.eval_every == 0:
+            log(f"policy step {step:5d}/{cfg.policy_steps}  loss {loss_ema:.4f}  {time.time() - t0:6.1f}s")
+        if step % cfg.eval_every == 0 and step < cfg.policy_steps:
             acc = accuracy(model, eval_set, cfg.max_new_tokens, seed=seed + step)
             history.append({"step": step, "loss": round(loss_ema, 4), "acc_t1": acc})
             log(f"policy step {step:5d}  test accuracy (T=1, n={len(eval_set)}) {acc:.3f}")
-            if cfg.stop_band[0] <= acc <= cfg.stop_band[1]:
-                break
     report = {
-        "steps": step,
+        "steps": cfg.policy_steps,
         "train_time_s": round(time.time() - t0, 1),
         "eval_history": history,
         "params": sum(p.numel() for p in model.parameters()),
@@ -291,51 +331,93 @@ def critic_values(critic, samples: list[Sample]) -> list[np.ndarray]:
     return out
 
 
+# What the critic should achieve on held-out samples (issue 11); `train-toy` prints each as met or missed.
+CRITIC_TARGETS = {
+    "auc_after_mistake": (">=", 0.9),  # V(s_{f+4}) of failing vs V at the same positions of successful
+    "mse_ratio": ("<=", 0.7),  # held-out MSE / the best constant's
+    "drop_after_mistake": (">=", 0.3),  # mean V(s_f) - V(s_{f+8}) over failing samples
+}
+
+
+def target_met(name: str, value: float | None) -> bool:
+    op, bound = CRITIC_TARGETS[name]
+    return value is not None and (value >= bound if op == ">=" else value <= bound)
+
+
 def critic_quality(critic, samples: list[Sample]) -> dict:
-    """How well V predicts success: AUC at fractions of each response, MSE against the best
-    constant, and how V moves around the first wrong token of failing samples."""
+    """How well V predicts success and whether it sees mistakes, on samples it was not trained on.
+
+    f is the index of a failing response's first wrong token (the verifier's oracle label, used here
+    only to measure); V(s_f) is the state just before that token, V(s_{f+k}) the state k tokens on
+    (the wrong token and k-1 after it).
+    - auc_after_mistake: AUC separating V(s_{f+4}) of failing samples (f+4 within the response) from
+      V(s_{f+4}) of successful samples at every such position f+4 they reach: the same positions,
+      so that V's drift along a response does not count.
+    - mse_ratio: MSE over all held-out states of V against the final reward, over the MSE of the best
+      constant (the held-out success rate; computed with hindsight, so the stricter comparison).
+    - drop_after_mistake: mean over failing samples of V(s_f) - V(s_{min(f+8, R)}).
+    Also AUCs of success at fractions of each response and mean V around the first mistake."""
     values = critic_values(critic, samples)
     rewards = np.array([s.reward for s in samples])
-    report = {"success_rate": round(float(rewards.mean()), 4)}
-    for frac in (0.0, 0.25, 0.5, 0.75):
-        at = [v[round(frac * (len(v) - 1))] for v in values]
-        a = auc(at, rewards > 0.5)
-        report[f"auc_at_{frac:.2f}"] = None if np.isnan(a) else round(a, 4)  # None: one class only
+    report = {"samples": len(samples), "success_rate": round(float(rewards.mean()), 4)}
     flat_v = np.concatenate(values)
     flat_r = np.concatenate([np.full(len(v), r) for v, r in zip(values, rewards, strict=True)])
     report["mse"] = round(float(np.mean((flat_v - flat_r) ** 2)), 4)
     report["mse_constant"] = round(float(np.var(flat_r)), 4)
-    # V(s_f) is the state just before the wrong token a_f; V(s_{f+k}) is k tokens after it
+    report["mse_ratio"] = round(report["mse"] / report["mse_constant"], 4) if report["mse_constant"] else None
+
     failing = [
-        (v, s.first_wrong) for v, s in zip(values, samples, strict=True) if s.reward == 0 and s.first_wrong
+        (v, s.first_wrong)
+        for v, s in zip(values, samples, strict=True)
+        if s.reward == 0 and s.first_wrong is not None
     ]
+    successful = [v for v, r in zip(values, rewards, strict=True) if r > 0.5]
+    positions = [f + 4 for v, f in failing if f + 4 < len(v)]
+    fail_at = [v[f + 4] for v, f in failing if f + 4 < len(v)]
+    success_at = [v[p] for p in positions for v in successful if p < len(v)]
+    a = auc(np.r_[fail_at, success_at], np.r_[np.zeros(len(fail_at)), np.ones(len(success_at))])
+    report["auc_after_mistake"] = None if np.isnan(a) else round(a, 4)
+    drops = [v[f] - v[min(f + 8, len(v) - 1)] for v, f in failing if f < len(v)]
+    report["drop_after_mistake"] = round(float(np.mean(drops)), 4) if drops else None
+    for frac in (0.0, 0.25, 0.5, 0.75):
+        at = [v[round(frac * (len(v) - 1))] for v in values]
+        a = auc(at, rewards > 0.5)
+        report[f"auc_at_{frac:.2f}"] = None if np.isnan(a) else round(a, 4)  # None: one class only
     for k in (0, 1, 4, 8):
-        vals = [v[min(f + k, len(v) - 1)] for v, f in failing]
+        vals = [v[min(f + k, len(v) - 1)] for v, f in failing if f < len(v)]
         report[f"v_at_first_wrong_plus_{k}"] = round(float(np.mean(vals)), 4) if vals else None
     report["v_mean_successful"] = round(float(np.mean(flat_v[flat_r > 0.5])), 4) if rewards.any() else None
+    report["targets_met"] = {name: target_met(name, report[name]) for name in CRITIC_TARGETS}
     return report
 
 
 def train_critic(policy, cfg: ToyConfig, seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """MSE regression of V(prefix), at every state of the policy's own samples, onto their reward."""
+    """MSE regression of V(s_t), at every state of the policy's own samples, onto their final reward."""
     t0 = time.time()
-    train_problems = generate(cfg.critic_samples, "train", seed + 1, cfg.task)
-    heldout_problems = generate(cfg.critic_heldout, "test", seed + 1, cfg.task)
-    train = rollouts(policy, train_problems, cfg.max_new_tokens, seed=seed + 10_001)
-    heldout = rollouts(policy, heldout_problems, cfg.max_new_tokens, seed=seed + 10_002)
-    log(f"critic: sampled {len(train)} + {len(heldout)} responses in {time.time() - t0:.1f}s")
+    k = cfg.critic_samples_per_problem
+    train_problems = generate(cfg.critic_problems, "train", seed + 1, cfg.task)
+    heldout_problems = generate(cfg.critic_heldout_problems, "test", seed + 1, cfg.task)
+    train = rollouts(policy, [p for p in train_problems for _ in range(k)], cfg.max_new_tokens, seed + 10_001)
+    heldout = rollouts(
+        policy, [p for p in heldout_problems for _ in range(k)], cfg.max_new_tokens, seed + 10_002
+    )
+    log(
+        f"critic: sampled {len(train)} + {len(heldout)} held-out responses ({k} per problem) in "
+        f"{time.time() - t0:.1f}s; success rate {np.mean([s.reward for s in train]):.3f}"
+    )
 
     critic = make_critic(cfg.critic_model(), seed + 1)
     # start from the policy: embeddings, its layers (the extra ones stay fresh) and final norm
     res = critic.model.load_state_dict(policy.model.state_dict(), strict=False)
     assert not res.unexpected_keys and all(k.startswith("layers.") for k in res.missing_keys), res
     opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 30, cfg.critic_steps, 0.1))
     rng = np.random.default_rng(seed + 1)
     loss_ema = None
     for step in range(1, cfg.critic_steps + 1):
         critic.train()
-        ids, mask, target = critic_batch([train[i] for i in rng.integers(0, len(train), cfg.batch_size)])
+        batch = [train[i] for i in rng.integers(0, len(train), cfg.critic_batch_size)]
+        ids, mask, target = critic_batch(batch)
         v = critic(input_ids=ids).logits[..., 0]
         loss = (((v - target) ** 2) * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -345,12 +427,13 @@ def train_critic(policy, cfg: ToyConfig, seed: int = 0) -> tuple[torch.nn.Module
         sched.step()
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
         if step % cfg.log_every == 0:
-            log(f"critic step {step:5d}  mse {loss_ema:.4f}  {time.time() - t0:6.1f}s")
+            log(f"critic step {step:5d}/{cfg.critic_steps}  mse {loss_ema:.4f}  {time.time() - t0:6.1f}s")
     report = {
         "steps": cfg.critic_steps,
         "train_time_s": round(time.time() - t0, 1),
         "params": sum(p.numel() for p in critic.parameters()),
         "samples": len(train),
+        "train_success_rate": round(float(np.mean([s.reward for s in train])), 4),
         "heldout": critic_quality(critic, heldout),
     }
     return critic, report
@@ -361,6 +444,20 @@ def train_critic(policy, cfg: ToyConfig, seed: int = 0) -> tuple[torch.nn.Module
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("ESPO_CACHE_DIR") or Path.home() / ".cache" / "espo-server")
+
+
+@contextlib.contextmanager
+def deterministic(num_threads: int = 1):
+    """Torch set up for repeatable training: `num_threads` threads and deterministic algorithms
+    (both restored afterwards: the server trains in its own process before the engines start)."""
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
 
 
 def ensure_toy_models(
@@ -374,18 +471,21 @@ def ensure_toy_models(
 ) -> ToyModels:
     """The trained toy policy and critic for `seed`: from the cache, or trained now and cached.
 
-    num_threads: torch CPU threads while training. 1 by default: these models are so small that
-    a second thread gains little, and on a shared 2-core machine 2 threads ran ~4x slower than 1."""
+    num_threads: torch CPU threads while training (None: 1). 1 by default: these models are so small
+    that a second thread gains little, on a shared 2-core machine 2 threads ran ~4x slower than 1, and
+    the weights depend on it (the order of a reduction does); another count gives other weights."""
     cfg = config or (ToyConfig.quick() if quick else ToyConfig())
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = root / f"toy-seed{seed}-{cfg.key()}"
     if (entry / "report.json").exists() and not force:
         return _load(entry, cfg)
 
-    threads_before = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    try:
+    threads = num_threads or 1
+    log(
+        f"training the toy models for seed {seed} (config {cfg.key()}, {threads} torch thread(s)) "
+        f"into {entry}"
+    )
+    with deterministic(threads):
         t0 = time.time()
         policy, policy_report = train_policy(cfg, seed)
         final_set = generate(cfg.final_eval_problems, "test", seed + 2, cfg.task)
@@ -394,12 +494,13 @@ def ensure_toy_models(
         policy_report["log_likelihood"] = round(log_likelihood(policy, final_set[:256]), 4)
         lo, hi = 0.3, 0.7
         policy_report["in_band"] = lo <= policy_report["accuracy_t1"] <= hi
+        policy_report["weights_sha256"] = weights_sha256(policy)
         log(
             f"policy: accuracy T=1 {policy_report['accuracy_t1']:.3f} (n={len(final_set)}), "
-            f"greedy {policy_report['accuracy_greedy']:.3f}"
+            f"greedy {policy_report['accuracy_greedy']:.3f}; {policy_report['train_time_s']:.0f}s"
         )
         critic, critic_report = train_critic(policy, cfg, seed)
-        log(f"critic: {critic_report['heldout']}")
+        critic_report["weights_sha256"] = weights_sha256(critic)
         report = {
             "version": VERSION,
             "seed": seed,
@@ -408,10 +509,9 @@ def ensure_toy_models(
             "policy": policy_report,
             "critic": critic_report,
             "total_time_s": round(time.time() - t0, 1),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": threads,
+            "torch_version": torch.__version__,
         }
-    finally:
-        torch.set_num_threads(threads_before)
 
     # write to a temporary sibling, then rename: a reader never sees a half-written entry
     tmp = root / f".{entry.name}.tmp-{os.getpid()}"
@@ -447,18 +547,46 @@ def add_train_toy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def print_report(models: ToyModels) -> None:
+    """The figures of a trained (or cached) entry, the critic's against its targets."""
+    p, c = models.report["policy"], models.report["critic"]
+    h = c["heldout"]
+    print(
+        f"policy  {models.policy_dir}  ({p['params']:,} params, {p['steps']} steps, "
+        f"weights {p.get('weights_sha256')})"
+    )
+    print(
+        f"critic  {models.critic_dir}  ({c['params']:,} params, {c['steps']} steps, "
+        f"weights {c.get('weights_sha256')})"
+    )
+    band = "" if p["in_band"] else "  (OUTSIDE the 30-70% band)"
+    print(f"accuracy at T=1 {p['accuracy_t1']:.3f}{band}, greedy {p['accuracy_greedy']:.3f}")
+    print(
+        f"critic on {h['samples']} held-out samples of the policy (success rate {h['success_rate']:.3f}); "
+        f"AUC of success at mid-response {h['auc_at_0.50']}"
+    )
+    for name, label in (
+        ("auc_after_mistake", "AUC, V 4 tokens after the first mistake vs successful samples there"),
+        ("mse_ratio", f"MSE {h['mse']} / constant's {h['mse_constant']}"),
+        ("drop_after_mistake", "drop of V within 8 tokens of the first mistake "
+         f"({h['v_at_first_wrong_plus_0']} -> {h['v_at_first_wrong_plus_8']})"),
+    ):  # fmt: skip
+        op, bound = CRITIC_TARGETS[name]
+        verdict = "met" if target_met(name, h.get(name)) else "MISSED"
+        print(f"  {label}: {h.get(name)}  (target {op} {bound}: {verdict})")
+    print(
+        f"training took {models.report['total_time_s']:.0f}s "
+        f"({models.report['torch_threads']} torch thread(s))"
+    )
+
+
 def train_toy_cli(args: argparse.Namespace) -> int:
     t0 = time.time()
     models = ensure_toy_models(
         args.cache_dir, args.seed, quick=args.quick, force=args.force, num_threads=args.threads
     )
-    p, c = models.report["policy"], models.report["critic"]
-    print(f"policy  {models.policy_dir}  ({p['params']:,} params, {p['steps']} steps)")
-    print(f"critic  {models.critic_dir}  ({c['params']:,} params)")
-    band = "" if p["in_band"] else "  (OUTSIDE the 30-70% band)"
-    print(f"accuracy at T=1 {p['accuracy_t1']:.3f}{band}, greedy {p['accuracy_greedy']:.3f}")
-    print(f"critic AUC at mid-response {c['heldout']['auc_at_0.50']}")
-    print(f"training took {models.report['total_time_s']:.0f}s; this call {time.time() - t0:.0f}s")
+    print_report(models)
+    print(f"this call {time.time() - t0:.0f}s")
     return 0
 
 
