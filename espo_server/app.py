@@ -20,6 +20,8 @@ from pydantic import TypeAdapter
 
 from espo_client.protocol import (
     CommitRequest,
+    CriticWeightsRequest,
+    CriticWeightsResponse,
     DoneEvent,
     ErrorEvent,
     ErrorResponse,
@@ -138,6 +140,14 @@ def build_app(config: ServerConfig) -> FastAPI:
     @app.post("/v1/weights", response_model=WeightsResponse, dependencies=v1, responses=v1_errors)
     async def weights(body: WeightsRequest, svc: RolloutService = Depends(get_service)) -> WeightsResponse:
         return await svc.load_weights(body.path, body.version)
+
+    @app.post(
+        "/v1/critic/weights", response_model=CriticWeightsResponse, dependencies=v1, responses=v1_errors
+    )
+    async def critic_weights(
+        body: CriticWeightsRequest, svc: RolloutService = Depends(get_service)
+    ) -> CriticWeightsResponse:
+        return await svc.load_critic_weights(body.path, body.version)
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=v1, responses=v1_errors)
     async def info(svc: RolloutService = Depends(get_service)) -> InfoResponse:

@@ -33,6 +33,8 @@ class GenerationParams:
     ignore_eos: bool = False
     top_k_logprobs: int = 1
     """Log-probabilities returned per step: 1 for the regret, k for the entropy estimate."""
+    stream_interval: int = 1
+    """Tokens per streamed chunk (vLLM's stream_interval; the first and last come at once)."""
 
 
 @dataclass
@@ -165,6 +167,7 @@ class PolicyEngine:
             logprobs=params.top_k_logprobs,
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
+            stream_interval=params.stream_interval if params.stream_interval > 1 else None,
         )
         want_topk = params.top_k_logprobs > 1
         finished = False

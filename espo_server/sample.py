@@ -21,7 +21,7 @@ from espo_client.protocol import Traces, Trajectory
 from espo_client.stop_rule import TrajectoryTracker
 
 from . import metrics
-from .critic import CriticClient, CriticError, timed_values
+from .critic import CriticBatcher, CriticError
 from .engine import GenerationParams, PolicyEngine, TokenChunk
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,10 @@ class SampleSpec:
 
 @dataclass(frozen=True)
 class CriticAccess:
-    """The critic as the sample loop uses it: a client, a timeout per query, and what a failure means."""
+    """The critic as the sample loop uses it: queries go through the batcher (which owns the timeout),
+    and what a failure means."""
 
-    client: CriticClient
-    timeout_s: float
+    client: CriticBatcher
     fallback: str
 
 
@@ -70,6 +70,10 @@ class SampleResult:
     critic_errors: int = 0
     critic_time_s: float = 0.0
     lifetime_s: float = 0.0
+    critic_tokens: int = 0
+    """Tokens the critic computed for this sample's answered queries."""
+    critic_prefix_tokens: int = 0
+    """Summed length of the prefixes those queries asked about."""
 
 
 async def run_sample(
@@ -104,6 +108,9 @@ class _SampleRun:
         self.critic_calls = 0
         self.critic_errors = 0
         self.critic_time_s = 0.0
+        self.critic_tokens = 0
+        self.critic_prefix_tokens = 0
+        self.critic_version: int | None = None
         self._query: asyncio.Task[float | None] | None = None
         self._query_t: int | None = None
 
@@ -157,12 +164,12 @@ class _SampleRun:
             self.logprobs.append(chunk.logprobs[i])
             if chunk.topk_logprobs:
                 self.topk.append(chunk.topk_logprobs[i])
+            if self.stop_step is not None:
+                continue  # past a stop inside a chunk (stream_interval > 1): generated, discarded, counted
             decision = self.tracker.step(chunk.logprobs[i], chunk.top_logprobs[i])
             t = self.tracker.t
             if decision.stop:
                 self._decided(t)
-                if self.stop_step is not None:
-                    return
             elif decision.query_value:
                 self._query_t = t
                 self._query = asyncio.create_task(self._value(self.spec.prompt_ids + self.token_ids[:t]))
@@ -186,14 +193,17 @@ class _SampleRun:
         self.critic_calls += 1
         started = time.perf_counter()
         try:
-            (value,) = await timed_values(critic.client, [prefix], critic.timeout_s)
-            return value
+            answer = await critic.client.value(prefix)
         except CriticError as exc:
             self.critic_errors += 1
             log.warning("critic query failed (%s); policy %s", exc, critic.fallback)
             return None
         finally:
             self.critic_time_s += time.perf_counter() - started
+        self.critic_tokens += answer.computed_tokens
+        self.critic_prefix_tokens += len(prefix)
+        self.critic_version = answer.version
+        return answer.value
 
     def result(self, vocab_size: int) -> SampleResult:
         spec = self.spec
@@ -233,6 +243,7 @@ class _SampleRun:
             policy_version=spec.policy_version,
             discarded_tokens=full_length - kept,
             critic_error=self.critic_errors > 0,
+            critic_version=self.critic_version,
             traces=traces,
         )
         return SampleResult(
@@ -243,4 +254,6 @@ class _SampleRun:
             critic_calls=self.critic_calls,
             critic_errors=self.critic_errors,
             critic_time_s=self.critic_time_s,
+            critic_tokens=self.critic_tokens,
+            critic_prefix_tokens=self.critic_prefix_tokens,
         )

@@ -17,12 +17,13 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from espo_client.protocol import (
+    CriticWeightsResponse,
     InfoResponse,
     RolloutRequest,
     RolloutResponse,
@@ -46,7 +47,7 @@ from espo_client.stop_rule import (
 
 from . import metrics
 from .config import ServerConfig
-from .critic import CriticClient, CriticError
+from .critic import CriticBatcher, CriticClient, CriticError, push_weights
 from .engine import GenerationParams, PolicyEngine
 from .errors import InvalidRequest
 from .ledger import StateLedger
@@ -119,9 +120,17 @@ class RolloutService:
         self.verifier = verifier
         self.rule_defaults = config.rule_defaults()
         self.ledger = StateLedger(self.rule_defaults, config.initial_state)
-        self._critic_access = (
-            CriticAccess(critic, config.critic_timeout_s, config.critic_fallback) if critic else None
+        self.critic_batcher = (
+            CriticBatcher(
+                critic,
+                timeout_s=config.critic_timeout_s,
+                window_s=config.critic_batch_window_ms / 1000,
+                max_batch=config.critic_max_batch,
+            )
+            if critic
+            else None
         )
+        self._critic_access = CriticAccess(self.critic_batcher, config.critic_fallback) if critic else None
         self._finished: OrderedDict[str, RolloutResponse] = OrderedDict()
         self._running: dict[str, asyncio.Future[RolloutResponse]] = {}
         self._publish_state()
@@ -295,7 +304,9 @@ class RolloutService:
             prompt_index=prompt_index,
             sample_index=sample_index,
             prompt_ids=plan.prompt_ids[prompt_index],
-            generation=plan.generation_params(flat_index),
+            generation=replace(
+                plan.generation_params(flat_index), stream_interval=self.config.stream_interval
+            ),
             shadow=request.shadow,
             include=frozenset(request.include),
             r_fail=plan.params.r_fail,
@@ -351,6 +362,8 @@ class RolloutService:
             critic_calls=sum(r.critic_calls for r in results),
             critic_errors=sum(r.critic_errors for r in results),
             critic_time_s=round(sum(r.critic_time_s for r in results), 6),
+            critic_tokens=sum(r.critic_tokens for r in results),
+            critic_prefix_tokens=sum(r.critic_prefix_tokens for r in results),
             trajectory_time_s=round(sum(r.lifetime_s for r in results), 6),
             wall_time_s=round(time.perf_counter() - plan.started, 6),
             regret_tokens=stats.tokens,
@@ -385,6 +398,9 @@ class RolloutService:
     def _publish_state(self) -> None:
         metrics.set_state_gauges(self.ledger.state)
         metrics.POLICY_VERSION.set(self.engine.policy_version)
+        if self.critic is not None:
+            version = getattr(self.critic, "version", None)
+            metrics.CRITIC_VERSION.set(-1 if version is None else version)
 
     # ------------------------------------------------------------------ state, weights, info
 
@@ -424,6 +440,22 @@ class RolloutService:
         self._publish_state()
         return WeightsResponse(policy_version=new_version, load_time_s=round(seconds, 4))
 
+    async def load_critic_weights(self, path: str, version: int | None) -> CriticWeightsResponse:
+        """Serve new critic weights: like a policy push, it waits for the running rollouts and holds
+        new ones back, so every query of a call is judged by one critic version. A remote critic
+        (`espo-server critic`) gets the push forwarded and checks the directory itself."""
+        if self.critic is None:
+            raise InvalidRequest("this server runs without a critic (--critic none): nothing to push", "path")
+        async with self.engine.gate.exclusive():
+            new_version, seconds = await push_weights(self.critic, path, version)
+        self._publish_state()
+        return CriticWeightsResponse(critic_version=new_version, load_time_s=round(seconds, 4))
+
+    async def aclose(self) -> None:
+        """Stop the critic batches still in flight (start-up calls it on the way out)."""
+        if self.critic_batcher is not None:
+            await self.critic_batcher.aclose()
+
     def info(self) -> InfoResponse:
         engine, cfg = self.engine, self.config
         return InfoResponse(
@@ -441,6 +473,7 @@ class RolloutService:
             entropy_top_k=cfg.entropy_top_k,
             state=self.ledger.state,
             verifier=cfg.verifier_name(),
+            critic_version=getattr(self.critic, "version", None),
         )
 
     async def readiness(self) -> dict[str, str]:
