@@ -54,6 +54,7 @@ from ._core import (
     rollout_request,
 )
 from .protocol import (
+    CriticWeightsResponse,
     EspoState,
     HealthResponse,
     InfoResponse,
@@ -133,6 +134,14 @@ class EspoClient(BaseClient, Closing):
     def load_weights(self, path: str, version: int | None = None) -> WeightsResponse:
         """`POST /v1/weights`: serve the weights in `path` (as `version`); returns once served."""
         return self._run(self._load_weights_op(path, version))
+
+    def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
+        """`POST /v1/critic/weights`: serve the critic weights in `path` (as `version`, default
+        current + 1) once the running rollouts finish; returns once served. The server checks the
+        directory (tensor names, shapes, architecture) against its critic and answers 400 if it does
+        not fit, the old critic serving on. A remote `espo-server critic` gets the push forwarded:
+        `path` is read on the critic's machine."""
+        return self._run(self._load_critic_weights_op(path, version))
 
     def info(self) -> InfoResponse:
         """`GET /v1/info`: model, versions, rule defaults, limits."""
@@ -251,6 +260,9 @@ class AsyncEspoClient(BaseClient, AsyncClosing):
 
     async def load_weights(self, path: str, version: int | None = None) -> WeightsResponse:
         return await self._run(self._load_weights_op(path, version))
+
+    async def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
+        return await self._run(self._load_critic_weights_op(path, version))
 
     async def info(self) -> InfoResponse:
         return await self._run(self._info_op())

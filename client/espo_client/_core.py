@@ -55,6 +55,8 @@ from ._exceptions import (
 )
 from .protocol import (
     CommitRequest,
+    CriticWeightsRequest,
+    CriticWeightsResponse,
     DoneEvent,
     ErrorEvent,
     EspoState,
@@ -314,6 +316,10 @@ class BaseClient:
 
     def _load_weights_op(self, path: str, version: int | None) -> Op[WeightsResponse]:
         return self._call("POST", "/v1/weights", WeightsResponse, WeightsRequest(path=path, version=version))
+
+    def _load_critic_weights_op(self, path: str, version: int | None) -> Op[CriticWeightsResponse]:
+        body = CriticWeightsRequest(path=path, version=version)
+        return self._call("POST", "/v1/critic/weights", CriticWeightsResponse, body)
 
     def _info_op(self) -> Op[InfoResponse]:
         return self._call("GET", "/v1/info", InfoResponse)
