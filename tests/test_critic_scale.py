@@ -40,7 +40,7 @@ def close(got, want) -> None:
 def test_inprocess_critic_batches_caches_and_takes_pushes(critics, monkeypatch):
     a, b = critics["a"], critics["b"]
     long = [5 + (i * 7) % 40 for i in range(78)]
-    ref_a, ref_b = hf_values(a, PREFIXES + [long]), hf_values(b, PREFIXES + [long])
+    ref_a, ref_b = hf_values(a, [*PREFIXES, long]), hf_values(b, [*PREFIXES, long])
 
     async def main() -> None:
         async with InProcessCritic.launch(str(a), gpu_memory_utilization=0.1, dtype="float32") as critic:
@@ -60,7 +60,7 @@ def test_inprocess_critic_batches_caches_and_takes_pushes(critics, monkeypatch):
             # a push: new values everywhere, the cached prefix included (the cache was reset)
             version, _ = await critic.load_weights(str(b), None)
             assert version == critic.version == 1
-            after = await critic.score(PREFIXES + [long])
+            after = await critic.score([*PREFIXES, long])
             close(after.values, ref_b)
             assert after.version == 1 and after.computed_tokens[-1] == 78
 
@@ -141,7 +141,9 @@ def rollout_body(seed: int) -> dict:
             "stop_rule": "espo", "shadow": True, "state": EAGER, "include": ["values"]}  # fmt: skip
 
 
-def test_critic_push_during_a_run_is_forwarded_and_judges_the_next_call(rollout_server, critic_server, critics):
+def test_critic_push_during_a_run_is_forwarded_and_judges_the_next_call(
+    rollout_server, critic_server, critics
+):
     url = rollout_server.url
     assert httpx.get(url + "/v1/info", timeout=10).json()["critic_version"] == 0
     loads_before = metric(rollout_server, "espo_critic_weight_loads_total", outcome="ok")
@@ -181,15 +183,18 @@ def test_critic_push_during_a_run_is_forwarded_and_judges_the_next_call(rollout_
         # critic tokens: what the critic computed, next to the prefixes it was asked about
         u1, u2 = usage, second["usage"]
         assert 0 < u2["critic_tokens"] <= u2["critic_prefix_tokens"]
-        assert metric(rollout_server, "espo_critic_tokens_total") - tokens_before == u1["critic_tokens"] + u2[
-            "critic_tokens"
-        ]
+        assert (
+            metric(rollout_server, "espo_critic_tokens_total") - tokens_before
+            == u1["critic_tokens"] + u2["critic_tokens"]
+        )
         assert (
             metric(rollout_server, "espo_critic_prefix_tokens_total") - prefix_before
             == u1["critic_prefix_tokens"] + u2["critic_prefix_tokens"]
         )
-        assert 0 < metric(rollout_server, "espo_critic_batch_size_count") - batches_before <= (
-            u1["critic_calls"] + u2["critic_calls"]
+        assert (
+            0
+            < metric(rollout_server, "espo_critic_batch_size_count") - batches_before
+            <= (u1["critic_calls"] + u2["critic_calls"])
         )
         assert metric(rollout_server, "espo_critic_version") == 1
         assert metric(rollout_server, "espo_critic_weight_loads_total", outcome="ok") - loads_before == 1
