@@ -463,10 +463,12 @@ class EspoValuesCritic(_HttpCritic):
 
 
 class VllmPoolingCritic(_HttpCritic):
-    """vLLM's `POST /pooling` with `task=classify` (LAST pooling: a server with prefix caching on, its
-    default for this model, reuses cached prefixes). A stock vLLM server reports neither a weights
-    version nor its cache hits, so its queries count whole prefixes; it cannot be pushed weights
-    from here."""
+    """vLLM's `POST /pooling` with `task=classify` (LAST pooling: the server reuses cached prefixes).
+    vLLM serves a `*ForTokenClassification` model with `token_classify` only, unless it was started
+    with `--pooler-config '{"task": "classify"}'`; against such a server this client falls back to
+    `token_classify` (per-token outputs, the last one taken: whole prefixes re-encoded) and says so
+    in the log. A stock vLLM server reports neither a weights version nor its cache hits, so its
+    queries count whole prefixes; it cannot be pushed weights from here."""
 
     name = "vllm-pooling"
 
@@ -479,7 +481,19 @@ class VllmPoolingCritic(_HttpCritic):
         body: dict = {"input": [list(p) for p in prefixes], "task": self.task, "use_activation": False}
         if self.model:
             body["model"] = self.model
-        answer = await self._post("/pooling", body)
+        try:
+            answer = await self._post("/pooling", body)
+        except InvalidRequest as exc:
+            if self.task != "classify" or "task" not in f"{exc.param} {exc.message}":
+                raise CriticError(str(exc)) from exc
+            log.warning(
+                "the vLLM critic at %s does not serve `classify` (%s): falling back to token_classify, "
+                'which re-encodes every prefix; start it with --pooler-config \'{"task": "classify"}\'',
+                self.base_url,
+                exc.message,
+            )
+            self.task = "token_classify"
+            return await self.score(prefixes)
         try:
             rows = sorted(answer["data"], key=lambda d: d["index"])
             values = [_last_value(row["data"]) for row in rows]

@@ -193,3 +193,39 @@ def test_a_server_without_critic_refuses_critic_pushes():
     svc = RolloutService(FakeEngine(), None, ServerConfig(model="fake", critic="none"))
     with pytest.raises(InvalidRequest, match="without a critic"):
         asyncio.run(svc.load_critic_weights("/tmp", None))
+
+
+def test_a_vllm_critic_without_classify_falls_back_to_token_classify():
+    """What vLLM 0.32 answers when a token-classification model was served without
+    `--pooler-config '{"task": "classify"}'`: the client switches to per-token outputs, once."""
+    import json
+
+    import httpx
+
+    tasks = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        tasks.append(body["task"])
+        if body["task"] == "classify":
+            message = "Try switching the model's pooling_task via --pooler-config.task classify."
+            error = {"message": message, "type": "BadRequestError", "param": "task", "code": 400}
+            return httpx.Response(400, json={"error": error})
+        data = [
+            {"index": i, "data": [[0.5]] * (len(p) - 1) + [[len(p) / 10]]}
+            for i, p in enumerate(body["input"])
+        ]
+        return httpx.Response(200, json={"data": data[::-1]})
+
+    client = httpx.AsyncClient(base_url="http://critic", transport=httpx.MockTransport(handler))
+    critic = VllmPoolingCritic("http://critic", client=client)
+
+    async def main():
+        first = await critic.score([[1, 2, 3], [4, 5]])
+        second = await critic.score([[1]])
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first.values == [0.3, 0.2] and second.values == [0.1]
+    assert first.computed_tokens == [3, 2] and first.version is None
+    assert tasks == ["classify", "token_classify", "token_classify"]

@@ -171,10 +171,14 @@ def test_critic_push_during_a_run_is_forwarded_and_judges_the_next_call(
         assert pushed["at"] >= done_at - 0.5  # it returned only once the running call had ended
         first = {"trajectories": [x["trajectory"] for x in lines if x["type"] == "trajectory"]}
         usage = lines[-1]["response"]["usage"]
-        assert check_values(first, critics["a"], version=0) == usage["critic_calls"] > 0
+        # (a query that timed out on a loaded machine has no value, and is flagged)
+        assert (
+            check_values(first, critics["a"], version=0) == usage["critic_calls"] - usage["critic_errors"] > 0
+        )
 
         second = httpx.post(url + "/v1/rollouts", json=rollout_body(4), timeout=300).json()
-        assert check_values(second, critics["b"], version=1) == second["usage"]["critic_calls"] > 0
+        u = second["usage"]
+        assert check_values(second, critics["b"], version=1) == u["critic_calls"] - u["critic_errors"] > 0
         assert httpx.get(url + "/v1/info", timeout=10).json()["critic_version"] == 1
         info = httpx.get(critic_server.url + "/v1/info", timeout=10).json()
         assert info["critic_version"] == 1 and info["weights"] == str(critics["b"])
@@ -220,6 +224,7 @@ def test_bad_critic_pushes_are_400_and_the_old_critic_serves_on(
     names = {"POLICY": critics["policy"], "SMALL": critics["small"], "B": critics["b"]}
     body = {k: str(names.get(v, v)) if k == "path" else v for k, v in body.items()}
     version = httpx.get(rollout_server.url + "/v1/info", timeout=10).json()["critic_version"]
+    serving = Path(httpx.get(critic_server.url + "/v1/info", timeout=10).json()["weights"])
     rejected = metric(rollout_server, "espo_critic_weight_loads_total", outcome="rejected")
     for server in (rollout_server, critic_server):  # forwarded, or straight to the critic
         r = httpx.post(server.url + "/v1/critic/weights", json=body, timeout=60)
@@ -230,4 +235,4 @@ def test_bad_critic_pushes_are_400_and_the_old_critic_serves_on(
         assert f"still serves version {version}" in error["message"]
         assert metric(rollout_server, "espo_critic_weight_loads_total", outcome="rejected") == rejected + 1
     out = httpx.post(rollout_server.url + "/v1/rollouts", json=rollout_body(5), timeout=300).json()
-    assert check_values(out, critics["a"], version=version) > 0  # the old critic, still serving
+    assert check_values(out, serving, version=version) > 0  # the old critic, still serving
