@@ -41,6 +41,18 @@ sys.path.insert(0, str(ROOT))
 
 from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_serve_argv  # noqa: E402
 
+# Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.
+RANDOM_MODELS = {
+    "tiny": {},
+    "0.5b": {
+        "hidden_size": 1024,
+        "num_layers": 28,
+        "num_heads": 16,
+        "intermediate_size": 4096,
+        "max_position_embeddings": 4096,
+    },
+}
+
 # A warm state under which the rule is busy: the critic is asked often, so (d) pays the full price.
 WARM = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
 
@@ -137,9 +149,12 @@ async def main_async(args) -> dict:
     if policy is None or critic is None:
         # Seeded random tiny models: the cheapest engine step there is, so the largest relative cost
         # of our per-token work (the worst case for us).
-        from espo_server.tiny_model import make_tiny_models
+        from espo_server.tiny_model import TinyConfig, make_tiny_models
 
-        tiny_policy, tiny_critic = make_tiny_models(Path(tempfile.mkdtemp(prefix="espo-bench-")), seed=0)
+        cfg = RANDOM_MODELS[args.random_model]
+        tiny_policy, tiny_critic = make_tiny_models(
+            Path(tempfile.mkdtemp(prefix="espo-bench-")), seed=0, cfg=TinyConfig(**cfg)
+        )
         policy, critic = policy or str(tiny_policy), critic or str(tiny_critic)
     print(f"policy {policy}\ncritic {critic}", flush=True)
     logs = Path(args.out).with_suffix(".logs")
@@ -361,6 +376,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each run")
+    parser.add_argument(
+        "--random-model", choices=sorted(RANDOM_MODELS), default="tiny", help="size of the random models"
+    )
     parser.add_argument("--policy", default=None, help="policy dir (default: the seeded random tiny model)")
     parser.add_argument("--critic", default=None, help="critic dir (default: the seeded random tiny critic)")
     parser.add_argument("--dtype", default="float32")
