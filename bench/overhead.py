@@ -6,12 +6,17 @@ tokens) and concurrency through:
   (b) stock vLLM OpenAI server, /v1/completions with logprobs=1     -- what a user would run instead
   (c) espo-server, stop_rule none                                    -- our HTTP + rollout loop
   (d) espo-server, stop_rule espo in shadow mode, warm state         -- + the rule and the critic
+  (e) optional (--stream-interval K): (d) on a server with --stream-interval K
+For (d) it also reports the critic's cost: queries per sequence, critic tokens computed per generated
+token (prefix-cache hits excluded) beside the prefix tokens asked about (what re-encoding each whole
+would cost), and the mean critic batch size (queries per critic call, from /metrics).
 Runs alternate, the order rotating every repeat (a b c d, b c d a, ...), with `--settle` seconds of
 quiet before each, so drift on a shared machine hits all paths alike; each figure is the median of
 `--repeats` runs. Prints a table and writes JSON.
 
     .venv/bin/python bench/overhead.py                  # CPU defaults (seeded random tiny models)
     .venv/bin/python bench/overhead.py --concurrency 1 16 64 --repeats 5 --max-tokens 128
+    .venv/bin/python bench/overhead.py --policy DIR --critic DIR --dtype bfloat16 --concurrency 256   # GPU
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import statistics
@@ -34,6 +40,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_serve_argv  # noqa: E402
+
+# Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.
+RANDOM_MODELS = {
+    "tiny": {},
+    "0.5b": {
+        "hidden_size": 1024,
+        "num_layers": 28,
+        "num_heads": 16,
+        "intermediate_size": 4096,
+        "max_position_embeddings": 4096,
+    },
+}
 
 # A warm state under which the rule is busy: the critic is asked often, so (d) pays the full price.
 WARM = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
@@ -86,7 +104,24 @@ async def run_vllm_openai(client: httpx.AsyncClient, model: str, prompts, max_to
     return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
-async def run_espo(client: httpx.AsyncClient, prompts, max_tokens: int, seed: int, shadow: bool) -> int:
+async def critic_batches(client: httpx.AsyncClient) -> tuple[float, float]:
+    """(count, sum) of the server's espo_critic_batch_size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get("/metrics")).text
+    got = {"count": 0.0, "sum": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "espo_critic_batch_size":
+            for sample in family.samples:
+                for key in got:
+                    if sample.name.endswith("_" + key):
+                        got[key] = sample.value
+    return got["count"], got["sum"]
+
+
+async def run_espo(
+    client: httpx.AsyncClient, prompts, max_tokens: int, seed: int, shadow: bool, name: str = ""
+) -> int:
     body = {
         "prompts": [{"token_ids": p} for p in prompts],
         "n": 1,
@@ -102,11 +137,11 @@ async def run_espo(client: httpx.AsyncClient, prompts, max_tokens: int, seed: in
     r = await client.post("/v1/rollouts", json=body)
     r.raise_for_status()
     usage = r.json()["usage"]
-    bench_critic_calls.append(usage["critic_calls"])
+    bench_usage.setdefault(name, []).append(usage)
     return usage["generated_tokens"]
 
 
-bench_critic_calls: list[int] = []
+bench_usage: dict[str, list[dict]] = {}
 
 
 async def main_async(args) -> dict:
@@ -114,9 +149,12 @@ async def main_async(args) -> dict:
     if policy is None or critic is None:
         # Seeded random tiny models: the cheapest engine step there is, so the largest relative cost
         # of our per-token work (the worst case for us).
-        from espo_server.tiny_model import make_tiny_models
+        from espo_server.tiny_model import TinyConfig, make_tiny_models
 
-        tiny_policy, tiny_critic = make_tiny_models(Path(tempfile.mkdtemp(prefix="espo-bench-")), seed=0)
+        cfg = RANDOM_MODELS[args.random_model]
+        tiny_policy, tiny_critic = make_tiny_models(
+            Path(tempfile.mkdtemp(prefix="espo-bench-")), seed=0, cfg=TinyConfig(**cfg)
+        )
         policy, critic = policy or str(tiny_policy), critic or str(tiny_critic)
     print(f"policy {policy}\ncritic {critic}", flush=True)
     logs = Path(args.out).with_suffix(".logs")
@@ -124,32 +162,41 @@ async def main_async(args) -> dict:
 
     espo_port, vllm_port = free_port(), free_port()
     dtype = args.dtype
-    espo = ServerProcess(
-        "espo-server",
-        espo_server_argv(
-            "serve",
-            "--model",
-            policy,
-            "--critic-model",
-            critic,
-            "--dtype",
-            dtype,
-            "--port",
-            str(espo_port),
-            "--max-model-len",
-            str(args.max_model_len),
-            "--max-n",
-            "512",
-            "--verifier",
-            "none",
-            "--gpu-memory-utilization",
-            str(args.mem),
-            "--critic-gpu-memory-utilization",
-            str(args.critic_mem),
-        ),
-        espo_port,
-        logs,
-    ).start()
+
+    def espo_server(name: str, port: int, *extra: str) -> ServerProcess:
+        return ServerProcess(
+            name,
+            espo_server_argv(
+                "serve",
+                "--model",
+                policy,
+                "--critic-model",
+                critic,
+                "--dtype",
+                dtype,
+                "--port",
+                str(port),
+                "--max-model-len",
+                str(args.max_model_len),
+                "--max-n",
+                "512",
+                "--verifier",
+                "none",
+                "--gpu-memory-utilization",
+                str(args.mem),
+                "--critic-gpu-memory-utilization",
+                str(args.critic_mem),
+                *extra,
+            ),
+            port,
+            logs,
+        ).start()
+
+    espo = espo_server("espo-server", espo_port)
+    interval = None
+    if args.stream_interval > 1:
+        interval_port = free_port()
+        interval = espo_server("espo-interval", interval_port, "--stream-interval", str(args.stream_interval))
     vllm_srv = ServerProcess(
         "vllm-serve",
         vllm_serve_argv(
@@ -180,6 +227,8 @@ async def main_async(args) -> dict:
 
     atexit.register(espo.stop)
     atexit.register(vllm_srv.stop)
+    if interval is not None:
+        atexit.register(interval.stop)
     llm = AsyncLLM.from_engine_args(
         AsyncEngineArgs(
             model=policy,
@@ -197,23 +246,36 @@ async def main_async(args) -> dict:
         print("waiting for the servers ...", flush=True)
         espo.wait_ready()
         vllm_srv.wait_ready()
+        if interval is not None:
+            interval.wait_ready()
         vocab = llm.model_config.get_vocab_size()
-        async with (
-            httpx.AsyncClient(base_url=espo.url, timeout=timeout) as espo_client,
-            httpx.AsyncClient(base_url=vllm_srv.url, timeout=timeout) as vllm_client,
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            espo_client = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=espo.url, timeout=timeout)
+            )
+            vllm_client = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=vllm_srv.url, timeout=timeout)
+            )
             paths = {
                 "a_asyncllm": lambda p, s: run_asyncllm(llm, p, args.max_tokens, s),
                 "b_vllm_serve": lambda p, s: run_vllm_openai(vllm_client, "policy", p, args.max_tokens, s),
                 "c_espo_none": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, shadow=False),
-                "d_espo_shadow": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, shadow=True),
+                "d_espo_shadow": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, True, "d"),
             }
+            if interval is not None:
+                interval_client = await stack.enter_async_context(
+                    httpx.AsyncClient(base_url=interval.url, timeout=timeout)
+                )
+                paths["e_espo_interval"] = lambda p, s: run_espo(
+                    interval_client, p, args.max_tokens, s, True, "e"
+                )
             for k in args.concurrency:
                 prompts = prompts_for(k, vocab, seed=k)
                 for fn in paths.values():  # warm-up: compile, caches
                     await fn(prompts[: min(k, 4)], 0)
                 rates: dict[str, list[float]] = {name: [] for name in paths}
-                bench_critic_calls.clear()
+                bench_usage.clear()
+                batches_before = await critic_batches(espo_client)  # only (d) asks the critic there
                 names = list(paths)
                 for rep in range(args.repeats):
                     # Rotate the order every repeat, and let the last engine's OpenMP threads stop
@@ -231,6 +293,10 @@ async def main_async(args) -> dict:
                         flush=True,
                     )
                 med = {name: statistics.median(r) for name, r in rates.items()}
+                batches_after = await critic_batches(espo_client)
+                d_usage = bench_usage["d"]
+                computed = sum(u["generated_tokens"] + u["discarded_tokens"] for u in d_usage)
+                batches = batches_after[0] - batches_before[0]
                 row = {
                     "concurrency": k,
                     "tokens_per_run": k * args.max_tokens,
@@ -239,27 +305,52 @@ async def main_async(args) -> dict:
                     "d_over_a": round(med["d_espo_shadow"] / med["a_asyncllm"], 3),
                     "d_over_b": round(med["d_espo_shadow"] / med["b_vllm_serve"], 3),
                     "b_over_a": round(med["b_vllm_serve"] / med["a_asyncllm"], 3),
-                    "critic_calls_per_seq_d": round(statistics.mean(bench_critic_calls) / k, 2),
+                    "critic_calls_per_seq_d": round(
+                        statistics.mean(u["critic_calls"] for u in d_usage) / k, 2
+                    ),
+                    "critic_tokens_per_gen_d": round(sum(u["critic_tokens"] for u in d_usage) / computed, 3),
+                    "prefix_tokens_per_gen_d": round(
+                        sum(u["critic_prefix_tokens"] for u in d_usage) / computed, 3
+                    ),
+                    "critic_batch_mean_d": round((batches_after[1] - batches_before[1]) / batches, 2)
+                    if batches
+                    else None,
                     "runs": {name: [round(x, 1) for x in r] for name, r in rates.items()},
                 }
+                if "e_espo_interval" in med:
+                    row["e_over_a"] = round(med["e_espo_interval"] / med["a_asyncllm"], 3)
+                    row["e_over_d"] = round(med["e_espo_interval"] / med["d_espo_shadow"], 3)
                 results["rows"].append(row)
     finally:
         llm.shutdown()
         espo.stop()
         vllm_srv.stop()
+        if interval is not None:
+            interval.stop()
     return results
 
 
 def print_table(results: dict) -> None:
     print("\nGenerated tokens/s (median of alternating runs) and ratios")
     head = f"{'conc':>5} {'(a) AsyncLLM':>13} {'(b) vllm serve':>15} {'(c) espo none':>14}"
-    print(head + f" {'(d) espo shadow':>16} {'c/a':>6} {'d/a':>6} {'d/b':>6} {'critic q/seq':>13}")
+    head += f" {'(d) espo shadow':>16} {'c/a':>6} {'d/a':>6} {'d/b':>6} {'critic q/seq':>13}"
+    print(head + f" {'critic tok/gen':>15} {'prefix tok/gen':>15} {'batch':>6}")
     for r in results["rows"]:
+        batch = "-" if r["critic_batch_mean_d"] is None else f"{r['critic_batch_mean_d']:.1f}"
         print(
             f"{r['concurrency']:>5} {r['a_asyncllm_tok_s']:>13,.0f} {r['b_vllm_serve_tok_s']:>15,.0f} "
             f"{r['c_espo_none_tok_s']:>14,.0f} {r['d_espo_shadow_tok_s']:>16,.0f} {r['c_over_a']:>6.3f} "
-            f"{r['d_over_a']:>6.3f} {r['d_over_b']:>6.3f} {r['critic_calls_per_seq_d']:>13.2f}"
+            f"{r['d_over_a']:>6.3f} {r['d_over_b']:>6.3f} {r['critic_calls_per_seq_d']:>13.2f} "
+            f"{r['critic_tokens_per_gen_d']:>15.3f} {r['prefix_tokens_per_gen_d']:>15.3f} {batch:>6}"
         )
+    if any("e_over_a" in r for r in results["rows"]):
+        k = results["config"]["stream_interval"]
+        print(f"\n(e) (d) with --stream-interval {k}")
+        for r in results["rows"]:
+            print(
+                f"{r['concurrency']:>5} {r['e_espo_interval_tok_s']:>10,.0f} tok/s  e/a {r['e_over_a']:.3f}  "
+                f"e/d {r['e_over_d']:.3f}"
+            )
     print(f"machine: {results['machine']}")
 
 
@@ -285,11 +376,20 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each run")
+    parser.add_argument(
+        "--random-model", choices=sorted(RANDOM_MODELS), default="tiny", help="size of the random models"
+    )
     parser.add_argument("--policy", default=None, help="policy dir (default: the seeded random tiny model)")
     parser.add_argument("--critic", default=None, help="critic dir (default: the seeded random tiny critic)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--mem", type=float, default=0.1, help="gpu_memory_utilization of each policy engine")
     parser.add_argument("--critic-mem", type=float, default=0.1)
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="also run (e): (d) on a server with this stream_interval",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
     args = parser.parse_args()
     started = time.time()

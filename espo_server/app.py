@@ -30,6 +30,8 @@ from espo_client.openai_protocol import (
 )
 from espo_client.protocol import (
     CommitRequest,
+    CriticWeightsRequest,
+    CriticWeightsResponse,
     DoneEvent,
     ErrorEvent,
     ErrorResponse,
@@ -174,6 +176,14 @@ def build_app(config: ServerConfig) -> FastAPI:
     @app.delete("/v1/runs/{run_id}", response_model=RunResponse, dependencies=v1, responses=v1_errors)
     async def close_run(run_id: str, svc: RolloutService = Depends(get_service)) -> RunResponse:
         return await svc.close_run(run_id)
+
+    @app.post(
+        "/v1/critic/weights", response_model=CriticWeightsResponse, dependencies=v1, responses=v1_errors
+    )
+    async def critic_weights(
+        body: CriticWeightsRequest, svc: RolloutService = Depends(get_service)
+    ) -> CriticWeightsResponse:
+        return await svc.load_critic_weights(body.path, body.version)
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=v1, responses=v1_errors)
     async def info(svc: RolloutService = Depends(get_service)) -> InfoResponse:

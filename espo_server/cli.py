@@ -86,6 +86,8 @@ def _critic(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         dtype=args.dtype,
+        prefix_caching=args.prefix_caching,
+        block_size=args.block_size,
     )
     return 0
 
@@ -120,13 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(serve)
     serve.set_defaults(func=_serve)
 
-    critic = sub.add_parser("critic", help="serve a critic model over POST /v1/values")
+    critic = sub.add_parser(
+        "critic", help="serve a critic model over POST /v1/values (pushes: POST /v1/critic/weights)"
+    )
     critic.add_argument("--model", required=True, help="critic model directory (LlamaForTokenClassification)")
     critic.add_argument("--host", default="127.0.0.1")
     critic.add_argument("--port", type=int, default=8001)
     critic.add_argument("--gpu-memory-utilization", type=float, default=0.15)
     critic.add_argument("--max-model-len", type=int, default=None)
     critic.add_argument("--dtype", default="auto", help="vLLM dtype (on CPU, auto means bfloat16)")
+    critic.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of cached prefixes (default: on)",
+    )
+    critic.add_argument(
+        "--block-size", type=int, default=None, help="KV block size (default: 32 on CPU, vLLM's on GPU)"
+    )
     critic.set_defaults(func=_critic)
 
     tiny = sub.add_parser("make-tiny-model", help="write a random-weight tiny policy + critic (for tests)")

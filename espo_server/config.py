@@ -86,6 +86,13 @@ class ServerConfig(BaseSettings):
     enable_expert_parallel: bool = Field(
         False, description="vLLM expert parallelism for MoE layers (instead of tensor-parallel experts)."
     )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Engine outputs every this many tokens per sample (vLLM stream_interval); the stop "
+        "rule still judges every token, a stop lands up to this many - 1 tokens late (discarded, counted).",
+    )
 
     # --- the critic
     critic: Literal["inprocess", "remote", "vllm-pooling", "none"] = Field(
@@ -98,11 +105,32 @@ class ServerConfig(BaseSettings):
     )
     critic_url: str | None = Field(None, description="Base URL of the critic for `remote` / `vllm-pooling`.")
     critic_gpu_memory_utilization: float = Field(0.15, gt=0, le=1, description="vLLM memory for the critic.")
-    critic_timeout_s: float = Field(5.0, gt=0, description="Timeout of one critic query.")
+    critic_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout of one critic call (a batch of queries counts against one timeout)."
+    )
     critic_fallback: Literal["no_stop", "regret_only"] = Field(
         "no_stop",
         description="What a failed critic query means: no_stop (never stop on it) or regret_only "
         "(decide with v_const). Either way it is flagged in the response and counted in metrics.",
+    )
+    critic_batch_window_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Critic queries arriving within this many ms go to the critic as one call "
+        "(0: only those raised by the same engine step).",
+    )
+    critic_max_batch: int = Field(64, ge=1, le=4096, description="Most queries in one critic call.")
+    critic_prefix_caching: bool = Field(
+        True,
+        description="In-process critic: reuse the KV of cached prefixes (LAST pooling), so a query "
+        "computes only the tokens no earlier query filled in, in whole KV blocks.",
+    )
+    critic_block_size: int | None = Field(
+        None,
+        ge=1,
+        description="In-process critic: KV block size, the grain of prefix reuse (default: 32 on CPU, "
+        "whose attention needs multiples of 32; vLLM's default on GPU).",
     )
 
     # --- the stop rule

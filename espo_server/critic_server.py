@@ -1,4 +1,10 @@
-"""`espo-server critic`: a critic model's routes, `POST /v1/values` (the hosted-critic protocol).
+"""`espo-server critic`: a critic model's routes.
+
+    POST /v1/values          {"token_ids": [[...], ...]} -> values, critic_version, computed_tokens
+    POST /v1/critic/weights  {"path", "version"}: load new critic weights in place (the same route
+                             as the rollout server's, which forwards it here with `--critic remote`)
+    GET  /v1/info            model, critic version, limits, prefix caching
+    GET  /health, /metrics
 
 Start-up (serve.run_critic_server) starts the critic engine and hands it to `build_critic_app`.
 """
@@ -6,11 +12,26 @@ Start-up (serve.run_critic_server) starts the critic engine and hands it to `bui
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from espo_client.protocol import CriticValuesRequest, CriticValuesResponse, HealthResponse
+from espo_client.protocol import (
+    CriticInfoResponse,
+    CriticValuesRequest,
+    CriticValuesResponse,
+    CriticWeightsRequest,
+    CriticWeightsResponse,
+    ErrorResponse,
+    HealthResponse,
+)
 
-from .critic import InProcessCritic
+from .critic import InProcessCritic, push_weights
 from .errors import InvalidRequest, install_error_handlers
+
+_ERRORS: dict[int | str, dict] = {
+    "4XX": {"model": ErrorResponse, "description": "Invalid request (error.param names the field)"},
+    503: {"model": ErrorResponse, "description": "Critic engine not available"},
+}
 
 
 def build_critic_app(critic: InProcessCritic) -> FastAPI:
@@ -19,18 +40,42 @@ def build_critic_app(critic: InProcessCritic) -> FastAPI:
     limit = critic.llm.model_config.max_model_len
     vocab = critic.llm.model_config.get_vocab_size()
 
-    @app.post("/v1/values", response_model=CriticValuesResponse)
+    @app.post("/v1/values", response_model=CriticValuesResponse, responses=_ERRORS)
     async def values(body: CriticValuesRequest) -> CriticValuesResponse:
         for i, prefix in enumerate(body.token_ids):
             if not prefix or len(prefix) > limit or any(not 0 <= t < vocab for t in prefix):
                 raise InvalidRequest(
                     f"token_ids[{i}] must be 1..{limit} ids in [0, {vocab})", f"token_ids[{i}]"
                 )
-        return CriticValuesResponse(values=await critic.values(body.token_ids))
+        answer = await critic.score(body.token_ids)
+        return CriticValuesResponse(
+            values=answer.values, critic_version=answer.version, computed_tokens=answer.computed_tokens
+        )
+
+    @app.post("/v1/critic/weights", response_model=CriticWeightsResponse, responses=_ERRORS)
+    async def weights(body: CriticWeightsRequest) -> CriticWeightsResponse:
+        version, seconds = await push_weights(critic, body.path, body.version)
+        return CriticWeightsResponse(critic_version=version, load_time_s=round(seconds, 4))
+
+    @app.get("/v1/info", response_model=CriticInfoResponse)
+    async def info() -> CriticInfoResponse:
+        return CriticInfoResponse(
+            model=critic.model,
+            critic_version=critic.version or 0,
+            weights=critic.weights_dir,
+            max_model_len=limit,
+            vocab_size=vocab,
+            prefix_caching=critic.prefix_caching,
+            block_size=critic.block_size,
+        )
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> HealthResponse:
         await critic.check()
         return HealthResponse(status="ok")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -39,6 +39,8 @@ class GenerationParams:
     """Also return the top-k token ids of each step (`TokenChunk.topk_token_ids`)."""
     stop: tuple[str, ...] = ()
     """Stop strings (vLLM then detokenizes this sample's output to look for them)."""
+    stream_interval: int = 1
+    """Tokens per streamed chunk (vLLM's stream_interval; the first and last come at once)."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,7 @@ class PolicyEngine:
             output_kind=RequestOutputKind.DELTA,
             detokenize=bool(params.stop),
             stop=list(params.stop) or None,
+            stream_interval=params.stream_interval if params.stream_interval > 1 else None,
         )
         want_topk = params.top_k_logprobs > 1 or params.top_ids
         finished = False

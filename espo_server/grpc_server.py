@@ -34,6 +34,7 @@ from espo_client.proto import espo_pb2 as pb
 from espo_client.proto import espo_pb2_grpc as pb_grpc
 from espo_client.protocol import (
     CommitRequest,
+    CriticWeightsRequest,
     ErrorBody,
     EspoState,
     GroupEvent,
@@ -173,6 +174,14 @@ class RolloutsServicer(pb_grpc.RolloutsServicer):
         async def work():
             body = from_message(request, WeightsRequest)
             return to_message(await self.service.load_weights(body.path, body.version), pb.WeightsResponse)
+
+        return await self._unary(context, work)
+
+    async def LoadCriticWeights(self, request: pb.CriticWeightsRequest, context) -> pb.CriticWeightsResponse:
+        async def work():
+            body = from_message(request, CriticWeightsRequest)
+            answer = await self.service.load_critic_weights(body.path, body.version)
+            return to_message(answer, pb.CriticWeightsResponse)
 
         return await self._unary(context, work)
 

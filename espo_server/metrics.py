@@ -46,6 +46,20 @@ CRITIC_LATENCY = Histogram(
     "Latency of one critic query",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+CRITIC_TOKENS = Counter(
+    "espo_critic_tokens_total", "Tokens the critic computed for answered queries (prefix-cache hits excluded)"
+)
+CRITIC_PREFIX_TOKENS = Counter(
+    "espo_critic_prefix_tokens_total",
+    "Summed length of the prefixes the critic was asked about (what re-encoding each whole would cost)",
+)
+CRITIC_BATCH_SIZE = Histogram(
+    "espo_critic_batch_size",
+    "Queries gathered into one critic call",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+CRITIC_VERSION = Gauge("espo_critic_version", "Version of the critic weights serving (-1: unknown)")
+CRITIC_WEIGHT_LOADS = Counter("espo_critic_weight_loads_total", "Critic weight pushes", ["outcome"])
 REQUESTS = Counter("espo_rollout_requests_total", "POST /v1/rollouts calls by outcome", ["outcome"])
 REQUEST_LATENCY = Histogram(
     "espo_rollout_request_seconds",

@@ -27,7 +27,7 @@ from espo_client.protocol import Traces, Trajectory, VersionSpan
 from espo_client.stop_rule import EspoState, StopRule, TrajectoryTracker
 
 from . import metrics
-from .critic import CriticClient, CriticError, timed_values
+from .critic import CriticBatcher, CriticError
 from .engine import GenerationParams, PolicyEngine, TokenChunk
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,10 @@ class SampleSpec:
 
 @dataclass(frozen=True)
 class CriticAccess:
-    """The critic as the sample loop uses it: a client, a timeout per query, and what a failure means."""
+    """The critic as the sample loop uses it: queries go through the batcher (which owns the timeout),
+    and what a failure means."""
 
-    client: CriticClient
-    timeout_s: float
+    client: CriticBatcher
     fallback: str
 
 
@@ -77,6 +77,10 @@ class SampleResult:
     critic_errors: int = 0
     critic_time_s: float = 0.0
     lifetime_s: float = 0.0
+    critic_tokens: int = 0
+    """Tokens the critic computed for this sample's answered queries."""
+    critic_prefix_tokens: int = 0
+    """Summed length of the prefixes those queries asked about."""
 
 
 class Sample:
@@ -110,6 +114,9 @@ class Sample:
         self.accounted = False
         """The finished trajectory has been folded into a batch (set by the service)."""
         self.task: asyncio.Task[SampleResult] | None = None
+        self.critic_tokens = 0
+        self.critic_prefix_tokens = 0
+        self.critic_version: int | None = None
         self._query: asyncio.Task[float | None] | None = None
         self._query_t: int | None = None
         self._engine_id: str | None = None
@@ -268,12 +275,12 @@ class Sample:
                 self.topk.append(chunk.topk_logprobs[i])
             if chunk.topk_token_ids:
                 self.topk_ids.append(chunk.topk_token_ids[i])
+            if self.stop_step is not None:
+                continue  # past a stop inside a chunk (stream_interval > 1): generated, discarded, counted
             decision = self.tracker.step(chunk.logprobs[i], chunk.top_logprobs[i])
             t = self.tracker.t
             if decision.stop:
                 self._decided(t)
-                if self.stop_step is not None:
-                    return
             elif decision.query_value:
                 self._query_t = t
                 self._query = asyncio.create_task(self._value(self.spec.prompt_ids + self.token_ids[:t]))
@@ -297,14 +304,17 @@ class Sample:
         self.critic_calls += 1
         started = time.perf_counter()
         try:
-            (value,) = await timed_values(critic.client, [prefix], critic.timeout_s)
-            return value
+            answer = await critic.client.value(prefix)
         except CriticError as exc:
             self.critic_errors += 1
             log.warning("critic query failed (%s); policy %s", exc, critic.fallback)
             return None
         finally:
             self.critic_time_s += time.perf_counter() - started
+        self.critic_tokens += answer.computed_tokens
+        self.critic_prefix_tokens += len(prefix)
+        self.critic_version = answer.version
+        return answer.value
 
     # ------------------------------------------------------------------ the trajectory
 
@@ -352,6 +362,7 @@ class Sample:
             policy_version_spans=spans,
             discarded_tokens=full_length - kept,
             critic_error=self.critic_errors > 0,
+            critic_version=self.critic_version,
             traces=traces,
         )
         g = self.tracker.g[min(self.counted, kept) : kept]
@@ -365,6 +376,8 @@ class Sample:
             critic_calls=self.critic_calls,
             critic_errors=self.critic_errors,
             critic_time_s=self.critic_time_s,
+            critic_tokens=self.critic_tokens,
+            critic_prefix_tokens=self.critic_prefix_tokens,
         )
 
 

@@ -82,6 +82,8 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             gpu_memory_utilization=config.critic_gpu_memory_utilization,
             max_model_len=config.max_model_len,
             dtype=config.dtype,
+            prefix_caching=config.critic_prefix_caching,
+            block_size=config.critic_block_size,
         ) as critic:
             yield critic
     else:
@@ -89,6 +91,8 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             raise ValueError(f"critic={config.critic} needs critic_url")
         cls = EspoValuesCritic if config.critic == "remote" else VllmPoolingCritic
         critic = cls(config.critic_url, timeout_s=config.critic_timeout_s)
+        if isinstance(critic, EspoValuesCritic):
+            await critic.refresh_version()  # best effort: the critic may still be starting
         try:
             yield critic
         finally:
@@ -168,12 +172,19 @@ def run_critic_server(
     gpu_memory_utilization: float = 0.15,
     max_model_len: int | None = None,
     dtype: str = "auto",
+    prefix_caching: bool = True,
+    block_size: int | None = None,
 ) -> None:
-    """`espo-server critic`: the critic engine, then its app (POST /v1/values)."""
+    """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights)."""
 
     async def main() -> None:
         async with InProcessCritic.launch(
-            model, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype
+            model,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            prefix_caching=prefix_caching,
+            block_size=block_size,
         ) as critic:
             await serve_app(build_critic_app(critic), host, port, "info")
 

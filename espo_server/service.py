@@ -1,6 +1,6 @@
 """The rollout service: a call is validated, its samples run, its batch is folded in.
 
-    request --plan()--> CallPlan --stream()--> run_sample() per sample --> trajectories --> _finish()
+    request --plan()--> CallPlan --stream()--> Sample.start() per sample --> trajectories --> _finish()
                                                  (sample.py)                  usage, state_after
 
 `RolloutService` is the serving layer between the transports (HTTP routes in app.py) and the
@@ -12,17 +12,19 @@ idempotency cache of finished calls, and weight reloads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from espo_client.protocol import (
     Carried,
+    CriticWeightsResponse,
     GroupEvent,
     InfoResponse,
     RolloutRequest,
@@ -49,7 +51,7 @@ from espo_client.stop_rule import (
 
 from . import metrics
 from .config import ServerConfig
-from .critic import CriticClient, CriticError
+from .critic import CriticBatcher, CriticClient, CriticError, InProcessCritic, push_weights
 from .engine import GenerationParams, PolicyEngine
 from .errors import Conflict, Forbidden, InvalidRequest, Overloaded
 from .idempotency import CallEnded, IdempotencyCache
@@ -130,8 +132,15 @@ class RolloutService:
         self.verifier = verifier
         self.rule_defaults = config.rule_defaults()
         self.ledger = StateLedger(self.rule_defaults, config.initial_state)
-        self._critic_access = (
-            CriticAccess(critic, config.critic_timeout_s, config.critic_fallback) if critic else None
+        self.critic_batcher = (
+            CriticBatcher(
+                critic,
+                timeout_s=config.critic_timeout_s,
+                window_s=config.critic_batch_window_ms / 1000,
+                max_batch=config.critic_max_batch,
+            )
+            if critic
+            else None
         )
         self.runs = RunRegistry(config.run_idle_timeout_s)
         self.inflight = 0
@@ -139,11 +148,15 @@ class RolloutService:
         self.idempotency = IdempotencyCache(
             config.idempotency_cache, int(config.idempotency_cache_mb * 2**20), config.idempotency_ttl_s
         )
+        self._critic_access = CriticAccess(self.critic_batcher, config.critic_fallback) if critic else None
         self._publish_state()
 
     async def aclose(self) -> None:
-        """Shutdown: the runs' carried samples are aborted (calls are cancelled by their transports)."""
+        """Shutdown: the runs' carried samples are aborted (calls are cancelled by their transports),
+        then the critic batches still in flight stop."""
         await self.runs.aclose()
+        if self.critic_batcher is not None:
+            await self.critic_batcher.aclose()
 
     # ------------------------------------------------------------------ validation
 
@@ -406,7 +419,9 @@ class RolloutService:
                 prompt_index=prompt_index,
                 sample_index=sample_index,
                 prompt_ids=plan.prompt_ids[prompt_index],
-                generation=plan.generation_params(flat_index),
+                generation=replace(
+                    plan.generation_params(flat_index), stream_interval=self.config.stream_interval
+                ),
                 stop_rule=plan.rule,
                 shadow=request.shadow,
                 include=frozenset(request.include) - {"text"},  # decoded in _trajectory
@@ -512,6 +527,8 @@ class RolloutService:
             critic_calls=sum(r.critic_calls for r in results),
             critic_errors=sum(r.critic_errors for r in results),
             critic_time_s=round(sum(r.critic_time_s for r in results), 6),
+            critic_tokens=sum(r.critic_tokens for r in results),
+            critic_prefix_tokens=sum(r.critic_prefix_tokens for r in results),
             trajectory_time_s=round(sum(r.lifetime_s for r in results), 6),
             wall_time_s=round(time.perf_counter() - plan.started, 6),
             groups_returned=len(complete),
@@ -553,6 +570,9 @@ class RolloutService:
     def _publish_state(self) -> None:
         metrics.set_state_gauges(self.ledger.state)
         metrics.POLICY_VERSION.set(self.engine.policy_version)
+        if self.critic is not None:
+            version = getattr(self.critic, "version", None)
+            metrics.CRITIC_VERSION.set(-1 if version is None else version)
 
     # ------------------------------------------------------------------ state, weights, info
 
@@ -580,19 +600,13 @@ class RolloutService:
         directory = self._allowed_weights_dir(path)
         if not directory.is_dir() or not any(directory.glob("*.safetensors")):
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
-        async with self.engine.gate.exclusive():
+        async with self.engine.gate.exclusive(), self._carried_suspended():
             new_version = self.engine.policy_version + 1 if version is None else version
-            background = [s for s in self.runs.background() if s.task is not None and not s.task.done()]
-            await asyncio.gather(*(sample.suspend() for sample in background))
-            log.info("weight push to version %d: %d carried samples suspended", new_version, len(background))
             try:
                 seconds = await self.engine.reload_weights(path, new_version)
             except Exception:
                 metrics.WEIGHT_LOADS.labels(outcome="error").inc()
                 raise
-            finally:
-                for sample in background:
-                    sample.resume()
         metrics.WEIGHT_LOADS.labels(outcome="ok").inc()
         self._publish_state()
         return WeightsResponse(policy_version=new_version, load_time_s=round(seconds, 4))
@@ -618,6 +632,32 @@ class RolloutService:
     async def close_run(self, run_id: str) -> RunResponse:
         return await self.runs.close(run_id)
 
+    async def load_critic_weights(self, path: str, version: int | None) -> CriticWeightsResponse:
+        """Serve new critic weights: like a policy push, it waits for the running calls and holds
+        new ones back, so every query of a call is judged by one critic version; the samples runs
+        carry are suspended meanwhile. An in-process critic loads only from --weights-dir; a remote
+        critic (`espo-server critic`) gets the push forwarded and checks the directory itself."""
+        if self.critic is None:
+            raise InvalidRequest("this server runs without a critic (--critic none): nothing to push", "path")
+        if isinstance(self.critic, InProcessCritic):
+            self._allowed_weights_dir(path)
+        async with self.engine.gate.exclusive(), self._carried_suspended():
+            new_version, seconds = await push_weights(self.critic, path, version)
+        self._publish_state()
+        return CriticWeightsResponse(critic_version=new_version, load_time_s=round(seconds, 4))
+
+    @contextlib.asynccontextmanager
+    async def _carried_suspended(self) -> AsyncIterator[None]:
+        """The samples runs carry in the background, paused for a weight push and resumed after it."""
+        background = [s for s in self.runs.background() if s.task is not None and not s.task.done()]
+        await asyncio.gather(*(sample.suspend() for sample in background))
+        log.info("weight push: %d carried samples suspended", len(background))
+        try:
+            yield
+        finally:
+            for sample in background:
+                sample.resume()
+
     def info(self) -> InfoResponse:
         engine, cfg = self.engine, self.config
         return InfoResponse(
@@ -639,6 +679,7 @@ class RolloutService:
             max_num_batched_tokens=engine.max_num_batched_tokens,
             max_trajectories=cfg.max_trajectories,
             run_idle_timeout_s=cfg.run_idle_timeout_s,
+            critic_version=getattr(self.critic, "version", None),
         )
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:

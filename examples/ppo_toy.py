@@ -34,9 +34,10 @@ Limits worth knowing:
 * `load_weights` sends a *path*: the server must see the files this script writes (same machine,
   or a shared volume mounted at the same place).
 * The server's critic (the one the stop rule asks) is its own copy. This script trains its critic
-  for GAE and saves it every iteration; pushing it needs the server's critic-weights endpoint
-  (issue 10), which this server does not have yet: `--push-critic` fails at start-up with a message
-  saying so, and without it the stop rule keeps using the critic the server started with.
+  for GAE and saves it every iteration; with `--push-critic` it pushes it too
+  (`POST /v1/critic/weights`, forwarded to a remote `espo-server critic`), the starting critic
+  first (unless `--no-push-initial`), so the stop rule judges with the critic PPO trains. Without
+  it the stop rule keeps using the critic the server started with.
 * vLLM's weight reload was checked against HF only for untied embeddings (DESIGN.md section 6), so
   a policy with `tie_word_embeddings=True` is refused.
 * PPO's ratio uses the server's raw (temperature 1) logprobs: keep `--temperature 1`.
@@ -233,24 +234,17 @@ def save_critic(
 HELDOUT_SEED = 10_000  # of the evaluation problems (test split) and their sampling
 
 
-# TODO(issue 10): the server's critic-weights push. Until that endpoint and its client method exist,
-# `--push-critic` stops the run at start-up (before any rollout) with this message.
-CRITIC_PUSH_METHOD = "load_critic_weights"
-CRITIC_PUSH_MISSING = (
-    "--push-critic: this espo-server/espo-client has no critic-weights push yet (issue 10: "
-    f"EspoClient.{CRITIC_PUSH_METHOD}); run without --push-critic (the critic is still saved each "
-    "iteration, ready to push) or with a server that has it"
-)
-
-
-def check_critic_push(client: EspoClient) -> None:
-    if not callable(getattr(client, CRITIC_PUSH_METHOD, None)):
-        raise SystemExit(CRITIC_PUSH_MISSING)
-
-
-def push_critic(client: EspoClient, directory: Path, version: int) -> None:
-    """Make the server's stop rule judge with this critic (issue 10's endpoint; see above)."""
-    getattr(client, CRITIC_PUSH_METHOD)(str(directory), version=version)
+def push_critic(
+    client: EspoClient,
+    critic: LlamaForTokenClassification,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    version: int,
+) -> int:
+    """Save the critic into `directory` and make the server's stop rule judge with it as `version`;
+    return the critic version the server serves."""
+    save_critic(critic, tokenizer, directory)
+    return client.load_critic_weights(str(directory), version=version).critic_version
 
 
 def evaluate_heldout(client: EspoClient, problems: list, max_tokens: int, seed: int) -> dict:
@@ -315,8 +309,6 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
     rule_params = protocol.RuleParams.model_validate_json(args.rule_params)
 
     client = EspoClient(base_url=args.url, api_key=args.api_key, transport=transport)
-    if args.push_critic:
-        check_critic_push(client)  # before anything runs: see CRITIC_PUSH_MISSING
     client.wait_ready(timeout=args.ready_timeout)
     info = client.info()
     version = info.policy_version  # pushes continue from the server's version, never go back
@@ -326,8 +318,12 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
         client.set_state(state)  # this run owns the server's state: start it fresh
     print(f"{run_name}: {args.iterations} iterations of {args.problems} problems x {args.n} samples")
     print(f"server {args.url}: {info.model} (v{version}), critic {info.critic}; writing {run_dir}")
+    critic_version = info.critic_version or 0
     if args.push_initial:
         version = push_policy(client, policy, tokenizer, (run_dir / "iter-0000").resolve(), version + 1)
+        if args.push_critic:
+            critic_dir = (run_dir / "critic-0000").resolve()
+            critic_version = push_critic(client, critic, tokenizer, critic_dir, critic_version + 1)
 
     records: list[dict] = []
     cumulative_tokens, started = 0, time.perf_counter()
@@ -448,10 +444,11 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
         version = push_policy(client, policy, tokenizer, checkpoint, version + 1)
         critic_checkpoint = None
         if args.save_critic or args.push_critic:
-            critic_dir = (run_dir / f"critic-{iteration + 1:04d}").resolve()
-            critic_checkpoint = save_critic(critic, tokenizer, critic_dir)
+            critic_checkpoint = (run_dir / f"critic-{iteration + 1:04d}").resolve()
         if args.push_critic:
-            push_critic(client, critic_checkpoint, iteration + 1)
+            critic_version = push_critic(client, critic, tokenizer, critic_checkpoint, critic_version + 1)
+        elif args.save_critic:
+            save_critic(critic, tokenizer, critic_checkpoint)
         t_end = time.perf_counter()
 
         # 7. Held-out accuracy of the new policy (not rollout tokens: counted apart).
@@ -483,6 +480,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             "logprob_gap": logprob_gap,
             "checkpoint": str(checkpoint),
             "critic_checkpoint": None if critic_checkpoint is None else str(critic_checkpoint),
+            "critic_version": critic_version if args.push_critic else None,
             "cumulative_tokens": cumulative_tokens,
             "elapsed_s": time.perf_counter() - started,
             **evaluation,

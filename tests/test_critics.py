@@ -36,6 +36,8 @@ def vllm_pooling_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
     argv = vllm_serve_argv(
         str(tiny_models["critic"]), "--runner", "pooling", "--dtype", "float32", "--max-model-len", "512",
         "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "critic",
+        # LAST pooling, so that it may reuse cached prefixes (see VllmPoolingCritic)
+        "--pooler-config", '{"task": "classify"}', "--block-size", "32",
     )  # fmt: skip
     with ServerProcess("vllm-pooling", argv, port, server_logs, ready_path="/health") as proc:
         yield proc.wait_ready()

@@ -53,6 +53,8 @@ MIRRORED = [
     "CommitRequest",
     "WeightsRequest",
     "WeightsResponse",
+    "CriticWeightsRequest",
+    "CriticWeightsResponse",
     "InfoResponse",
 ]
 

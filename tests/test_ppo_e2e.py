@@ -160,6 +160,7 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.version = 0
+        self.critic_version = 0
         self.state = protocol.EspoState()
         self.calls: list[tuple[str, str, dict | None]] = []
 
@@ -174,7 +175,7 @@ class FakeServer:
                 model="fake", policy_version=self.version, vocab_size=57, max_model_len=512,
                 eos_token_id=EOS_ID, max_n=64, max_prompts=64, critic="fake", critic_fallback="no_stop",
                 default_stop_rule="none", rule_defaults=dataclasses.asdict(stop_rule.EspoParams()),
-                entropy_top_k=8, state=self.state,
+                entropy_top_k=8, state=self.state, critic_version=self.critic_version,
             )  # fmt: skip
             return self.reply(info)
         if path == "/v1/rollouts":
@@ -185,6 +186,10 @@ class FakeServer:
             assert json.loads((directory / "config.json").read_text())["tie_word_embeddings"] is False
             self.version = body["version"]
             return self.reply(protocol.WeightsResponse(policy_version=self.version, load_time_s=0.0))
+        if path == "/v1/critic/weights":
+            assert any(Path(body["path"]).glob("*.safetensors")), body
+            self.critic_version = body["version"]
+            return self.reply(protocol.CriticWeightsResponse(critic_version=body["version"], load_time_s=0.0))
         if path == "/v1/espo/state" and method == "PUT":
             self.state = protocol.EspoState(**body)
             return self.reply(protocol.StateResponse(state=self.state))
@@ -285,10 +290,15 @@ def test_the_loop_against_a_fake_server(ppo_toy, tiny_pair, tmp_path, owner):
 @pytest.mark.vllm
 def test_ppo_example_trains_and_pushes_to_the_server(ppo_toy, rollout_server, tiny_models, tmp_path):
     url = rollout_server.url
-    start = httpx.get(url + "/v1/info", timeout=30).json()["policy_version"]
+    info = httpx.get(url + "/v1/info", timeout=30).json()
+    start, critic_start = info["policy_version"], info["critic_version"]
     try:
-        argv = tiny_args(tmp_path, tiny_models["policy"], tiny_models["critic"], "--url", url)
+        models = tiny_models["policy"], tiny_models["critic"]
+        argv = tiny_args(tmp_path, *models, "--url", url, "--push-critic")
         records = ppo_toy.main(argv)
+        # the critic is pushed like the policy (through the rollout server to its remote critic)
+        assert [r["critic_version"] for r in records] == [critic_start + 2, critic_start + 3]
+        assert httpx.get(url + "/v1/info", timeout=30).json()["critic_version"] == critic_start + 3
 
         # the starting policy is pushed first (start + 1), then one push per iteration
         assert [r["iteration"] for r in records] == [1, 2]
@@ -325,6 +335,9 @@ def test_ppo_example_trains_and_pushes_to_the_server(ppo_toy, rollout_server, ti
             url + "/v1/weights", json={"path": str(tiny_models["policy"]), "version": start + 4}, timeout=300
         )
         assert r.status_code == 200, r.text
+        body = {"path": str(tiny_models["critic"]), "version": critic_start + 4}
+        r = httpx.post(url + "/v1/critic/weights", json=body, timeout=300)
+        assert r.status_code == 200, r.text
 
 
 def test_the_critic_is_saved_in_the_servers_format_and_evaluation_is_apart(ppo_toy, tiny_pair, tmp_path):
@@ -355,9 +368,20 @@ def test_the_critic_is_saved_in_the_servers_format_and_evaluation_is_apart(ppo_t
     assert len(held) == 3  # the same held-out problems every time
 
 
-def test_push_critic_fails_clearly_until_the_server_has_it(ppo_toy, tiny_pair, tmp_path):
+def test_push_critic_pushes_the_trained_critic_every_iteration(ppo_toy, tiny_pair, tmp_path):
     server = FakeServer()
     argv = tiny_args(tmp_path, *tiny_pair, "--url", "http://fake", "--push-critic")
-    with pytest.raises(SystemExit, match="issue 10"):
-        ppo_toy.main(argv, transport=httpx.MockTransport(server.handle))
-    assert server.calls == []  # it failed before any call: nothing sampled, nothing pushed
+    records = ppo_toy.main(argv, transport=httpx.MockTransport(server.handle))
+    pushes = [body for method, path, body in server.calls if path == "/v1/critic/weights"]
+    # the starting critic first, then one per iteration, each a fresh directory in the server's format
+    assert [(Path(b["path"]).name, b["version"]) for b in pushes] == [
+        ("critic-0000", 1), ("critic-0001", 2), ("critic-0002", 3)
+    ]  # fmt: skip
+    assert [r["critic_version"] for r in records] == [2, 3]
+    for body in pushes:
+        config = json.loads((Path(body["path"]) / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForTokenClassification"]
+        assert config["problem_type"] == "regression"
+    # the critic pushed after iteration 1 comes before the rollouts of iteration 2
+    order = [path for _, path, _ in server.calls if path in ("/v1/critic/weights", "/v1/rollouts")]
+    assert order[:3] == ["/v1/critic/weights", "/v1/rollouts", "/v1/critic/weights"]

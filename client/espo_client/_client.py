@@ -54,6 +54,7 @@ from ._core import (
     rollout_request,
 )
 from .protocol import (
+    CriticWeightsResponse,
     EspoState,
     HealthResponse,
     InfoResponse,
@@ -147,6 +148,14 @@ class EspoClient(BaseClient, Closing):
     def close_run(self, run_id: str) -> RunResponse:
         """`DELETE /v1/runs/{run_id}`: close the run; the samples it carries are aborted."""
         return self._run(self._close_run_op(run_id))
+
+    def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
+        """`POST /v1/critic/weights`: serve the critic weights in `path` (as `version`, default
+        current + 1) once the running rollouts finish; returns once served. The server checks the
+        directory (tensor names, shapes, architecture) against its critic and answers 400 if it does
+        not fit, the old critic serving on. A remote `espo-server critic` gets the push forwarded:
+        `path` is read on the critic's machine."""
+        return self._run(self._load_critic_weights_op(path, version))
 
     def info(self) -> InfoResponse:
         """`GET /v1/info`: model, versions, rule defaults, limits."""
@@ -275,6 +284,9 @@ class AsyncEspoClient(BaseClient, AsyncClosing):
 
     async def close_run(self, run_id: str) -> RunResponse:
         return await self._run(self._close_run_op(run_id))
+
+    async def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
+        return await self._run(self._load_critic_weights_op(path, version))
 
     async def info(self) -> InfoResponse:
         return await self._run(self._info_op())

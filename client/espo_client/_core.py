@@ -56,6 +56,8 @@ from ._exceptions import (
 )
 from .protocol import (
     CommitRequest,
+    CriticWeightsRequest,
+    CriticWeightsResponse,
     DoneEvent,
     ErrorEvent,
     EspoState,
@@ -330,6 +332,10 @@ class BaseClient:
 
     def _close_run_op(self, run_id: str) -> Op[RunResponse]:
         return self._call("DELETE", f"/v1/runs/{_path(run_id)}", RunResponse)
+
+    def _load_critic_weights_op(self, path: str, version: int | None) -> Op[CriticWeightsResponse]:
+        body = CriticWeightsRequest(path=path, version=version)
+        return self._call("POST", "/v1/critic/weights", CriticWeightsResponse, body)
 
     def _info_op(self) -> Op[InfoResponse]:
         return self._call("GET", "/v1/info", InfoResponse)

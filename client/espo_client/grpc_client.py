@@ -28,6 +28,8 @@ from .proto import espo_pb2 as pb
 from .proto import espo_pb2_grpc as pb_grpc
 from .protocol import (
     CommitRequest,
+    CriticWeightsRequest,
+    CriticWeightsResponse,
     EspoState,
     GroupEvent,
     InfoResponse,
@@ -163,6 +165,10 @@ class GrpcEspoClient:
     def load_weights(self, path: str, version: int | None = None) -> WeightsResponse:
         message = to_message(WeightsRequest(path=path, version=version), pb.WeightsRequest)
         return from_message(self._call(self._stub.LoadWeights, message), WeightsResponse)
+
+    def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
+        message = to_message(CriticWeightsRequest(path=path, version=version), pb.CriticWeightsRequest)
+        return from_message(self._call(self._stub.LoadCriticWeights, message), CriticWeightsResponse)
 
     def info(self) -> InfoResponse:
         return from_message(self._call(self._stub.Info, empty_pb2.Empty()), InfoResponse)

@@ -16,8 +16,11 @@ __all__ = [
     "MAX_TOP_K_LOGPROBS",
     "Carried",
     "CommitRequest",
+    "CriticInfoResponse",
     "CriticValuesRequest",
     "CriticValuesResponse",
+    "CriticWeightsRequest",
+    "CriticWeightsResponse",
     "DoneEvent",
     "EndReason",
     "ErrorBody",
@@ -274,6 +277,13 @@ class Trajectory(_Model):
     )
     discarded_tokens: int = Field(0, description="Tokens generated past the stop while the critic answered.")
     critic_error: bool = Field(False, description="A critic query of this trajectory failed or timed out.")
+    critic_version: int | None = Field(
+        None,
+        ge=0,
+        description="Version of the critic weights that answered this trajectory's last critic query "
+        "(for a stopped trajectory: the critic that judged the stop); null if it asked none or the "
+        "critic reports no version (a stock vLLM server).",
+    )
     traces: Traces | None = None
     carried: Carried | None = Field(
         None, description="Set when an earlier call of the run started this trajectory (carried over)."
@@ -297,6 +307,18 @@ class Usage(_Model):
     )
     critic_calls: int = 0
     critic_errors: int = 0
+    critic_tokens: int = Field(
+        0,
+        ge=0,
+        description="Tokens the critic computed for this call's answered queries (the rest of each "
+        "prefix came from its prefix cache); a stock vLLM critic does not say, and counts whole prefixes.",
+    )
+    critic_prefix_tokens: int = Field(
+        0,
+        ge=0,
+        description="Summed length of the prefixes those queries asked about: what re-encoding every "
+        "prefix whole would have cost.",
+    )
     critic_time_s: float = Field(0.0, description="Summed latency of this call's critic queries.")
     trajectory_time_s: float = Field(
         0.0, description="Summed lifetime of the trajectories (critic_time_s over this: the critic share)."
@@ -397,6 +419,11 @@ class InfoResponse(_Model):
     max_num_batched_tokens: int | None = Field(None, description="Tokens the engine schedules per step.")
     max_trajectories: int | None = Field(None, description="Most trajectories (prompts x n) per call.")
     run_idle_timeout_s: float | None = Field(None, description="A run with no call for this long is closed.")
+    critic_version: int | None = Field(
+        None,
+        ge=0,
+        description="Version of the critic weights serving (null: no critic, or one that reports none).",
+    )
 
 
 class HealthResponse(_Model):
@@ -478,4 +505,41 @@ class CriticValuesRequest(_Model):
 
 
 class CriticValuesResponse(_Model):
-    values: list[float]
+    values: list[float] = Field(..., description="V of each prefix: the critic's output at its last token.")
+    critic_version: int | None = Field(None, ge=0, description="Version of the weights that computed them.")
+    computed_tokens: list[int] | None = Field(
+        None,
+        description="Tokens the critic computed for each prefix; the rest came from its prefix cache.",
+    )
+
+
+class CriticWeightsRequest(_Model):
+    """`POST /v1/critic/weights`: load new critic weights in place (the rollout server forwards it to a
+    remote `espo-server critic`)."""
+
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="Directory with the critic's safetensors weights, on the machine of the critic that "
+        "loads them; same architecture, tensor names and shapes as the critic being served.",
+    )
+    version: int | None = Field(None, ge=0, description="New critic version (default: current + 1).")
+
+
+class CriticWeightsResponse(_Model):
+    critic_version: int = Field(..., ge=0, description="Version of the critic weights now serving.")
+    load_time_s: float = Field(..., ge=0, description="Seconds the load took, once nothing else ran.")
+
+
+class CriticInfoResponse(_Model):
+    """`GET /v1/info` of `espo-server critic`."""
+
+    model: str = Field(..., description="The directory the critic was started from.")
+    critic_version: int = Field(..., ge=0, description="Version of the critic weights serving.")
+    weights: str = Field(..., description="The directory of the weights serving now.")
+    max_model_len: int
+    vocab_size: int
+    prefix_caching: bool = Field(..., description="Whether queries reuse cached prefixes (LAST pooling).")
+    block_size: int | None = Field(
+        None, description="KV cache block size: cached prefixes are reused in whole blocks of this size."
+    )

@@ -13,10 +13,10 @@ It is a small load balancer over one `AsyncEspoClient` per replica (each with it
   prompt stay on one replica; a call with fewer prompts than replicas uses fewer, starting at a
   replica that rotates from call to call). The shards run concurrently and their answers are merged
   back into prompt order; see `_merge` for exactly how, including learner-owned ESPO state.
-* Calls that change server state (`set_state`, `commit`, `load_weights`) go to every replica and
-  wait for all of them. If some fail, `BroadcastError` names the replicas where the call took effect
-  and those where it did not: after `load_weights`, which serve the new weights and which are left
-  on the old ones. Replicas on mixed versions are never left silently.
+* Calls that change server state (`set_state`, `commit`, `load_weights`, `load_critic_weights`) go
+  to every replica and wait for all of them. If some fail, `BroadcastError` names the replicas where
+  the call took effect and those where it did not: after `load_weights`, which serve the new weights
+  and which are left on the old ones. Replicas on mixed versions are never left silently.
 * Calls that read (`state`, `info`, `health`, `ready`) ask one replica, `replica=` (default 0).
 * `close()` / `aclose()`, of the client or of a stream, closes every shard stream.
 
@@ -42,6 +42,7 @@ from ._client import AsyncEspoClient, AsyncRolloutStream
 from ._core import AsyncClosing, BaseStream, Closing, rollout_request
 from ._exceptions import BroadcastError, EspoError, ResponseValidationError
 from .protocol import (
+    CriticWeightsResponse,
     EspoState,
     HealthResponse,
     InfoResponse,
@@ -170,6 +171,26 @@ class AsyncReplicas(AsyncClosing):
             )
         return WeightsResponse(
             policy_version=responses[0].policy_version,
+            load_time_s=max(response.load_time_s for response in responses),
+        )
+
+    async def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
+        """`POST /v1/critic/weights` on every replica (each pushes its own critic; replicas sharing
+        one remote critic push it once each, which loads the same weights again); returns once all
+        serve them. Raises BroadcastError naming the replicas on the new critic and those left on the
+        old one, and EspoError if they report different critic versions (pass `version=`)."""
+        calls = [client.load_critic_weights(path, version) for client in self.clients]
+        responses = await self._broadcast(
+            f"load_critic_weights({path!r})", calls, "serve the new critic", "keep the old critic"
+        )
+        versions = {url: r.critic_version for url, r in zip(self.base_urls, responses, strict=True)}
+        if len(set(versions.values())) > 1:
+            raise EspoError(
+                f"replicas now serve different critic versions {versions}: call load_critic_weights "
+                "again with an explicit version= to bring them into line"
+            )
+        return CriticWeightsResponse(
+            critic_version=responses[0].critic_version,
             load_time_s=max(response.load_time_s for response in responses),
         )
 
@@ -361,6 +382,9 @@ class Replicas(Closing):
 
     def load_weights(self, path: str, version: int | None = None) -> WeightsResponse:
         return self._wait(self._replicas.load_weights(path, version))
+
+    def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
+        return self._wait(self._replicas.load_critic_weights(path, version))
 
     def _wait(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run `coro` on the loop thread and wait for it (cancelled if the wait is interrupted)."""

@@ -185,7 +185,7 @@ class Traces(_message.Message):
     def __init__(self, regret: _Optional[_Iterable[float]] = ..., z: _Optional[_Iterable[float]] = ..., values: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ..., entropy: _Optional[_Iterable[float]] = ..., top_token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., top_logprobs: _Optional[_Iterable[_Union[Floats, _Mapping]]] = ...) -> None: ...
 
 class Trajectory(_message.Message):
-    __slots__ = ("prompt_index", "sample_index", "token_ids", "logprobs", "end_reason", "stop_step", "reward", "shadow_stop_step", "policy_version", "discarded_tokens", "critic_error", "traces", "text", "policy_version_spans", "carried")
+    __slots__ = ("prompt_index", "sample_index", "token_ids", "logprobs", "end_reason", "stop_step", "reward", "shadow_stop_step", "policy_version", "discarded_tokens", "critic_error", "traces", "text", "policy_version_spans", "carried", "critic_version")
     PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class Trajectory(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_SPANS_FIELD_NUMBER: _ClassVar[int]
     CARRIED_FIELD_NUMBER: _ClassVar[int]
+    CRITIC_VERSION_FIELD_NUMBER: _ClassVar[int]
     prompt_index: int
     sample_index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -216,10 +217,11 @@ class Trajectory(_message.Message):
     text: str
     policy_version_spans: _containers.RepeatedCompositeFieldContainer[VersionSpan]
     carried: Carried
-    def __init__(self, prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., end_reason: _Optional[str] = ..., stop_step: _Optional[int] = ..., reward: _Optional[float] = ..., shadow_stop_step: _Optional[int] = ..., policy_version: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., critic_error: _Optional[bool] = ..., traces: _Optional[_Union[Traces, _Mapping]] = ..., text: _Optional[str] = ..., policy_version_spans: _Optional[_Iterable[_Union[VersionSpan, _Mapping]]] = ..., carried: _Optional[_Union[Carried, _Mapping]] = ...) -> None: ...
+    critic_version: int
+    def __init__(self, prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., end_reason: _Optional[str] = ..., stop_step: _Optional[int] = ..., reward: _Optional[float] = ..., shadow_stop_step: _Optional[int] = ..., policy_version: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., critic_error: _Optional[bool] = ..., traces: _Optional[_Union[Traces, _Mapping]] = ..., text: _Optional[str] = ..., policy_version_spans: _Optional[_Iterable[_Union[VersionSpan, _Mapping]]] = ..., carried: _Optional[_Union[Carried, _Mapping]] = ..., critic_version: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "discarded_tokens", "trajectories", "stopped", "shadow_stopped", "tokens_saved_estimate", "tokens_saved_upper_bound", "tokens_saved_shadow", "critic_calls", "critic_errors", "critic_time_s", "trajectory_time_s", "wall_time_s", "regret_tokens", "regret_sum", "regret_sumsq", "groups_returned", "groups_carried", "carried_in", "aborted", "deadline_hit")
+    __slots__ = ("prompt_tokens", "generated_tokens", "discarded_tokens", "trajectories", "stopped", "shadow_stopped", "tokens_saved_estimate", "tokens_saved_upper_bound", "tokens_saved_shadow", "critic_calls", "critic_errors", "critic_time_s", "trajectory_time_s", "wall_time_s", "regret_tokens", "regret_sum", "regret_sumsq", "groups_returned", "groups_carried", "carried_in", "aborted", "deadline_hit", "critic_tokens", "critic_prefix_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +244,8 @@ class Usage(_message.Message):
     CARRIED_IN_FIELD_NUMBER: _ClassVar[int]
     ABORTED_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_HIT_FIELD_NUMBER: _ClassVar[int]
+    CRITIC_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CRITIC_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     discarded_tokens: int
@@ -264,7 +268,9 @@ class Usage(_message.Message):
     carried_in: int
     aborted: int
     deadline_hit: bool
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., trajectories: _Optional[int] = ..., stopped: _Optional[int] = ..., shadow_stopped: _Optional[int] = ..., tokens_saved_estimate: _Optional[int] = ..., tokens_saved_upper_bound: _Optional[int] = ..., tokens_saved_shadow: _Optional[int] = ..., critic_calls: _Optional[int] = ..., critic_errors: _Optional[int] = ..., critic_time_s: _Optional[float] = ..., trajectory_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., regret_tokens: _Optional[int] = ..., regret_sum: _Optional[float] = ..., regret_sumsq: _Optional[float] = ..., groups_returned: _Optional[int] = ..., groups_carried: _Optional[int] = ..., carried_in: _Optional[int] = ..., aborted: _Optional[int] = ..., deadline_hit: _Optional[bool] = ...) -> None: ...
+    critic_tokens: int
+    critic_prefix_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., trajectories: _Optional[int] = ..., stopped: _Optional[int] = ..., shadow_stopped: _Optional[int] = ..., tokens_saved_estimate: _Optional[int] = ..., tokens_saved_upper_bound: _Optional[int] = ..., tokens_saved_shadow: _Optional[int] = ..., critic_calls: _Optional[int] = ..., critic_errors: _Optional[int] = ..., critic_time_s: _Optional[float] = ..., trajectory_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., regret_tokens: _Optional[int] = ..., regret_sum: _Optional[float] = ..., regret_sumsq: _Optional[float] = ..., groups_returned: _Optional[int] = ..., groups_carried: _Optional[int] = ..., carried_in: _Optional[int] = ..., aborted: _Optional[int] = ..., deadline_hit: _Optional[bool] = ..., critic_tokens: _Optional[int] = ..., critic_prefix_tokens: _Optional[int] = ...) -> None: ...
 
 class RolloutResponse(_message.Message):
     __slots__ = ("request_id", "trajectories", "usage", "stop_rule", "shadow", "rule_params", "state_used", "state_after", "policy_version", "prompt_token_ids", "run_id")
@@ -353,8 +359,24 @@ class WeightsResponse(_message.Message):
     load_time_s: float
     def __init__(self, policy_version: _Optional[int] = ..., load_time_s: _Optional[float] = ...) -> None: ...
 
+class CriticWeightsRequest(_message.Message):
+    __slots__ = ("path", "version")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    version: int
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class CriticWeightsResponse(_message.Message):
+    __slots__ = ("critic_version", "load_time_s")
+    CRITIC_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOAD_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    critic_version: int
+    load_time_s: float
+    def __init__(self, critic_version: _Optional[int] = ..., load_time_s: _Optional[float] = ...) -> None: ...
+
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "policy_version", "vocab_size", "max_model_len", "eos_token_id", "max_n", "max_prompts", "critic", "critic_fallback", "default_stop_rule", "rule_defaults", "entropy_top_k", "state", "verifier", "max_num_seqs", "max_num_batched_tokens", "max_trajectories", "run_idle_timeout_s")
+    __slots__ = ("model", "policy_version", "vocab_size", "max_model_len", "eos_token_id", "max_n", "max_prompts", "critic", "critic_fallback", "default_stop_rule", "rule_defaults", "entropy_top_k", "state", "verifier", "max_num_seqs", "max_num_batched_tokens", "max_trajectories", "run_idle_timeout_s", "critic_version")
     class RuleDefaultsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -380,6 +402,7 @@ class InfoResponse(_message.Message):
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TRAJECTORIES_FIELD_NUMBER: _ClassVar[int]
     RUN_IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    CRITIC_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     policy_version: int
     vocab_size: int
@@ -398,7 +421,8 @@ class InfoResponse(_message.Message):
     max_num_batched_tokens: int
     max_trajectories: int
     run_idle_timeout_s: float
-    def __init__(self, model: _Optional[str] = ..., policy_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_n: _Optional[int] = ..., max_prompts: _Optional[int] = ..., critic: _Optional[str] = ..., critic_fallback: _Optional[str] = ..., default_stop_rule: _Optional[str] = ..., rule_defaults: _Optional[_Mapping[str, float]] = ..., entropy_top_k: _Optional[int] = ..., state: _Optional[_Union[EspoState, _Mapping]] = ..., verifier: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_trajectories: _Optional[int] = ..., run_idle_timeout_s: _Optional[float] = ...) -> None: ...
+    critic_version: int
+    def __init__(self, model: _Optional[str] = ..., policy_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_n: _Optional[int] = ..., max_prompts: _Optional[int] = ..., critic: _Optional[str] = ..., critic_fallback: _Optional[str] = ..., default_stop_rule: _Optional[str] = ..., rule_defaults: _Optional[_Mapping[str, float]] = ..., entropy_top_k: _Optional[int] = ..., state: _Optional[_Union[EspoState, _Mapping]] = ..., verifier: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_trajectories: _Optional[int] = ..., run_idle_timeout_s: _Optional[float] = ..., critic_version: _Optional[int] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("run_id",)

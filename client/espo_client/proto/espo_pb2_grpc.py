@@ -60,6 +60,11 @@ class RolloutsStub:
                 request_serializer=espo__client_dot_proto_dot_espo__pb2.WeightsRequest.SerializeToString,
                 response_deserializer=espo__client_dot_proto_dot_espo__pb2.WeightsResponse.FromString,
                 _registered_method=True)
+        self.LoadCriticWeights = channel.unary_unary(
+                '/espo.v1.Rollouts/LoadCriticWeights',
+                request_serializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsRequest.SerializeToString,
+                response_deserializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/espo.v1.Rollouts/Info',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
@@ -119,6 +124,12 @@ class RolloutsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadCriticWeights(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -171,6 +182,11 @@ def add_RolloutsServicer_to_server(servicer, server):
                     servicer.LoadWeights,
                     request_deserializer=espo__client_dot_proto_dot_espo__pb2.WeightsRequest.FromString,
                     response_serializer=espo__client_dot_proto_dot_espo__pb2.WeightsResponse.SerializeToString,
+            ),
+            'LoadCriticWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadCriticWeights,
+                    request_deserializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsRequest.FromString,
+                    response_serializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -328,6 +344,33 @@ class Rollouts:
             '/espo.v1.Rollouts/LoadWeights',
             espo__client_dot_proto_dot_espo__pb2.WeightsRequest.SerializeToString,
             espo__client_dot_proto_dot_espo__pb2.WeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCriticWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/espo.v1.Rollouts/LoadCriticWeights',
+            espo__client_dot_proto_dot_espo__pb2.CriticWeightsRequest.SerializeToString,
+            espo__client_dot_proto_dot_espo__pb2.CriticWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,298 @@
+"""What the critic costs on the toy task: critic tokens per generated token, batch sizes, wall time.
+
+Starts one embedded server (toy policy + in-process critic) per variant, all at once, and runs the
+same batches through each, alternating (the order rotates every repeat, `--settle` seconds of quiet
+before each run): 1,024 toy trajectories per call by default (256 test problems x n=4, more than
+the engine's slots), warm state at beta 0.7 (the demo's), learner-owned so every server sees the
+same one, real stopping:
+
+  none         plain sampling (the wall-time reference)
+  regret_only  the rule without a critic
+  espo         the rule with the critic
+
+Per variant and rule: median wall time and its ratio to none; for espo: critic queries, critic
+tokens computed, the summed length of the prefixes asked about (what re-encoding each whole costs),
+both per generated token (kept + discarded: every token the policy computed), and the critic's batch
+sizes (from the server's espo_critic_batch_size histogram).
+
+Variants: `after` is this tree with its defaults (batched queries, prefix caching); `--variant
+NAME="FLAGS"` adds servers with other flags (e.g. `before="--no-critic-prefix-caching
+--critic-max-batch 1"`: every query alone, its prefix re-encoded); `--before-src DIR` also runs the
+server of another source tree (e.g. `git archive` of an older commit), whose critic tokens are
+counted from the values traces as whole prefixes (what that code computed).
+
+    .venv/bin/python bench/critic_cost.py --variant before="--no-critic-prefix-caching --critic-max-batch 1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from espo_client import EspoClient  # noqa: E402
+from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
+from espo_server.toy.demo import DEMO_BETA  # noqa: E402
+from espo_server.toy.task import encode, generate  # noqa: E402
+
+RULES = ("none", "regret_only", "espo")
+GPU_BLOCK = 16
+
+
+def reuse_floor(prefixes: list[list[int]]) -> int:
+    """Tokens any exact critic must compute for these queries: the distinct nodes of their prefix
+    trie (every token position encoded once, whichever query or sample reaches it first)."""
+    seen: set[tuple[int, ...]] = set()
+    for prefix in prefixes:
+        for end in range(1, len(prefix) + 1):
+            seen.add(tuple(prefix[:end]))
+    return len(seen)
+
+
+def block_cache(prefixes: list[list[int]], block: int) -> int:
+    """Tokens a vLLM-style prefix cache of `block`-token blocks computes for these queries, answered
+    in this order: each reuses the full blocks earlier queries stored (never its last token)."""
+    stored: set[tuple[int, ...]] = set()
+    computed = 0
+    for prefix in prefixes:
+        reused = 0
+        while reused + block <= len(prefix) - 1 and tuple(prefix[: reused + block]) in stored:
+            reused += block
+        computed += len(prefix) - reused
+        stored.update(tuple(prefix[: k * block]) for k in range(1, len(prefix) // block + 1))
+    return computed
+
+
+def start(name: str, src: str | None, flags: list[str], logs: Path) -> ServerProcess:
+    port = free_port()
+    argv = espo_server_argv(
+        "serve", "--port", str(port), "--gpu-memory-utilization", "0.1",
+        "--critic-gpu-memory-utilization", "0.1", *flags,
+    )  # fmt: skip
+    if src is not None:  # -P: not the working directory's modules first, the other tree's
+        argv = [argv[0], "-P", *argv[1:]]
+    server = ServerProcess(name, argv, port, logs)
+    saved = os.environ.get("PYTHONPATH")
+    if src is not None:  # the other tree's server: its own modules first
+        os.environ["PYTHONPATH"] = f"{src}/client:{src}"
+    try:
+        return server.start()
+    finally:
+        if src is not None:
+            os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
+
+
+def batch_histogram(client: EspoClient) -> tuple[float, float, dict[str, float]]:
+    """(count, sum, cumulative buckets) of espo_critic_batch_size (zeros on servers without it)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(client.base_url + "/metrics", timeout=30).text
+    count = total = 0.0
+    buckets: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "espo_critic_batch_size":
+            continue
+        for s in family.samples:
+            if s.name.endswith("_count"):
+                count = s.value
+            elif s.name.endswith("_sum"):
+                total = s.value
+            elif s.name.endswith("_bucket"):
+                buckets[s.labels["le"]] = s.value
+    return count, total, buckets
+
+
+def run_once(client: EspoClient, body: dict, rule: str, prompt_lens: list[int], old: bool) -> dict:
+    """One call; `old`: a server that reports no critic tokens (they are counted from the traces)."""
+    before = batch_histogram(client)
+    started = time.perf_counter()
+    out = client.rollouts(**body, stop_rule=rule, include=["values"] if rule == "espo" else [])
+    wall = time.perf_counter() - started
+    after = batch_histogram(client)
+    usage = out.usage.model_dump()
+    # Whole-prefix tokens of the answered queries, from the traces: what a server without prefix reuse
+    # computed (and the same as critic_prefix_tokens where the server reports it).
+    traced = sum(
+        prompt_lens[t.prompt_index] + step
+        for t in out.trajectories
+        for step, value in enumerate((t.traces.values if t.traces else None) or [])
+        if value is not None
+    )
+    buckets = {le: after[2].get(le, 0) - before[2].get(le, 0) for le in after[2]}
+    # The queried prefixes, roughly in the order they were asked (by step), for the floor and for a
+    # simulated GPU-sized block cache.
+    asked = sorted(
+        (step, body["prompts"][t.prompt_index]["token_ids"] + t.token_ids[:step])
+        for t in out.trajectories
+        for step, value in enumerate((t.traces.values if t.traces else None) or [])
+        if value is not None
+    )
+    prefixes = [prefix for _, prefix in asked]
+    return {
+        "wall_s": wall,
+        "trajectories": len(out.trajectories),
+        "generated": usage["generated_tokens"],
+        "discarded": usage["discarded_tokens"],
+        "stopped": usage["stopped"],
+        "critic_calls": usage["critic_calls"],
+        "critic_errors": usage["critic_errors"],
+        "critic_tokens": traced if old else usage["critic_tokens"],
+        "critic_prefix_tokens": traced if old else usage["critic_prefix_tokens"],
+        "traced_prefix_tokens": traced,
+        "critic_batches": after[0] - before[0],
+        "critic_batched_queries": after[1] - before[1],
+        "critic_batch_buckets": buckets,
+        "floor_tokens": reuse_floor(prefixes),
+        "gpu_block_tokens": block_cache(prefixes, GPU_BLOCK),
+        "cpu_block_tokens_simulated": block_cache(prefixes, 32),  # checks the simulation against vLLM
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    def total(key: str) -> float:
+        return sum(r[key] for r in runs)
+
+    computed = total("generated") + total("discarded")
+    batches = total("critic_batches")
+    return {
+        "wall_s_median": statistics.median(r["wall_s"] for r in runs),
+        "runs": len(runs),
+        "generated_per_run": total("generated") / len(runs),
+        "stopped_per_run": total("stopped") / len(runs),
+        "critic_calls_per_run": total("critic_calls") / len(runs),
+        "critic_errors": total("critic_errors"),
+        "critic_tokens_per_generated": total("critic_tokens") / computed if computed else 0.0,
+        "prefix_tokens_per_generated": total("critic_prefix_tokens") / computed if computed else 0.0,
+        "floor_tokens_per_generated": total("floor_tokens") / computed if computed else 0.0,
+        "gpu_block_tokens_per_generated": total("gpu_block_tokens") / computed if computed else 0.0,
+        "critic_tokens_per_query": total("critic_tokens") / max(1, total("critic_calls")),
+        "prefix_tokens_per_query": total("critic_prefix_tokens") / max(1, total("critic_calls")),
+        "critic_batches": batches,
+        "mean_batch_size": total("critic_batched_queries") / batches if batches else None,
+        "batch_buckets": {
+            le: sum(r["critic_batch_buckets"].get(le, 0) for r in runs)
+            for le in runs[0]["critic_batch_buckets"]
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--problems", type=int, default=256)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--beta", type=float, default=DEMO_BETA)
+    parser.add_argument("--settle", type=float, default=2.0)
+    parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"')
+    parser.add_argument("--before-src", default=None, help="also run the server of this source tree")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "critic_cost.json"))
+    args = parser.parse_args()
+
+    from espo_server.toy.train import ensure_toy_models
+
+    ensure_toy_models()
+    variants: list[tuple[str, str | None, list[str]]] = [("after", None, [])]
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        variants.append((name, None, shlex.split(flags)))
+    if args.before_src:
+        variants.append(("before-src", args.before_src, []))
+    logs = Path(tempfile.mkdtemp(prefix="espo-critic-bench-"))
+    servers = {name: start(name, src, flags, logs) for name, src, flags in variants}
+    started = time.time()
+    results: dict = {"config": vars(args), "variants": {n: f for n, _, f in variants}, "rows": {}}
+    try:
+        print(f"starting {len(servers)} servers (logs {logs}) ...", flush=True)
+        for server in servers.values():
+            server.wait_ready()
+        clients = {name: EspoClient(base_url=s.url, timeout=1800) for name, s in servers.items()}
+        problems = generate(args.problems, "test", seed=10_000)
+        prompts = [{"token_ids": encode(p.prompt), "answer": p.answer} for p in problems]
+        prompt_lens = [len(p["token_ids"]) for p in prompts]
+        # The warm state: mu/var from one plain batch, beta where the demo puts it; learner-owned.
+        first = next(iter(clients.values()))
+        fresh = {"mu": 0.0, "var": 1.0, "beta": args.beta, "warm": False, "initialised": False, "batches": 0}
+        init = first.rollouts(prompts=prompts, n=args.n, max_tokens=args.max_tokens, seed=1, state=fresh)
+        assert init.state_after is not None
+        warm = {**dataclasses.asdict(init.state_after), "warm": True, "beta": args.beta}
+        print(f"warm state {warm}", flush=True)
+        for client in clients.values():  # warm-up: compile, caches
+            for rule in RULES:
+                client.rollouts(prompts=prompts[:8], n=2, max_tokens=32, seed=2, stop_rule=rule, state=warm)
+        runs: dict[tuple[str, str], list[dict]] = {}
+        order = [(name, rule) for name in clients for rule in RULES]
+        for rep in range(args.repeats):
+            body = dict(prompts=prompts, n=args.n, max_tokens=args.max_tokens, seed=100 + rep, state=warm)
+            for name, rule in order[rep % len(order) :] + order[: rep % len(order)]:
+                time.sleep(args.settle)
+                r = run_once(clients[name], body, rule, prompt_lens, old=name == "before-src")
+                runs.setdefault((name, rule), []).append(r)
+                print(
+                    f"  rep {rep + 1} {name:<12} {rule:<12} {r['wall_s']:6.2f}s "
+                    f"generated {r['generated']:6d} "
+                    f"critic calls {r['critic_calls']:4d} tokens {r['critic_tokens']:6d} "
+                    f"prefix tokens {r['critic_prefix_tokens']:6d}",
+                    flush=True,
+                )
+        for name in clients:
+            rows = {rule: summarise(runs[name, rule]) for rule in RULES}
+            none_wall = rows["none"]["wall_s_median"]
+            for rule in RULES:
+                rows[rule]["wall_ratio_to_none"] = rows[rule]["wall_s_median"] / none_wall
+            results["rows"][name] = rows
+        results["raw"] = {f"{n}/{r}": v for (n, r), v in runs.items()}
+        for client in clients.values():
+            client.close()
+    finally:
+        for server in servers.values():
+            with contextlib.suppress(Exception):
+                server.stop()
+    results["wall_s"] = round(time.time() - started, 1)
+    results["machine"] = f"{os.cpu_count()} CPU cores"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"wrote {args.out}")
+
+
+def print_table(results: dict) -> None:
+    trajectories = results["config"]["problems"] * results["config"]["n"]
+    print(f"\nToy task, {trajectories} trajectories per call, medians of {results['config']['repeats']} runs")
+    head = f"{'variant':<12} {'none s':>7} {'regret_only':>12} {'espo':>7} {'queries':>8}"
+    head += f" {'critic tok/gen':>15} {'prefix tok/gen':>15} {'tok/query':>10} {'batch':>6}"
+    print(head + f" {'floor':>6} {'block16':>8}")
+    for name, rows in results["rows"].items():
+        e = rows["espo"]
+        batch = "-" if e["mean_batch_size"] is None else f"{e['mean_batch_size']:.1f}"
+        print(
+            f"{name:<12} {rows['none']['wall_s_median']:>7.2f} "
+            f"{rows['regret_only']['wall_ratio_to_none']:>12.3f} "
+            f"{e['wall_ratio_to_none']:>7.3f} {e['critic_calls_per_run']:>8.0f} "
+            f"{e['critic_tokens_per_generated']:>15.3f} {e['prefix_tokens_per_generated']:>15.3f} "
+            f"{e['critic_tokens_per_query']:>10.1f} {batch:>6} {e['floor_tokens_per_generated']:>6.3f} "
+            f"{e['gpu_block_tokens_per_generated']:>8.3f}"
+        )
+    print(
+        "regret_only, espo: wall time over none's; tok/gen: per token the policy generated (kept + "
+        "discarded);\nfloor: distinct prefix tokens of the queries (the least any exact critic computes); "
+        f"block{GPU_BLOCK}: a {GPU_BLOCK}-token block cache (GPU default), simulated on the same queries"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The critic batcher on scripted critics (no vLLM): gathering, bounds, one timeout per batch,
+failures flagged on every trajectory a batch held, versions and critic tokens in the response.
+
+tests/test_critic_scale.py runs the same paths on real vLLM critics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import REGISTRY
+
+from espo_client.protocol import Prompt, RolloutRequest
+from espo_server.config import ServerConfig
+from espo_server.critic import CriticAnswer, CriticBatcher, CriticError, VllmPoolingCritic
+from espo_server.errors import InvalidRequest
+from espo_server.service import RolloutService
+from tests.test_rollout_loop import HOT, FakeEngine
+
+
+class ScriptedCritic:
+    """Answers V = len(prefix) / 100, records each call's batch; version and cached tokens scripted."""
+
+    name = "scripted"
+
+    def __init__(self, delay: float = 0.0, fail: bool = False, version: int | None = 3, cached: int = 2):
+        self.delay, self.fail, self.version, self.cached = delay, fail, version, cached
+        self.calls: list[list[list[int]]] = []
+
+    async def score(self, prefixes) -> CriticAnswer:
+        self.calls.append([list(p) for p in prefixes])
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise CriticError("critic down")
+        return CriticAnswer(
+            [len(p) / 100 for p in prefixes], [max(1, len(p) - self.cached) for p in prefixes], self.version
+        )
+
+    async def values(self, prefixes):
+        return (await self.score(prefixes)).values
+
+    async def check(self) -> None:
+        pass
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_concurrent_queries_become_one_call_with_the_same_values_as_single_ones():
+    critic = ScriptedCritic()
+    prefixes = [[1] * k for k in range(1, 21)]
+
+    async def main():
+        batcher = CriticBatcher(critic, timeout_s=1.0, window_s=0.01, max_batch=64)
+        together = await asyncio.gather(*(batcher.value(p) for p in prefixes))
+        alone = [await batcher.value(p) for p in prefixes]
+        return together, alone
+
+    together, alone = asyncio.run(main())
+    assert [len(c) for c in critic.calls] == [20] + [1] * 20  # one call for the 20 concurrent queries
+    assert [a.value for a in together] == [a.value for a in alone] == [len(p) / 100 for p in prefixes]
+    assert {a.batch_size for a in together} == {20} and {a.version for a in together} == {3}
+    assert [a.computed_tokens for a in together] == [max(1, len(p) - 2) for p in prefixes]
+
+
+def test_batches_are_bounded_and_window_zero_gathers_one_event_loop_turn():
+    critic = ScriptedCritic()
+
+    async def main():
+        bounded = CriticBatcher(critic, timeout_s=1.0, window_s=0.05, max_batch=8)
+        await asyncio.gather(*(bounded.value([i + 1]) for i in range(20)))
+        same_turn = CriticBatcher(critic, timeout_s=1.0, window_s=0.0)
+        await asyncio.gather(*(same_turn.value([i + 1]) for i in range(5)))
+
+    before = sample("espo_critic_batch_size_sum")
+    asyncio.run(main())
+    assert [len(c) for c in critic.calls] == [8, 8, 4, 5]
+    assert sample("espo_critic_batch_size_sum") - before == 25
+
+
+def test_a_cancelled_query_leaves_its_batch_alone():
+    critic = ScriptedCritic(delay=0.02)
+
+    async def main():
+        batcher = CriticBatcher(critic, timeout_s=1.0, window_s=0.005)
+        keep = asyncio.ensure_future(batcher.value([1, 2, 3]))
+        drop = asyncio.ensure_future(batcher.value([4, 5]))
+        await asyncio.sleep(0.01)  # both sent
+        drop.cancel()
+        return await keep
+
+    assert asyncio.run(main()).value == 0.03
+
+
+def test_a_timed_out_batch_fails_every_query_it_held_once():
+    critic = ScriptedCritic(delay=1.0)
+    before = sample("espo_critic_calls_total", outcome="timeout")
+
+    async def main():
+        batcher = CriticBatcher(critic, timeout_s=0.05, window_s=0.005)
+        return await asyncio.gather(*(batcher.value([i + 1]) for i in range(6)), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert len(critic.calls) == 1 and all(isinstance(e, CriticError) for e in out)
+    assert "a batch of 6 queries" in str(out[0])
+    assert sample("espo_critic_calls_total", outcome="timeout") - before == 6
+
+
+def service(critic, **cfg) -> RolloutService:
+    return RolloutService(FakeEngine(length=40, delay=0.002), critic, ServerConfig(model="fake", **cfg))
+
+
+def request(n: int) -> RolloutRequest:
+    return RolloutRequest(
+        prompts=[Prompt(token_ids=[5, 6, 7])],
+        n=n,
+        max_tokens=40,
+        seed=1,
+        stop_rule="espo",
+        state=HOT,
+        rule_params={"min_tokens": 4, "critic_stride": 4},
+        include=["values"],
+    )
+
+
+def test_a_timed_out_batch_flags_each_trajectory_it_held():
+    # 8 samples in lock step ask at the same step: one batch of 8, and it times out
+    critic = ScriptedCritic(delay=5.0)
+    svc = service(critic, critic_timeout_s=0.05, critic_batch_window_ms=20)
+    out = asyncio.run(svc.rollouts(request(8)))
+    assert len(critic.calls[0]) == 8, [len(c) for c in critic.calls]
+    assert all(t.critic_error for t in out.trajectories)
+    assert all(t.end_reason == "length" for t in out.trajectories)  # no_stop: a failed query never stops
+    assert out.usage.critic_errors >= 8 and out.usage.critic_tokens == 0
+    assert all(t.critic_version is None for t in out.trajectories)
+
+
+def test_usage_and_trajectories_carry_critic_tokens_and_version():
+    critic = ScriptedCritic(version=5, cached=3)
+    svc = service(critic, critic_batch_window_ms=20)
+    out = asyncio.run(svc.rollouts(request(4)))
+    asked = [p for call in critic.calls for p in call]
+    assert out.usage.critic_calls == len(asked) >= 4
+    assert out.usage.critic_prefix_tokens == sum(len(p) for p in asked)
+    assert out.usage.critic_tokens == sum(len(p) - 3 for p in asked)
+    assert max(len(c) for c in critic.calls) > 1  # the lock-step samples were batched
+    assert {t.critic_version for t in out.trajectories} == {5}
+    svc.engine.model = "fake"
+    assert svc.info().critic_version == 5
+
+
+def test_stream_interval_keeps_the_rule_per_token_and_counts_the_overrun():
+    class ChunkedEngine(FakeEngine):
+        """Delivers tokens in chunks of `params.stream_interval`, as vLLM does."""
+
+        async def generate(self, request_id, prompt, params):
+            from espo_server.engine import TokenChunk
+
+            n, k = min(self.length, params.max_tokens), params.stream_interval
+            for start in range(0, n, k):
+                await asyncio.sleep(self.delay)
+                ids = list(range(start, min(n, start + k)))
+                last = start + k >= n
+                yield TokenChunk(
+                    [10 + i % 40 for i in ids],
+                    [-9.0] * len(ids),
+                    [0.0] * len(ids),
+                    finish_reason=self.finish if last else None,
+                )
+
+    def run(k: int):
+        svc = RolloutService(
+            ChunkedEngine(length=40), ScriptedCritic(), ServerConfig(model="fake", stream_interval=k)
+        )
+        req = RolloutRequest(**(request(1).model_dump() | {"stop_rule": "regret_only", "include": ["z"]}))
+        return asyncio.run(svc.rollouts(req)).trajectories[0]
+
+    one, eight = run(1), run(8)
+    assert one.stop_step == eight.stop_step == 4  # the same token, decided per token
+    assert one.traces.z == eight.traces.z
+    assert eight.discarded_tokens == 8 - 5  # the rest of the chunk that held the stop
+    assert one.discarded_tokens == 0
+
+
+def test_a_stock_vllm_critic_refuses_pushes_by_name():
+    critic = VllmPoolingCritic("http://127.0.0.1:9")
+    with pytest.raises(InvalidRequest, match="espo-server critic"):
+        asyncio.run(critic.load_weights("/tmp", None))
+
+
+def test_a_server_without_critic_refuses_critic_pushes():
+    svc = RolloutService(FakeEngine(), None, ServerConfig(model="fake", critic="none"))
+    with pytest.raises(InvalidRequest, match="without a critic"):
+        asyncio.run(svc.load_critic_weights("/tmp", None))
+
+
+def test_a_vllm_critic_without_classify_falls_back_to_token_classify():
+    """What vLLM 0.32 answers when a token-classification model was served without
+    `--pooler-config '{"task": "classify"}'`: the client switches to per-token outputs, once."""
+    import json
+
+    import httpx
+
+    tasks = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        tasks.append(body["task"])
+        if body["task"] == "classify":
+            message = "Try switching the model's pooling_task via --pooler-config.task classify."
+            error = {"message": message, "type": "BadRequestError", "param": "task", "code": 400}
+            return httpx.Response(400, json={"error": error})
+        data = [
+            {"index": i, "data": [[0.5]] * (len(p) - 1) + [[len(p) / 10]]}
+            for i, p in enumerate(body["input"])
+        ]
+        return httpx.Response(200, json={"data": data[::-1]})
+
+    client = httpx.AsyncClient(base_url="http://critic", transport=httpx.MockTransport(handler))
+    critic = VllmPoolingCritic("http://critic", client=client)
+
+    async def main():
+        first = await critic.score([[1, 2, 3], [4, 5]])
+        second = await critic.score([[1]])
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first.values == [0.3, 0.2] and second.values == [0.1]
+    assert first.computed_tokens == [3, 2] and first.version is None
+    assert tasks == ["classify", "token_classify", "token_classify"]
