@@ -12,6 +12,7 @@ idempotency cache of finished calls, and weight reloads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -290,6 +291,9 @@ class RolloutService:
         call ends once that many groups are complete. A known request_id replays its answer
         (idempotency.py), waiting for it if the first call is still running."""
         request = plan.request
+        if plan.known is None and request.request_id is not None:
+            # A streamed call is planned by its route and started later: a twin may have begun since.
+            plan.known = self.idempotency.lookup(request)
         if plan.known is not None:
             try:
                 known = (
@@ -308,14 +312,32 @@ class RolloutService:
                     yield item
                 return
         self.idempotency.begin(request)
+        try:
+            async with contextlib.aclosing(self._call(plan)) as items:
+                async for item in items:
+                    yield item
+        except BaseException as exc:
+            # However the call ended before its answer (cancelled while it waited for a weight push,
+            # a run or batch taken meanwhile, ...), its retries must not wait for it forever.
+            self.idempotency.fail(request, exc)
+            raise
+
+    async def _call(self, plan: CallPlan) -> AsyncIterator[Trajectory | GroupEvent | RolloutResponse]:
+        """`stream` of a call that runs (not a replay)."""
+        request = plan.request
         async with self.engine.gate.shared():
             run = self.runs.claim(request.run_id) if request.run_id else None
             plan.policy_version = self.engine.policy_version
-            plan.state = (
-                request.state
-                if request.state is not None
-                else self.ledger.begin(request.batch_id, plan.params)
-            )
+            try:
+                plan.state = (
+                    request.state
+                    if request.state is not None
+                    else self.ledger.begin(request.batch_id, plan.params)
+                )
+            except BaseException:  # a batch began meanwhile (409): the run keeps what it carried
+                if run is not None:
+                    self.runs.release(run, run.groups)
+                raise
             carried = run.groups if run else []
             for group in carried:  # their next tokens belong to this batch
                 for sample in group.samples:

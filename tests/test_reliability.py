@@ -200,3 +200,71 @@ def test_weight_pushes_load_only_from_the_configured_directories(tmp_path):
         assert info.value.status == 403 and info.value.param == "path"
     assert run(svc.load_weights(str(allowed / "ckpt"), 4)).policy_version == 4
     assert svc.engine.policy_version == 4
+
+
+# --- found while soaking (reliability branch): each failed before its fix ---------------------------
+
+
+async def _consume(stream) -> list:
+    return [item async for item in stream]
+
+
+def test_a_call_cancelled_while_a_weight_push_holds_the_engine_leaves_its_request_id_usable():
+    engine = FakeEngine(length=5)
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        async with engine.gate.exclusive():  # a weight push is loading: new calls wait for it
+            first = asyncio.create_task(svc.rollouts(req(request_id="g")))
+            await asyncio.sleep(0.02)
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        return await asyncio.wait_for(svc.rollouts(req(request_id="g")), 10)  # used to wait forever
+
+    out = run(go())
+    assert out.usage.trajectories == 2 and svc.ledger.state.batches == 1
+
+
+def test_calls_that_race_for_a_run_or_a_batch_leave_both_usable():
+    from espo_client.protocol import RunRequest
+
+    svc = service(FakeEngine(length=200, delay=0.002), FakeCritic())
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        a = svc.plan(req(request_id="a", run_id="r", max_tokens=200))
+        b = svc.plan(req(request_id="b", run_id="r"))  # planned while the run was free
+        first = asyncio.create_task(_consume(svc.stream(a)))
+        await asyncio.sleep(0)  # a has claimed the run
+        with pytest.raises(Conflict):
+            await _consume(svc.stream(b))
+        await first
+        assert svc.idempotency.lookup(req(request_id="b", run_id="r")) is None  # not left "running"
+        await asyncio.wait_for(svc.rollouts(req(request_id="b", run_id="r")), 10)
+        # a call of batch b2 planned while batch b1 was idle, started once b1 has a call running
+        c = svc.plan(req(request_id="c", run_id="r", batch_id="b2"))
+        b1 = asyncio.create_task(svc.rollouts(req(batch_id="b1", max_tokens=200)))
+        await asyncio.sleep(0.02)
+        with pytest.raises(Conflict):
+            await _consume(svc.stream(c))
+        await b1
+        assert not svc.runs.get("r").busy  # the run is free again (it used to stay busy for good)
+        return await asyncio.wait_for(svc.rollouts(req(request_id="c", run_id="r", batch_id="b2")), 10)
+
+    assert run(go()).usage.trajectories == 2
+
+
+def test_twin_streamed_calls_with_one_request_id_run_once():
+    engine = FakeEngine(length=30, delay=0.002)
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        # A streamed call is planned by its route and starts when the response body is iterated:
+        # both twins are planned before either starts.
+        a, b = svc.plan(req(request_id="t")), svc.plan(req(request_id="t"))
+        return await asyncio.gather(_consume(svc.stream(a)), _consume(svc.stream(b)))
+
+    first, second = run(go())
+    assert len(engine.finished) == 2  # one run of n=2, not two
+    assert first[-1] is second[-1]
+    assert [t.token_ids for t in first[-1].trajectories] == [t.token_ids for t in second[-1].trajectories]
