@@ -386,6 +386,8 @@ class RolloutService:
                 metrics.REQUESTS.labels(outcome="ok").inc()
                 yield response
             except BaseException as exc:
+                if folded:  # answered (a stream closed during its done line): the run keeps its groups
+                    raise
                 outcome = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "error"
                 metrics.REQUESTS.labels(outcome=outcome).inc()
                 # Nothing is folded into the state: a failed or cancelled call leaves it as it was.

@@ -268,3 +268,33 @@ def test_twin_streamed_calls_with_one_request_id_run_once():
     assert len(engine.finished) == 2  # one run of n=2, not two
     assert first[-1] is second[-1]
     assert [t.token_ids for t in first[-1].trajectories] == [t.token_ids for t in second[-1].trajectories]
+
+
+def test_a_stream_closed_right_after_its_answer_keeps_what_the_run_carries():
+    from espo_client.protocol import RunRequest
+    from espo_server import metrics
+
+    engine = FakeEngine(length=5, delay=0.002, lengths={"k-1-": 10_000})
+    svc = service(engine, FakeCritic())
+    cancelled = metrics.REQUESTS.labels(outcome="cancelled")
+    before = cancelled._value.get()
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        body = req(request_id="k", run_id="r", prompts=[Prompt(token_ids=[5]), Prompt(token_ids=[6])],
+                   max_tokens=300, return_groups=1, leftover="carry")  # fmt: skip
+        stream = svc.stream(svc.plan(body))
+        async for item in stream:
+            if isinstance(item, RolloutResponse):
+                break
+        await stream.aclose()  # the client went away while the done line was being sent
+        assert item.usage.groups_carried == 1
+        assert len(svc.runs.get("r").groups) == 1  # what the answer said the run carries
+        return await asyncio.wait_for(svc.rollouts(req(request_id="k2", run_id="r", prompts=[])), 30)
+
+    out = run(go())
+    assert [(t.carried.request_id, t.prompt_index, t.end_reason) for t in out.trajectories] == [
+        ("k", 1, "length"),
+        ("k", 1, "length"),
+    ]
+    assert cancelled._value.get() == before  # an answered call is not also counted as cancelled
