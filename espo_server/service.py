@@ -181,6 +181,12 @@ class RolloutService:
                 f"{len(request.prompts)} prompts exceed max_prompts={cfg.max_prompts}", "prompts"
             )
         wanted = request.n * len(request.prompts)
+        if wanted > cfg.max_inflight_trajectories:  # a 429 would be retried forever: it can never fit
+            raise InvalidRequest(
+                f"{len(request.prompts)} prompts x n={request.n} exceed this server's "
+                f"max_inflight_trajectories={cfg.max_inflight_trajectories}: split the call",
+                "n",
+            )
         if self.inflight + wanted > cfg.max_inflight_trajectories:
             raise Overloaded(
                 f"{self.inflight} trajectories are generating; {wanted} more would exceed "

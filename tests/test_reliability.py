@@ -298,3 +298,11 @@ def test_a_stream_closed_right_after_its_answer_keeps_what_the_run_carries():
         ("k", 1, "length"),
     ]
     assert cancelled._value.get() == before  # an answered call is not also counted as cancelled
+
+
+def test_a_call_that_could_never_fit_the_inflight_cap_is_a_400_not_a_429_forever():
+    svc = service(FakeEngine(length=5), FakeCritic(), max_inflight_trajectories=4)
+    with pytest.raises(InvalidRequest) as info:
+        svc.plan(req(n=5))  # idle server: a 429 here would have the client retry for ever
+    assert info.value.status == 400 and info.value.param == "n"
+    assert run(svc.rollouts(req(n=4))).usage.trajectories == 4
