@@ -9,6 +9,8 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
     +-- Forbidden                403 permission_error (e.g. weights outside --weights-dir)
     +-- Conflict                 409 conflict (a request_id reused with another body, a busy run, ...)
     +-- Overloaded               429 overloaded, with Retry-After
+    +-- EngineDead               503 engine_dead (the vLLM engine process died: the server exits)
+    +-- ShuttingDown             503 shutting_down, with Retry-After (SIGTERM: draining)
     +-- critic.CriticError       503 critic_unavailable
     fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
     HTTPException(401)           401 authentication_error
@@ -32,6 +34,8 @@ class ServiceError(Exception):
 
     status: int = 503
     type: str = "service_unavailable"
+    retry_after_s: float | None = None
+    """Sent as the Retry-After header when set."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -70,6 +74,24 @@ class Overloaded(ServiceError):
     type = "overloaded"
 
     def __init__(self, message: str, param: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, param)
+        self.retry_after_s = retry_after_s
+
+
+class EngineDead(ServiceError):
+    """The policy engine's process is gone (vLLM's EngineDeadError). Unrecoverable: every /v1 call
+    is answered with this 503 until the server has exited (non-zero) for its supervisor to restart."""
+
+    type = "engine_dead"
+
+
+class ShuttingDown(ServiceError):
+    """The server is draining after SIGTERM: it takes no new work; a call still running when the
+    grace ends is answered with this too. Retry (same request_id) on another replica or later."""
+
+    type = "shutting_down"
+
+    def __init__(self, message: str, param: str | None = None, retry_after_s: float = 5.0) -> None:
         super().__init__(message, param)
         self.retry_after_s = retry_after_s
 
@@ -124,7 +146,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": f"{exc.retry_after_s:g}"} if isinstance(exc, Overloaded) else None
+        headers = {"Retry-After": f"{exc.retry_after_s:g}"} if exc.retry_after_s is not None else None
         return error_response(exc.body(), headers)
 
     @app.exception_handler(Exception)  # Starlette logs these itself, with the traceback

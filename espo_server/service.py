@@ -51,8 +51,8 @@ from espo_client.stop_rule import (
 from . import metrics
 from .config import ServerConfig
 from .critic import CriticClient, CriticError
-from .engine import GenerationParams, PolicyEngine
-from .errors import Conflict, Forbidden, InvalidRequest, Overloaded
+from .engine import ENGINE_DEAD_MESSAGE, GenerationParams, PolicyEngine
+from .errors import Conflict, EngineDead, Forbidden, InvalidRequest, Overloaded, ShuttingDown
 from .idempotency import CallEnded, IdempotencyCache
 from .ledger import StateLedger
 from .runs import Group, RunRegistry
@@ -83,6 +83,8 @@ class CallPlan:
     deadline_hit: bool = False
     known: RolloutResponse | asyncio.Future[RolloutResponse] | None = None
     """A retry: the first call's answer, or the future of the first call still running."""
+    cut: asyncio.Future[None] | None = None
+    """Done when a shutdown ends the call before it is complete (`RolloutService.cut_calls`)."""
 
     @property
     def learner_owned(self) -> bool:
@@ -138,11 +140,59 @@ class RolloutService:
         self.idempotency = IdempotencyCache(
             config.idempotency_cache, int(config.idempotency_cache_mb * 2**20), config.idempotency_ttl_s
         )
+        self.draining = False
+        """Set by `drain` (SIGTERM): no new work is taken; running calls may finish."""
+        self.calls = 0
+        """Calls running now (replays and waiting retries aside)."""
+        self._cuts: set[asyncio.Future[None]] = set()
         self._publish_state()
 
     async def aclose(self) -> None:
         """Shutdown: the runs' carried samples are aborted (calls are cancelled by their transports)."""
         await self.runs.aclose()
+
+    # ------------------------------------------------------------------ engine death, shutdown
+
+    def check_alive(self) -> None:
+        """EngineDead (503) once the policy engine's process is gone: every /v1 call says so until
+        the server has exited (serve.py watches for it)."""
+        if self.engine.dead:
+            raise EngineDead(ENGINE_DEAD_MESSAGE)
+
+    def _check_new_work(self) -> None:
+        """New work (a call, a weight push, a run) is refused while draining, or with a dead engine."""
+        self.check_alive()
+        if self.draining:
+            raise ShuttingDown(
+                "this server is shutting down (SIGTERM) and takes no new work: retry on another "
+                "replica or after the restart, with the same request_id"
+            )
+
+    async def drain(self, grace_s: float) -> int:
+        """SIGTERM: take no new work (503 shutting_down, with Retry-After) and give the running calls
+        `grace_s` seconds to finish and be answered. Calls still running then are cut: answered
+        with that 503, nothing of them folded into the ESPO state, so that a retry with the same
+        request_id runs them again. Returns once no call runs; the number of calls cut."""
+        self.draining = True
+        log.info("draining: %d call(s) running, %.0fs to finish", self.calls, grace_s)
+        deadline = time.monotonic() + grace_s
+        while self.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cut = self.calls
+        if cut:
+            log.warning("drain: %d call(s) still running after %.0fs: ended with 503", cut, grace_s)
+            self.cut_calls()
+            deadline = time.monotonic() + 10.0
+            while self.calls and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        return cut
+
+    def cut_calls(self) -> None:
+        """End every running call now with ShuttingDown (the end of a drain, or a second SIGTERM)."""
+        self.draining = True
+        for cut in self._cuts:
+            if not cut.done():
+                cut.set_result(None)
 
     # ------------------------------------------------------------------ validation
 
@@ -154,6 +204,7 @@ class RolloutService:
             return CallPlan(
                 request, request.request_id or "", [], [], StopRule.NONE, self.rule_defaults, 1, known=known
             )
+        self._check_new_work()
         cfg, engine = self.config, self.engine
         if request.batch_id is not None:
             if request.state is not None:
@@ -318,6 +369,9 @@ class RolloutService:
                     yield item
                 return
         self.idempotency.begin(request)
+        plan.cut = asyncio.get_running_loop().create_future()
+        self._cuts.add(plan.cut)
+        self.calls += 1
         try:
             async with contextlib.aclosing(self._call(plan)) as items:
                 async for item in items:
@@ -327,6 +381,9 @@ class RolloutService:
             # a run or batch taken meanwhile, ...), its retries must not wait for it forever.
             self.idempotency.fail(request, exc)
             raise
+        finally:
+            self.calls -= 1
+            self._cuts.discard(plan.cut)
 
     async def _call(self, plan: CallPlan) -> AsyncIterator[Trajectory | GroupEvent | RolloutResponse]:
         """`stream` of a call that runs (not a replay)."""
@@ -361,7 +418,7 @@ class RolloutService:
                 limits = [x for x in (request.deadline_s, self.config.max_call_seconds) if x is not None]
                 deadline = plan.started_monotonic + min(limits) if limits else None
                 if target > 0:
-                    async for group, sample in _endings(groups, deadline):
+                    async for group, sample in _endings(groups, deadline, plan.cut):
                         if not by_group:
                             yield self._trajectory(plan, group, sample)
                         unseen[id(group)] -= 1
@@ -591,6 +648,7 @@ class RolloutService:
     async def load_weights(self, path: str, version: int | None) -> WeightsResponse:
         """Reload the policy in place once the running calls have ended (new calls wait). Samples
         that runs carry between calls are suspended meanwhile and resume under the new weights."""
+        self._check_new_work()
         directory = self._allowed_weights_dir(path)
         if not directory.is_dir() or not any(directory.glob("*.safetensors")):
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
@@ -624,6 +682,7 @@ class RolloutService:
     # ------------------------------------------------------------------ runs
 
     def open_run(self, body: RunRequest) -> RunResponse:
+        self._check_new_work()
         return self.runs.open(body.run_id)
 
     def run(self, run_id: str) -> RunResponse:
@@ -671,18 +730,28 @@ class RolloutService:
                 detail["critic"] = "ok"
             except CriticError as exc:
                 detail["critic"] = f"down: {exc} (serving with critic_fallback={self.config.critic_fallback})"
-        return detail["engine"] == "ok", detail
+        if self.draining:
+            detail["server"] = "shutting down (SIGTERM): draining the running calls"
+        return detail["engine"] == "ok" and not self.draining, detail
 
 
-async def _endings(groups: list[Group], deadline: float | None) -> AsyncIterator[tuple[Group, Sample]]:
+async def _endings(
+    groups: list[Group], deadline: float | None, cut: asyncio.Future[None] | None = None
+) -> AsyncIterator[tuple[Group, Sample]]:
     """(group, sample) as each sample ends; those that ended already come first. Ends early at
-    `deadline` (time.monotonic)."""
+    `deadline` (time.monotonic); raises ShuttingDown once `cut` is done."""
     pending = {s.task: (g, s) for g in groups for s in g.samples if s.task is not None}
     ready = [task for task in pending if task.done()]
     while pending:
         if not ready:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            waiting = set(pending) if cut is None else {*pending, cut}
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if cut is not None and cut.done():
+                raise ShuttingDown(
+                    "this server is shutting down and ended the call before it was complete; nothing "
+                    "of it was kept: retry with the same request_id (on another replica or after the restart)"
+                )
             if not done:
                 return  # the deadline
             ready = list(done)
