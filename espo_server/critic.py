@@ -58,6 +58,9 @@ async def timed_values(
     except asyncio.TimeoutError as exc:
         metrics.CRITIC_CALLS.labels(outcome="timeout").inc()
         raise CriticError(f"critic timed out after {timeout_s}s") from exc
+    except asyncio.CancelledError:  # the sample ended meanwhile (aborted): asked, counted, never used
+        metrics.CRITIC_CALLS.labels(outcome="cancelled").inc()
+        raise
     except CriticError:
         metrics.CRITIC_CALLS.labels(outcome="error").inc()
         raise

@@ -14,7 +14,7 @@ from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse
 from espo_client.stop_rule import EspoState
 from espo_server.errors import Conflict, Forbidden, InvalidRequest, Overloaded
 from espo_server.idempotency import IdempotencyCache, response_size
-from tests.test_rollout_loop import FakeCritic, FakeEngine, run, service
+from tests.test_rollout_loop import HOT, FakeCritic, FakeEngine, run, service
 
 
 def req(**kw) -> RolloutRequest:
@@ -306,3 +306,18 @@ def test_a_call_that_could_never_fit_the_inflight_cap_is_a_400_not_a_429_forever
         svc.plan(req(n=5))  # idle server: a 429 here would have the client retry for ever
     assert info.value.status == 400 and info.value.param == "n"
     assert run(svc.rollouts(req(n=4))).usage.trajectories == 4
+
+
+def test_critic_queries_cut_short_by_an_abort_are_counted_in_metrics_too():
+    from espo_server import metrics
+
+    def counted() -> float:
+        outcomes = ("ok", "error", "timeout", "cancelled")
+        return sum(metrics.CRITIC_CALLS.labels(outcome=o)._value.get() for o in outcomes)
+
+    svc = service(FakeEngine(length=400, delay=0.002), FakeCritic(value=0.0, delay=5.0), critic_timeout_s=30)
+    before = counted()
+    out = run(svc.rollouts(req(stop_rule="espo", state=HOT, max_tokens=400, deadline_s=0.3,
+                               rule_params={"min_tokens": 4, "critic_stride": 4})))  # fmt: skip
+    assert out.usage.aborted == 2 and out.usage.critic_calls == 2  # one query each, pending at the abort
+    assert counted() - before == out.usage.critic_calls  # espo_critic_calls_total agrees with usage
