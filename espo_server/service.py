@@ -57,6 +57,7 @@ from .idempotency import CallEnded, IdempotencyCache
 from .ledger import StateLedger
 from .runs import Group, RunRegistry
 from .sample import CriticAccess, Sample, SampleResult, SampleSpec, Scorer
+from .weights import check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -652,6 +653,7 @@ class RolloutService:
         directory = self._allowed_weights_dir(path)
         if not directory.is_dir() or not any(directory.glob("*.safetensors")):
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
+        check_checkpoint(directory, self.engine.model)  # a broken one would take the engine down
         async with self.engine.gate.exclusive():
             new_version = self.engine.policy_version + 1 if version is None else version
             background = [s for s in self.runs.background() if s.task is not None and not s.task.done()]

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import time
 
+import numpy as np
 import pytest
 
 from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse
@@ -187,9 +188,11 @@ def test_readiness_follows_the_engine_not_the_critic():
 
 def test_weight_pushes_load_only_from_the_configured_directories(tmp_path):
     allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    from safetensors.numpy import save_file
+
     for d in (allowed / "ckpt", elsewhere / "ckpt"):
         d.mkdir(parents=True)
-        (d / "model.safetensors").write_bytes(b"")
+        save_file({"w": np.zeros((2, 3), dtype=np.float32)}, str(d / "model.safetensors"))
     closed = service(FakeEngine(), FakeCritic())
     with pytest.raises(Forbidden, match="--weights-dir"):
         run(closed.load_weights(str(allowed / "ckpt"), 1))
