@@ -13,7 +13,7 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
     +-- ShuttingDown             503 shutting_down, with Retry-After (SIGTERM: draining)
     +-- critic.CriticError       503 critic_unavailable
     fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
-    HTTPException(401)           401 authentication_error
+    HTTPException(401)           401 authentication_error (404, 405, an undecodable body 400: http_error)
     anything else                503 engine_error (logged with its traceback, never a bare 500)
 """
 
@@ -119,8 +119,12 @@ def error_response(body: ErrorBody, headers: dict[str, str] | None = None) -> JS
 
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every exception with the envelope: 4xx for the caller's mistakes, 503 for what is down."""
-    from fastapi import HTTPException, Request
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
+
+    # Starlette's HTTPException, not FastAPI's subclass: FastAPI's body parser and router raise the
+    # base class (an undecodable body 400, an unknown path 404, a wrong method 405).
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -142,7 +146,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         type_ = "authentication_error" if exc.status_code == 401 else "http_error"
-        return error_response(ErrorBody(message=str(exc.detail), type=type_, code=exc.status_code))
+        body = ErrorBody(message=str(exc.detail), type=type_, code=exc.status_code)
+        return error_response(body, exc.headers)  # e.g. Allow of a 405
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:

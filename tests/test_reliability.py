@@ -324,3 +324,32 @@ def test_critic_queries_cut_short_by_an_abort_are_counted_in_metrics_too():
                                rule_params={"min_tokens": 4, "critic_stride": 4})))  # fmt: skip
     assert out.usage.aborted == 2 and out.usage.critic_calls == 2  # one query each, pending at the abort
     assert counted() - before == out.usage.critic_calls  # espo_critic_calls_total agrees with usage
+
+
+def test_undecodable_bodies_unknown_paths_and_methods_get_the_error_envelope():
+    """Found by bench/fuzz.py: FastAPI's body parser and router raise Starlette's HTTPException,
+    which the handler of FastAPI's subclass did not catch ({"detail": ...} bodies)."""
+    import httpx
+
+    from espo_server.app import build_app
+
+    svc = service(FakeEngine(length=5), FakeCritic())
+    app = build_app(svc.config)
+    app.state.service = svc
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://espo") as http:
+            headers = {"content-type": "application/json"}
+            return [
+                await http.put("/v1/espo/state", content=b",G5T\xff\xfe\r\xd7\x8c", headers=headers),
+                await http.post("/v1/rollouts", content=b"\xff\xfe", headers=headers),
+                await http.get("/v1/nothing-here"),
+                await http.delete("/v1/info"),
+            ]
+
+    answers = run(go())
+    assert [a.status_code for a in answers] == [400, 400, 404, 405]
+    assert answers[3].headers["allow"] == "GET"
+    for answer in answers:
+        error = answer.json()["error"]
+        assert error["code"] == answer.status_code and error["message"]
