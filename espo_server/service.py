@@ -455,8 +455,9 @@ class RolloutService:
                 outcome = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "error"
                 metrics.REQUESTS.labels(outcome=outcome).inc()
                 # Nothing is folded into the state: a failed or cancelled call leaves it as it was.
-                # Its own samples are cancelled; the groups it took over from its run go back to it.
-                kept = [g for g in carried if g not in complete]
+                # Its own samples are cancelled; the groups it took over from its run go back to it,
+                # those that completed meanwhile too (the call delivered nothing: a retry gets them).
+                kept = list(carried)
                 tasks = [s.task for g in new for s in g.samples if s.task is not None]
                 for task in tasks:
                     task.cancel()

@@ -353,3 +353,31 @@ def test_undecodable_bodies_unknown_paths_and_methods_get_the_error_envelope():
     for answer in answers:
         error = answer.json()["error"]
         assert error["code"] == answer.status_code and error["message"]
+
+
+def test_a_cancelled_call_of_a_run_gives_back_every_group_it_took_over():
+    """A carried group that completed during a call that was then cancelled (a client timeout)
+    reached nobody: the run keeps it for the retry, which gets it once."""
+    from espo_client.protocol import RunRequest
+
+    engine = FakeEngine(length=5, delay=0.002, lengths={"a-1-": 60, "b-0-": 10_000})
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        prompts = [Prompt(token_ids=[5]), Prompt(token_ids=[6])]
+        body = req(request_id="a", run_id="r", prompts=prompts, max_tokens=99, return_groups=1)
+        body = body.model_copy(update={"leftover": "carry"})
+        first = await svc.rollouts(body)
+        assert first.usage.groups_carried == 1
+        second = asyncio.create_task(svc.rollouts(req(request_id="b", run_id="r", max_tokens=400)))
+        await asyncio.sleep(0.4)  # the carried group (60 tokens) is complete, b's own (10,000) is not
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        return await asyncio.wait_for(svc.rollouts(req(request_id="c", run_id="r", prompts=[])), 30)
+
+    out = run(go())
+    assert [(t.carried.request_id, t.prompt_index, len(t.token_ids)) for t in out.trajectories] == [
+        ("a", 1, 60),
+        ("a", 1, 60),
+    ]
