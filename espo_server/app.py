@@ -123,7 +123,13 @@ def build_app(config: ServerConfig) -> FastAPI:
         ):
             raise HTTPException(401, "missing or wrong bearer token")
 
-    v1 = [Depends(authorised)]
+    async def engine_alive(request: Request) -> None:
+        """Once the policy engine's process is gone, every /v1 call is a 503 engine_dead."""
+        service = getattr(request.app.state, "service", None)
+        if service is not None:
+            service.check_alive()
+
+    v1 = [Depends(authorised), Depends(engine_alive)]
     v1_errors = _ERROR_RESPONSES
 
     @app.post(

@@ -71,8 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    run_server(config)
-    return 0
+    return run_server(config)
 
 
 def _critic(args: argparse.Namespace) -> int:

@@ -164,6 +164,13 @@ class ServerConfig(BaseSettings):
         gt=0,
         description="A run (POST /v1/runs) with no call for this long is closed, its samples aborted.",
     )
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM: how long running calls get to finish while new ones are answered 503 "
+        "(shutting_down, Retry-After); calls still running then are ended with that 503, nothing of "
+        "them kept. Keep it below the orchestrator's kill timeout.",
+    )
 
     # --- the embedded toy task
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where built toy models live.")

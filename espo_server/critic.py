@@ -149,8 +149,10 @@ class CriticBatcher:
     one timeout, `timeout_s`, from when it is sent; if it fails or times out, every query it held
     raises CriticError. Batches run concurrently; a cancelled query leaves its batch alone.
 
-    Counted here, per query: `espo_critic_calls_total{outcome}` and `espo_critic_latency_seconds`
-    (from the ask to the answer); per batch: `espo_critic_batch_size`, and the tokens.
+    Counted here, per query: `espo_critic_calls_total{outcome=ok|error|timeout|cancelled}` (so that
+    it sums to the responses' `critic_calls`; cancelled: asked, never used) and
+    `espo_critic_latency_seconds` (from the ask to the answer); per batch: `espo_critic_batch_size`,
+    and the tokens.
     """
 
     def __init__(
@@ -182,7 +184,12 @@ class CriticBatcher:
                 self._timer = loop.call_later(self.window_s, self._flush)
             else:
                 self._timer = loop.call_soon(self._flush)
-        return await query.future
+        try:
+            return await query.future
+        except asyncio.CancelledError:
+            if query.future.cancelled():  # the sample ended (aborted) before the answer came
+                metrics.CRITIC_CALLS.labels(outcome="cancelled").inc()
+            raise
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -213,7 +220,8 @@ class CriticBatcher:
         except Exception as exc:  # transport errors, engine errors: all mean "no value"
             outcome, error = "error", CriticError(f"critic failed: {exc!r}")
         now = time.perf_counter()
-        metrics.CRITIC_CALLS.labels(outcome=outcome).inc(len(batch))
+        cancelled = sum(q.future.cancelled() for q in batch)  # counted by `value` already
+        metrics.CRITIC_CALLS.labels(outcome=outcome).inc(len(batch) - cancelled)
         if error is not None:
             for q in batch:
                 if not q.future.done():
@@ -228,7 +236,7 @@ class CriticBatcher:
                 q.future.set_result(CriticValue(float(value), answer.version, int(tokens), len(batch)))
 
     async def aclose(self) -> None:
-        """Cancel the batches in flight and fail the queries still waiting."""
+        """Cancel the batches in flight and the queries still waiting."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -16,11 +16,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import metrics
+from .errors import EngineDead
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
+
+ENGINE_DEAD_MESSAGE = (
+    "the policy engine process has died (vLLM EngineDeadError); this server cannot recover and is "
+    "exiting for its supervisor to restart it: retry on another replica or after the restart"
+)
 
 
 @dataclass(frozen=True)
@@ -251,6 +257,8 @@ class PolicyEngine:
         want_topk = params.top_k_logprobs > 1 or params.top_ids
         finished = False
         try:
+            if self.dead:
+                raise EngineDead(ENGINE_DEAD_MESSAGE)
             async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id):
                 completion = out.outputs[0]
                 chunk = TokenChunk(
@@ -269,9 +277,18 @@ class PolicyEngine:
                             chunk.topk_token_ids.append([t for t, _ in top])
                 finished = out.finished
                 yield chunk
+        except Exception as exc:
+            if self.dead and not isinstance(exc, EngineDead):  # EngineDeadError, or what it caused
+                raise EngineDead(ENGINE_DEAD_MESSAGE) from exc
+            raise
         finally:
-            if not finished:
+            if not finished and not self.dead:
                 await self.abort(request_id)
+
+    @property
+    def dead(self) -> bool:
+        """The engine's process is gone (vLLM noticed: its monitor thread or a failed step)."""
+        return bool(self.llm.errored)
 
     async def abort(self, request_id: str) -> None:
         with contextlib.suppress(Exception):

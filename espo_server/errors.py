@@ -10,9 +10,11 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
     +-- Conflict                 409 conflict (a request_id reused with another body, a busy run, ...)
     +-- Overloaded               429 overloaded, with Retry-After
     |   +-- ModelNotFound        404 not_found_error (OpenAI API: `model` is not the served one)
+    +-- EngineDead               503 engine_dead (the vLLM engine process died: the server exits)
+    +-- ShuttingDown             503 shutting_down, with Retry-After (SIGTERM: draining)
     +-- critic.CriticError       503 critic_unavailable
     fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
-    HTTPException(401)           401 authentication_error
+    HTTPException(401)           401 authentication_error (404, 405, an undecodable body 400: http_error)
     anything else                503 engine_error (logged with its traceback, never a bare 500)
 """
 
@@ -33,6 +35,8 @@ class ServiceError(Exception):
 
     status: int = 503
     type: str = "service_unavailable"
+    retry_after_s: float | None = None
+    """Sent as the Retry-After header when set."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -82,6 +86,24 @@ class ModelNotFound(InvalidRequest):
     type = "not_found_error"
 
 
+class EngineDead(ServiceError):
+    """The policy engine's process is gone (vLLM's EngineDeadError). Unrecoverable: every /v1 call
+    is answered with this 503 until the server has exited (non-zero) for its supervisor to restart."""
+
+    type = "engine_dead"
+
+
+class ShuttingDown(ServiceError):
+    """The server is draining after SIGTERM: it takes no new work; a call still running when the
+    grace ends is answered with this too. Retry (same request_id) on another replica or later."""
+
+    type = "shutting_down"
+
+    def __init__(self, message: str, param: str | None = None, retry_after_s: float = 5.0) -> None:
+        super().__init__(message, param)
+        self.retry_after_s = retry_after_s
+
+
 def error_body(exc: BaseException) -> ErrorBody:
     """The envelope's body for any exception the service lets out (the one mapper)."""
     if isinstance(exc, ServiceError):
@@ -105,8 +127,12 @@ def error_response(body: ErrorBody, headers: dict[str, str] | None = None) -> JS
 
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every exception with the envelope: 4xx for the caller's mistakes, 503 for what is down."""
-    from fastapi import HTTPException, Request
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
+
+    # Starlette's HTTPException, not FastAPI's subclass: FastAPI's body parser and router raise the
+    # base class (an undecodable body 400, an unknown path 404, a wrong method 405).
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -128,11 +154,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         type_ = "authentication_error" if exc.status_code == 401 else "http_error"
-        return error_response(ErrorBody(message=str(exc.detail), type=type_, code=exc.status_code))
+        body = ErrorBody(message=str(exc.detail), type=type_, code=exc.status_code)
+        return error_response(body, exc.headers)  # e.g. Allow of a 405
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": f"{exc.retry_after_s:g}"} if isinstance(exc, Overloaded) else None
+        headers = {"Retry-After": f"{exc.retry_after_s:g}"} if exc.retry_after_s is not None else None
         return error_response(exc.body(), headers)
 
     @app.exception_handler(Exception)  # Starlette logs these itself, with the traceback

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -99,15 +100,22 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM to the server alone, as an orchestrator sends it (the server drains, shuts its
+        engines down and exits), then SIGKILL to whatever is left of its process group. Returns
+        the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a straggler of the group (vLLM's engine process)
+        self.proc.wait(timeout=10)
+        return self.proc.returncode
 
 
 def espo_server_argv(*args: str) -> list[str]:

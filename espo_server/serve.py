@@ -7,6 +7,18 @@ serves it in the same event loop, and on exit (SIGTERM, Ctrl-C) the engines are 
     run_server(config):  resolve_models -> launch_service (engines, critic, RolloutService)
                          -> build_app(config) -> app.state.service = service -> uvicorn
                             (and, with --grpc-port, grpc_server.py's gRPC server in the same loop)
+
+How `serve` ends (README, "Reliability"):
+- SIGTERM (an orchestrator stopping the pod): the server drains. New work is answered 503
+  `shutting_down` with Retry-After and /readyz turns 503, while the listener stays open; running
+  calls get `shutdown_grace_s` to finish and be answered; those still running then are ended with
+  that 503 (nothing of them folded in). Then uvicorn closes, the runs' carried samples are aborted,
+  the engines shut down, and the process exits 0. A second SIGTERM ends the running calls at once.
+- The policy engine's process dies (vLLM's EngineDeadError): every /v1 call is answered 503
+  `engine_dead` (running calls too), /readyz is 503, and ENGINE_DEAD_LINGER_S later the process
+  exits with ENGINE_DEAD_EXIT_CODE, for its supervisor to restart it.
+- SIGINT (Ctrl-C): uvicorn's own graceful shutdown (vLLM's engine process, in the same process
+  group, gets the signal too).
 """
 
 from __future__ import annotations
@@ -15,10 +27,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
+import uvicorn
 from fastapi import FastAPI
 
 from .app import build_app
@@ -33,6 +46,16 @@ EMBEDDED_NAME = "espo-toy"
 """The OpenAI-compatible API's model name of the embedded toy model."""
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENGINE_DEAD_EXIT_CODE = 3
+"""Exit status of `espo-server serve` after its policy engine's process died."""
+ENGINE_DEAD_LINGER_S = 2.0
+"""After the engine died: how long the server still answers (503 engine_dead) before it exits."""
+WATCHDOG_INTERVAL_S = 0.5
+"""How often the engine's liveness is looked at (vLLM's own monitor thread notices a death at once)."""
+UVICORN_GRACE_S = 5.0
+"""uvicorn's own graceful-shutdown timeout, once the drain has answered the calls (or on Ctrl-C)."""
 
 
 def resolve_models(config: ServerConfig) -> ServerConfig:
@@ -137,19 +160,83 @@ async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
             await service.aclose()  # runs' carried samples are aborted before the engines go
 
 
-def run_server(config: ServerConfig) -> None:
-    """`espo-server serve`: until SIGTERM / Ctrl-C."""
+def run_server(config: ServerConfig) -> int:
+    """`espo-server serve`: until SIGTERM / Ctrl-C (exit status 0) or the engine's death
+    (ENGINE_DEAD_EXIT_CODE)."""
     # Resolve (and if need be train) the toy models before any engine starts, with progress on stdout.
     config = resolve_models(config)
-    _run(_serve_rollouts(config))
+    return _run(_serve_rollouts(config))
 
 
-async def _serve_rollouts(config: ServerConfig) -> None:
+async def _serve_rollouts(config: ServerConfig) -> int:
     async with launch_service(config) as service:
         app = build_app(config)
         app.state.service = service
         async with serve_grpc(service, config):  # beside uvicorn, in the same loop, when --grpc-port
-            await serve_app(app, config.host, config.port, config.log_level)
+            return await serve_rollout_app(app, service, config)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM calls `on_sigterm` (which starts a drain) instead of closing
+    the listener at once and cancelling what still runs after its timeout."""
+
+    on_sigterm: Callable[[], None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self.on_sigterm is not None:
+            self.on_sigterm()
+            return
+        super().handle_exit(sig, frame)
+
+
+async def serve_rollout_app(app: FastAPI, service: RolloutService, config: ServerConfig) -> int:
+    """uvicorn serving the rollout app until it ends (module docstring); returns the exit status."""
+    loop = asyncio.get_running_loop()
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=int(UVICORN_GRACE_S),
+        )
+    )
+    status = 0
+    drain: asyncio.Task[None] | None = None
+
+    async def drain_then_exit() -> None:
+        cut = await service.drain(config.shutdown_grace_s)
+        log.info("drained (%d call(s) ended with 503): shutting down", cut)
+        server.should_exit = True
+
+    def on_sigterm() -> None:
+        nonlocal drain
+        if drain is None:
+            log.warning("SIGTERM: draining, at most %gs for the running calls", config.shutdown_grace_s)
+            drain = loop.create_task(drain_then_exit(), name="espo-drain")
+        else:
+            log.warning("SIGTERM again: ending the running calls now")
+            service.cut_calls()
+
+    async def watch_engine() -> None:
+        nonlocal status
+        while not service.engine.dead:
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+        status = ENGINE_DEAD_EXIT_CODE
+        log.error("the policy engine process died: /v1 calls get 503 engine_dead; exit status %d", status)
+        await asyncio.sleep(ENGINE_DEAD_LINGER_S)  # running calls fail, new ones hear why; then exit
+        server.should_exit = True
+
+    # The signal handler runs between two bytecodes of the loop's thread: it only schedules.
+    server.on_sigterm = lambda: loop.call_soon_threadsafe(on_sigterm)
+    watchdog = loop.create_task(watch_engine(), name="espo-engine-watchdog")
+    try:
+        await server.serve()
+    finally:
+        for task in (watchdog, drain):
+            if task is not None:
+                task.cancel()
+    return status
 
 
 @contextlib.asynccontextmanager
@@ -191,11 +278,12 @@ def run_critic_server(
     _run(main())
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
+def _run(main: Coroutine[Any, Any, T]) -> T:
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: with the default
     # handler that would kill the process before the engines' context managers shut them down.
+    # (A SIGTERM while the engines start lands here too.)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    asyncio.run(main)
+    return asyncio.run(main)
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -204,7 +292,5 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 async def serve_app(app: FastAPI, host: str, port: int, log_level: str) -> None:
     """uvicorn in the running event loop; returns after a graceful shutdown (SIGTERM, SIGINT)."""
-    import uvicorn
-
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     await server.serve()

@@ -52,12 +52,13 @@ from espo_client.stop_rule import (
 from . import metrics
 from .config import ServerConfig
 from .critic import CriticBatcher, CriticClient, CriticError, InProcessCritic, push_weights
-from .engine import GenerationParams, PolicyEngine
-from .errors import Conflict, Forbidden, InvalidRequest, Overloaded
+from .engine import ENGINE_DEAD_MESSAGE, GenerationParams, PolicyEngine
+from .errors import Conflict, EngineDead, Forbidden, InvalidRequest, Overloaded, ShuttingDown
 from .idempotency import CallEnded, IdempotencyCache
 from .ledger import StateLedger
 from .runs import Group, RunRegistry
 from .sample import CriticAccess, Sample, SampleResult, SampleSpec, Scorer
+from .weights import check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class CallPlan:
     deadline_hit: bool = False
     known: RolloutResponse | asyncio.Future[RolloutResponse] | None = None
     """A retry: the first call's answer, or the future of the first call still running."""
+    cut: asyncio.Future[None] | None = None
+    """Done when a shutdown ends the call before it is complete (`RolloutService.cut_calls`)."""
 
     @property
     def learner_owned(self) -> bool:
@@ -149,6 +152,11 @@ class RolloutService:
             config.idempotency_cache, int(config.idempotency_cache_mb * 2**20), config.idempotency_ttl_s
         )
         self._critic_access = CriticAccess(self.critic_batcher, config.critic_fallback) if critic else None
+        self.draining = False
+        """Set by `drain` (SIGTERM): no new work is taken; running calls may finish."""
+        self.calls = 0
+        """Calls running now (replays and waiting retries aside)."""
+        self._cuts: set[asyncio.Future[None]] = set()
         self._publish_state()
 
     async def aclose(self) -> None:
@@ -157,6 +165,49 @@ class RolloutService:
         await self.runs.aclose()
         if self.critic_batcher is not None:
             await self.critic_batcher.aclose()
+
+    # ------------------------------------------------------------------ engine death, shutdown
+
+    def check_alive(self) -> None:
+        """EngineDead (503) once the policy engine's process is gone: every /v1 call says so until
+        the server has exited (serve.py watches for it)."""
+        if self.engine.dead:
+            raise EngineDead(ENGINE_DEAD_MESSAGE)
+
+    def _check_new_work(self) -> None:
+        """New work (a call, a weight push, a run) is refused while draining, or with a dead engine."""
+        self.check_alive()
+        if self.draining:
+            raise ShuttingDown(
+                "this server is shutting down (SIGTERM) and takes no new work: retry on another "
+                "replica or after the restart, with the same request_id"
+            )
+
+    async def drain(self, grace_s: float) -> int:
+        """SIGTERM: take no new work (503 shutting_down, with Retry-After) and give the running calls
+        `grace_s` seconds to finish and be answered. Calls still running then are cut: answered
+        with that 503, nothing of them folded into the ESPO state, so that a retry with the same
+        request_id runs them again. Returns once no call runs; the number of calls cut."""
+        self.draining = True
+        log.info("draining: %d call(s) running, %.0fs to finish", self.calls, grace_s)
+        deadline = time.monotonic() + grace_s
+        while self.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cut = self.calls
+        if cut:
+            log.warning("drain: %d call(s) still running after %.0fs: ended with 503", cut, grace_s)
+            self.cut_calls()
+            deadline = time.monotonic() + 10.0
+            while self.calls and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        return cut
+
+    def cut_calls(self) -> None:
+        """End every running call now with ShuttingDown (the end of a drain, or a second SIGTERM)."""
+        self.draining = True
+        for cut in self._cuts:
+            if not cut.done():
+                cut.set_result(None)
 
     # ------------------------------------------------------------------ validation
 
@@ -168,6 +219,7 @@ class RolloutService:
             return CallPlan(
                 request, request.request_id or "", [], [], StopRule.NONE, self.rule_defaults, 1, known=known
             )
+        self._check_new_work()
         cfg, engine = self.config, self.engine
         if request.batch_id is not None:
             if request.state is not None:
@@ -195,6 +247,12 @@ class RolloutService:
                 f"{len(request.prompts)} prompts exceed max_prompts={cfg.max_prompts}", "prompts"
             )
         wanted = request.n * len(request.prompts)
+        if wanted > cfg.max_inflight_trajectories:  # a 429 would be retried forever: it can never fit
+            raise InvalidRequest(
+                f"{len(request.prompts)} prompts x n={request.n} exceed this server's "
+                f"max_inflight_trajectories={cfg.max_inflight_trajectories}: split the call",
+                "n",
+            )
         if self.inflight + wanted > cfg.max_inflight_trajectories:
             raise Overloaded(
                 f"{self.inflight} trajectories are generating; {wanted} more would exceed "
@@ -316,6 +374,9 @@ class RolloutService:
         call ends once that many groups are complete. A known request_id replays its answer
         (idempotency.py), waiting for it if the first call is still running."""
         request = plan.request
+        if plan.known is None and request.request_id is not None:
+            # A streamed call is planned by its route and started later: a twin may have begun since.
+            plan.known = self.idempotency.lookup(request)
         if plan.known is not None:
             try:
                 known = (
@@ -334,14 +395,38 @@ class RolloutService:
                     yield item
                 return
         self.idempotency.begin(request)
+        plan.cut = asyncio.get_running_loop().create_future()
+        self._cuts.add(plan.cut)
+        self.calls += 1
+        try:
+            async with contextlib.aclosing(self._call(plan)) as items:
+                async for item in items:
+                    yield item
+        except BaseException as exc:
+            # However the call ended before its answer (cancelled while it waited for a weight push,
+            # a run or batch taken meanwhile, ...), its retries must not wait for it forever.
+            self.idempotency.fail(request, exc)
+            raise
+        finally:
+            self.calls -= 1
+            self._cuts.discard(plan.cut)
+
+    async def _call(self, plan: CallPlan) -> AsyncIterator[Trajectory | GroupEvent | RolloutResponse]:
+        """`stream` of a call that runs (not a replay)."""
+        request = plan.request
         async with self.engine.gate.shared():
             run = self.runs.claim(request.run_id) if request.run_id else None
             plan.policy_version = self.engine.policy_version
-            plan.state = (
-                request.state
-                if request.state is not None
-                else self.ledger.begin(request.batch_id, plan.params)
-            )
+            try:
+                plan.state = (
+                    request.state
+                    if request.state is not None
+                    else self.ledger.begin(request.batch_id, plan.params)
+                )
+            except BaseException:  # a batch began meanwhile (409): the run keeps what it carried
+                if run is not None:
+                    self.runs.release(run, run.groups)
+                raise
             carried = run.groups if run else []
             for group in carried:  # their next tokens belong to this batch
                 for sample in group.samples:
@@ -359,7 +444,7 @@ class RolloutService:
                 limits = [x for x in (request.deadline_s, self.config.max_call_seconds) if x is not None]
                 deadline = plan.started_monotonic + min(limits) if limits else None
                 if target > 0:
-                    async for group, sample in _endings(groups, deadline):
+                    async for group, sample in _endings(groups, deadline, plan.cut):
                         if not by_group:
                             yield self._trajectory(plan, group, sample)
                         unseen[id(group)] -= 1
@@ -390,11 +475,14 @@ class RolloutService:
                 metrics.REQUESTS.labels(outcome="ok").inc()
                 yield response
             except BaseException as exc:
+                if folded:  # answered (a stream closed during its done line): the run keeps its groups
+                    raise
                 outcome = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "error"
                 metrics.REQUESTS.labels(outcome=outcome).inc()
                 # Nothing is folded into the state: a failed or cancelled call leaves it as it was.
-                # Its own samples are cancelled; the groups it took over from its run go back to it.
-                kept = [g for g in carried if g not in complete]
+                # Its own samples are cancelled; the groups it took over from its run go back to it,
+                # those that completed meanwhile too (the call delivered nothing: a retry gets them).
+                kept = list(carried)
                 tasks = [s.task for g in new for s in g.samples if s.task is not None]
                 for task in tasks:
                     task.cancel()
@@ -597,9 +685,11 @@ class RolloutService:
     async def load_weights(self, path: str, version: int | None) -> WeightsResponse:
         """Reload the policy in place once the running calls have ended (new calls wait). Samples
         that runs carry between calls are suspended meanwhile and resume under the new weights."""
+        self._check_new_work()
         directory = self._allowed_weights_dir(path)
         if not directory.is_dir() or not any(directory.glob("*.safetensors")):
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
+        check_checkpoint(directory, self.engine.model)  # a broken one would take the engine down
         async with self.engine.gate.exclusive(), self._carried_suspended():
             new_version = self.engine.policy_version + 1 if version is None else version
             try:
@@ -624,6 +714,7 @@ class RolloutService:
     # ------------------------------------------------------------------ runs
 
     def open_run(self, body: RunRequest) -> RunResponse:
+        self._check_new_work()
         return self.runs.open(body.run_id)
 
     def run(self, run_id: str) -> RunResponse:
@@ -698,18 +789,28 @@ class RolloutService:
                 detail["critic"] = "ok"
             except CriticError as exc:
                 detail["critic"] = f"down: {exc} (serving with critic_fallback={self.config.critic_fallback})"
-        return detail["engine"] == "ok", detail
+        if self.draining:
+            detail["server"] = "shutting down (SIGTERM): draining the running calls"
+        return detail["engine"] == "ok" and not self.draining, detail
 
 
-async def _endings(groups: list[Group], deadline: float | None) -> AsyncIterator[tuple[Group, Sample]]:
+async def _endings(
+    groups: list[Group], deadline: float | None, cut: asyncio.Future[None] | None = None
+) -> AsyncIterator[tuple[Group, Sample]]:
     """(group, sample) as each sample ends; those that ended already come first. Ends early at
-    `deadline` (time.monotonic)."""
+    `deadline` (time.monotonic); raises ShuttingDown once `cut` is done."""
     pending = {s.task: (g, s) for g in groups for s in g.samples if s.task is not None}
     ready = [task for task in pending if task.done()]
     while pending:
         if not ready:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            waiting = set(pending) if cut is None else {*pending, cut}
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if cut is not None and cut.done():
+                raise ShuttingDown(
+                    "this server is shutting down and ended the call before it was complete; nothing "
+                    "of it was kept: retry with the same request_id (on another replica or after the restart)"
+                )
             if not done:
                 return  # the deadline
             ready = list(done)

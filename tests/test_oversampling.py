@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from espo_client.protocol import GroupEvent, Prompt, RolloutRequest, RolloutResponse, RunRequest, Trajectory
 from espo_server.errors import Conflict, InvalidRequest
@@ -109,7 +111,7 @@ def test_carried_sample_resumes_across_a_weight_push_with_version_spans(tmp_path
     svc = service(eng, FakeCritic(), weights_dir=[tmp_path])
     weights = tmp_path / "w"
     weights.mkdir()
-    (weights / "model.safetensors").write_bytes(b"")
+    save_file({"w": np.zeros(2, np.float32)}, str(weights / "model.safetensors"))  # read before a push
 
     async def go():
         svc.open_run(RunRequest(run_id="r"))

@@ -8,13 +8,14 @@ import asyncio
 import itertools
 import time
 
+import numpy as np
 import pytest
 
 from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse
 from espo_client.stop_rule import EspoState
 from espo_server.errors import Conflict, Forbidden, InvalidRequest, Overloaded
 from espo_server.idempotency import IdempotencyCache, response_size
-from tests.test_rollout_loop import FakeCritic, FakeEngine, run, service
+from tests.test_rollout_loop import HOT, FakeCritic, FakeEngine, run, service
 
 
 def req(**kw) -> RolloutRequest:
@@ -187,9 +188,11 @@ def test_readiness_follows_the_engine_not_the_critic():
 
 def test_weight_pushes_load_only_from_the_configured_directories(tmp_path):
     allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    from safetensors.numpy import save_file
+
     for d in (allowed / "ckpt", elsewhere / "ckpt"):
         d.mkdir(parents=True)
-        (d / "model.safetensors").write_bytes(b"")
+        save_file({"w": np.zeros((2, 3), dtype=np.float32)}, str(d / "model.safetensors"))
     closed = service(FakeEngine(), FakeCritic())
     with pytest.raises(Forbidden, match="--weights-dir"):
         run(closed.load_weights(str(allowed / "ckpt"), 1))
@@ -200,3 +203,181 @@ def test_weight_pushes_load_only_from_the_configured_directories(tmp_path):
         assert info.value.status == 403 and info.value.param == "path"
     assert run(svc.load_weights(str(allowed / "ckpt"), 4)).policy_version == 4
     assert svc.engine.policy_version == 4
+
+
+# --- found while soaking (reliability branch): each failed before its fix ---------------------------
+
+
+async def _consume(stream) -> list:
+    return [item async for item in stream]
+
+
+def test_a_call_cancelled_while_a_weight_push_holds_the_engine_leaves_its_request_id_usable():
+    engine = FakeEngine(length=5)
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        async with engine.gate.exclusive():  # a weight push is loading: new calls wait for it
+            first = asyncio.create_task(svc.rollouts(req(request_id="g")))
+            await asyncio.sleep(0.02)
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        return await asyncio.wait_for(svc.rollouts(req(request_id="g")), 10)  # used to wait forever
+
+    out = run(go())
+    assert out.usage.trajectories == 2 and svc.ledger.state.batches == 1
+
+
+def test_calls_that_race_for_a_run_or_a_batch_leave_both_usable():
+    from espo_client.protocol import RunRequest
+
+    svc = service(FakeEngine(length=200, delay=0.002), FakeCritic())
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        a = svc.plan(req(request_id="a", run_id="r", max_tokens=200))
+        b = svc.plan(req(request_id="b", run_id="r"))  # planned while the run was free
+        first = asyncio.create_task(_consume(svc.stream(a)))
+        await asyncio.sleep(0)  # a has claimed the run
+        with pytest.raises(Conflict):
+            await _consume(svc.stream(b))
+        await first
+        assert svc.idempotency.lookup(req(request_id="b", run_id="r")) is None  # not left "running"
+        await asyncio.wait_for(svc.rollouts(req(request_id="b", run_id="r")), 10)
+        # a call of batch b2 planned while batch b1 was idle, started once b1 has a call running
+        c = svc.plan(req(request_id="c", run_id="r", batch_id="b2"))
+        b1 = asyncio.create_task(svc.rollouts(req(batch_id="b1", max_tokens=200)))
+        await asyncio.sleep(0.02)
+        with pytest.raises(Conflict):
+            await _consume(svc.stream(c))
+        await b1
+        assert not svc.runs.get("r").busy  # the run is free again (it used to stay busy for good)
+        return await asyncio.wait_for(svc.rollouts(req(request_id="c", run_id="r", batch_id="b2")), 10)
+
+    assert run(go()).usage.trajectories == 2
+
+
+def test_twin_streamed_calls_with_one_request_id_run_once():
+    engine = FakeEngine(length=30, delay=0.002)
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        # A streamed call is planned by its route and starts when the response body is iterated:
+        # both twins are planned before either starts.
+        a, b = svc.plan(req(request_id="t")), svc.plan(req(request_id="t"))
+        return await asyncio.gather(_consume(svc.stream(a)), _consume(svc.stream(b)))
+
+    first, second = run(go())
+    assert len(engine.finished) == 2  # one run of n=2, not two
+    assert first[-1] is second[-1]
+    assert [t.token_ids for t in first[-1].trajectories] == [t.token_ids for t in second[-1].trajectories]
+
+
+def test_a_stream_closed_right_after_its_answer_keeps_what_the_run_carries():
+    from espo_client.protocol import RunRequest
+    from espo_server import metrics
+
+    engine = FakeEngine(length=5, delay=0.002, lengths={"k-1-": 10_000})
+    svc = service(engine, FakeCritic())
+    cancelled = metrics.REQUESTS.labels(outcome="cancelled")
+    before = cancelled._value.get()
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        body = req(request_id="k", run_id="r", prompts=[Prompt(token_ids=[5]), Prompt(token_ids=[6])],
+                   max_tokens=300, return_groups=1, leftover="carry")  # fmt: skip
+        stream = svc.stream(svc.plan(body))
+        async for item in stream:
+            if isinstance(item, RolloutResponse):
+                break
+        await stream.aclose()  # the client went away while the done line was being sent
+        assert item.usage.groups_carried == 1
+        assert len(svc.runs.get("r").groups) == 1  # what the answer said the run carries
+        return await asyncio.wait_for(svc.rollouts(req(request_id="k2", run_id="r", prompts=[])), 30)
+
+    out = run(go())
+    assert [(t.carried.request_id, t.prompt_index, t.end_reason) for t in out.trajectories] == [
+        ("k", 1, "length"),
+        ("k", 1, "length"),
+    ]
+    assert cancelled._value.get() == before  # an answered call is not also counted as cancelled
+
+
+def test_a_call_that_could_never_fit_the_inflight_cap_is_a_400_not_a_429_forever():
+    svc = service(FakeEngine(length=5), FakeCritic(), max_inflight_trajectories=4)
+    with pytest.raises(InvalidRequest) as info:
+        svc.plan(req(n=5))  # idle server: a 429 here would have the client retry for ever
+    assert info.value.status == 400 and info.value.param == "n"
+    assert run(svc.rollouts(req(n=4))).usage.trajectories == 4
+
+
+def test_critic_queries_cut_short_by_an_abort_are_counted_in_metrics_too():
+    from espo_server import metrics
+
+    def counted() -> float:
+        outcomes = ("ok", "error", "timeout", "cancelled")
+        return sum(metrics.CRITIC_CALLS.labels(outcome=o)._value.get() for o in outcomes)
+
+    svc = service(FakeEngine(length=400, delay=0.002), FakeCritic(value=0.0, delay=5.0), critic_timeout_s=30)
+    before = counted()
+    out = run(svc.rollouts(req(stop_rule="espo", state=HOT, max_tokens=400, deadline_s=0.3,
+                               rule_params={"min_tokens": 4, "critic_stride": 4})))  # fmt: skip
+    assert out.usage.aborted == 2 and out.usage.critic_calls == 2  # one query each, pending at the abort
+    assert counted() - before == out.usage.critic_calls  # espo_critic_calls_total agrees with usage
+
+
+def test_undecodable_bodies_unknown_paths_and_methods_get_the_error_envelope():
+    """Found by bench/fuzz.py: FastAPI's body parser and router raise Starlette's HTTPException,
+    which the handler of FastAPI's subclass did not catch ({"detail": ...} bodies)."""
+    import httpx
+
+    from espo_server.app import build_app
+
+    svc = service(FakeEngine(length=5), FakeCritic())
+    app = build_app(svc.config)
+    app.state.service = svc
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://espo") as http:
+            headers = {"content-type": "application/json"}
+            return [
+                await http.put("/v1/espo/state", content=b",G5T\xff\xfe\r\xd7\x8c", headers=headers),
+                await http.post("/v1/rollouts", content=b"\xff\xfe", headers=headers),
+                await http.get("/v1/nothing-here"),
+                await http.delete("/v1/info"),
+            ]
+
+    answers = run(go())
+    assert [a.status_code for a in answers] == [400, 400, 404, 405]
+    assert answers[3].headers["allow"] == "GET"
+    for answer in answers:
+        error = answer.json()["error"]
+        assert error["code"] == answer.status_code and error["message"]
+
+
+def test_a_cancelled_call_of_a_run_gives_back_every_group_it_took_over():
+    """A carried group that completed during a call that was then cancelled (a client timeout)
+    reached nobody: the run keeps it for the retry, which gets it once."""
+    from espo_client.protocol import RunRequest
+
+    engine = FakeEngine(length=5, delay=0.002, lengths={"a-1-": 60, "b-0-": 10_000})
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        prompts = [Prompt(token_ids=[5]), Prompt(token_ids=[6])]
+        body = req(request_id="a", run_id="r", prompts=prompts, max_tokens=99, return_groups=1)
+        body = body.model_copy(update={"leftover": "carry"})
+        first = await svc.rollouts(body)
+        assert first.usage.groups_carried == 1
+        second = asyncio.create_task(svc.rollouts(req(request_id="b", run_id="r", max_tokens=400)))
+        await asyncio.sleep(0.4)  # the carried group (60 tokens) is complete, b's own (10,000) is not
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        return await asyncio.wait_for(svc.rollouts(req(request_id="c", run_id="r", prompts=[])), 30)
+
+    out = run(go())
+    assert [(t.carried.request_id, t.prompt_index, len(t.token_ids)) for t in out.trajectories] == [
+        ("a", 1, 60),
+        ("a", 1, 60),
+    ]

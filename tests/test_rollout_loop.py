@@ -47,6 +47,8 @@ class FakeEngine:
         self.vocab_size, self.max_model_len, self.eos_token_id = 64, 512, 2
         self.max_num_seqs = self.max_num_batched_tokens = None
         self.policy_version = 0
+        self.dead = False
+        self.model = "fake"
         self.gate = ReadWriteGate()
         self.aborted: list[str] = []
         self.finished: list[str] = []

@@ -1,0 +1,131 @@
+"""How the service ends, on the scripted engine of test_rollout_loop: the drain after SIGTERM (running
+calls answered, new work refused with a 503 and Retry-After, calls past the grace ended with nothing
+kept) and a dead engine (every /v1 call a 503 engine_dead). bench/faults.py does the same to a real
+server process (SIGTERM, kill -9 of vLLM's engine process); tests/test_faults.py runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse, RunRequest
+from espo_server.app import build_app
+from espo_server.errors import EngineDead, ShuttingDown
+from tests.test_rollout_loop import FakeCritic, FakeEngine, run, service
+
+
+def req(**kw) -> RolloutRequest:
+    body = dict(prompts=[Prompt(token_ids=[5, 6, 7])], n=2, max_tokens=20, stop_rule="none")
+    body.update(kw)
+    return RolloutRequest(**body)
+
+
+def test_a_drain_answers_the_running_calls_and_refuses_new_work():
+    engine = FakeEngine(length=100, delay=0.002)
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        finished = await svc.rollouts(req(request_id="done"))
+        running = asyncio.create_task(svc.rollouts(req(request_id="running", max_tokens=100)))
+        await asyncio.sleep(0.02)
+        drain = asyncio.create_task(svc.drain(grace_s=30))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ShuttingDown) as info:
+            svc.plan(req(request_id="new"))
+        assert info.value.status == 503 and info.value.retry_after_s > 0
+        with pytest.raises(ShuttingDown):
+            await svc.load_weights("/anywhere", 1)
+        with pytest.raises(ShuttingDown):
+            svc.open_run(RunRequest())
+        ready, detail = await svc.readiness()
+        assert not ready and "shutting down" in detail["server"]
+        assert svc.plan(req(request_id="done")).known is finished  # a finished answer is still given
+        cut = await asyncio.wait_for(drain, 10)
+        return cut, await running
+
+    cut, answered = run(go())
+    assert cut == 0 and isinstance(answered, RolloutResponse)
+    assert all(len(t.token_ids) == 100 for t in answered.trajectories)
+    assert svc.calls == 0 and svc.ledger.state.batches == 2
+
+
+def test_calls_past_the_grace_are_ended_with_a_503_and_nothing_kept():
+    engine = FakeEngine(length=10_000, delay=0.002)
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        plain = asyncio.create_task(svc.rollouts(req(request_id="slow", max_tokens=400)))
+        streamed = svc.stream(svc.plan(req(request_id="slow-stream", max_tokens=400)))
+        items: list = []
+
+        async def consume():
+            async for item in streamed:
+                items.append(item)
+
+        stream_task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        cut = await asyncio.wait_for(svc.drain(grace_s=0.2), 10)
+        took = time.monotonic() - started
+        results = await asyncio.gather(plain, stream_task, return_exceptions=True)
+        return cut, took, results, items
+
+    cut, took, results, items = run(go())
+    assert cut == 2 and took < 5
+    assert all(isinstance(r, ShuttingDown) for r in results), results
+    assert items == []  # nothing of the streamed call had ended
+    assert svc.ledger.state.batches == 0  # nothing folded
+    assert sorted(engine.aborted) == ["slow-0-0", "slow-0-1", "slow-stream-0-0", "slow-stream-0-1"]
+    assert svc.idempotency.lookup(req(request_id="slow", max_tokens=400)) is None  # a retry runs it
+
+
+def test_a_dead_engine_answers_every_v1_call_with_a_503_engine_dead():
+    engine = FakeEngine(length=5)
+    svc = service(engine, FakeCritic())
+    app = build_app(svc.config)
+    app.state.service = svc
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://espo") as http:
+            body = req().model_dump(mode="json", exclude_none=True)
+            assert (await http.post("/v1/rollouts", json=body)).status_code == 200
+            engine.dead = True
+            answers = [
+                await http.post("/v1/rollouts", json=body),
+                await http.get("/v1/espo/state"),
+                await http.get("/v1/info"),
+                await http.post("/v1/weights", json={"path": "/x"}),
+            ]
+            health = await http.get("/healthz")
+            return answers, health
+
+    answers, health = run(go())
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == "engine_dead" and "engine process has died" in error["message"]
+    assert health.status_code == 200  # alive (the process), not ready
+    with pytest.raises(EngineDead):
+        svc.plan(req())
+
+
+def test_a_503_shutting_down_carries_retry_after_over_http():
+    svc = service(FakeEngine(length=5), FakeCritic())
+    app = build_app(svc.config)
+    app.state.service = svc
+    svc.draining = True
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://espo") as http:
+            body = req().model_dump(mode="json", exclude_none=True)
+            return await http.post("/v1/rollouts", json=body), await http.get("/readyz")
+
+    answer, ready = run(go())
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert answer.json()["error"]["type"] == "shutting_down"
+    assert ready.status_code == 503
