@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -74,6 +75,16 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(config)
 
 
+def _env_dirs(name: str) -> list[str]:
+    """A JSON list of directories (as pydantic-settings reads ESPO_WEIGHTS_DIR for `serve`), or one."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return []
+    if raw.startswith("["):
+        return [str(d) for d in json.loads(raw)]
+    return [raw]
+
+
 def _critic(args: argparse.Namespace) -> int:
     from .serve import run_critic_server
 
@@ -87,6 +98,8 @@ def _critic(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         prefix_caching=args.prefix_caching,
         block_size=args.block_size,
+        api_key=args.api_key,
+        weights_dir=[Path(d) for d in args.weights_dir],
     )
     return 0
 
@@ -138,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     critic.add_argument(
         "--block-size", type=int, default=None, help="KV block size (default: 32 on CPU, vLLM's on GPU)"
+    )
+    critic.add_argument(
+        "--api-key",
+        default=os.environ.get("ESPO_API_KEY") or None,
+        help="if set, every /v1 call needs 'Authorization: Bearer KEY' (env ESPO_API_KEY; the rollout "
+        "server sends its --critic-api-key, or its --api-key)",
+    )
+    critic.add_argument(
+        "--weights-dir",
+        action="append",
+        default=_env_dirs("ESPO_WEIGHTS_DIR"),
+        help="a directory critic pushes may load from, repeatable (env ESPO_WEIGHTS_DIR, a JSON list); "
+        "none: pushes are refused (403)",
     )
     critic.set_defaults(func=_critic)
 

@@ -104,6 +104,11 @@ class ServerConfig(BaseSettings):
         None, description="Critic model directory for `inprocess` (unset: the embedded toy critic)."
     )
     critic_url: str | None = Field(None, description="Base URL of the critic for `remote` / `vllm-pooling`.")
+    critic_api_key: str | None = Field(
+        None,
+        description="Bearer token sent to the remote critic (`espo-server critic --api-key`, "
+        "`vllm serve --api-key`); unset: --api-key.",
+    )
     critic_gpu_memory_utilization: float = Field(0.15, gt=0, le=1, description="vLLM memory for the critic.")
     critic_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of one critic call (a batch of queries counts against one timeout)."

@@ -44,7 +44,7 @@ import httpx
 from . import metrics
 from .critic_worker import checkpoint_problem
 from .engine import ReadWriteGate, running_async_llm
-from .errors import InvalidRequest, ServiceError
+from .errors import Forbidden, InvalidRequest, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -388,13 +388,19 @@ class _HttpCritic(_Values):
     version: int | None = None
 
     def __init__(
-        self, base_url: str, *, timeout_s: float = 5.0, client: httpx.AsyncClient | None = None
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 5.0,
+        client: httpx.AsyncClient | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._client = client or httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout_s,
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         )
 
     async def _post(self, path: str, body: dict, timeout: float | None = None) -> dict:
@@ -403,9 +409,12 @@ class _HttpCritic(_Values):
             response = await self._client.post(path, json=body, **kwargs)
         except httpx.HTTPError as exc:
             raise CriticError(f"critic at {self.base_url} unreachable: {exc!r}") from exc
-        if response.status_code == 400:
+        if response.status_code in (400, 403):
             error = _error_of(response)
-            raise InvalidRequest(f"critic at {self.base_url}: {error.get('message')}", error.get("param"))
+            kind = InvalidRequest if response.status_code == 400 else Forbidden
+            raise kind(f"critic at {self.base_url}: {error.get('message')}", error.get("param"))
+        if response.status_code == 401:
+            raise CriticError(f"critic at {self.base_url} refused our bearer token: set --critic-api-key")
         if response.status_code != 200:
             raise CriticError(
                 f"critic at {self.base_url}{path} answered {response.status_code}: {response.text[:200]}"

@@ -7,11 +7,16 @@
     GET  /health, /metrics
 
 Start-up (serve.run_critic_server) starts the critic engine and hands it to `build_critic_app`.
+Behind the same bearer token as the rollout server (`--api-key`, env ESPO_API_KEY: every /v1 route
+needs it; /health and /metrics do not), and a push loads only from its `--weights-dir` directories.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import hmac
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,6 +32,7 @@ from espo_client.protocol import (
 
 from .critic import InProcessCritic, push_weights
 from .errors import InvalidRequest, install_error_handlers
+from .weights import allowed_weights_dir
 
 _ERRORS: dict[int | str, dict] = {
     "4XX": {"model": ErrorResponse, "description": "Invalid request (error.param names the field)"},
@@ -34,13 +40,24 @@ _ERRORS: dict[int | str, dict] = {
 }
 
 
-def build_critic_app(critic: InProcessCritic) -> FastAPI:
+def build_critic_app(
+    critic: InProcessCritic, *, api_key: str | None = None, weights_dir: list[Path] | None = None
+) -> FastAPI:
     app = FastAPI(title="espo-server critic", version="0.1.0")
     install_error_handlers(app)
+    roots = list(weights_dir or [])
+
+    async def authorised(request: Request) -> None:
+        if api_key and not hmac.compare_digest(
+            request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()
+        ):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    v1 = [Depends(authorised)]
     limit = critic.llm.model_config.max_model_len
     vocab = critic.llm.model_config.get_vocab_size()
 
-    @app.post("/v1/values", response_model=CriticValuesResponse, responses=_ERRORS)
+    @app.post("/v1/values", response_model=CriticValuesResponse, responses=_ERRORS, dependencies=v1)
     async def values(body: CriticValuesRequest) -> CriticValuesResponse:
         for i, prefix in enumerate(body.token_ids):
             if not prefix or len(prefix) > limit or any(not 0 <= t < vocab for t in prefix):
@@ -52,12 +69,13 @@ def build_critic_app(critic: InProcessCritic) -> FastAPI:
             values=answer.values, critic_version=answer.version, computed_tokens=answer.computed_tokens
         )
 
-    @app.post("/v1/critic/weights", response_model=CriticWeightsResponse, responses=_ERRORS)
+    @app.post("/v1/critic/weights", response_model=CriticWeightsResponse, responses=_ERRORS, dependencies=v1)
     async def weights(body: CriticWeightsRequest) -> CriticWeightsResponse:
+        allowed_weights_dir(body.path, roots)  # 403 outside --weights-dir
         version, seconds = await push_weights(critic, body.path, body.version)
         return CriticWeightsResponse(critic_version=version, load_time_s=round(seconds, 4))
 
-    @app.get("/v1/info", response_model=CriticInfoResponse)
+    @app.get("/v1/info", response_model=CriticInfoResponse, dependencies=v1)
     async def info() -> CriticInfoResponse:
         return CriticInfoResponse(
             model=critic.model,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import metrics
-from .errors import EngineDead
+from .errors import EngineDead, ReloadFailed, WeightsBroken
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -158,8 +158,14 @@ class PolicyEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.policy_version = policy_version
+        self.weights_path = model
+        """Where the weights now served came from: a failed reload rolls back to it."""
+        self.broken: str | None = None
+        """Why the weights are unusable (a failed reload whose roll-back failed too); None: fine."""
         self.gate = ReadWriteGate()
         model_config = llm.model_config
+        hf_config = getattr(model_config, "hf_text_config", None) or model_config.hf_config
+        self.tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.vocab_size: int = model_config.get_vocab_size()
         self.max_model_len: int = model_config.max_model_len
         self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
@@ -296,12 +302,39 @@ class PolicyEngine:
 
     async def reload_weights(self, path: str, version: int) -> float:
         """Load new weights in place and reset the prefix cache. The caller holds `gate.exclusive()`,
-        so that no sample is generating meanwhile."""
+        so that no sample is generating meanwhile.
+
+        A reload that fails part-way may leave some layers new and some old, so the old weights are
+        reloaded from `weights_path`: ReloadFailed (the old version serves on). If that fails too,
+        `broken` says why, readiness turns false and every call is refused (WeightsBroken) until a
+        push succeeds."""
         started = time.perf_counter()
+        try:
+            await self._reload(path)
+        except Exception as exc:
+            if self.dead:
+                raise
+            log.error("reload of %s failed (%r): rolling back to %s", path, exc, self.weights_path)
+            try:
+                await self._reload(self.weights_path)
+            except Exception as again:
+                self.broken = (
+                    f"the weights are half-loaded: the reload of {path} failed ({exc!r}) and so did the "
+                    f"roll-back to {self.weights_path} ({again!r}); push a checkpoint to recover"
+                )
+                log.error("%s", self.broken)
+                raise WeightsBroken(self.broken) from exc
+            raise ReloadFailed(
+                f"the reload of {path} failed ({exc!r}); rolled back to version {self.policy_version} "
+                f"({self.weights_path}), which serves on",
+                "path",
+            ) from exc
+        self.policy_version, self.weights_path, self.broken = version, path, None
+        return time.perf_counter() - started
+
+    async def _reload(self, path: str) -> None:
         await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         await self.llm.reset_prefix_cache()
-        self.policy_version = version
-        return time.perf_counter() - started
 
     async def check_health(self) -> None:
         await self.llm.check_health()

@@ -12,6 +12,8 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
     |   +-- ModelNotFound        404 not_found_error (OpenAI API: `model` is not the served one)
     +-- EngineDead               503 engine_dead (the vLLM engine process died: the server exits)
     +-- ShuttingDown             503 shutting_down, with Retry-After (SIGTERM: draining)
+    +-- ReloadFailed             500 reload_failed (a weight push failed; rolled back, old version serves)
+    +-- WeightsBroken            503 weights_broken (a failed push whose roll-back failed too)
     +-- critic.CriticError       503 critic_unavailable
     fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
     HTTPException(401)           401 authentication_error (404, 405, an undecodable body 400: http_error)
@@ -165,3 +167,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)  # Starlette logs these itself, with the traceback
     async def _any(_: Request, exc: Exception) -> JSONResponse:
         return error_response(error_body(exc))
+
+
+class ReloadFailed(ServiceError):
+    """A weight push failed inside the engine and was rolled back: the old version serves on."""
+
+    status = 500
+    type = "reload_failed"
+
+
+class WeightsBroken(ServiceError):
+    """A weight push failed and so did its roll-back: the weights are half-loaded; every call is
+    refused with this 503 (and /readyz is 503) until a push succeeds."""
+
+    type = "weights_broken"

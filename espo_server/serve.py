@@ -28,6 +28,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -113,7 +114,8 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
         if not config.critic_url:
             raise ValueError(f"critic={config.critic} needs critic_url")
         cls = EspoValuesCritic if config.critic == "remote" else VllmPoolingCritic
-        critic = cls(config.critic_url, timeout_s=config.critic_timeout_s)
+        api_key = config.critic_api_key or config.api_key
+        critic = cls(config.critic_url, timeout_s=config.critic_timeout_s, api_key=api_key)
         if isinstance(critic, EspoValuesCritic):
             await critic.refresh_version()  # best effort: the critic may still be starting
         try:
@@ -261,6 +263,8 @@ def run_critic_server(
     dtype: str = "auto",
     prefix_caching: bool = True,
     block_size: int | None = None,
+    api_key: str | None = None,
+    weights_dir: list[Path] | None = None,
 ) -> None:
     """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights)."""
 
@@ -273,7 +277,8 @@ def run_critic_server(
             prefix_caching=prefix_caching,
             block_size=block_size,
         ) as critic:
-            await serve_app(build_critic_app(critic), host, port, "info")
+            app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir)
+            await serve_app(app, host, port, "info")
 
     _run(main())
 

@@ -53,12 +53,12 @@ from . import metrics
 from .config import ServerConfig
 from .critic import CriticBatcher, CriticClient, CriticError, InProcessCritic, push_weights
 from .engine import ENGINE_DEAD_MESSAGE, GenerationParams, PolicyEngine
-from .errors import Conflict, EngineDead, Forbidden, InvalidRequest, Overloaded, ShuttingDown
+from .errors import Conflict, EngineDead, InvalidRequest, Overloaded, ShuttingDown, WeightsBroken
 from .idempotency import CallEnded, IdempotencyCache
 from .ledger import StateLedger
 from .runs import Group, RunRegistry
 from .sample import CriticAccess, Sample, SampleResult, SampleSpec, Scorer
-from .weights import check_checkpoint
+from .weights import allowed_weights_dir, check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,11 @@ class RolloutService:
         if self.engine.dead:
             raise EngineDead(ENGINE_DEAD_MESSAGE)
 
+    def _check_weights(self) -> None:
+        """WeightsBroken (503) while a failed push and its failed roll-back left the weights half-loaded."""
+        if self.engine.broken is not None:
+            raise WeightsBroken(self.engine.broken)
+
     def _check_new_work(self) -> None:
         """New work (a call, a weight push, a run) is refused while draining, or with a dead engine."""
         self.check_alive()
@@ -220,6 +225,7 @@ class RolloutService:
                 request, request.request_id or "", [], [], StopRule.NONE, self.rule_defaults, 1, known=known
             )
         self._check_new_work()
+        self._check_weights()
         cfg, engine = self.config, self.engine
         if request.batch_id is not None:
             if request.state is not None:
@@ -689,7 +695,8 @@ class RolloutService:
         directory = self._allowed_weights_dir(path)
         if not directory.is_dir() or not any(directory.glob("*.safetensors")):
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
-        check_checkpoint(directory, self.engine.model)  # a broken one would take the engine down
+        # a broken checkpoint would take the engine down; tied embeddings would diverge from HF
+        check_checkpoint(directory, self.engine.model, self.engine.tied_embeddings)
         async with self.engine.gate.exclusive(), self._carried_suspended():
             new_version = self.engine.policy_version + 1 if version is None else version
             try:
@@ -702,14 +709,7 @@ class RolloutService:
         return WeightsResponse(policy_version=new_version, load_time_s=round(seconds, 4))
 
     def _allowed_weights_dir(self, path: str) -> Path:
-        """`path` resolved, if it lies inside a --weights-dir; else 403: no caller loads any path."""
-        allowed = [Path(d).resolve() for d in self.config.weights_dir]
-        if not allowed:
-            raise Forbidden("this server takes no weight pushes: start it with --weights-dir DIR", "path")
-        directory = Path(path).resolve()
-        if not any(directory == root or root in directory.parents for root in allowed):
-            raise Forbidden(f"{path} is outside the --weights-dir directories of this server", "path")
-        return directory
+        return allowed_weights_dir(path, self.config.weights_dir)
 
     # ------------------------------------------------------------------ runs
 
@@ -780,7 +780,7 @@ class RolloutService:
         detail: dict[str, str] = {}
         try:
             await self.engine.check_health()
-            detail["engine"] = "ok"
+            detail["engine"] = "ok" if self.engine.broken is None else f"weights broken: {self.engine.broken}"
         except Exception as exc:
             detail["engine"] = f"down: {exc!r}"
         if self.critic is not None:

@@ -6,7 +6,8 @@ EngineDeadError, and the server then has to exit. So the directory is read first
 (no tensor data is loaded): every `*.safetensors` file must be whole (its header parses and its
 size is what the header says), and its tensors must be those of the model being served, by name
 and shape (from the served model's own safetensors files, when it is a local directory). The
-dtype may differ (the reload casts). No vLLM, no HTTP.
+dtype may differ (the reload casts). Models with tied embeddings are refused: vLLM's reload was
+checked against HF only for untied ones. No vLLM, no HTTP.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import struct
 from pathlib import Path
 
-from .errors import InvalidRequest
+from .errors import Forbidden, InvalidRequest
 
 _MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the header
 
@@ -65,9 +66,43 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_checkpoint(directory: Path, served_model: str) -> None:
+def allowed_weights_dir(path: str, roots: list[Path]) -> Path:
+    """`path` resolved, if it lies inside one of `roots` (--weights-dir); else Forbidden (403,
+    param `path`): no caller loads any path of the server's machine."""
+    allowed = [Path(d).resolve() for d in roots]
+    if not allowed:
+        raise Forbidden("this server takes no weight pushes: start it with --weights-dir DIR", "path")
+    directory = Path(path).resolve()
+    if not any(directory == root or root in directory.parents for root in allowed):
+        raise Forbidden(f"{path} is outside the --weights-dir directories of this server", "path")
+    return directory
+
+
+TIED_REFUSED = (
+    "vLLM's in-place reload matched HF only for models with untied embeddings (DESIGN.md section 6; "
+    "with tied ones the reloaded output layer diverges): save the policy with tie_word_embeddings=False"
+)
+
+
+def check_untied(directory: Path, served_tied: bool) -> None:
+    """Raise InvalidRequest (param `path`) if the served model or the pushed one ties its input and
+    output embeddings, where an in-place reload is known to diverge from HF."""
+    config = directory / "config.json"
+    pushed_tied = False
+    if config.is_file():
+        try:
+            pushed_tied = bool(json.loads(config.read_text()).get("tie_word_embeddings", False))
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+            raise InvalidRequest(f"{config}: unreadable config.json ({exc})", "path") from exc
+    if served_tied or pushed_tied:
+        which = "the served model ties" if served_tied else f"{config} sets tie_word_embeddings:"
+        raise InvalidRequest(f"{which} its embeddings; {TIED_REFUSED}", "path")
+
+
+def check_checkpoint(directory: Path, served_model: str, served_tied: bool = False) -> None:
     """Raise InvalidRequest (param `path`) unless `directory` holds whole safetensors files with the
-    served model's tensors (same names, same shapes)."""
+    served model's tensors (same names, same shapes), with untied embeddings (`check_untied`)."""
+    check_untied(directory, served_tied)
     pushed = tensor_shapes(directory)
     if not pushed:
         raise InvalidRequest(f"{directory} holds no tensors", "path")

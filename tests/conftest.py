@@ -29,12 +29,13 @@ def server_logs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def critic_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
+def critic_server(tiny_models, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
     """`espo-server critic` serving the tiny critic over POST /v1/values."""
     port = free_port()
     argv = espo_server_argv(
-        "critic", "--model", str(tiny_models["critic"]), "--port", str(port), "--dtype", "float32"
-    )
+        "critic", "--model", str(tiny_models["critic"]), "--port", str(port), "--dtype", "float32",
+        "--weights-dir", str(tmp_path_factory.getbasetemp()),  # every test's checkpoints live there
+    )  # fmt: skip
     with ServerProcess("critic", argv, port, server_logs, ready_path="/health") as proc:
         yield proc.wait_ready()
 

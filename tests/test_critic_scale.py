@@ -207,8 +207,15 @@ def test_critic_push_during_a_run_is_forwarded_and_judges_the_next_call(
         assert r.status_code == 200, r.text
 
 
+def test_critic_pushes_outside_weights_dir_are_403_on_both_servers(rollout_server, critic_server):
+    for server in (rollout_server, critic_server):
+        r = httpx.post(server.url + "/v1/critic/weights", json={"path": "/etc"}, timeout=60)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["param"] == "path" and "--weights-dir" in r.json()["error"]["message"]
+
+
 BAD_PUSHES = [
-    ({"path": "/nonexistent/critic"}, "path", "not a directory"),
+    ({"path": "MISSING"}, "path", "not a directory"),
     ({"path": "POLICY"}, "path", "architectures"),
     ({"path": "SMALL"}, "path", "shapes that do not match"),
     ({"path": ""}, "path", ""),
@@ -221,7 +228,8 @@ BAD_PUSHES = [
 def test_bad_critic_pushes_are_400_and_the_old_critic_serves_on(
     rollout_server, critic_server, critics, body, param, words
 ):
-    names = {"POLICY": critics["policy"], "SMALL": critics["small"], "B": critics["b"]}
+    missing = critics["a"].parent / "missing"  # inside --weights-dir, but no directory
+    names = {"POLICY": critics["policy"], "SMALL": critics["small"], "B": critics["b"], "MISSING": missing}
     body = {k: str(names.get(v, v)) if k == "path" else v for k, v in body.items()}
     version = httpx.get(rollout_server.url + "/v1/info", timeout=10).json()["critic_version"]
     serving = Path(httpx.get(critic_server.url + "/v1/info", timeout=10).json()["weights"])

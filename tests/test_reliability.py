@@ -8,11 +8,13 @@ import asyncio
 import itertools
 import time
 
+import httpx
 import numpy as np
 import pytest
 
 from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse
 from espo_client.stop_rule import EspoState
+from espo_server.critic import CriticError
 from espo_server.errors import Conflict, Forbidden, InvalidRequest, Overloaded
 from espo_server.idempotency import IdempotencyCache, response_size
 from tests.test_rollout_loop import HOT, FakeCritic, FakeEngine, run, service
@@ -381,3 +383,68 @@ def test_a_cancelled_call_of_a_run_gives_back_every_group_it_took_over():
         ("a", 1, 60),
         ("a", 1, 60),
     ]
+
+
+def test_the_critic_server_is_behind_the_api_key_and_loads_only_from_weights_dir(tmp_path):
+    """`espo-server critic --api-key K --weights-dir D`: every /v1 route needs the bearer token
+    (/health does not), a push outside D is a 403 naming `path`; the rollout server's remote critic
+    client sends its key."""
+    from types import SimpleNamespace
+
+    from espo_server.critic import CriticAnswer, EspoValuesCritic
+    from espo_server.critic_server import build_critic_app
+
+    class Critic:
+        model, version, weights_dir, prefix_caching, block_size = "c", 0, "/c", True, 16
+        llm = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64, get_vocab_size=lambda: 32))
+        def __init__(self) -> None:
+            self.pushed: list[str] = []
+
+        async def score(self, prefixes):
+            return CriticAnswer([0.5] * len(prefixes), [len(p) for p in prefixes], self.version)
+
+        async def check(self):
+            pass
+
+        async def load_weights(self, path, version):
+            self.pushed.append(path)
+            self.version = version or self.version + 1
+            return self.version, 0.0
+
+    allowed = tmp_path / "weights"
+    (allowed / "v1").mkdir(parents=True)
+    critic = Critic()
+    app = build_critic_app(critic, api_key="sesame", weights_dir=[allowed])
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://critic") as http:
+            assert (await http.get("/health")).status_code == 200
+            for method, path, body in [
+                ("POST", "/v1/values", {"token_ids": [[1, 2]]}),
+                ("POST", "/v1/critic/weights", {"path": str(allowed / "v1")}),
+                ("GET", "/v1/info", None),
+            ]:
+                r = await http.request(method, path, json=body)
+                assert r.status_code == 401, (path, r.text)
+                r = await http.request(method, path, json=body, headers={"Authorization": "Bearer nope"})
+                assert r.status_code == 401, (path, r.text)
+            key = {"Authorization": "Bearer sesame"}
+            r = await http.post("/v1/critic/weights", json={"path": "/etc"}, headers=key)
+            assert r.status_code == 403 and r.json()["error"]["param"] == "path", r.text
+            assert critic.pushed == []  # refused before the critic saw it
+            r = await http.post("/v1/critic/weights", json={"path": str(allowed / "v1")}, headers=key)
+            assert r.status_code == 200 and critic.pushed == [str(allowed / "v1")], r.text
+
+            # the rollout server's client for it, with the key, through the same app
+            remote = EspoValuesCritic("http://critic", api_key="sesame", timeout_s=5)
+            assert remote._client.headers["authorization"] == "Bearer sesame"
+            await remote.aclose()
+            remote = EspoValuesCritic(
+                "http://critic", client=httpx.AsyncClient(transport=transport, base_url="http://critic")
+            )
+            with pytest.raises(CriticError, match="bearer token"):
+                await remote.score([[1, 2]])
+            await remote.aclose()
+
+    asyncio.run(go())

@@ -48,6 +48,8 @@ class FakeEngine:
         self.max_num_seqs = self.max_num_batched_tokens = None
         self.policy_version = 0
         self.dead = False
+        self.broken: str | None = None
+        self.tied_embeddings = False
         self.model = "fake"
         self.gate = ReadWriteGate()
         self.aborted: list[str] = []
