@@ -25,9 +25,10 @@ held-out accuracy at T=1 and greedy after the last iteration, cumulative rollout
 mean, standard deviation and range over seeds) and the plot `--plot` (held-out accuracy against
 cumulative rollout tokens, one colour per rule, the mean over seeds bold).
 
-The server's critic is the toy critic it started with: the learner trains its own critic for GAE
-and saves it every iteration in the server's format, but pushing it needs the server's
-critic-weights endpoint (issue 10); `--push-critic` passes ppo_toy's flag on (which fails until then).
+The learner trains its critic (for GAE) alongside the policy and pushes it to the server every
+iteration (ppo_toy `--push-critic`, `POST /v1/critic/weights`), so the stop rule judges with the
+critic PPO trains; every run first pushes the starting critic, so each starts from the same one.
+`--no-push-critic` keeps the server's starting critic for the whole run (the stale-critic ablation).
 
     make reproduce                                    # 5 rules x 3 seeds x 40 iterations
     .venv/bin/python bench/reproduce.py --rules none,espo --seeds 0 --iterations 3   # a smoke run
@@ -82,7 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--random-rate", type=float, default=None, help="random's stop rate (default: espo's measured one)"
     )
-    parser.add_argument("--push-critic", action="store_true", help="ppo_toy --push-critic (issue 10)")
+    parser.add_argument(
+        "--push-critic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="push the learner's critic every iteration (ppo_toy --push-critic; default: on)",
+    )
     parser.add_argument("--url", default=None, help="a running embedded server (default: start one)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reproduce")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "reproduce.png")

@@ -59,6 +59,9 @@ def test_reduced_reproduction_writes_table_and_plot(reproduce, tmp_path):
     ]
     for run in saved["runs"]:  # each run saved its critic every iteration, in the server's format
         assert all(Path(rec["critic_checkpoint"], "model.safetensors").exists() for rec in run["records"])
+        # ... and pushed it: the server's critic version moved on every iteration
+        versions = [rec["critic_version"] for rec in run["records"]]
+        assert versions == sorted(set(versions)) and len(versions) == 2, versions
     table = (tmp_path / "out" / "reproduce.md").read_text()
     assert "| none |" in table and "| espo |" in table and "held-out acc T=1" in table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
