@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run serve test test-fast lint openapi bench clean
+.PHONY: install run serve test test-fast lint openapi bench soak faults fuzz clean
 
 install: $(STAMP)
 
@@ -46,6 +46,17 @@ openapi: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/savings.py
+
+# Reliability (README, "Reliability"): each starts its own servers on tiny models, on loopback,
+# checks what it measures, prints a table and writes bench/results/*.json; a failed check fails.
+soak: $(STAMP)
+	$(PY) bench/soak.py
+
+faults: $(STAMP)
+	$(PY) bench/faults.py
+
+fuzz: $(STAMP)
+	$(PY) bench/fuzz.py
 
 clean:
 	rm -rf $(VENV)
