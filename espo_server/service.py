@@ -416,11 +416,13 @@ class RolloutService:
             folded = False
             try:
                 unseen = {id(g): len(g.samples) for g in groups}  # samples of each group not seen ending
+                streamed: set[int] = set()  # samples already yielded one by one (not by group)
                 limits = [x for x in (request.deadline_s, self.config.max_call_seconds) if x is not None]
                 deadline = plan.started_monotonic + min(limits) if limits else None
                 if target > 0:
                     async for group, sample in _endings(groups, deadline, plan.cut):
                         if not by_group:
+                            streamed.add(id(sample))
                             yield self._trajectory(plan, group, sample)
                         unseen[id(group)] -= 1
                         if not unseen[id(group)]:
@@ -440,9 +442,10 @@ class RolloutService:
                     samples = [s for g in leftovers for s in g.samples]
                     await asyncio.gather(*(s.abort() for s in samples))
                     await asyncio.gather(*(s.task for s in samples if s.task is not None))
-                    for group in aborted:
+                    for group in aborted:  # a group cut short: its samples not yet sent, once
                         for sample in group.samples:
-                            yield self._trajectory(plan, group, sample)
+                            if id(sample) not in streamed:
+                                yield self._trajectory(plan, group, sample)
                 plan.deadline_hit = len(complete) < target
                 response = self._finish(plan, complete, aborted, kept)
                 folded = True

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse
+from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse, Trajectory
 from espo_client.stop_rule import EspoState
 from espo_server.errors import Conflict, Forbidden, InvalidRequest, Overloaded
 from espo_server.idempotency import IdempotencyCache, response_size
@@ -146,6 +146,26 @@ def test_a_deadline_returns_what_is_complete_and_aborts_the_rest():
     assert out.usage.deadline_hit and out.usage.groups_returned == 1 and out.usage.aborted == 2
     quick = run(svc.rollouts(req(max_tokens=5, deadline_s=30)))
     assert not quick.usage.deadline_hit
+
+
+def test_a_streamed_call_cut_by_its_deadline_sends_every_trajectory_once():
+    """A group cut short by the deadline: its samples that ended before were streamed one by one,
+    the aborted rest follow; none twice (found by bench/soak.py)."""
+    engine = FakeEngine(length=5, delay=0.002, lengths={"s-0-1": 10_000, "s-1-": 10_000})
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        plan = svc.plan(req(request_id="s", prompts=[Prompt(token_ids=[5]), Prompt(token_ids=[6])],
+                            max_tokens=400, deadline_s=0.3))  # fmt: skip
+        return [event async for event in svc.stream(plan)]
+
+    events = run(go())
+    sent = [(e.prompt_index, e.sample_index) for e in events if isinstance(e, Trajectory)]
+    done = events[-1]
+    assert isinstance(done, RolloutResponse) and done.usage.deadline_hit
+    assert sorted(sent) == [(0, 0), (0, 1), (1, 0), (1, 1)], sent
+    assert sorted((t.prompt_index, t.sample_index) for t in done.trajectories) == sorted(sent)
+    assert done.usage.aborted == 3
 
 
 def test_the_verifier_runs_off_the_event_loop():
