@@ -101,6 +101,8 @@ class Tally:
 
     answers: dict[str, RolloutResponse] = dataclasses.field(default_factory=dict)
     """The first answer of every distinct answered call, by request_id."""
+    bodies: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """Their bodies (for the report of a trajectory lost or delivered twice)."""
     delivered: Counter = dataclasses.field(default_factory=Counter)
     """(starting request_id, prompt index, sample index) -> times delivered."""
     expected: set = dataclasses.field(default_factory=set)
@@ -126,7 +128,7 @@ class Tally:
     calls_given_up: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    def answer(self, rid: str, body: dict, response: RolloutResponse) -> None:
+    def answer(self, rid: str, body: dict, response: RolloutResponse, stream: bool = False) -> None:
         with self.lock:
             first = self.answers.get(rid)
             if first is not None:  # a replay: the same answer again, not new trajectories
@@ -135,6 +137,10 @@ class Tally:
                     self.replay_mismatches += 1
                 return
             self.answers[rid] = response
+            self.bodies[rid] = {k: v for k, v in body.items() if k != "prompts"} | {
+                "prompts": len(body.get("prompts", [])),
+                "streamed": stream,
+            }
             self.answered += 1
             for p in range(len(body.get("prompts", []))):
                 for s in range(body.get("n", 1)):
@@ -160,6 +166,25 @@ class Tally:
         lost = sorted(k for k in self.expected if self.delivered[k] == 0)
         twice = sorted(k for k, n in self.delivered.items() if n != 1 or k not in self.expected)
         return lost, twice
+
+    def explain(self, key: tuple) -> dict:
+        """What is known of a trajectory lost or delivered twice: its call's body and answer."""
+        rid = key[0]
+        response = self.answers.get(rid)
+        sent = response.trajectories if response is not None else []
+        return {
+            "key": list(key),
+            "delivered": self.delivered[key],
+            "expected": key in self.expected,
+            "body": self.bodies.get(rid),
+            "answer": [
+                (t.prompt_index, t.sample_index, t.end_reason, len(t.token_ids)) for t in sent
+            ],
+            "delivered_in": sorted(
+                other for other, r in self.answers.items()
+                if any(t.carried is not None and t.carried.request_id == rid for t in r.trajectories)
+            ),
+        }  # fmt: skip
 
 
 def _fingerprint(response: RolloutResponse) -> list:
@@ -349,7 +374,7 @@ class Workload:
                 else:
                     response = await api.rollouts(body, impatient=impatient)
                 assert response is not None
-                self.tally.answer(body["request_id"], body, response)
+                self.tally.answer(body["request_id"], body, response, stream)
                 return response
             except APIStatusError as exc:
                 if exc.status_code != 429:
@@ -548,6 +573,8 @@ def soak(url: str, pid: int, weights: list[str], args: argparse.Namespace) -> di
     before = scrape(url)
     rss = RssWatch(pid).start()
     workload = Workload(url, args.clients, args.seconds, weights, args.push_every, seed=args.seed)
+    if args.scenarios:
+        workload.scenarios = tuple(args.scenarios.split(","))
     started = time.monotonic()
     try:
         tally = asyncio.run(workload.run())
@@ -602,7 +629,13 @@ def check(tally: Tally, before: dict, after: dict, rss: RssWatch, duration: floa
         "error_samples": tally.error_samples,
         "lost": [list(k) for k in lost[:20]],
         "twice": [list(k) for k in twice[:20]],
+        "explained": [tally.explain(k) for k in (lost[:5] + twice[:5])],
         "metrics_moved": moved,
+        "critic_calls_by_outcome": {
+            dict(labels).get("outcome", ""): after[(name, labels)] - before.get((name, labels), 0.0)
+            for (name, labels) in after
+            if name == "espo_critic_calls_total"
+        },
         "clients_saw": seen,
         "rss_mb": {
             "server_start": round(rss_start / 2**20, 1),
@@ -628,6 +661,7 @@ def print_summary(result: dict) -> None:
         ("tokens generated", result["tokens"]),
         ("stopped by a rule", result["stopped"]),
         ("critic calls / errors", f"{result['critic_calls']} / {result['critic_errors']}"),
+        ("critic calls by outcome (/metrics)", result["critic_calls_by_outcome"]),
         ("trajectories flagged critic_error", result["critic_error_trajectories"]),
         ("weight pushes", result["weight_pushes"]),
         ("scenarios", ", ".join(f"{k} {v}" for k, v in sorted(result["scenarios"].items()))),
@@ -656,6 +690,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--push-every", type=float, default=20.0, help="seconds between weight pushes (0: none)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--scenarios", default="", help="comma-separated scenarios to draw from (default: all, calls 3x)"
+    )
     parser.add_argument("--warmup", type=float, default=30.0, help="RSS growth is measured from then on")
     parser.add_argument("--rss-budget-mb", type=float, default=200.0)
     parser.add_argument(
