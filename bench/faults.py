@@ -213,7 +213,8 @@ def critic_outage(s1: ServerProcess, critic: dict, weights: list[str], args) -> 
 # --------------------------------------------------------------------------------------------- weights
 
 
-def broken_weights(s1: ServerProcess, work: Path, critic_dir: str) -> dict:
+def broken_weights(s1: ServerProcess, work: Path, critic_dir: str, policy_dir: str) -> dict:
+    """`work`: a fresh directory inside S1's --weights-dir."""
     url = s1.url
     probe = {"prompts": [{"token_ids": PROMPT}], "n": 2, "max_tokens": 24, "seed": 77, "ignore_eos": True}
     version = httpx.get(url + "/v1/info", timeout=30).json()["policy_version"]
@@ -225,8 +226,7 @@ def broken_weights(s1: ServerProcess, work: Path, critic_dir: str) -> dict:
     empty.mkdir(parents=True)
     (empty / "config.json").write_text("{}")
     truncated = work / "weights" / "truncated"
-    policy = work / "a" / "policy"
-    shutil.copytree(policy, truncated)
+    shutil.copytree(policy_dir, truncated)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 3])
     foreign = work / "weights" / "critic"
@@ -314,7 +314,7 @@ def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
     plain = background(post, url, long)
     stream = background(streamed, url, long)
     time.sleep(1.0)
-    cores = [c for c in psutil.Process(s2.proc.pid).children(recursive=True) if "EngineCore" in c.name()]
+    cores = [c for c in psutil.Process(s2.proc.pid).children(recursive=True) if is_engine_core(c)]
     assert cores, "no VLLM::EngineCore child found"
     killed = time.monotonic()
     cores[0].kill()
@@ -348,6 +348,15 @@ def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
     }
 
 
+def is_engine_core(proc: psutil.Process) -> bool:
+    """vLLM's engine process: its title is VLLM::EngineCore (the kernel's name of it, cut at 15
+    characters, VLLM::EngineCor)."""
+    try:
+        return "EngineCor" in proc.name() or any("EngineCore" in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -364,6 +373,7 @@ def main() -> None:
     parser.add_argument("--grace", type=float, default=10.0, help="S1's --shutdown-grace-s")
     parser.add_argument("--exit-bound-s", type=float, default=30.0)
     parser.add_argument("--rss-budget-mb", type=float, default=200.0)
+    parser.add_argument("--steps", default="critic,weights,sigterm,engine", help="which, in this order")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
     args = parser.parse_args()
     if args.quick:
@@ -407,11 +417,12 @@ def main() -> None:
             print(f"servers up after {time.monotonic() - started:.0f} s (logs in {logs})", flush=True)
             steps = [
                 ("critic", lambda: critic_outage(s1, critic, [str(policy), str(policy_b)], args)),
-                ("weights", lambda: broken_weights(s1, work, str(critic_model))),
+                ("weights", lambda: broken_weights(s1, work / "broken", str(critic_model), str(policy))),
                 ("sigterm", lambda: sigterm(s1, args.grace, args.exit_bound_s)),
                 ("engine", lambda: engine_kill(s2, args.exit_bound_s)),
             ]
-            for name, step in steps:
+            wanted = args.steps.split(",")
+            for name, step in [(name, step) for name, step in steps if name in wanted]:
                 t = time.monotonic()
                 print(f"-- {name} ...", flush=True)
                 try:
