@@ -655,7 +655,11 @@ class RolloutService:
         that runs carry between calls are suspended meanwhile and resume under the new weights."""
         self._check_new_work()
         directory = self._allowed_weights_dir(path)
-        if not directory.is_dir() or not any(directory.glob("*.safetensors")):
+        try:
+            usable = directory.is_dir() and any(directory.glob("*.safetensors"))
+        except OSError:  # a name too long, a directory it may not read
+            usable = False
+        if not usable:
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
         check_checkpoint(directory, self.engine.model)  # a broken one would take the engine down
         async with self.engine.gate.exclusive():
@@ -680,7 +684,10 @@ class RolloutService:
         allowed = [Path(d).resolve() for d in self.config.weights_dir]
         if not allowed:
             raise Forbidden("this server takes no weight pushes: start it with --weights-dir DIR", "path")
-        directory = Path(path).resolve()
+        try:
+            directory = Path(path).resolve()
+        except (ValueError, OSError) as exc:  # a NUL byte, a loop of links
+            raise InvalidRequest(f"path is not a usable file system path: {exc}", "path") from exc
         if not any(directory == root or root in directory.parents for root in allowed):
             raise Forbidden(f"{path} is outside the --weights-dir directories of this server", "path")
         return directory

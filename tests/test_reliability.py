@@ -225,6 +225,17 @@ def test_weight_pushes_load_only_from_the_configured_directories(tmp_path):
     assert svc.engine.policy_version == 4
 
 
+def test_a_weights_path_that_is_no_file_system_path_is_a_400_naming_path(tmp_path):
+    """Found by bench/fuzz.py: a NUL byte in the path was a ValueError, answered 503 with a traceback."""
+    svc = service(FakeEngine(), FakeCritic(), weights_dir=[tmp_path])
+    odd = ("/tmp/a\x00b", tmp_path / "a\x00b", tmp_path / ("x" * 300), tmp_path / "none")
+    for path in map(str, odd):
+        with pytest.raises(InvalidRequest) as info:
+            run(svc.load_weights(path, 1))
+        assert info.value.status == 400 and info.value.param == "path"
+    assert svc.engine.policy_version == 0
+
+
 # --- found while soaking (reliability branch): each failed before its fix ---------------------------
 
 
