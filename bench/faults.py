@@ -28,7 +28,10 @@ Then, in turn:
 Prints what happened with the times measured, writes `--out` (JSON); exit status 1 if a check fails.
 
     .venv/bin/python bench/faults.py             # the full run: 6 clients, a 150 s soak around the outage
-    .venv/bin/python bench/faults.py --quick     # what tests/test_faults.py runs
+    .venv/bin/python bench/faults.py --quick     # 3 clients, a 75 s soak
+    .venv/bin/python bench/faults.py --steps weights,engine
+
+tests/test_soak.py calls the weights and engine steps on servers of its own.
     make faults
 """
 
@@ -364,7 +367,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="3 clients, a 75 s soak (tests/test_faults.py)")
+    parser.add_argument("--quick", action="store_true", help="3 clients, a 75 s soak")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--soak-seconds", type=float, default=150.0)
     parser.add_argument("--kill-at", type=float, default=20.0, help="seconds into the soak the critic dies")

@@ -16,8 +16,9 @@ tiny models (`make-tiny-model`, the fastest engine there is), on loopback only, 
   run         a run (POST /v1/runs): 2-3 calls with return_groups=1 and leftover=carry, then a last
               call that takes back every carried group, then DELETE
 
-and a pusher loads the two policies' weights in turn every `--push-every` seconds (from the
-server's --weights-dir). A 429 is retried after its Retry-After with the same request_id.
+(each client runs every scenario once first, in its own order, then draws at random), and a pusher
+loads the two policies' weights in turn every `--push-every` seconds (from the server's
+--weights-dir). A 429 is retried after its Retry-After with the same request_id.
 
 Checks (the exit status is 1 if one fails):
   - every trajectory is delivered exactly once: counted by (request_id that started it, prompt
@@ -331,8 +332,10 @@ class Workload:
 
     async def _client(self, index: int, api: Api, stop_at: float) -> None:
         rng = random.Random(self.seed * 1000 + index)
+        distinct = list(dict.fromkeys(self.scenarios))
+        first = distinct[index % len(distinct) :] + distinct[: index % len(distinct)]  # each once first
         while time.monotonic() < stop_at:
-            kind = rng.choice(self.scenarios)
+            kind = first.pop(0) if first else rng.choice(self.scenarios)
             with self.tally.lock:
                 self.tally.kinds[kind] += 1
             try:
@@ -696,7 +699,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=30.0, help="RSS growth is measured from then on")
     parser.add_argument("--rss-budget-mb", type=float, default=200.0)
     parser.add_argument(
-        "--max-inflight", type=int, default=64, help="the server's --max-inflight-trajectories"
+        "--max-inflight", type=int, default=32, help="the server's --max-inflight-trajectories"
     )
 
 
