@@ -4,10 +4,12 @@ Starts, on seeded random tiny models, an `espo-server critic` (C), a rollout ser
 (`--critic remote`, `--weights-dir`, `--shutdown-grace-s`), and a rollout server S2 without a critic.
 Then, in turn:
 
-  critic    bench/soak.py's workload runs against S1 while C is killed (SIGKILL to its process
-            group) and, some seconds later, started again on the same port. Checks: trajectories
-            flagged critic_error while it is down; espo_critic_calls_total{outcome=error|timeout}
-            moved by exactly the clients' usage.critic_errors; S1 stayed ready (/readyz 200, the
+  critic    bench/soak.py's workload runs against S1 while C hangs (SIGSTOP to its process group,
+            SIGCONT some seconds later: its queries time out), then is killed (SIGKILL) and, some
+            seconds later, started again on the same port. Checks: trajectories flagged
+            critic_error while it is down; timeouts counted while it hangs;
+            espo_critic_calls_total{outcome=error|timeout} moved by exactly the clients'
+            usage.critic_errors; S1 stayed ready (/readyz 200, the
             critic reported down); after the restart, espo calls get critic values again; and the
             soak's own checks (delivered exactly once, /metrics = the clients' sums, no 5xx).
   weights   broken weight pushes to S1: a directory outside --weights-dir (403), one without
@@ -103,7 +105,8 @@ def background(fn, *args) -> concurrent.futures.Future:
 
 
 def critic_outage(s1: ServerProcess, critic: dict, weights: list[str], args) -> dict:
-    """The soak's workload on S1; C killed at `kill_at` s and started again at `restart_at` s."""
+    """The soak's workload on S1; C stopped (SIGSTOP: a hung critic) at `hang_at` s for `hang_s` s,
+    killed at `kill_at` s and started again at `restart_at` s."""
     events: dict[str, Any] = {"readyz_during_outage": []}
     url = s1.url
 
@@ -119,10 +122,19 @@ def critic_outage(s1: ServerProcess, critic: dict, weights: list[str], args) -> 
         proc.wait_ready()
         events["back_at"] = time.monotonic()
 
+    def hang(sig: signal.Signals) -> None:
+        os.killpg(critic["proc"].proc.pid, sig)
+
     threads: list[threading.Thread] = []
 
     def on_tick(elapsed: float) -> None:
-        if elapsed >= args.kill_at and "kill" not in events:
+        if args.hang_s > 0 and elapsed >= args.hang_at and "hang" not in events:
+            events["hang"] = elapsed
+            hang(signal.SIGSTOP)
+        elif "hang" in events and "resume" not in events and elapsed >= args.hang_at + args.hang_s:
+            events["resume"] = elapsed
+            hang(signal.SIGCONT)
+        elif elapsed >= args.kill_at and "kill" not in events:
             events["kill"] = elapsed
             threads.append(threading.Thread(target=kill))
             threads[-1].start()
@@ -160,11 +172,12 @@ def critic_outage(s1: ServerProcess, critic: dict, weights: list[str], args) -> 
     rss.stop()
     after = soak.scrape(url)
     result = soak.check(tally, before, after, rss, duration, soak_args)
-    failed = sum(
-        soak.metric_sum(after, "espo_critic_calls_total", {"outcome": o})
+    moved = {
+        o: soak.metric_sum(after, "espo_critic_calls_total", {"outcome": o})
         - soak.metric_sum(before, "espo_critic_calls_total", {"outcome": o})
-        for o in ("error", "timeout")
-    )
+        for o in ("ok", "error", "timeout", "cancelled")
+    }
+    failed = moved["error"] + moved["timeout"]
     # Recovery: once C is back, espo calls get values again (the first queries may still fail while
     # the server's connection pool notices the new process).
     recovered, probes = False, 0
@@ -180,6 +193,7 @@ def critic_outage(s1: ServerProcess, critic: dict, weights: list[str], args) -> 
     ready = events["readyz_during_outage"]
     checks = {
         "trajectories flagged critic_error during the outage": tally.flagged > 0,
+        **({"the hung critic's queries timed out": moved["timeout"] > 0} if args.hang_s > 0 else {}),
         "espo_critic_calls_total{error|timeout} = clients' critic_errors": failed == tally.critic_errors,
         "S1 stayed ready, critic reported down": bool(ready)
         and all(c == 200 and "down" in d for c, d in ready),
@@ -189,6 +203,8 @@ def critic_outage(s1: ServerProcess, critic: dict, weights: list[str], args) -> 
     return {
         "outage_s": round(outage, 1),
         "killed_at_s": events.get("kill"),
+        "hung_s": [events.get("hang"), events.get("resume")],
+        "critic_calls_by_outcome": moved,
         "soak": {
             k: result[k]
             for k in (
@@ -370,6 +386,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 clients, a 75 s soak")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--soak-seconds", type=float, default=150.0)
+    parser.add_argument("--hang-at", type=float, default=8.0, help="seconds into the soak the critic hangs")
+    parser.add_argument("--hang-s", type=float, default=6.0, help="for how long (SIGSTOP, SIGCONT; 0: never)")
     parser.add_argument("--kill-at", type=float, default=20.0, help="seconds into the soak the critic dies")
     parser.add_argument("--restart-at", type=float, default=35.0, help="seconds into the soak it restarts")
     parser.add_argument("--push-every", type=float, default=25.0)
@@ -380,7 +398,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
     args = parser.parse_args()
     if args.quick:
-        args.clients, args.soak_seconds, args.kill_at, args.restart_at = 3, 75.0, 10.0, 20.0
+        args.clients, args.soak_seconds, args.hang_at, args.hang_s = 3, 75.0, 3.0, 5.0
+        args.kill_at, args.restart_at = 12.0, 20.0
 
     from espo_server.tiny_model import make_tiny_models
 
@@ -412,11 +431,14 @@ def main() -> None:
         s2 = ServerProcess(
             "s2", espo_server_argv("serve", *common, "--port", str(p2), "--critic", "none"), p2, logs
         )
-        s2.start()
+        wanted = args.steps.split(",")
+        if "engine" in wanted:  # S2 only serves the engine step
+            s2.start()
         try:
             critic["proc"].wait_ready()
             s1.wait_ready()
-            s2.wait_ready()
+            if s2.proc is not None:
+                s2.wait_ready()
             print(f"servers up after {time.monotonic() - started:.0f} s (logs in {logs})", flush=True)
             steps = [
                 ("critic", lambda: critic_outage(s1, critic, [str(policy), str(policy_b)], args)),
@@ -424,7 +446,6 @@ def main() -> None:
                 ("sigterm", lambda: sigterm(s1, args.grace, args.exit_bound_s)),
                 ("engine", lambda: engine_kill(s2, args.exit_bound_s)),
             ]
-            wanted = args.steps.split(",")
             for name, step in [(name, step) for name, step in steps if name in wanted]:
                 t = time.monotonic()
                 print(f"-- {name} ...", flush=True)
