@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools run serve test test-fast lint openapi bench reproduce clean
+.PHONY: install tools run serve test test-fast lint openapi bench reproduce soak faults fuzz clean
 
 install: $(STAMP)
 
@@ -72,6 +72,17 @@ bench: $(STAMP)
 # examples/ppo_toy.py under each stop rule, 3 seeds; writes bench/results/reproduce/ and docs/reproduce.png.
 reproduce: $(STAMP)
 	$(PY) bench/reproduce.py
+
+# Reliability (README, "Reliability"): each starts its own servers on tiny models, on loopback,
+# checks what it measures, prints a table and writes bench/results/*.json; a failed check fails.
+soak: $(STAMP)
+	$(PY) bench/soak.py
+
+faults: $(STAMP)
+	$(PY) bench/faults.py
+
+fuzz: $(STAMP)
+	$(PY) bench/fuzz.py
 
 clean:
 	rm -rf $(VENV)

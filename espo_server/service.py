@@ -447,11 +447,13 @@ class RolloutService:
             folded = False
             try:
                 unseen = {id(g): len(g.samples) for g in groups}  # samples of each group not seen ending
+                streamed: set[int] = set()  # samples already yielded one by one (not by group)
                 limits = [x for x in (request.deadline_s, self.config.max_call_seconds) if x is not None]
                 deadline = plan.started_monotonic + min(limits) if limits else None
                 if target > 0:
                     async for group, sample in _endings(groups, deadline, plan.cut):
                         if not by_group:
+                            streamed.add(id(sample))
                             yield self._trajectory(plan, group, sample)
                         unseen[id(group)] -= 1
                         if not unseen[id(group)]:
@@ -471,9 +473,10 @@ class RolloutService:
                     samples = [s for g in leftovers for s in g.samples]
                     await asyncio.gather(*(s.abort() for s in samples))
                     await asyncio.gather(*(s.task for s in samples if s.task is not None))
-                    for group in aborted:
+                    for group in aborted:  # a group cut short: its samples not yet sent, once
                         for sample in group.samples:
-                            yield self._trajectory(plan, group, sample)
+                            if id(sample) not in streamed:
+                                yield self._trajectory(plan, group, sample)
                 plan.deadline_hit = len(complete) < target
                 response = self._finish(plan, complete, aborted, kept)
                 folded = True
@@ -693,7 +696,11 @@ class RolloutService:
         that runs carry between calls are suspended meanwhile and resume under the new weights."""
         self._check_new_work()
         directory = self._allowed_weights_dir(path)
-        if not directory.is_dir() or not any(directory.glob("*.safetensors")):
+        try:
+            usable = directory.is_dir() and any(directory.glob("*.safetensors"))
+        except OSError:  # a name too long, a directory it may not read
+            usable = False
+        if not usable:
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
         # a broken checkpoint would take the engine down; tied embeddings would diverge from HF
         check_checkpoint(directory, self.engine.model, self.engine.tied_embeddings)

@@ -72,7 +72,10 @@ def allowed_weights_dir(path: str, roots: list[Path]) -> Path:
     allowed = [Path(d).resolve() for d in roots]
     if not allowed:
         raise Forbidden("this server takes no weight pushes: start it with --weights-dir DIR", "path")
-    directory = Path(path).resolve()
+    try:
+        directory = Path(path).resolve()
+    except (ValueError, OSError) as exc:  # a NUL byte, a loop of links
+        raise InvalidRequest(f"path is not a usable file system path: {exc}", "path") from exc
     if not any(directory == root or root in directory.parents for root in allowed):
         raise Forbidden(f"{path} is outside the --weights-dir directories of this server", "path")
     return directory

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse
+from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse, Trajectory
 from espo_client.stop_rule import EspoState
 from espo_server.critic import CriticError
 from espo_server.errors import Conflict, Forbidden, InvalidRequest, Overloaded
@@ -150,6 +150,26 @@ def test_a_deadline_returns_what_is_complete_and_aborts_the_rest():
     assert not quick.usage.deadline_hit
 
 
+def test_a_streamed_call_cut_by_its_deadline_sends_every_trajectory_once():
+    """A group cut short by the deadline: its samples that ended before were streamed one by one,
+    the aborted rest follow; none twice (found by bench/soak.py)."""
+    engine = FakeEngine(length=5, delay=0.002, lengths={"s-0-1": 10_000, "s-1-": 10_000})
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        plan = svc.plan(req(request_id="s", prompts=[Prompt(token_ids=[5]), Prompt(token_ids=[6])],
+                            max_tokens=400, deadline_s=0.3))  # fmt: skip
+        return [event async for event in svc.stream(plan)]
+
+    events = run(go())
+    sent = [(e.prompt_index, e.sample_index) for e in events if isinstance(e, Trajectory)]
+    done = events[-1]
+    assert isinstance(done, RolloutResponse) and done.usage.deadline_hit
+    assert sorted(sent) == [(0, 0), (0, 1), (1, 0), (1, 1)], sent
+    assert sorted((t.prompt_index, t.sample_index) for t in done.trajectories) == sorted(sent)
+    assert done.usage.aborted == 3
+
+
 def test_the_verifier_runs_off_the_event_loop():
     def slow_verifier(prompt, response, answer):
         time.sleep(0.3)  # a verifier that blocks (a sandbox, a parser)
@@ -205,6 +225,17 @@ def test_weight_pushes_load_only_from_the_configured_directories(tmp_path):
         assert info.value.status == 403 and info.value.param == "path"
     assert run(svc.load_weights(str(allowed / "ckpt"), 4)).policy_version == 4
     assert svc.engine.policy_version == 4
+
+
+def test_a_weights_path_that_is_no_file_system_path_is_a_400_naming_path(tmp_path):
+    """Found by bench/fuzz.py: a NUL byte in the path was a ValueError, answered 503 with a traceback."""
+    svc = service(FakeEngine(), FakeCritic(), weights_dir=[tmp_path])
+    odd = ("/tmp/a\x00b", tmp_path / "a\x00b", tmp_path / ("x" * 300), tmp_path / "none")
+    for path in map(str, odd):
+        with pytest.raises(InvalidRequest) as info:
+            run(svc.load_weights(path, 1))
+        assert info.value.status == 400 and info.value.param == "path"
+    assert svc.engine.policy_version == 0
 
 
 # --- found while soaking (reliability branch): each failed before its fix ---------------------------

@@ -1,7 +1,7 @@
 """How the service ends, on the scripted engine of test_rollout_loop: the drain after SIGTERM (running
 calls answered, new work refused with a 503 and Retry-After, calls past the grace ended with nothing
 kept) and a dead engine (every /v1 call a 503 engine_dead). bench/faults.py does the same to a real
-server process (SIGTERM, kill -9 of vLLM's engine process); tests/test_faults.py runs it."""
+server process (SIGTERM, kill -9 of vLLM's engine process); tests/test_soak.py runs the kill -9."""
 
 from __future__ import annotations
 

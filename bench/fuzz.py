@@ -1,0 +1,174 @@
+"""Fuzz: schemathesis against the server's own OpenAPI schema, then a normal call must still succeed.
+
+Starts (unless given `--url`) `espo-server serve` on a seeded random tiny model, on loopback, with
+tight limits so that every call the fuzzer makes stays cheap (n <= 4, <= 4 prompts, 16
+trajectories, a 128-token model length, a 2 s deadline per call), a critic URL where nothing
+listens (every critic query fails: the fallback path, flagged) and an empty --weights-dir. Then
+`schemathesis run` generates requests for every operation of `/openapi.json` (valid ones and
+invalid ones: wrong types, out-of-range numbers, missing fields, odd strings) and checks each
+answer: no 5xx (`not_a_server_error`), the status is one the schema documents, the body matches
+the documented model, invalid data is refused. Afterwards: /readyz is 200, a normal rollout call
+succeeds, the server process still runs and its log holds no traceback; the uvicorn access log
+gives the answers by status.
+
+    .venv/bin/python bench/fuzz.py                      # 300 cases per operation, fuzzing for 600 s
+    .venv/bin/python bench/fuzz.py --max-time 60        # a quick look
+    .venv/bin/python bench/fuzz.py --url URL --log LOG  # a running server (tests/test_soak.py)
+
+`--max-time` bounds the generation: schemathesis' fuzzing phase repeats until it is spent (tens of
+thousands of cases in 300 s on the 2-core box).
+    make fuzz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
+
+CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+PROBE = {"prompts": [{"token_ids": [5, 6, 7]}], "n": 2, "max_tokens": 8, "stop_rule": "espo", "seed": 1}
+
+
+def server_argv(model: str, port: int, weights_dir: str) -> list[str]:
+    return espo_server_argv(
+        "serve", "--model", model, "--dtype", "float32", "--port", str(port), "--max-model-len", "128",
+        "--critic", "remote", "--critic-url", f"http://127.0.0.1:{free_port()}", "--critic-timeout-s", "0.5",
+        "--max-n", "4", "--max-prompts", "4", "--max-trajectories", "16", "--max-call-seconds", "2",
+        "--max-inflight-trajectories", "64", "--weights-dir", weights_dir, "--run-idle-timeout-s", "60",
+        "--idempotency-cache-mb", "16",
+    )  # fmt: skip
+
+
+def fuzz(url: str, args: argparse.Namespace, report_dir: Path) -> dict:
+    before = httpx.post(url + "/v1/rollouts", json=PROBE, timeout=60)
+    argv = [
+        sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json",
+        "--checks", args.checks, "--max-examples", str(args.max_examples), "--seed", str(args.seed),
+        "--workers", str(args.workers), "--request-timeout", "60", "--phases", "examples,coverage,fuzzing",
+        "--report", "junit", "--report-dir", str(report_dir), "--suppress-health-check", "all",
+        "--no-color",
+    ]  # fmt: skip
+    if args.max_time:
+        argv += ["--max-time", str(args.max_time)]
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout, cwd=report_dir.parent)
+    took = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    ready = httpx.get(url + "/readyz", timeout=60)
+    after = httpx.post(url + "/v1/rollouts", json=PROBE, timeout=60)
+    return {
+        "schemathesis_exit": proc.returncode,
+        "schemathesis_s": round(took, 1),
+        "cases": count_cases(report_dir, output),
+        "probe_before": before.status_code,
+        "readyz_after": ready.status_code,
+        "probe_after": after.status_code,
+        "output_tail": output[-6000:],
+        "output": output,
+    }
+
+
+def count_cases(report_dir: Path, output: str) -> int | None:
+    """Test cases generated, from schemathesis' summary ('N generated')."""
+    found = re.findall(r"(\d+) generated", output)
+    return int(found[-1]) if found else None
+
+
+def access_log_statuses(log: str) -> Counter:
+    """uvicorn's access log lines: '... "POST /v1/rollouts HTTP/1.1" 400 Bad Request' -> status counts."""
+    return Counter(m.group(1) for m in re.finditer(r'HTTP/1\.[01]" (\d{3})', log))
+
+
+def read_log(result: dict, log: str) -> None:
+    """The answers by status and the tracebacks of the server's log (what it wrote while fuzzed)."""
+    result["answers_by_status"] = dict(sorted(access_log_statuses(log).items()))
+    serving = log.split("INFO:     Shutting down")[0]  # vLLM's __del__ at exit prints one after
+    result["tracebacks_in_log"] = serving.count("Traceback (most recent call last)")
+    where = serving.find("Traceback")
+    result["first_traceback"] = serving[max(0, where - 2000) :][:6000] if where >= 0 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--max-examples", type=int, default=300, help="cases per operation and phase")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--checks", default=CHECKS)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="for the whole schemathesis run")
+    parser.add_argument("--url", default=None, help="a running server (default: start one on a tiny model)")
+    parser.add_argument("--log", default=None, help="with --url: its log (what it writes meanwhile is read)")
+    parser.add_argument("--max-time", type=int, default=600, help="seconds of generation (0: none)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fuzz.json"))
+    args = parser.parse_args()
+    result: dict = {"config": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="espo-fuzz-") as tmp:
+        work = Path(tmp)
+        if args.url is not None:
+            offset = Path(args.log).stat().st_size if args.log else 0
+            result |= fuzz(args.url, args, work / "report")
+            if args.log:
+                with open(args.log, errors="replace") as f:
+                    f.seek(offset)
+                    read_log(result, f.read())
+        else:
+            from espo_server.tiny_model import make_tiny_models
+
+            policy, _ = make_tiny_models(work / "tiny", seed=0)
+            (work / "weights").mkdir()
+            port = free_port()
+            server = ServerProcess(
+                "fuzzed", server_argv(str(policy), port, str(work / "weights")), port, work
+            )
+            with server:
+                server.wait_ready()
+                result |= fuzz(server.url, args, work / "report")
+                result["server_running_after"] = server.proc is not None and server.proc.poll() is None
+            read_log(result, server.log_path.read_text(errors="replace"))
+    checks = {
+        "schemathesis found nothing": result["schemathesis_exit"] == 0,
+        "a normal call succeeded before and after": result["probe_before"] == result["probe_after"] == 200,
+        "/readyz 200 after": result["readyz_after"] == 200,
+    }
+    if "answers_by_status" in result:
+        checks["no 5xx in the access log"] = not any(s.startswith("5") for s in result["answers_by_status"])
+        checks["no traceback in the server log"] = result["tracebacks_in_log"] == 0
+    if "server_running_after" in result:
+        checks["the server still runs"] = result["server_running_after"]
+    result["checks"] = checks
+    result["ok"] = all(checks.values())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).with_suffix(".log").write_text(result.pop("output"))
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(result["output_tail"][-3000:])
+    print(f"\nFuzz: {result['cases']} cases in {result['schemathesis_s']} s; answers by status "
+          f"{result.get('answers_by_status')}")  # fmt: skip
+    for name, ok in checks.items():
+        print(f"  [{'ok' if ok else 'FAILED'}] {name}")
+    print(f"fuzz: {'passed' if result['ok'] else 'FAILED'}; wrote {args.out}")
+    sys.exit(0 if result["ok"] else 1)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that the server this script started is stopped too
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    main()

@@ -1,0 +1,104 @@
+"""The soak, the faults and the fuzz of bench/ in reduced form, on real servers (their full runs:
+make soak, make faults, make fuzz; figures in docs/reliability.md). The soak and the fuzz run as
+scripts against the session's rollout server and read back their JSON (each script checks what it
+measures and exits non-zero when a check fails); the faults call bench/faults.py's steps: broken
+weight pushes to the session's server, and vLLM's engine process killed under a server of this
+module's own. Timings are not checked here (bench figures are measured under the exclusive lock).
+
+This file runs after every other user of the session's rollout server (it leaves the server-owned
+ESPO state and the policy version moved)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from espo_server.process import ENGINE_ENV, ServerProcess, espo_server_argv, free_port
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import faults  # noqa: E402
+
+
+def run_bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(ROOT / "bench" / script), *args]
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENGINE_ENV}
+    )
+
+
+@pytest.fixture(scope="module")
+def doomed_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
+    """A server of this module's own (no critic), whose engine process gets killed. Started by the
+    first test, not waited for: it starts up while the soak runs."""
+    port = free_port()
+    argv = espo_server_argv(
+        "serve", "--model", str(tiny_models["policy"]), "--critic", "none", "--dtype", "float32",
+        "--max-model-len", "512", "--max-num-seqs", "64", "--port", str(port),
+    )  # fmt: skip
+    proc = ServerProcess("doomed", argv, port, server_logs).start()
+    yield proc
+    proc.stop(timeout=30)
+
+
+def test_soak_delivers_every_trajectory_once_and_metrics_match(
+    rollout_server, tiny_models, tmp_path, doomed_server
+):
+    """3 clients (sync and async) for 20 s, every scenario, weight pushes: bench/soak.py's checks."""
+    out = tmp_path / "soak.json"
+    proc = run_bench(
+        "soak.py", "--url", rollout_server.url, "--pid", str(rollout_server.proc.pid),
+        "--weights", str(tiny_models["policy"]), str(tiny_models["policy_b"]),
+        "--clients", "3", "--seconds", "20", "--push-every", "6", "--warmup", "5", "--out", str(out),
+        timeout=600,
+    )  # fmt: skip
+    assert out.exists(), proc.stdout[-5000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0 and result["ok"], (result["checks"], result["explained"], result["errors"])
+    assert result["calls_answered"] >= 10 and result["trajectories"] >= 40, result
+    assert result["replays"] > 0 and result["weight_pushes"] >= 2 and result["stopped"] > 0, result
+    for kind in ("call", "replay", "conflict", "timeout", "abandon", "run"):
+        assert result["scenarios"].get(kind, 0) > 0, result["scenarios"]
+    assert result["errors"].get("409", 0) >= result["scenarios"]["conflict"] > 0  # each one refused
+    assert set(result["errors"]) <= {"409", "429", "client_timeout", "abandoned"}, result["errors"]
+    moved, seen = result["metrics_moved"], result["clients_saw"]
+    assert moved == seen and moved["espo_trajectories_total"] == result["trajectories"] > 0
+
+
+def test_fuzz_finds_no_5xx_and_the_server_keeps_serving(rollout_server, tmp_path):
+    """bench/fuzz.py against the session's server: schemathesis, every operation, 30 s."""
+    out = tmp_path / "fuzz.json"
+    proc = run_bench(
+        "fuzz.py", "--url", rollout_server.url, "--log", str(rollout_server.log_path),
+        "--max-examples", "15", "--max-time", "30", "--workers", "1", "--out", str(out), timeout=600,
+    )  # fmt: skip
+    assert out.exists(), proc.stdout[-5000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0 and result["ok"], (result["checks"], result["output_tail"])
+    assert result["cases"] >= 100, result["cases"]
+    statuses = result["answers_by_status"]
+    assert sum(statuses.values()) >= 100 and not any(s.startswith("5") for s in statuses), statuses
+    assert any(s.startswith("4") for s in statuses), statuses  # hostile bodies were sent and refused
+
+
+def test_broken_weight_pushes_are_refused_and_the_old_weights_still_serve(
+    rollout_server, tiny_models, tmp_path
+):
+    result = faults.broken_weights(
+        rollout_server, tmp_path / "broken", str(tiny_models["critic"]), str(tiny_models["policy"])
+    )
+    assert result["checks"] and all(result["checks"].values()), result
+
+
+def test_a_killed_engine_process_gives_503_engine_dead_and_exit_status_3(doomed_server):
+    result = faults.engine_kill(doomed_server.wait_ready(), bound_s=60)
+    assert result["checks"] and all(result["checks"].values()), result
+    assert result["exit_status"] == 3
