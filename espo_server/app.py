@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -51,7 +50,7 @@ from espo_client.protocol import (
 )
 
 from .config import ServerConfig
-from .errors import error_body, install_error_handlers
+from .errors import bearer_matches, error_body, install_error_handlers
 from .openai_api import OpenAIServing
 from .service import CallPlan, RolloutService
 
@@ -118,9 +117,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         return request.app.state.service
 
     async def authorised(request: Request) -> None:
-        if config.api_key and not hmac.compare_digest(
-            request.headers.get("authorization", "").encode(), f"Bearer {config.api_key}".encode()
-        ):
+        if config.api_key and not bearer_matches(request.headers.get("authorization", ""), config.api_key):
             raise HTTPException(401, "missing or wrong bearer token")
 
     async def engine_alive(request: Request) -> None:

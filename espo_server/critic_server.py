@@ -13,7 +13,6 @@ needs it; /health and /metrics do not), and a push loads only from its `--weight
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -31,7 +30,7 @@ from espo_client.protocol import (
 )
 
 from .critic import InProcessCritic, push_weights
-from .errors import InvalidRequest, install_error_handlers
+from .errors import InvalidRequest, bearer_matches, install_error_handlers
 from .weights import allowed_weights_dir
 
 _ERRORS: dict[int | str, dict] = {
@@ -48,9 +47,7 @@ def build_critic_app(
     roots = list(weights_dir or [])
 
     async def authorised(request: Request) -> None:
-        if api_key and not hmac.compare_digest(
-            request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()
-        ):
+        if api_key and not bearer_matches(request.headers.get("authorization", ""), api_key):
             raise HTTPException(401, "missing or wrong bearer token")
 
     v1 = [Depends(authorised)]

@@ -22,6 +22,7 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING
 
 from espo_client.protocol import ErrorBody, ErrorResponse
@@ -181,3 +182,9 @@ class WeightsBroken(ServiceError):
     refused with this 503 (and /readyz is 503) until a push succeeds."""
 
     type = "weights_broken"
+
+
+def bearer_matches(authorization: str, api_key: str) -> bool:
+    """Whether an `Authorization` header is `Bearer <api_key>`, compared in constant time (every
+    transport's auth: both HTTP apps and gRPC)."""
+    return hmac.compare_digest(authorization.encode(), f"Bearer {api_key}".encode())

@@ -20,7 +20,6 @@ which aborts its engine requests. Started by serve.py beside uvicorn when `--grp
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -46,7 +45,7 @@ from espo_client.protocol import (
 from espo_client.stop_rule import ParameterError
 
 from .config import ServerConfig
-from .errors import InvalidRequest, error_body, param_of
+from .errors import InvalidRequest, bearer_matches, error_body, param_of
 from .service import RolloutService
 
 log = logging.getLogger(__name__)
@@ -103,8 +102,7 @@ class RolloutsServicer(pb_grpc.RolloutsServicer):
         if not self.api_key:
             return
         metadata = dict(context.invocation_metadata() or ())
-        given = str(metadata.get("authorization", "")).encode()
-        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+        if not bearer_matches(str(metadata.get("authorization", "")), self.api_key):
             await abort(
                 context,
                 ErrorBody(message="missing or wrong bearer token", type="authentication_error", code=401),

@@ -479,3 +479,25 @@ def test_the_critic_server_is_behind_the_api_key_and_loads_only_from_weights_dir
             await remote.aclose()
 
     asyncio.run(go())
+
+
+def test_the_rollout_app_is_behind_the_api_key():
+    """Every /v1 route needs `Authorization: Bearer KEY` (checked before the service is reached);
+    /healthz does not."""
+    from espo_server.app import build_app
+    from espo_server.config import ServerConfig
+
+    app = build_app(ServerConfig(model="fake", api_key="sesame"))
+    app.state.service = service(FakeEngine(length=3), FakeCritic())
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://espo") as http:
+            assert (await http.get("/healthz")).status_code == 200
+            for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "sesame"}):
+                r = await http.get("/v1/espo/state", headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+            r = await http.get("/v1/espo/state", headers={"Authorization": "Bearer sesame"})
+            assert r.status_code == 200, r.text
+
+    asyncio.run(go())
