@@ -278,7 +278,30 @@ def _sse_response(chunk: type) -> dict:
         200: {
             "description": f"JSON; with stream: true, server-sent events `data: {chunk.__name__}` "
             "per finished choice, then `data: [DONE]`",
-            "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}},
+            # each server-sent event (as SSE tools see one): its `data` is a JSON-encoded chunk, or
+            # the literal [DONE] that ends the stream
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "event": {"type": "string"},
+                            "data": {
+                                "description": f"a JSON-encoded {chunk.__name__}, or [DONE] (the last)",
+                                "anyOf": [
+                                    {"const": "[DONE]"},
+                                    {
+                                        "type": "string",
+                                        "contentMediaType": "application/json",
+                                        "contentSchema": {"$ref": f"#/components/schemas/{chunk.__name__}"},
+                                    },
+                                ],
+                            },
+                        },
+                        "required": ["data"],
+                    }
+                }
+            },
         }
     }
 
