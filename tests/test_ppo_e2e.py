@@ -8,11 +8,9 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import random
-import sys
 from pathlib import Path
 
 import httpx
@@ -25,6 +23,7 @@ from espo_client import protocol, stop_rule
 from espo_client.learner import trajectories_to_tensors
 from espo_server.tiny_model import EOS_ID, PAD_ID
 from espo_server.toy.task import decode, encode, solve
+from tests.scripts import script_module
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ppo_toy.py"
 
@@ -32,15 +31,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ppo_toy.py"
 @pytest.fixture(scope="module")
 def ppo_toy():
     """examples/ppo_toy.py as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("ppo_toy", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module(EXAMPLE, "ppo_toy") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def tiny_args(out: Path, policy: Path, critic: Path, *extra: str) -> list[str]:

@@ -3,13 +3,14 @@ runs through examples/ppo_toy.py, and the table and plot it writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.scripts import script_module
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -18,15 +19,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "reproduce.py"
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module(BENCH, "reproduce") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
         sys.modules.pop("ppo_toy", None)
 
 
