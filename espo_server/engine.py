@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from espo_client.protocol import MAX_SEED
+
 from . import metrics
 from .errors import EngineDead, ReloadFailed, WeightsBroken
 
@@ -27,6 +29,12 @@ ENGINE_DEAD_MESSAGE = (
     "the policy engine process has died (vLLM EngineDeadError); this server cannot recover and is "
     "exiting for its supervisor to restart it: retry on another replica or after the restart"
 )
+
+
+def sample_seed(base: int, offset: int) -> int:
+    """The engine seed `base + offset`, wrapped into [0, 2**63): a request may give any seed up to
+    MAX_SEED, and the sample index (or a continuation's offset) added to it must not overflow."""
+    return (base + offset) % (MAX_SEED + 1)
 
 
 @dataclass(frozen=True)

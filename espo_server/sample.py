@@ -28,7 +28,7 @@ from espo_client.stop_rule import EspoState, StopRule, TrajectoryTracker
 
 from . import metrics
 from .critic import CriticBatcher, CriticError
-from .engine import GenerationParams, PolicyEngine, TokenChunk
+from .engine import GenerationParams, PolicyEngine, TokenChunk, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class Sample:
         done = len(self.token_ids)
         params = spec.generation
         if k:  # a continuation: the rest of the budget, under a seed of its own
-            seed = None if params.seed is None else params.seed + 7919 * k
+            seed = None if params.seed is None else sample_seed(params.seed, 7919 * k)
             params = dataclasses.replace(params, max_tokens=params.max_tokens - done, seed=seed)
             if params.max_tokens <= 0:
                 self.finish_reason = "length"

@@ -52,7 +52,7 @@ from espo_client.stop_rule import (
 from . import metrics
 from .config import ServerConfig
 from .critic import CriticBatcher, CriticClient, CriticError, InProcessCritic, push_weights
-from .engine import ENGINE_DEAD_MESSAGE, GenerationParams, PolicyEngine
+from .engine import ENGINE_DEAD_MESSAGE, GenerationParams, PolicyEngine, sample_seed
 from .errors import Conflict, EngineDead, InvalidRequest, Overloaded, ShuttingDown, WeightsBroken
 from .idempotency import CallEnded, IdempotencyCache
 from .ledger import StateLedger
@@ -100,7 +100,7 @@ class CallPlan:
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
-            seed=None if request.seed is None else request.seed + flat_index,
+            seed=None if request.seed is None else sample_seed(request.seed, flat_index),
             stop_token_ids=tuple(request.stop_token_ids or ()),
             ignore_eos=request.ignore_eos,
             top_k_logprobs=self.top_k_logprobs,
@@ -221,8 +221,20 @@ class RolloutService:
         No side effects: the state is read when the call starts (`stream`)."""
         known = self.idempotency.lookup(request)
         if known is not None:  # a retry: replayed (or waited for) by `stream`, not validated again
+            # The prompts' ids still: the OpenAI routes build their choices and usage from them.
+            prompt_ids = [
+                list(p.token_ids) if p.token_ids is not None else self.encode_text(p.text or "")
+                for p in request.prompts
+            ]
             return CallPlan(
-                request, request.request_id or "", [], [], StopRule.NONE, self.rule_defaults, 1, known=known
+                request,
+                request.request_id or "",
+                prompt_ids,
+                [None] * len(prompt_ids),
+                StopRule.NONE,
+                self.rule_defaults,
+                1,
+                known=known,
             )
         self._check_new_work()
         self._check_weights()

@@ -178,6 +178,9 @@ def test_stop_strings_end_choices_and_are_cut_from_the_text(client):
         ({"prompt": ""}, 400, "prompt"),
         ({"model": "gpt-4"}, 404, "model"),
         ({"temperature": -1}, 400, "temperature"),
+        ({"temperature": 2.5}, 400, "temperature"),  # vLLM's range is [0, 2]: a 400, not its 503
+        ({"seed": -1}, 400, "seed"),
+        ({"seed": 2**63}, 400, "seed"),
         ({"logprobs": 50}, 400, "logprobs"),
         ({"echo": True}, 400, "echo"),
         ({"frequency_penalty": 0.5}, 400, "frequency_penalty"),
@@ -205,6 +208,8 @@ def test_bad_completions_are_4xx_naming_the_field(client, kwargs, status, param)
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_logprobs": 99, "logprobs": True}, "top_logprobs"),
+        ({"temperature": 5}, "temperature"),
+        ({"seed": -3}, "seed"),
         ({"extra_body": {"response_format": {"type": "json_object"}}}, "response_format"),
     ],
 )
@@ -213,6 +218,32 @@ def test_bad_chat_requests_are_400_naming_the_field(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(**request)
     assert caught.value.body["param"] == param, caught.value.body
+
+
+def test_a_retry_with_the_same_request_id_replays_the_choices(client, inprocess_server):
+    """A known request_id is answered from the idempotency cache: the same choices, logprobs and
+    usage as the first answer (its replay once ended in a 503 IndexError: no prompt ids), also
+    streamed, and the seed's largest value wraps instead of overflowing the engine's generator."""
+    chat = {
+        "model": MODEL, "messages": [{"role": "user", "content": "4+4="}], "n": 2, "max_tokens": 6,
+        "logprobs": True, "top_logprobs": 2, "seed": 2**63 - 1,
+        "extra_body": {"request_id": "chat-retry-1"},
+    }  # fmt: skip
+    first = client.chat.completions.create(**chat)
+    again = client.chat.completions.create(**chat)
+    assert again.model_dump(exclude={"created"}) == first.model_dump(exclude={"created"})
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens > 0
+    streamed = [c for chunk in client.chat.completions.create(**chat, stream=True) for c in chunk.choices]
+    assert {c.index: c.delta.content for c in streamed} == {c.index: c.message.content for c in first.choices}
+    completion = {"model": MODEL, "prompt": ["1+", "2+"], "max_tokens": 4, "logprobs": 1, "seed": 5,
+                  "extra_body": {"request_id": "completion-retry-1"}}  # fmt: skip
+    first = client.completions.create(**completion)
+    again = client.completions.create(**completion)
+    assert [c.text for c in again.choices] == [c.text for c in first.choices]
+    assert [espo_of(c).prompt_token_ids for c in sorted(again.choices, key=lambda c: c.index)] == [
+        build_tokenizer().encode(p) for p in ("1+", "2+")
+    ]
+    assert again.usage == first.usage
 
 
 def test_chat_without_a_template_is_400(inprocess_server, monkeypatch):

@@ -232,7 +232,22 @@ BAD_INPUTS = [
     ({"temprature": 0.5}, "temprature"),
     ({"stop_token_ids": [10_000]}, "stop_token_ids"),
     ({"include": ["everything"]}, "include[0]"),
+    ({"temperature": 5.0}, "temperature"),  # vLLM refuses > 2: a 400 here, never its error as a 503
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**64}, "seed"),
 ]
+
+
+def test_the_largest_seed_wraps_for_every_sample(rollout_server):
+    """seed + i*n + j past 2**63 - 1 wraps (it once overflowed vLLM's generator: a 503), so sample j
+    of the largest seed is the sample of seed j - 1; the random rule's draw takes the seed too."""
+    body = {"prompts": [{"token_ids": PROMPT}], "max_tokens": 6, "stop_rule": "none"}
+    top = rollouts(rollout_server, **body, n=3, seed=2**63 - 1)["trajectories"]
+    low = rollouts(rollout_server, **body, n=2, seed=0)["trajectories"]
+    top, low = (sorted(ts, key=lambda t: t["sample_index"]) for ts in (top, low))
+    assert [t["token_ids"] for t in top[1:]] == [t["token_ids"] for t in low]
+    drawn = rollouts(rollout_server, **{**body, "stop_rule": "random"}, n=3, seed=2**63 - 1)
+    assert len(drawn["trajectories"]) == 3
 
 
 @pytest.mark.parametrize(("patch", "param"), BAD_INPUTS, ids=[p for _, p in BAD_INPUTS])

@@ -32,7 +32,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 
-from .protocol import MAX_TOP_K_LOGPROBS, EspoState, RolloutResponse, RuleParams, TraceName, Trajectory
+from .protocol import (
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_K_LOGPROBS,
+    EspoState,
+    RolloutResponse,
+    RuleParams,
+    TraceName,
+    Trajectory,
+)
 from .stop_rule import StopRule
 
 __all__ = [
@@ -127,7 +136,9 @@ class _EspoFields(_Model):
 
 class _Sampling(_EspoFields):
     model: str = Field(..., description="The served model's name (GET /v1/models).")
-    temperature: float | None = Field(None, ge=0, description="Sampling temperature (default 1).")
+    temperature: float | None = Field(
+        None, ge=0, le=MAX_TEMPERATURE, description="Sampling temperature, 0 to 2 (default 1)."
+    )
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1).")
     n: int = Field(1, ge=1, description="Choices per prompt.")
     stream: bool = Field(False, description="Server-sent events: a chunk per choice as it finishes.")
@@ -136,7 +147,12 @@ class _Sampling(_EspoFields):
         str | list[Annotated[str, Field(min_length=1)]] | None,
         _one_of("a non-empty string or a list of them"),
     ] = Field(None, description="Stop strings (up to 16): a choice ends once its text contains one.")
-    seed: int | None = Field(None, description="Base seed; choice j of prompt i uses seed + i*n + j.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Base seed (0 to 2**63-1); choice j of prompt i uses seed + i*n + j.",
+    )
     presence_penalty: float | None = Field(None, description="Accepted only as 0 (not implemented).")
     frequency_penalty: float | None = Field(None, description="Accepted only as 0 (not implemented).")
     logit_bias: dict[str, float] | None = Field(None, description="Accepted only empty (not implemented).")

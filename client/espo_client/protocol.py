@@ -52,6 +52,13 @@ MAX_TOP_K_LOGPROBS = 64
 """Most log-probabilities per step a request may ask for (the entropy estimate's k); the server's
 engine is started with this as vLLM's `max_logprobs`."""
 
+MAX_SEED = 2**63 - 1
+"""Largest seed a request may give. A sample's engine seed (seed + i*n + j, and its continuations')
+wraps modulo 2**63, so it always fits vLLM's 64-bit generator."""
+
+MAX_TEMPERATURE = 2.0
+"""vLLM's (and OpenAI's) upper bound of the sampling temperature."""
+
 EndReason = Literal["eos", "length", "espo_stop", "abort"]
 TraceName = Literal["regret", "z", "values", "entropy", "top_logprobs", "text"]
 """What `include` can ask for: per-token traces (`Traces`), and `text`, the decoded response
@@ -129,9 +136,16 @@ class RolloutRequest(_Model):
     )
     n: int = Field(1, ge=1, description="Samples per prompt (the server caps it: see /v1/info).")
     max_tokens: int = Field(256, ge=1, description="Response token limit; ends with `length` when hit.")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (regret uses raw logprobs).")
+    temperature: float = Field(
+        1.0, ge=0, le=MAX_TEMPERATURE, description="Sampling temperature, 0 to 2 (regret uses raw logprobs)."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, description="Base seed; sample j of prompt i uses seed + i*n + j.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Base seed (0 to 2**63-1); sample j of prompt i uses seed + i*n + j.",
+    )
     stop_token_ids: list[int] | None = Field(None, description="Extra token ids that end a response (eos).")
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None,
