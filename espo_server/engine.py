@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from espo_client.protocol import MAX_SEED
 
@@ -183,36 +183,12 @@ class PolicyEngine:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def launch(
-        cls,
-        model: str,
-        *,
-        gpu_memory_utilization: float = 0.2,
-        max_model_len: int | None = None,
-        dtype: str = "auto",
-        seed: int = 0,
-        max_logprobs: int = 64,
-        enforce_eager: bool = False,
-        max_num_seqs: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        parallel: Parallelism | None = None,
-    ) -> AsyncIterator[PolicyEngine]:
-        """Start AsyncLLM for `model`; shut it down on exit, whatever happened."""
+    async def launch(cls, model: str, **settings: Any) -> AsyncIterator[PolicyEngine]:
+        """Start AsyncLLM for `model` with `engine_args`' settings; shut it down on exit, whatever
+        happened."""
         from transformers import AutoTokenizer
 
-        args = cls.engine_args(
-            model,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            seed=seed,
-            max_logprobs=max_logprobs,
-            enforce_eager=enforce_eager,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            parallel=parallel,
-        )
-        async with running_async_llm(args, "policy") as llm:
+        async with running_async_llm(cls.engine_args(model, **settings), "policy") as llm:
             yield cls(llm, model, AutoTokenizer.from_pretrained(model))
 
     @staticmethod
