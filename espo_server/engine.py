@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from espo_client.protocol import MAX_SEED
+from espo_client.protocol import MAX_SEED, EngineSampling
 
 from . import metrics
 from .errors import EngineDead, ReloadFailed, WeightsBroken
@@ -55,6 +55,53 @@ class GenerationParams:
     """Stop strings (vLLM then detokenizes this sample's output to look for them)."""
     stream_interval: int = 1
     """Tokens per streamed chunk (vLLM's stream_interval; the first and last come at once)."""
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    """vLLM's further sampling settings (protocol `EngineSampling`): they change what is sampled,
+    not the raw logprobs returned."""
+
+    @staticmethod
+    def engine_sampling(fields: EngineSampling) -> dict[str, Any]:
+        """A request's `EngineSampling` fields as keyword arguments of GenerationParams."""
+        return {
+            "top_k": fields.top_k,
+            "min_p": fields.min_p,
+            "repetition_penalty": fields.repetition_penalty,
+            "presence_penalty": fields.presence_penalty,
+            "frequency_penalty": fields.frequency_penalty,
+            "min_tokens": fields.min_tokens,
+            "logit_bias": tuple(sorted((fields.logit_bias or {}).items())),
+            "allowed_token_ids": None if fields.allowed_token_ids is None else tuple(fields.allowed_token_ids),
+            "bad_words": tuple(fields.bad_words or ()),
+        }
+
+    def record(self) -> dict[str, Any]:
+        """The sampling settings in the protocol's form (`Carried`): what a carried sample runs under."""
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop_token_ids": list(self.stop_token_ids) or None,
+            "stop": list(self.stop) or None,
+            "ignore_eos": self.ignore_eos,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "min_tokens": self.min_tokens,
+            "logit_bias": dict(self.logit_bias) or None,
+            "allowed_token_ids": None if self.allowed_token_ids is None else list(self.allowed_token_ids),
+            "bad_words": list(self.bad_words) or None,
+        }
 
 
 @dataclass(frozen=True)
@@ -243,6 +290,15 @@ class PolicyEngine:
             detokenize=bool(params.stop),
             stop=list(params.stop) or None,
             stream_interval=params.stream_interval if params.stream_interval > 1 else None,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            min_tokens=params.min_tokens,
+            logit_bias=dict(params.logit_bias) or None,
+            allowed_token_ids=None if params.allowed_token_ids is None else list(params.allowed_token_ids),
+            bad_words=list(params.bad_words) or None,
         )
         want_topk = params.top_k_logprobs > 1 or params.top_ids
         finished = False

@@ -208,7 +208,12 @@ class Sample:
         params = spec.generation
         if k:  # a continuation: the rest of the budget, under a seed of its own
             seed = None if params.seed is None else sample_seed(params.seed, 7919 * k)
-            params = dataclasses.replace(params, max_tokens=params.max_tokens - done, seed=seed)
+            params = dataclasses.replace(
+                params,
+                max_tokens=params.max_tokens - done,
+                min_tokens=max(0, params.min_tokens - done),
+                seed=seed,
+            )
             if params.max_tokens <= 0:
                 self.finish_reason = "length"
                 return

@@ -106,6 +106,7 @@ class CallPlan:
             top_k_logprobs=self.top_k_logprobs,
             top_ids="top_logprobs" in request.include,
             stop=tuple(request.stop or ()),
+            **GenerationParams.engine_sampling(request),
         )
 
     def tracker(self, flat_index: int, critic_fallback: str) -> TrajectoryTracker:
@@ -289,11 +290,7 @@ class RolloutService:
                 f"max_tokens={request.max_tokens} must be below the model length {engine.max_model_len}",
                 "max_tokens",
             )
-        for token in request.stop_token_ids or ():
-            if not 0 <= token < engine.vocab_size:
-                raise InvalidRequest(
-                    f"stop token id {token} outside the vocabulary [0, {engine.vocab_size})", "stop_token_ids"
-                )
+        _check_sampling(request, engine.vocab_size)
         vocab = engine.vocab_size
         prompt_ids, prompt_texts = [], []
         for i, prompt in enumerate(request.prompts):
@@ -565,18 +562,13 @@ class RolloutService:
             trajectory.text = self._decode(trajectory.token_ids)
         if group.request_id == plan.request_id or trajectory.carried is not None:
             return trajectory
-        spec, gen = sample.spec, sample.spec.generation
+        spec = sample.spec
         origin = Carried(
             request_id=group.request_id,
             prompt_token_ids=spec.prompt_ids,
             stop_rule=spec.stop_rule,
             shadow=spec.shadow,
-            max_tokens=gen.max_tokens,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            seed=gen.seed,
-            stop_token_ids=list(gen.stop_token_ids) or None,
-            ignore_eos=gen.ignore_eos,
+            **spec.generation.record(),
         )
         return trajectory.model_copy(update={"carried": origin})
 
@@ -836,6 +828,21 @@ async def _endings(
         for task in ready:
             yield pending.pop(task)
         ready = []
+
+
+def _check_sampling(request: RolloutRequest, vocab: int) -> None:
+    """What the protocol's bounds cannot say: token ids inside the vocabulary, min_tokens within
+    max_tokens, top_k within the vocabulary (vLLM would fail the sample: a 503, not a 400)."""
+    for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
+        bad = [t for t in getattr(request, name) or () if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}", name)
+    if request.min_tokens > request.max_tokens:
+        raise InvalidRequest(
+            f"min_tokens={request.min_tokens} exceeds max_tokens={request.max_tokens}", "min_tokens"
+        )
+    if request.top_k > vocab:
+        raise InvalidRequest(f"top_k={request.top_k} exceeds the vocabulary size {vocab}", "top_k")
 
 
 def _order(trajectory: Trajectory) -> tuple:

@@ -23,6 +23,7 @@ __all__ = [
     "CriticWeightsResponse",
     "DoneEvent",
     "EndReason",
+    "EngineSampling",
     "ErrorBody",
     "ErrorEvent",
     "ErrorResponse",
@@ -126,7 +127,50 @@ class RuleParams(_Model):
         return base.with_overrides(self.overrides())
 
 
-class RolloutRequest(_Model):
+class EngineSampling(_Model):
+    """vLLM's sampling settings beyond temperature and top_p, with vLLM's names, defaults and meaning
+    (its `SamplingParams`). They change which token is sampled, never the log-probabilities returned:
+    those stay raw (the log-softmax of the model's logits, before temperature, penalties, logit bias,
+    token masks, min_tokens, top-k, top-p and min-p), which is what the ESPO regret and a learner's
+    importance ratio against the policy's own forward pass need. A raw logprob equals the one the
+    token was sampled from only at temperature 1 with all of these at their defaults."""
+
+    top_k: int = Field(
+        0, ge=-1, description="Sample among the k most likely tokens only (0 or -1: all)."
+    )
+    min_p: float = Field(
+        0.0, ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one."
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0,
+        description="Divide positive logits (multiply negative ones) of tokens already in the prompt or "
+        "response by this (1: off).",
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Subtract from the logit of each token already in the response."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Subtract this times its count so far from each token's logit."
+    )
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        description="EOS and stop_token_ids cannot end a response before this many tokens (vLLM's; not "
+        "the stop rule's rule_params.min_tokens).",
+    )
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Token id -> value added to its logit before sampling (-100 to 100)."
+    )
+    allowed_token_ids: list[int] | None = Field(
+        None, min_length=1, description="Sample only among these token ids."
+    )
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="Words whose token sequences are never completed."
+    )
+
+
+class RolloutRequest(EngineSampling):
     """`POST /v1/rollouts`: sample `n` trajectories per prompt under a stop rule."""
 
     prompts: list[Prompt] = Field(
@@ -251,9 +295,10 @@ class VersionSpan(_Model):
     version: int
 
 
-class Carried(_Model):
+class Carried(EngineSampling):
     """Where a carried-over trajectory came from: set only on trajectories that an earlier call of the
-    run started (its prompt_index and sample_index refer to that call's prompts)."""
+    run started (its prompt_index and sample_index refer to that call's prompts), with the sampling
+    settings it runs under."""
 
     request_id: str = Field(..., description="The call that started this trajectory.")
     prompt_token_ids: list[int] = Field(..., description="Its prompt, so the learner needs no lookup.")
@@ -264,6 +309,7 @@ class Carried(_Model):
     top_p: float
     seed: int | None = Field(None, description="The sample's seed (its first engine request's).")
     stop_token_ids: list[int] | None = None
+    stop: list[str] | None = None
     ignore_eos: bool = False
 
 
