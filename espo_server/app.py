@@ -25,7 +25,13 @@ from espo_client.openai_protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
 )
 from espo_client.protocol import (
     CommitRequest,
@@ -49,6 +55,7 @@ from espo_client.protocol import (
     WeightsResponse,
 )
 
+from . import __version__
 from .config import ServerConfig
 from .errors import bearer_matches, error_body, install_error_handlers
 from .openai_api import OpenAIServing
@@ -264,6 +271,37 @@ def build_app(config: ServerConfig) -> FastAPI:
         if body.stream:
             return StreamingResponse(oai.sse(call), media_type="text/event-stream")
         return await run_until_disconnect(request, oai.respond(call))
+
+    # vLLM's own serving routes that clients of vLLM poll or call (TRL's VLLMClient, vllm bench serve)
+
+    @app.get("/health", responses={503: {"description": "The policy engine is dead"}})
+    async def health(svc: RolloutService = Depends(get_service)) -> Response:
+        """vLLM's liveness check: 200 with an empty body while the policy engine lives, else 503."""
+        try:
+            await svc.engine.check_health()
+        except Exception:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        import vllm
+
+        return VersionResponse(version=vllm.__version__, espo_server=__version__)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, dependencies=v1, responses=v1_errors)
+    async def tokenize(
+        body: TokenizeCompletionRequest | TokenizeChatRequest, oai: OpenAIServing = Depends(get_openai)
+    ) -> TokenizeResponse:
+        oai.check_model(body.model)
+        return oai.prompts.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=v1, responses=v1_errors)
+    async def detokenize(
+        body: DetokenizeRequest, oai: OpenAIServing = Depends(get_openai)
+    ) -> DetokenizeResponse:
+        oai.check_model(body.model)
+        return oai.prompts.detokenize(body)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -78,7 +78,9 @@ class GenerationParams:
             "frequency_penalty": fields.frequency_penalty,
             "min_tokens": fields.min_tokens,
             "logit_bias": tuple(sorted((fields.logit_bias or {}).items())),
-            "allowed_token_ids": None if fields.allowed_token_ids is None else tuple(fields.allowed_token_ids),
+            "allowed_token_ids": (
+                None if fields.allowed_token_ids is None else tuple(fields.allowed_token_ids)
+            ),
             "bad_words": tuple(fields.bad_words or ()),
         }
 

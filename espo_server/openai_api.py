@@ -1,13 +1,16 @@
-"""OpenAI-compatible completions and chat completions, over the same `RolloutService`.
+"""OpenAI-compatible completions and chat completions in vLLM's dialect, over the same `RolloutService`.
 
     CompletionRequest / ChatCompletionRequest --OpenAIServing.*_call()--> RolloutRequest --plan()-->
-    CallPlan --service.stream()--> trajectories --> choices (finish_reason, logprobs, `espo` objects)
+    CallPlan --service.stream()--> trajectories --> choices (openai_choices.py: text, stop_reason,
+    logprobs in vLLM's shapes; `espo` objects)
 
 No rollout logic lives here: a request becomes one `RolloutRequest` (the chat messages rendered to
-token ids with the chat template first), runs through `RolloutService.plan` and `stream` like
-`POST /v1/rollouts`, and each trajectory becomes one choice. Errors are the service's
-`InvalidRequest`, with `param` renamed to the OpenAI request's field (`prompts[0]` -> `prompt`,
-`messages`). The routes are in app.py.
+token ids with the chat template first; vLLM's sampling fields passed on as they are), runs through
+`RolloutService.plan` and `stream` like `POST /v1/rollouts`, and each trajectory becomes one choice.
+Errors are the service's `InvalidRequest`, with `param` renamed to the OpenAI request's field
+(`prompts[0]` -> `prompt`, `messages`). vLLM fields this server does not implement are a 400 unless
+neutral (`openai_protocol.NOT_IMPLEMENTED`). The routes are in app.py; `/tokenize` and `/detokenize`
+are served here too, as vLLM's.
 
 Streaming sends one server-sent event per choice once the choice is final (the stop rule may still
 cut tokens back while the critic answers, so tokens are not sent one by one), then a last chunk with
@@ -20,28 +23,24 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from pydantic import ValidationError
 
 from espo_client.openai_protocol import (
     FINISH_REASONS,
+    NOT_IMPLEMENTED,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
-    ChatLogprob,
-    ChatLogprobs,
     ChatMessageOut,
-    ChatTopLogprob,
     CompletionChoice,
     CompletionChunk,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionUsage,
@@ -49,10 +48,12 @@ from espo_client.openai_protocol import (
     ModelCard,
     ModelList,
 )
-from espo_client.protocol import GroupEvent, RolloutRequest, RolloutResponse, Trajectory
+from espo_client.protocol import EngineSampling, GroupEvent, RolloutRequest, RolloutResponse, Trajectory
 
 from .config import ServerConfig
 from .errors import InvalidRequest, ModelNotFound, error_body, param_of
+from .openai_choices import ChoiceText, chat_logprobs, completion_logprobs, top_token_ids
+from .openai_prompts import Prompts, completion_prompts
 from .service import CallPlan, RolloutService
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,10 @@ class OpenAICall:
     plan: CallPlan
     prompt_ids: list[list[int]]
     id: str
+    text: ChoiceText
+    prompt_text: str | None = None
+    """Chat: the rendered prompt (return_prompt_text)."""
     created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def stops(self) -> list[str]:
-        stop = self.body.stop
-        return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 class OpenAIServing:
@@ -83,7 +82,8 @@ class OpenAIServing:
     def __init__(self, service: RolloutService, config: ServerConfig) -> None:
         self.service = service
         self.model_name = config.model_name()
-        self.chat_template = _read_template(config.chat_template)
+        self.prompts = Prompts(service.engine, config.chat_template)
+        self.tokenizer = service.engine.tokenizer
 
     # ------------------------------------------------------------------ requests
 
@@ -91,17 +91,23 @@ class OpenAIServing:
         engine = self.service.engine
         return ModelList(data=[ModelCard(id=self.model_name, created=0, max_model_len=engine.max_model_len)])
 
+    def check_model(self, model: str | None) -> None:
+        """A request may leave `model` out (as vLLM's); if it names one, it must be the served one."""
+        if model is not None and model != self.model_name:
+            raise ModelNotFound(
+                f"model {model!r} is not served here; this server serves {self.model_name!r} "
+                "(GET /v1/models)",
+                "model",
+            )
+
     def completion_call(self, body: CompletionRequest) -> OpenAICall:
         self._check_common(body)
-        for name, neutral in (("echo", False), ("suffix", None)):
-            if getattr(body, name) not in (neutral, ""):
-                raise InvalidRequest(f"{name} is not supported by this server", name)
-        if body.best_of not in (None, 1):
-            raise InvalidRequest("best_of is not supported by this server (use n)", "best_of")
-        prompts = _completion_prompts(body.prompt)
+        prompts = completion_prompts(body.prompt)
+        if not body.add_special_tokens:  # the service tokenises texts with them: do it here instead
+            prompts = [self.prompts.encode(p, False) if isinstance(p, str) else p for p in prompts]
         top = body.logprobs or 0
         request = self._rollout_request(
-            body, prompts, max_tokens=body.max_tokens or 16, top_logprobs=top, where="prompt"
+            body, prompts, max_tokens=body.max_tokens, top_logprobs=top, where="prompt"
         )
         return self._call("completion", body, request, "prompt")
 
@@ -112,7 +118,13 @@ class OpenAIServing:
                 raise InvalidRequest(
                     "give max_tokens or max_completion_tokens, not both", "max_completion_tokens"
                 )
-        ids = self._render_chat(body)
+        ids, text = self.prompts.render_chat(
+            body.messages,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            add_special_tokens=body.add_special_tokens,
+            template_kwargs=body.chat_template_kwargs,
+        )
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
             max_tokens = self.service.engine.max_model_len - len(ids)
@@ -126,51 +138,15 @@ class OpenAIServing:
         request = self._rollout_request(
             body, [ids], max_tokens=max_tokens, top_logprobs=top, where="messages"
         )
-        return self._call("chat", body, request, "messages")
+        call = self._call("chat", body, request, "messages")
+        call.prompt_text = text
+        return call
 
     def _check_common(self, body: CompletionRequest | ChatCompletionRequest) -> None:
-        if body.model != self.model_name:
-            raise ModelNotFound(
-                f"model {body.model!r} is not served here; this server serves "
-                f"{self.model_name!r} (GET /v1/models)",
-                "model",
-            )
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(body, name) not in (None, 0):
+        self.check_model(body.model)
+        for name, neutral in NOT_IMPLEMENTED.items():
+            if name in type(body).model_fields and getattr(body, name) not in neutral:
                 raise InvalidRequest(f"{name} is not supported by this server", name)
-        if body.logit_bias:
-            raise InvalidRequest("logit_bias is not supported by this server", "logit_bias")
-
-    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
-        tokenizer = self.service.engine.tokenizer
-        messages = []
-        for message in body.messages:
-            content = message.content
-            if isinstance(content, list):
-                content = "".join(part.text for part in content)
-            entry = {"role": message.role, "content": content or ""}
-            if message.name is not None:
-                entry["name"] = message.name
-            messages.append(entry)
-        if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequest(
-                "this model's tokenizer has no chat template: use /v1/completions, or start the server "
-                "with --chat-template",
-                "messages",
-            )
-        try:
-            text = tokenizer.apply_chat_template(
-                messages,
-                tokenize=False,
-                add_generation_prompt=body.add_generation_prompt,
-                chat_template=self.chat_template,
-            )
-        except Exception as exc:  # the template's own complaints (jinja's raise_exception, bad roles)
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}", "messages") from exc
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-        if not ids:
-            raise InvalidRequest("the messages render to no tokens", "messages")
-        return ids
 
     def _rollout_request(
         self,
@@ -201,6 +177,7 @@ class OpenAIServing:
             "stop_token_ids": body.stop_token_ids,
             "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
             "ignore_eos": body.ignore_eos,
+            **{name: getattr(body, name) for name in EngineSampling.model_fields},
             "stop_rule": body.stop_rule,
             "rule_params": body.rule_params,
             "shadow": body.shadow,
@@ -226,7 +203,17 @@ class OpenAIServing:
             param = _openai_param(exc.param, where, len(request.prompts))
             raise type(exc)(exc.message, param) from exc
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
-        return OpenAICall(kind, body, plan, plan.prompt_ids, f"{prefix}-{plan.request_id}")
+        text = ChoiceText(
+            stops=tuple(request.stop or ()),
+            stop_token_ids=frozenset(request.stop_token_ids or ()),
+            eos_token_id=self.service.engine.eos_token_id,
+            ignore_eos=request.ignore_eos,
+            skip_special_tokens=body.skip_special_tokens,
+            spaces_between_special_tokens=body.spaces_between_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            tokens_as_ids=bool(body.return_tokens_as_token_ids),
+        )
+        return OpenAICall(kind, body, plan, plan.prompt_ids, f"{prefix}-{plan.request_id}", text)
 
     # ------------------------------------------------------------------ answers
 
@@ -237,117 +224,118 @@ class OpenAIServing:
                 response = item
         assert response is not None
         choices = [self._choice(call, t) for t in response.trajectories]
-        model = CompletionResponse if call.kind == "completion" else ChatCompletionResponse
-        return model(
-            id=call.id,
-            created=call.created,
-            model=self.model_name,
+        usage = self._usage(call, response.usage.generated_tokens)
+        espo = response.model_copy(update={"trajectories": []})
+        common = {"id": call.id, "created": call.created, "model": self.model_name}
+        common |= {"usage": usage, "espo": espo}
+        if call.kind == "completion":
+            return CompletionResponse(**common, choices=choices)
+        assert isinstance(call.body, ChatCompletionRequest)
+        return ChatCompletionResponse(
+            **common,
             choices=choices,
-            usage=self._usage(call, response),
-            espo=response.model_copy(update={"trajectories": []}),
+            prompt_token_ids=call.prompt_ids[0] if call.body.return_token_ids else None,
+            prompt_text=call.prompt_text if call.body.return_prompt_text else None,
         )
 
     async def sse(self, call: OpenAICall) -> AsyncIterator[bytes]:
         """Server-sent events, as OpenAI streams: `data: {chunk}` per finished choice, a last chunk
         with the usage and the rollout response, `data: [DONE]`. A failure after the 200 was sent is
         one `data: {"error": ...}` event (the openai package raises it as an APIError)."""
-        chunk_model = CompletionChunk if call.kind == "completion" else ChatCompletionChunk
+        body = call.body
         common = {"id": call.id, "created": call.created, "model": self.model_name}
-        include_usage = bool(call.body.stream_options and call.body.stream_options.include_usage)
+        options = body.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(options and options.continuous_usage_stats)
+        completion_tokens, first = 0, True
         try:
             async for item in self.service.stream(call.plan):
                 if isinstance(item, RolloutResponse):
+                    usage = self._usage(call, item.usage.generated_tokens)
+                    espo = item.model_copy(update={"trajectories": []})
+                    chunk_model = CompletionChunk if call.kind == "completion" else ChatCompletionChunk
                     last = chunk_model(
-                        **common,
-                        choices=[],
-                        usage=self._usage(call, item) if include_usage else None,
-                        espo=item.model_copy(update={"trajectories": []}),
+                        **common, choices=[], usage=usage if include_usage else None, espo=espo
                     )
                     yield _event(last.model_dump_json())
-                elif isinstance(item, GroupEvent):
+                    continue
+                if isinstance(item, GroupEvent):
                     continue  # OpenAI streams have no group events; choices carry their prompt index
-                elif call.kind == "completion":
-                    yield _event(chunk_model(**common, choices=[self._choice(call, item)]).model_dump_json())
+                completion_tokens += len(item.token_ids)
+                usage = self._usage(call, completion_tokens) if continuous else None
+                choice = self._choice(call, item)
+                if isinstance(choice, CompletionChoice):
+                    chunk = CompletionChunk(**common, choices=[choice], usage=usage)
                 else:
-                    choice = self._choice(call, item)
+                    assert isinstance(body, ChatCompletionRequest)
                     delta = ChatChunkChoice(
                         index=choice.index,
                         delta=ChatDelta(role="assistant", content=choice.message.content),
                         logprobs=choice.logprobs,
                         finish_reason=choice.finish_reason,
+                        stop_reason=choice.stop_reason,
+                        token_ids=choice.token_ids,
                         espo=choice.espo,
                     )
-                    yield _event(chunk_model(**common, choices=[delta]).model_dump_json())
+                    chunk = ChatCompletionChunk(
+                        **common,
+                        choices=[delta],
+                        usage=usage,
+                        prompt_token_ids=call.prompt_ids[0] if first and body.return_token_ids else None,
+                        prompt_text=call.prompt_text if first and body.return_prompt_text else None,
+                    )
+                first = False
+                yield _event(chunk.model_dump_json())
         except Exception as exc:
             log.exception("OpenAI stream failed")
             yield _event(json.dumps({"error": error_body(exc).model_dump()}))
         yield _event("[DONE]")
 
-    def _usage(self, call: OpenAICall, response: RolloutResponse) -> CompletionUsage:
+    def _usage(self, call: OpenAICall, completion_tokens: int) -> CompletionUsage:
         prompt = sum(len(ids) for ids in call.prompt_ids)
-        completion = response.usage.generated_tokens
         return CompletionUsage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
         )
 
     def _choice(self, call: OpenAICall, t: Trajectory) -> CompletionChoice | ChatChoice:
         body = call.body
         index = t.prompt_index * body.n + t.sample_index
-        text = t.text or ""
-        if t.end_reason == "eos" and call.stops:
-            text = _cut_at_stop(text, call.stops)
+        text, stop_reason = call.text.text_and_reason(t, self.tokenizer)
         finish = FINISH_REASONS[t.end_reason]
-        espo = EspoChoice(**t.model_dump(), prompt_token_ids=call.prompt_ids[t.prompt_index])
-        if call.kind == "completion":
-            assert isinstance(body, CompletionRequest)
-            logprobs = self._completion_logprobs(t, body.logprobs) if body.logprobs is not None else None
+        prompt_ids = call.prompt_ids[t.prompt_index]
+        espo = EspoChoice(**t.model_dump(), prompt_token_ids=prompt_ids)
+        token_ids = list(t.token_ids) if body.return_token_ids else None
+        if isinstance(body, CompletionRequest):
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(t, body.logprobs, *self._strings(t, body.logprobs), call.text)
             return CompletionChoice(
-                index=index, text=text, logprobs=logprobs, finish_reason=finish, espo=espo
+                index=index,
+                text=text,
+                logprobs=logprobs,
+                finish_reason=finish,
+                stop_reason=stop_reason,
+                token_ids=token_ids,
+                prompt_token_ids=list(prompt_ids) if body.return_token_ids else None,
+                espo=espo,
             )
-        assert isinstance(body, ChatCompletionRequest)
-        chat_logprobs = self._chat_logprobs(t, body.top_logprobs or 0) if body.logprobs else None
+        k = body.top_logprobs or 0
         return ChatChoice(
             index=index,
             message=ChatMessageOut(content=text),
-            logprobs=chat_logprobs,
+            logprobs=chat_logprobs(t, k, *self._strings(t, k), call.text) if body.logprobs else None,
             finish_reason=finish,
+            stop_reason=stop_reason,
+            token_ids=token_ids,
             espo=espo,
         )
 
-    def _top(self, t: Trajectory, k: int) -> list[list[tuple[int, float]]]:
-        traces = t.traces
-        if k <= 0 or traces is None or traces.top_token_ids is None or traces.top_logprobs is None:
-            return [[] for _ in t.token_ids]
-        return [
-            list(zip(ids[:k], lps[:k], strict=True))
-            for ids, lps in zip(traces.top_token_ids, traces.top_logprobs, strict=True)
-        ]
-
-    def _completion_logprobs(self, t: Trajectory, k: int) -> CompletionLogprobs:
-        strings = self.service.token_strings(t.token_ids)
-        offsets, at = [], 0
-        for s in strings:
-            offsets.append(at)
-            at += len(s)
-        top = None
-        if k > 0:
-            top = [
-                {self.service.token_strings([token])[0]: lp for token, lp in step} for step in self._top(t, k)
-            ]
-        return CompletionLogprobs(
-            tokens=strings, token_logprobs=t.logprobs, top_logprobs=top, text_offset=offsets
+    def _strings(self, t: Trajectory, k: int) -> tuple[list[str], dict[int, str]]:
+        """The sampled tokens decoded one by one, and the top-k tokens' strings."""
+        others = sorted(top_token_ids(t, k))
+        return self.service.token_strings(t.token_ids), dict(
+            zip(others, self.service.token_strings(others), strict=True)
         )
-
-    def _chat_logprobs(self, t: Trajectory, k: int) -> ChatLogprobs:
-        strings = self.service.token_strings(t.token_ids)
-        content = []
-        for s, lp, step in zip(strings, t.logprobs, self._top(t, k), strict=True):
-            top = []
-            for token, token_lp in step:
-                (ts,) = self.service.token_strings([token])
-                top.append(ChatTopLogprob(token=ts, logprob=token_lp, bytes=list(ts.encode())))
-            content.append(ChatLogprob(token=s, logprob=lp, bytes=list(s.encode()), top_logprobs=top))
-        return ChatLogprobs(content=content)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -355,37 +343,6 @@ class OpenAIServing:
 
 def _event(data: str) -> bytes:
     return f"data: {data}\n\n".encode()
-
-
-def _read_template(value: str | None) -> str | None:
-    """--chat-template: a file's path or the template itself."""
-    if value is None:
-        return None
-    path = Path(value)
-    try:
-        if len(value) < 4096 and path.is_file():
-            return path.read_text()
-    except OSError:
-        pass
-    return value
-
-
-def _completion_prompts(prompt: str | list) -> list[str | list[int]]:
-    """OpenAI's four prompt forms -> texts and token-id lists."""
-    if isinstance(prompt, str):
-        if not prompt:
-            raise InvalidRequest("prompt must not be empty", "prompt")
-        return [prompt]
-    if not prompt:
-        raise InvalidRequest("prompt must not be empty", "prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    out: list[str | list[int]] = []
-    for i, p in enumerate(prompt):
-        if not p:
-            raise InvalidRequest(f"prompt[{i}] must not be empty", f"prompt[{i}]")
-        out.append(p if isinstance(p, str) else list(p))
-    return out
 
 
 def _openai_param(param: str | None, where: str, prompts: int) -> str | None:
@@ -403,9 +360,3 @@ def _openai_param(param: str | None, where: str, prompts: int) -> str | None:
     if param == "top_logprobs":
         return "logprobs" if where == "prompt" else "top_logprobs"
     return param
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """OpenAI leaves the stop string out of the text: cut at the first one found."""
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[: min(cuts)] if cuts else text

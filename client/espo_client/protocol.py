@@ -135,9 +135,7 @@ class EngineSampling(_Model):
     importance ratio against the policy's own forward pass need. A raw logprob equals the one the
     token was sampled from only at temperature 1 with all of these at their defaults."""
 
-    top_k: int = Field(
-        0, ge=-1, description="Sample among the k most likely tokens only (0 or -1: all)."
-    )
+    top_k: int = Field(0, ge=-1, description="Sample among the k most likely tokens only (0 or -1: all).")
     min_p: float = Field(
         0.0, ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one."
     )
@@ -349,7 +347,7 @@ class Trajectory(_Model):
         None, description="Set when an earlier call of the run started this trajectory (carried over)."
     )
     text: str | None = Field(
-        None, description="The decoded response (special tokens skipped), with `include: [\"text\"]`."
+        None, description='The decoded response (special tokens skipped), with `include: ["text"]`.'
     )
 
 
