@@ -73,7 +73,13 @@ class Prompts:
                 **(template_kwargs or {}),
             )
         except Exception as exc:  # the template's own complaints (jinja's raise_exception, bad roles)
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}", "messages") from exc
+            # a TypeError with kwargs: one of them is apply_chat_template's own (tokenize=..., ...)
+            param = "chat_template_kwargs" if template_kwargs and isinstance(exc, TypeError) else "messages"
+            raise InvalidRequest(f"the chat template rejected the messages: {exc}", param) from exc
+        if not isinstance(text, str):  # a kwarg that changed what apply_chat_template returns
+            raise InvalidRequest(
+                "chat_template_kwargs may only hold the template's variables", "chat_template_kwargs"
+            )
         ids = self.encode(text, add_special_tokens)
         if not ids:
             raise InvalidRequest("the messages render to no tokens", "messages")

@@ -55,7 +55,7 @@ def test_completions_text_and_token_prompts_with_espo_stops(client):
         assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in espo.token_ids]
         assert len(choice.logprobs.top_logprobs) == len(espo.token_ids)
         for step, lp in zip(choice.logprobs.top_logprobs, espo.logprobs, strict=True):
-            assert len(step) <= 2 and max(step.values()) >= lp - 1e-6  # the top-1 is at least the sampled
+            assert len(step) <= 3 and max(step.values()) >= lp - 1e-6  # sampled + top 2 (vLLM: up to N+1)
         stop_reason = choice.model_extra["stop_reason"]
         if stop_reason == "espo_stop":  # finish_reason stays in the standard set
             assert choice.finish_reason == "stop"

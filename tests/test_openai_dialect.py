@@ -108,3 +108,23 @@ def test_logprob_shapes_as_vllm():
     chat = chat_logprobs(t, 2, strings, others, ChoiceText())
     assert [len(c.top_logprobs) for c in chat.content] == [2, 2]
     assert chat.content[0].bytes == list(b"7") and chat.content[1].logprob == -9999.0
+
+
+def test_chat_rendering_and_its_bad_input():
+    from types import SimpleNamespace
+
+    from espo_client.openai_protocol import ChatMessage
+    from espo_server.errors import InvalidRequest
+    from espo_server.openai_prompts import Prompts
+
+    prompts = Prompts(SimpleNamespace(tokenizer=TOKENIZER, max_model_len=512, vocab_size=50), None)
+    messages = [ChatMessage(role="user", content="3+"), ChatMessage(role="assistant", content="4=")]
+    assert prompts.render_chat(messages) == (TOKENIZER.encode("3+4="), "3+4=")
+    for kwargs, param in (
+        ({"template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),  # apply_chat_template's own
+        ({"template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),  # given twice
+        ({"continue_final_message": True}, "continue_final_message"),  # with add_generation_prompt
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            prompts.render_chat(messages, **kwargs)
+        assert caught.value.param == param
