@@ -215,5 +215,5 @@ def test_slime_generate_and_post_write_as_slime_calls_them(
     after = client.state()
     assert after.open_batch_id is None and after.state.batches == batches + 1
     assert client.info().policy_version == 7
-    (sample,) = asyncio.run(asyncio.gather(slime.generate(args, SlimeSample(prompt="1+2="), dict(sampling))))
+    sample = asyncio.run(slime.generate(args, SlimeSample(prompt="1+2="), dict(sampling)))
     assert sample.metadata["espo"]["policy_version"] == 7
