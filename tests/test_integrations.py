@@ -100,7 +100,7 @@ def test_trl_grpo_trains_with_espo_server_as_its_rollout_backend(trainer_server,
     dataset = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in problems])
     client = EspoClient(base_url=trainer_server.url)
     client.set_state(EAGER)
-    rollouts = EspoRollouts(client, rule_params={"min_tokens": 2}, seed=0)
+    rollouts = EspoRollouts(client, rule_params={"min_tokens": 20}, seed=0)  # some end before
     scored: list[tuple[str, float]] = []
 
     def correct(prompts, completions, answer, **kwargs) -> list[float]:
@@ -141,6 +141,7 @@ def test_trl_grpo_trains_with_espo_server_as_its_rollout_backend(trainer_server,
     # the rule stopped some completions, and the trainer saw the stop reward for them
     stops = [r for end, r in scored if end == "espo_stop"]
     assert stops and all(r == DEFAULT_STOP_REWARD for r in stops)
+    assert len(stops) < len(scored)  # and the others got the task's reward
     assert len(scored) == steps * 4
     print(f"TRL GRPO: {steps} steps in {seconds:.1f}s, {len(stops)} of {len(scored)} completions stopped")
 
