@@ -274,7 +274,14 @@ def build_app(config: ServerConfig) -> FastAPI:
 
     # vLLM's own serving routes that clients of vLLM poll or call (TRL's VLLMClient, vllm bench serve)
 
-    @app.get("/health", responses={503: {"description": "The policy engine is dead"}})
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={
+            200: {"description": "The policy engine lives (empty body)"},
+            503: {"description": "The policy engine is dead"},
+        },
+    )
     async def health(svc: RolloutService = Depends(get_service)) -> Response:
         """vLLM's liveness check: 200 with an empty body while the policy engine lives, else 503."""
         try:
