@@ -15,7 +15,7 @@ from espo_server.config import ServerConfig
 from espo_server.critic import CriticAnswer, CriticBatcher, CriticError, VllmPoolingCritic
 from espo_server.errors import InvalidRequest
 from espo_server.service import RolloutService
-from tests.test_rollout_loop import HOT, FakeEngine
+from tests.fakes import HOT, FakeEngine
 
 
 class ScriptedCritic:

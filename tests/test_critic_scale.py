@@ -18,8 +18,7 @@ from espo_server import critic as critic_module
 from espo_server.critic import CriticError, InProcessCritic
 from espo_server.errors import InvalidRequest
 from espo_server.tiny_model import TinyConfig, make_tiny_models
-from tests.test_critics import PREFIXES, hf_values
-from tests.test_server_integration import EAGER, PROMPT, metric
+from tests.live_server import EAGER, PREFIXES, PROMPT, hf_values, metric
 
 pytestmark = pytest.mark.vllm
 

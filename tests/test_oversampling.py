@@ -1,5 +1,5 @@
 """Group-aware early return, carried-over samples (runs), version spans and the batch statistics of a
-run, on the scripted engine of test_rollout_loop (pure control flow; tests/test_runs_vllm.py runs the
+run, on the scripted engine of tests/fakes.py (pure control flow; tests/test_runs_vllm.py runs the
 same on real vLLM)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from espo_client.protocol import GroupEvent, Prompt, RolloutRequest, RolloutResponse, RunRequest, Trajectory
 from espo_server.errors import Conflict, InvalidRequest
-from tests.test_rollout_loop import HOT, FakeCritic, FakeEngine, run, service
+from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
 
 SHORT, LONG = 6, 300
 # prompt 0 and 1 finish fast, 2 and 3 take LONG tokens (request ids are "<request_id>-<prompt>-<sample>")

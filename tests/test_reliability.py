@@ -1,4 +1,4 @@
-"""Hostile or unlucky callers on the scripted engine of test_rollout_loop: reused request ids,
+"""Hostile or unlucky callers on the scripted engine of tests/fakes.py: reused request ids,
 retries racing cancellations, batches committed under running calls, too much in flight, deadlines,
 a slow verifier, a dead critic. Each must end in a defined answer with nothing stored wrongly."""
 
@@ -17,7 +17,7 @@ from espo_client.stop_rule import EspoState
 from espo_server.critic import CriticError
 from espo_server.errors import Conflict, Forbidden, InvalidRequest, Overloaded
 from espo_server.idempotency import IdempotencyCache, response_size
-from tests.test_rollout_loop import HOT, FakeCritic, FakeEngine, run, service
+from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
 
 
 def req(**kw) -> RolloutRequest:

@@ -1,4 +1,4 @@
-"""How the service ends, on the scripted engine of test_rollout_loop: the drain after SIGTERM (running
+"""How the service ends, on the scripted engine of tests/fakes.py: the drain after SIGTERM (running
 calls answered, new work refused with a 503 and Retry-After, calls past the grace ended with nothing
 kept) and a dead engine (every /v1 call a 503 engine_dead). bench/faults.py does the same to a real
 server process (SIGTERM, kill -9 of vLLM's engine process); tests/test_soak.py runs the kill -9."""
@@ -14,7 +14,7 @@ import pytest
 from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse, RunRequest
 from espo_server.app import build_app
 from espo_server.errors import EngineDead, ShuttingDown
-from tests.test_rollout_loop import FakeCritic, FakeEngine, run, service
+from tests.fakes import FakeCritic, FakeEngine, run, service
 
 
 def req(**kw) -> RolloutRequest:
