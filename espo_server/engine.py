@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from espo_client.protocol import MAX_SEED
+from espo_client.protocol import MAX_SEED, Sampling
 
 from . import metrics
 from .errors import EngineDead, ReloadFailed, WeightsBroken
@@ -55,6 +55,14 @@ class GenerationParams:
     """Stop strings (vLLM then detokenizes this sample's output to look for them)."""
     stream_interval: int = 1
     """Tokens per streamed chunk (vLLM's stream_interval; the first and last come at once)."""
+
+    @classmethod
+    def of(cls, sampling: Sampling, **engine: Any) -> GenerationParams:
+        """A request's sampling settings (`espo_client.protocol.Sampling`, the one definition) as the
+        engine's, with the engine's own settings (`top_k_logprobs`, `top_ids`, `stream_interval`)."""
+        fields = sampling.model_dump()
+        lists = {name: tuple(fields[name] or ()) for name in ("stop_token_ids", "stop")}
+        return cls(**{**fields, **lists}, **engine)
 
 
 @dataclass(frozen=True)

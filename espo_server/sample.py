@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from espo_client.entropy_espo import topk_entropy
-from espo_client.protocol import Traces, Trajectory, VersionSpan
+from espo_client.protocol import Sampling, Traces, Trajectory, VersionSpan
 from espo_client.stop_rule import EspoState, StopRule, TrajectoryTracker
 
 from . import metrics
@@ -46,7 +46,10 @@ class SampleSpec:
     prompt_index: int
     sample_index: int
     prompt_ids: list[int]
+    sampling: Sampling
+    """The call's sampling settings, with this sample's seed (what a carried-over trajectory records)."""
     generation: GenerationParams
+    """The same as the engine takes them."""
     shadow: bool
     include: frozenset[str]
     r_fail: float

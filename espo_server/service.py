@@ -31,6 +31,7 @@ from espo_client.protocol import (
     RolloutResponse,
     RunRequest,
     RunResponse,
+    Sampling,
     StateResponse,
     Trajectory,
     Usage,
@@ -92,20 +93,20 @@ class CallPlan:
     def learner_owned(self) -> bool:
         return self.request.state is not None
 
+    def sampling(self, flat_index: int) -> Sampling:
+        """The sampling settings of sample `flat_index` (= prompt_index * n + sample_index): the
+        request's, with the sample's own seed."""
+        seed = self.request.seed
+        return self.request.sampling().model_copy(
+            update={"seed": None if seed is None else sample_seed(seed, flat_index)}
+        )
+
     def generation_params(self, flat_index: int) -> GenerationParams:
-        """The engine's sampling settings of sample `flat_index` (= prompt_index * n + sample_index):
-        the one place a request turns into sampling parameters."""
-        request = self.request
-        return GenerationParams(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=None if request.seed is None else sample_seed(request.seed, flat_index),
-            stop_token_ids=tuple(request.stop_token_ids or ()),
-            ignore_eos=request.ignore_eos,
+        """The engine's settings of sample `flat_index`: the one place a request turns into them."""
+        return GenerationParams.of(
+            self.sampling(flat_index),
             top_k_logprobs=self.top_k_logprobs,
-            top_ids="top_logprobs" in request.include,
-            stop=tuple(request.stop or ()),
+            top_ids="top_logprobs" in self.request.include,
         )
 
     def tracker(self, flat_index: int, critic_fallback: str) -> TrajectoryTracker:
@@ -528,6 +529,7 @@ class RolloutService:
                 prompt_index=prompt_index,
                 sample_index=sample_index,
                 prompt_ids=plan.prompt_ids[prompt_index],
+                sampling=plan.sampling(flat_index),
                 generation=replace(
                     plan.generation_params(flat_index), stream_interval=self.config.stream_interval
                 ),
@@ -565,18 +567,13 @@ class RolloutService:
             trajectory.text = self._decode(trajectory.token_ids)
         if group.request_id == plan.request_id or trajectory.carried is not None:
             return trajectory
-        spec, gen = sample.spec, sample.spec.generation
+        spec = sample.spec
         origin = Carried(
             request_id=group.request_id,
             prompt_token_ids=spec.prompt_ids,
             stop_rule=spec.stop_rule,
             shadow=spec.shadow,
-            max_tokens=gen.max_tokens,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            seed=gen.seed,
-            stop_token_ids=list(gen.stop_token_ids) or None,
-            ignore_eos=gen.ignore_eos,
+            **spec.sampling.model_dump(),
         )
         return trajectory.model_copy(update={"carried": origin})
 

@@ -46,6 +46,7 @@ MIRRORED = [
     "EspoState",
     "RolloutRequest",
     "Traces",
+    "Carried",
     "Trajectory",
     "Usage",
     "RolloutResponse",

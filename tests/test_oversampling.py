@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from espo_client.protocol import GroupEvent, Prompt, RolloutRequest, RolloutResponse, RunRequest, Trajectory
+from espo_client.protocol import (
+    GroupEvent,
+    Prompt,
+    RolloutRequest,
+    RolloutResponse,
+    RunRequest,
+    Sampling,
+    Trajectory,
+)
 from espo_server.errors import Conflict, InvalidRequest
 from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
 
@@ -80,6 +88,33 @@ def test_carried_groups_come_back_whole_once_and_every_token_counts_once():
     # the first batch took the carried samples' tokens generated while it ran, no more
     own = sum(len(t.token_ids) for t in first.trajectories)
     assert own < first.usage.regret_tokens < own + 4 * LONG
+
+
+def test_a_carried_trajectory_records_every_sampling_setting_of_its_call():
+    svc = service(engine(), FakeCritic())
+    sampling = dict(
+        max_tokens=LONG, temperature=0.7, top_p=0.9, seed=11, stop_token_ids=[3], stop=["@"], ignore_eos=True
+    )
+    assert set(sampling) == set(Sampling.model_fields)  # every setting differs from its default here
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        await svc.rollouts(req("c1", return_groups=2, leftover="carry", run_id="r", **sampling))
+        return await svc.rollouts(req("c2", prompts=1, run_id="r"))
+
+    carried = [t for t in run(go()).trajectories if t.carried]
+    assert len(carried) == 4
+    for t in carried:
+        record = t.carried.model_dump()
+        # the sample's own seed: seed + prompt_index * n + sample_index (n=2)
+        assert record == {
+            **sampling,
+            "seed": 11 + 2 * t.prompt_index + t.sample_index,
+            "request_id": "c1",
+            "prompt_token_ids": [5, 6, 7 + t.prompt_index],
+            "stop_rule": "none",
+            "shadow": False,
+        }
 
 
 def test_batch_statistics_of_a_run_by_hand():
