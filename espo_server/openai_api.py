@@ -52,7 +52,7 @@ from espo_client.openai_protocol import (
 from espo_client.protocol import GroupEvent, RolloutRequest, RolloutResponse, Trajectory
 
 from .config import ServerConfig
-from .errors import InvalidRequest, ModelNotFound, error_body, param_of
+from .errors import InvalidRequest, ModelNotFound, error_body, validation_body
 from .service import CallPlan, RolloutService
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,8 @@ class OpenAIServing:
         try:
             return RolloutRequest.model_validate(fields)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = _openai_param(param_of(tuple(first.get("loc", ()))), where, len(prompts))
-            raise InvalidRequest(f"{param}: {first.get('msg')}", param) from exc
+            body = validation_body(exc.errors(), lambda param: _openai_param(param, where, len(prompts)))
+            raise InvalidRequest(body.message, body.param) from exc
 
     def _call(self, kind: Kind, body, request: RolloutRequest, where: str) -> OpenAICall:
         try:

@@ -49,7 +49,8 @@ DEFAULT_GRPC_TIMEOUT = 900.0
 
 class GrpcStatusError(EspoError):
     """A gRPC call ended with a non-OK status. `code` is the grpc.StatusCode; `param` the field the
-    server named (INVALID_ARGUMENT), `type` the server's error type."""
+    server named (INVALID_ARGUMENT), `type` the server's error type, `retry_after_s` the seconds the
+    server asks to wait before a retry (too much in flight, or shutting down), if it said."""
 
     def __init__(self, error: grpc.RpcError) -> None:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
@@ -60,6 +61,8 @@ class GrpcStatusError(EspoError):
         self.details: str = details or ""
         self.param: str | None = trailing.get("espo-error-param")
         self.type: str | None = trailing.get("espo-error-type")
+        retry_after = trailing.get("espo-retry-after-s")
+        self.retry_after_s: float | None = None if retry_after is None else float(retry_after)
 
 
 def _prompt(p: Prompt | dict | Sequence[int] | str) -> Prompt:
