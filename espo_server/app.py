@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -44,6 +44,7 @@ from espo_client.protocol import (
     RunRequest,
     RunResponse,
     StateResponse,
+    Trajectory,
     TrajectoryEvent,
     WeightsRequest,
     WeightsResponse,
@@ -51,8 +52,9 @@ from espo_client.protocol import (
 
 from .config import ServerConfig
 from .errors import bearer_matches, error_body, install_error_handlers
+from .events import CallDone, encode
 from .openai_api import OpenAIServing
-from .service import CallPlan, RolloutService
+from .service import RolloutService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -145,7 +147,9 @@ def build_app(config: ServerConfig) -> FastAPI:
     ):
         if stream:
             plan = svc.plan(body)  # invalid input is answered 400 before the stream starts
-            return StreamingResponse(_ndjson(svc, plan), media_type="application/x-ndjson")
+            # Starlette closes the stream when the client disconnects, which aborts the engine requests.
+            lines = encode(svc.stream(plan), NdjsonLines())
+            return StreamingResponse(lines, media_type="application/x-ndjson")
         return await run_until_disconnect(request, svc.rollouts(body))
 
     @app.get("/v1/espo/state", response_model=StateResponse, dependencies=v1, responses=v1_errors)
@@ -306,23 +310,24 @@ def _sse_response(chunk: type) -> dict:
     }
 
 
-async def _ndjson(svc: RolloutService, plan: CallPlan) -> AsyncIterator[bytes]:
-    """NDJSON lines (protocol `RolloutStreamEvent`): a TrajectoryEvent per trajectory as it ends, a
-    GroupEvent as each prompt group completes, then one DoneEvent, or an ErrorEvent if the call
-    fails after the 200 was sent. Starlette cancels this
-    generator when the client disconnects, which aborts the engine requests."""
+class NdjsonLines:
+    """A call's events as NDJSON lines (protocol `RolloutStreamEvent`): a TrajectoryEvent per
+    trajectory as it ends, a GroupEvent as each prompt group completes, then one DoneEvent, or an
+    ErrorEvent if the call fails after the 200 was sent."""
 
-    def line(event: TrajectoryEvent | GroupEvent | DoneEvent | ErrorEvent) -> bytes:
-        return (event.model_dump_json() + "\n").encode()
+    def trajectory(self, trajectory: Trajectory) -> bytes:
+        return _line(TrajectoryEvent(trajectory=trajectory))
 
-    try:
-        async for item in svc.stream(plan):
-            if isinstance(item, RolloutResponse):
-                yield line(DoneEvent(response=item.model_copy(update={"trajectories": []})))
-            elif isinstance(item, GroupEvent):
-                yield line(item)
-            else:
-                yield line(TrajectoryEvent(trajectory=item))
-    except Exception as exc:
+    def group(self, event: GroupEvent) -> bytes:
+        return _line(event)
+
+    def done(self, done: CallDone) -> bytes:
+        return _line(DoneEvent(response=done.summary))
+
+    def error(self, exc: Exception) -> bytes:
         log.exception("stream failed")
-        yield line(ErrorEvent(error=error_body(exc)))
+        return _line(ErrorEvent(error=error_body(exc)))
+
+
+def _line(event: TrajectoryEvent | GroupEvent | DoneEvent | ErrorEvent) -> bytes:
+    return (event.model_dump_json() + "\n").encode()

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from espo_client.protocol import MAX_SEED, Sampling
 
@@ -141,6 +141,50 @@ class ReadWriteGate:
             async with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the service needs from a policy engine: `PolicyEngine` (vLLM) is it, and so is the test
+    suite's scripted fake (tests/fakes.py); tests/test_fakes.py checks both against this."""
+
+    model: str
+    tokenizer: Any
+    """A Hugging Face tokenizer: encode, decode, apply_chat_template, eos_token_id."""
+    policy_version: int
+    broken: str | None
+    """Why the weights are unusable (a failed reload whose roll-back failed too); None: fine."""
+    gate: ReadWriteGate
+    """Calls hold it shared, a weight push exclusive."""
+    tied_embeddings: bool
+    vocab_size: int
+    max_model_len: int
+    eos_token_id: int | None
+    max_num_seqs: int | None
+    max_num_batched_tokens: int | None
+
+    @property
+    def dead(self) -> bool:
+        """The engine's process is gone: nothing will be served again."""
+        ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[TokenChunk]:
+        """Stream one sample. Closing or cancelling the iterator aborts the engine request."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """End a request: its stream ends with finish_reason "abort"."""
+        ...
+
+    async def reload_weights(self, path: str, version: int) -> float:
+        """Load the weights in `path` as `version`; the seconds it took."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve now."""
+        ...
 
 
 @contextlib.asynccontextmanager

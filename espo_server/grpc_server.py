@@ -40,13 +40,14 @@ from espo_client.protocol import (
     EspoState,
     GroupEvent,
     RolloutRequest,
-    RolloutResponse,
     RunRequest,
+    Trajectory,
     WeightsRequest,
 )
 
 from .config import ServerConfig
 from .errors import InvalidRequest, bearer_matches, error_body, retry_after_s
+from .events import CallDone, encode
 from .service import RolloutService
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,23 @@ async def abort(context: grpc.aio.ServicerContext, body: ErrorBody, retry_after:
     if body.param and not message.startswith(body.param + ":"):
         message = f"{body.param}: {message}"  # the status message starts with the field
     await context.abort(STATUS.get(body.code, grpc.StatusCode.UNAVAILABLE), message)
+
+
+class RolloutEvents:
+    """A call's events as `RolloutEvent` messages; a failure is raised on, to end the call with its
+    status."""
+
+    def trajectory(self, trajectory: Trajectory) -> pb.RolloutEvent:
+        return pb.RolloutEvent(trajectory=to_message(trajectory, pb.Trajectory))
+
+    def group(self, event: GroupEvent) -> pb.RolloutEvent:
+        return pb.RolloutEvent(group=to_message(event, pb.GroupEvent))
+
+    def done(self, done: CallDone) -> pb.RolloutEvent:
+        return pb.RolloutEvent(done=to_message(done.summary, pb.RolloutResponse))
+
+    def error(self, exc: Exception) -> pb.RolloutEvent:
+        raise exc
 
 
 class RolloutsServicer(pb_grpc.RolloutsServicer):
@@ -113,14 +131,8 @@ class RolloutsServicer(pb_grpc.RolloutsServicer):
         except Exception as exc:
             await self._fail(context, exc)
         try:
-            async for item in self.service.stream(plan):
-                if isinstance(item, RolloutResponse):
-                    done = item.model_copy(update={"trajectories": []})
-                    yield pb.RolloutEvent(done=to_message(done, pb.RolloutResponse))
-                elif isinstance(item, GroupEvent):
-                    yield pb.RolloutEvent(group=to_message(item, pb.GroupEvent))
-                else:
-                    yield pb.RolloutEvent(trajectory=to_message(item, pb.Trajectory))
+            async for message in encode(self.service.stream(plan), RolloutEvents()):
+                yield message
         except Exception as exc:  # cancellation (BaseException) goes through: the stream aborts its samples
             await self._fail(context, exc)
 

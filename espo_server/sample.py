@@ -115,7 +115,7 @@ class Sample:
         self.counted = 0
         """Tokens whose regret an earlier batch already took (`take_batch_regret`)."""
         self.accounted = False
-        """The finished trajectory has been folded into a batch (set by the service)."""
+        """The finished trajectory has been folded into a batch (`batch_share`)."""
         self.task: asyncio.Task[SampleResult] | None = None
         self.critic_tokens = 0
         self.critic_prefix_tokens = 0
@@ -165,6 +165,19 @@ class Sample:
     def rebase(self, state: EspoState) -> None:
         """A new batch began: judge this sample's next tokens with its frozen state."""
         self.tracker.rebase(state)
+
+    def batch_share(self) -> tuple[list[float], bool | None]:
+        """What this sample adds to the batch that ends now: the regret of its tokens no batch has
+        counted yet, and, once it has ended, whether the rule stopped it (the stop rate; None: not
+        counted there, as an aborted sample or a rule that does not steer beta)."""
+        if self.task is None or not self.task.done():
+            return self.take_batch_regret(), None
+        if self.accounted:
+            return [], None
+        self.accounted = True
+        result = self.task.result()
+        ended = result.trajectory.end_reason != "abort" and result.steers_beta
+        return result.g, (result.rule_stopped if ended else None)
 
     def take_batch_regret(self) -> list[float]:
         """The regret of the tokens generated since the last call, for a batch that ends while this

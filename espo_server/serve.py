@@ -40,7 +40,8 @@ from .config import ServerConfig
 from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic
 from .critic_server import build_critic_app
 from .engine import Parallelism, PolicyEngine
-from .service import RolloutService, Verifier
+from .plan import Verifier
+from .service import RolloutService
 from .tiny_model import CHAT_TEMPLATE
 
 EMBEDDED_NAME = "espo-toy"

@@ -13,6 +13,7 @@ from espo_client.protocol import EspoState
 from espo_server.config import ServerConfig
 from espo_server.critic import CriticError
 from espo_server.engine import GenerationParams, ReadWriteGate, TokenChunk
+from espo_server.plan import Verifier
 from espo_server.service import RolloutService
 
 # Every token has regret 9 (sampled -9, top 0): with this state gn = clip((9-1)/1, -5, 5) = 5,
@@ -111,8 +112,8 @@ class FakeCritic:
             raise CriticError("critic down")
 
 
-def service(engine, critic, **cfg) -> RolloutService:
-    return RolloutService(engine, critic, ServerConfig(model="fake", **cfg))
+def service(engine, critic, verifier: Verifier | None = None, **cfg) -> RolloutService:
+    return RolloutService(engine, critic, ServerConfig(model="fake", **cfg), verifier)
 
 
 def run(coro):

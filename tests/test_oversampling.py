@@ -14,12 +14,12 @@ from espo_client.protocol import (
     GroupEvent,
     Prompt,
     RolloutRequest,
-    RolloutResponse,
     RunRequest,
     Sampling,
-    Trajectory,
+    TrajectoryEvent,
 )
 from espo_server.errors import Conflict, InvalidRequest
+from espo_server.events import CallDone
 from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
 
 SHORT, LONG = 6, 300
@@ -184,13 +184,14 @@ def test_streaming_sends_complete_groups_then_their_group_event():
         return items
 
     items = run(go())
-    assert isinstance(items[-1], RolloutResponse)
+    assert isinstance(items[-1], CallDone)
     kinds = ["g" if isinstance(i, GroupEvent) else "t" for i in items[:-1]]
     assert kinds == ["t", "t", "g", "t", "t", "g"]  # n=2 trajectories of a group, then its event
     for k in (2, 5):
         event, members = items[k], items[k - 2 : k]
-        assert {m.prompt_index for m in members} == {event.prompt_index} and event.sample_count == 2
-    sent = [i for i in items if isinstance(i, Trajectory)]
+        assert {m.trajectory.prompt_index for m in members} == {event.prompt_index}
+        assert event.sample_count == 2
+    sent = [i.trajectory for i in items if isinstance(i, TrajectoryEvent)]
     assert all(t.prompt_index in (0, 1) for t in sent)  # nothing of the carried groups was sent
 
 

@@ -152,7 +152,10 @@ def test_weight_reload_waits_for_running_rollouts():
 def test_engine_and_rule_modules_do_not_import_http():
     """The engine and stop-rule layers know nothing of HTTP (vLLM's engine/entrypoint split)."""
     root = Path(__file__).resolve().parents[1]
-    layers = ("engine.py", "critic.py", "sample.py", "service.py", "ledger.py", "metrics.py")
+    layers = (
+        *("service.py", "plan.py", "call.py", "fold.py", "events.py", "admin.py", "admission.py"),
+        *("sample.py", "runs.py", "ledger.py", "idempotency.py", "engine.py", "critic.py", "metrics.py"),
+    )
     pure = [root / "espo_server" / name for name in layers]
     pure.append(root / "client" / "espo_client" / "stop_rule.py")
     for path in pure:

@@ -49,7 +49,7 @@ def test_a_drain_answers_the_running_calls_and_refuses_new_work():
     cut, answered = run(go())
     assert cut == 0 and isinstance(answered, RolloutResponse)
     assert all(len(t.token_ids) == 100 for t in answered.trajectories)
-    assert svc.calls == 0 and svc.ledger.state.batches == 2
+    assert svc.admission.running == 0 and svc.ledger.state.batches == 2
 
 
 def test_calls_past_the_grace_are_ended_with_a_503_and_nothing_kept():
@@ -117,7 +117,7 @@ def test_a_503_shutting_down_carries_retry_after_over_http():
     svc = service(FakeEngine(length=5), FakeCritic())
     app = build_app(svc.config)
     app.state.service = svc
-    svc.draining = True
+    svc.admission.draining = True
 
     async def go():
         transport = httpx.ASGITransport(app=app)
