@@ -8,6 +8,7 @@ These fakes test pure control flow only; the tests against a real server run the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from espo_client.protocol import EspoState
 from espo_server.config import ServerConfig
@@ -68,7 +69,13 @@ class FakeEngine:
         self.policy_version = version
         return 0.0
 
-    async def generate(self, request_id: str, prompt: list[int], params: GenerationParams):
+    async def check_health(self) -> None:
+        pass
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[TokenChunk]:
+        prompt = prompt_token_ids
         done = False
         self.prompts[request_id] = list(prompt)
         base = request_id.split("-r")[0]  # a resumed sample's request: "<id>-r<k>"
