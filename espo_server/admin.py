@@ -27,7 +27,8 @@ from espo_client.stop_rule import EspoState
 from . import metrics
 from .admission import Admission
 from .config import ServerConfig
-from .critic import CriticClient, CriticError, InProcessCritic, push_weights
+from .critic import CriticClient, CriticError, push_weights
+from .critic_engine import InProcessCritic
 from .engine import Engine
 from .errors import InvalidRequest
 from .ledger import StateLedger

@@ -29,7 +29,8 @@ from espo_client.protocol import (
     HealthResponse,
 )
 
-from .critic import InProcessCritic, push_weights
+from .critic import push_weights
+from .critic_engine import InProcessCritic
 from .errors import InvalidRequest, bearer_matches, install_error_handlers
 from .weights import allowed_weights_dir
 

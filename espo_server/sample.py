@@ -27,7 +27,8 @@ from espo_client.protocol import Sampling, Traces, Trajectory, VersionSpan
 from espo_client.stop_rule import EspoState, StopRule, TrajectoryTracker
 
 from . import metrics
-from .critic import CriticBatcher, CriticError
+from .critic import CriticError
+from .critic_batcher import CriticBatcher
 from .engine import GenerationParams, PolicyEngine, TokenChunk, sample_seed
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,9 @@ from fastapi import FastAPI
 
 from .app import build_app
 from .config import ServerConfig
-from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic
+from .critic import CriticClient
+from .critic_engine import InProcessCritic
+from .critic_http import EspoValuesCritic, VllmPoolingCritic
 from .critic_server import build_critic_app
 from .engine import Parallelism, PolicyEngine
 from .plan import Verifier

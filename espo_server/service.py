@@ -30,7 +30,8 @@ from .admin import Admin
 from .admission import Admission
 from .call import Calls
 from .config import ServerConfig
-from .critic import CriticBatcher, CriticClient
+from .critic import CriticClient
+from .critic_batcher import CriticBatcher
 from .engine import Engine
 from .events import CallEvent, answer
 from .idempotency import IdempotencyCache

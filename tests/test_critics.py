@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from espo_client.protocol import EspoState
-from espo_server.critic import CriticError, EspoValuesCritic, VllmPoolingCritic
+from espo_server.critic import CriticError
+from espo_server.critic_http import EspoValuesCritic, VllmPoolingCritic
 from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_serve_argv
 from tests.live_server import PREFIXES, hf_values
 

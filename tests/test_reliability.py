@@ -424,7 +424,8 @@ def test_the_critic_server_is_behind_the_api_key_and_loads_only_from_weights_dir
     client sends its key."""
     from types import SimpleNamespace
 
-    from espo_server.critic import CriticAnswer, EspoValuesCritic
+    from espo_server.critic import CriticAnswer
+    from espo_server.critic_http import EspoValuesCritic
     from espo_server.critic_server import build_critic_app
 
     class Critic:
