@@ -154,7 +154,7 @@ def test_engine_and_rule_modules_do_not_import_http():
     root = Path(__file__).resolve().parents[1]
     layers = (
         *("service.py", "plan.py", "call.py", "fold.py", "events.py", "admin.py", "admission.py"),
-        *("sample.py", "runs.py", "ledger.py", "idempotency.py", "engine.py", "metrics.py"),
+        *("sample.py", "trajectory.py", "runs.py", "ledger.py", "idempotency.py", "engine.py", "metrics.py"),
         *("critic.py", "critic_batcher.py", "critic_engine.py", "critic_http.py"),
     )
     pure = [root / "espo_server" / name for name in layers]
