@@ -58,17 +58,19 @@ class Encoder(Protocol[T]):
 
 
 async def encode(events: AsyncIterator[CallEvent], encoder: Encoder[T]) -> AsyncIterator[T]:
-    """A call's events as the transport's items."""
+    """A call's events as the transport's items. Closing this closes the call's stream at once (a
+    client that went away): the call then aborts its samples."""
     try:
-        async for event in events:
-            if isinstance(event, CallDone):
-                item = encoder.done(event)
-            elif isinstance(event, GroupEvent):
-                item = encoder.group(event)
-            else:
-                item = encoder.trajectory(event.trajectory)
-            if item is not None:
-                yield item
+        async with contextlib.aclosing(events) as stream:
+            async for event in stream:
+                if isinstance(event, CallDone):
+                    item = encoder.done(event)
+                elif isinstance(event, GroupEvent):
+                    item = encoder.group(event)
+                else:
+                    item = encoder.trajectory(event.trajectory)
+                if item is not None:
+                    yield item
     except Exception as exc:  # cancellation (BaseException) goes through: the call aborts its samples
         yield encoder.error(exc)
 
