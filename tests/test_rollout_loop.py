@@ -1,8 +1,8 @@
 """The rollout loop's logic on scripted engine streams and critics (no vLLM): the lazy critic racing
 the token stream, the cut-back, discarded tokens, critic failures, cancellation.
 
-These fakes test pure control flow only; tests/test_server_integration.py runs the same loop on a
-real vLLM engine and a real critic."""
+The fakes (tests/fakes.py) test pure control flow only; tests/test_server_integration.py runs the
+same loop on a real vLLM engine and a real critic."""
 
 from __future__ import annotations
 
