@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools run serve test test-fast lint openapi bench reproduce soak faults fuzz clean
+.PHONY: install tools run serve test test-fast lint openapi docs bench reproduce soak faults fuzz clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ lint: $(STAMP)
 
 openapi: $(STAMP)
 	$(PY) -m espo_server.openapi > docs/openapi.json
+
+# The generated pages: docs/configuration.md (from ServerConfig) and docs/openapi.json; tests fail when
+# either is stale.
+docs: openapi
+	$(PY) -m espo_server.config_docs > docs/configuration.md
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
