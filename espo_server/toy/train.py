@@ -331,7 +331,7 @@ def critic_values(critic, samples: list[Sample]) -> list[np.ndarray]:
     return out
 
 
-# What the critic should achieve on held-out samples (issue 11); `train-toy` prints each as met or missed.
+# What the critic should achieve on held-out samples; `train-toy` prints each as met or missed.
 CRITIC_TARGETS = {
     "auc_after_mistake": (">=", 0.9),  # V(s_{f+4}) of failing vs V at the same positions of successful
     "mse_ratio": ("<=", 0.7),  # held-out MSE / the best constant's
