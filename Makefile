@@ -78,7 +78,7 @@ bench: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) bench/reproduce.py
 
-# Reliability (README, "Reliability"): each starts its own servers on tiny models, on loopback,
+# Reliability (docs/reliability.md): each starts its own servers on tiny models, on loopback,
 # checks what it measures, prints a table and writes bench/results/*.json; a failed check fails.
 soak: $(STAMP)
 	$(PY) bench/soak.py
