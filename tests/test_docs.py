@@ -64,7 +64,7 @@ def test_other_subcommands_are_named_on_the_configuration_page():
     from espo_server.cli import build_parser
 
     parser = build_parser()
-    (sub,) = [a for a in parser._actions if isinstance(a.choices, dict)]  # noqa: SLF001
+    (sub,) = [a for a in parser._actions if isinstance(a.choices, dict)]
     page = CONFIGURATION.read_text()
     for command in sub.choices:
         assert f"`{command}`" in page or f"`espo-server {command}`" in page, command
@@ -118,7 +118,7 @@ def test_readme_settings_table_matches_the_config():
             assert name in fields, f"README names {flag}, which is no setting"
             assert env == f"`{env_name(name)}`", flag
             shown = shown_default(fields[name])
-            assert default.strip("`") == shown, f"README says {flag} defaults to {default}, the config {shown}"
+            assert default.strip("`") == shown, f"README: {flag} defaults to {default}; the config: {shown}"
 
 
 def test_readme_names_every_docs_page():
