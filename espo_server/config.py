@@ -178,11 +178,7 @@ class ServerConfig(BaseSettings):
     )
 
     # --- the embedded toy task
-    cache_dir: Path = Field(
-        default_factory=default_cache_dir,
-        description="Where built toy models live.",
-        json_schema_extra={"shown_default": "~/.cache/espo-server"},
-    )
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where built toy models live.")
     toy_seed: int = Field(0, description="Seed of the embedded toy models.")
     verifier: Literal["auto", "toy", "none"] = Field(
         "auto", description="Reward for eos trajectories whose prompt has an answer (auto: toy if embedded)."

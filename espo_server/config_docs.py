@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import os
 import re
 import sys
 import types
@@ -25,7 +26,15 @@ from pydantic.fields import FieldInfo
 
 from .config import ServerConfig
 
-__all__ = ["configuration_markdown", "env_name", "flag_name", "help_text", "main", "shown_default"]
+__all__ = [
+    "configuration_markdown",
+    "documented_defaults",
+    "env_name",
+    "flag_name",
+    "help_text",
+    "main",
+    "shown_default",
+]
 
 
 def flag_name(name: str) -> str:
@@ -54,15 +63,22 @@ def _value(value: object) -> str:
 
 
 def shown_default(field: FieldInfo) -> str:
-    """The default as a reader should see it. A default computed on the machine (`default_factory`,
-    e.g. under the home directory) shows the field's `json_schema_extra["shown_default"]` if it has one,
-    so the page does not depend on who generated it."""
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    if "shown_default" in extra:
-        return str(extra["shown_default"])
-    if field.default_factory is not None:
-        return _value(field.default_factory())  # type: ignore[call-arg]
-    return _value(field.default)
+    """The default as a reader should see it (a path under the home directory as `~/...`)."""
+    value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+    text = _value(value)
+    home = str(Path.home())
+    return "~" + text[len(home) :] if isinstance(value, Path) and text.startswith(home + "/") else text
+
+
+def documented_defaults() -> dict[str, str]:
+    """Every setting's default as the docs show it: computed with no `ESPO_*` variable set, since a
+    `default_factory` may read one (the page must not depend on the shell that generated it)."""
+    prefix = ServerConfig.model_config.get("env_prefix", "")
+    saved = {key: os.environ.pop(key) for key in list(os.environ) if key.startswith(prefix)}
+    try:
+        return {name: shown_default(field) for name, field in ServerConfig.model_fields.items()}
+    finally:
+        os.environ.update(saved)
 
 
 def _without_none(annotation: object) -> object:
@@ -130,12 +146,12 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _table(names: list[str]) -> list[str]:
+def _table(names: list[str], defaults: dict[str, str]) -> list[str]:
     fields = ServerConfig.model_fields
     rows = ["| flag | env | default | values | meaning |", "|---|---|---|---|---|"]
     for name in names:
         field = fields[name]
-        default = shown_default(field)
+        default = defaults[name]
         default = default if default in ("unset", "empty") else f"`{_cell(default)}`"
         rows.append(
             f"| `{flag_name(name)}` | `{env_name(name)}` | {default} | "
@@ -160,13 +176,14 @@ def configuration_markdown() -> str:
         "`true` / `false` in the environment. `espo-server serve --help` prints the same list.",
         "",
     ]
+    defaults = documented_defaults()
     listed: list[str] = []
     for title, names in _sections():
-        out += ([f"## {title[0].upper()}{title[1:]}", ""] if title else []) + _table(names)
+        out += ([f"## {title[0].upper()}{title[1:]}", ""] if title else []) + _table(names, defaults)
         listed += names
     unlisted = [name for name in ServerConfig.model_fields if name not in listed]
     if unlisted:  # declared where the scan of the class body cannot see them: still documented
-        out += ["## Other settings", "", *_table(unlisted)]
+        out += ["## Other settings", "", *_table(unlisted, defaults)]
     out += [
         "## Other subcommands",
         "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from espo_server.config import ServerConfig
-from espo_server.config_docs import configuration_markdown, env_name, flag_name, main, shown_default
+from espo_server.config_docs import configuration_markdown, documented_defaults, env_name, flag_name, main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -40,11 +41,15 @@ def test_configuration_page_documents_every_setting():
         assert field.description and field.description.split("(")[0].strip() in row, name
 
 
-def test_shown_defaults_do_not_depend_on_the_machine(monkeypatch, tmp_path):
-    monkeypatch.setenv("ESPO_CACHE_DIR", str(tmp_path))
+def test_the_page_does_not_depend_on_the_machine_or_the_shell(monkeypatch, tmp_path):
+    """Defaults computed by a factory (the cache under the home directory) are shown the same for
+    everyone, and no ESPO_* variable of the shell that runs `make docs` leaks into the page."""
     monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ServerConfig.model_fields:
+        monkeypatch.setenv(env_name(name), "x")
     assert configuration_markdown() == CONFIGURATION.read_text()
-    assert shown_default(ServerConfig.model_fields["cache_dir"]) == "~/.cache/espo-server"
+    assert documented_defaults()["cache_dir"] == "~/.cache/espo-server"
+    assert os.environ[env_name("cache_dir")] == "x"  # the environment is left as it was
 
 
 def test_serve_help_lists_every_setting():
@@ -117,7 +122,7 @@ def test_readme_settings_table_matches_the_config():
             name = flag.strip("`")[2:].replace("-", "_")
             assert name in fields, f"README names {flag}, which is no setting"
             assert env == f"`{env_name(name)}`", flag
-            shown = shown_default(fields[name])
+            shown = documented_defaults()[name]
             assert default.strip("`") == shown, f"README: {flag} defaults to {default}; the config: {shown}"
 
 
