@@ -18,10 +18,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .config import ServerConfig
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+from .config_docs import flag_name as _flag
+from .config_docs import help_text
 
 
 def _base_type(annotation: object) -> object:
@@ -36,13 +34,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ServerConfig field; unset flags fall through to env vars and defaults."""
     for name, field in ServerConfig.model_fields.items():
         base = _base_type(field.annotation)
-        help_text = f"{field.description} [env ESPO_{name.upper()}]"
+        help_line = help_text(name, field)
         if base is bool:
             parser.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_line
             )
             continue
-        kwargs: dict = {"dest": name, "default": None, "help": help_text}
+        kwargs: dict = {"dest": name, "default": None, "help": help_line}
         if typing.get_origin(base) is list:  # repeatable: --weights-dir A --weights-dir B
             kwargs["action"] = "append"
             kwargs["type"] = typing.get_args(base)[0]

@@ -184,6 +184,7 @@ class ServerConfig(BaseSettings):
         "auto", description="Reward for eos trajectories whose prompt has an answer (auto: toy if embedded)."
     )
 
+    # --- logging
     log_level: str = Field("info", description="Log level of the server.")
 
     def model_name(self) -> str:

@@ -5,7 +5,7 @@ earlier tokens from its prefix cache: a query then computes only what no earlier
 trajectory, or of another sample with the same prefix) has filled in, in whole KV blocks. The
 `token_classify` task (per-token outputs) always recomputes the whole prefix: vLLM skips the prefix
 cache for it. Measured on the tiny critic (CPU, 16 trajectories queried every 8 tokens up to 132
-tokens, docs in README "Performance"): 0.32 of the prefix tokens computed with block size 32, 0.55
+tokens): 0.32 of the prefix tokens computed with block size 32, 0.55
 with 64, 1.0 without caching; values equal to HF's within 3e-7 either way. CPU's attention kernel
 needs block sizes in multiples of 32 (vLLM's CPU default is 128); GPUs default to 16.
 

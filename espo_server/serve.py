@@ -8,7 +8,7 @@ serves it in the same event loop, and on exit (SIGTERM, Ctrl-C) the engines are 
                          -> build_app(config) -> app.state.service = service -> uvicorn
                             (and, with --grpc-port, grpc_server.py's gRPC server in the same loop)
 
-How `serve` ends (README, "Reliability"):
+How `serve` ends (docs/reliability.md):
 - SIGTERM (an orchestrator stopping the pod): the server drains. New work is answered 503
   `shutting_down` with Retry-After and /readyz turns 503, while the listener stays open; running
   calls get `shutdown_grace_s` to finish and be answered; those still running then are ended with
