@@ -92,6 +92,18 @@ def assert_clean(server: ServerProcess) -> None:
     assert "Read-only file system" not in log, server.log_tail(80)
 
 
+def push_on_the_admin_port_only(
+    server: ServerProcess, admin: int, route: str, path: Path, version: int
+) -> dict:
+    """A weight push: refused (403) on the server's port, done on its admin port; the answer."""
+    push = {"path": str(path), "version": version}
+    refused = httpx.post(server.url + route, json=push, timeout=300)
+    assert refused.status_code == 403 and "admin port" in refused.json()["error"]["message"], refused.text
+    pushed = httpx.post(f"http://127.0.0.1:{admin}{route}", json=push, timeout=300)
+    assert pushed.status_code == 200, pushed.text
+    return pushed.json()
+
+
 def test_a_rollout_server_on_a_read_only_root_serves_then_exits_cleanly(tiny_models, pod_volumes) -> None:
     port, admin = free_port(), free_port()
     argv = espo_server_argv(
@@ -107,11 +119,8 @@ def test_a_rollout_server_on_a_read_only_root_serves_then_exits_cleanly(tiny_mod
         for url in (public, private):
             answer = httpx.post(url + "/v1/rollouts", json=body, timeout=300)
             assert answer.status_code == 200 and len(answer.json()["trajectories"]) == 2, answer.text
-        push = {"path": str(tiny_models["policy"]), "version": 1}
-        refused = httpx.post(public + "/v1/weights", json=push, timeout=300)
-        assert refused.status_code == 403 and "admin port" in refused.json()["error"]["message"]
-        pushed = httpx.post(private + "/v1/weights", json=push, timeout=300)
-        assert pushed.status_code == 200 and pushed.json()["policy_version"] == 1, pushed.text
+        pushed = push_on_the_admin_port_only(server, admin, "/v1/weights", tiny_models["policy"], 1)
+        assert pushed["policy_version"] == 1
         assert httpx.get(public + "/metrics", timeout=30).status_code == 200
     except BaseException:
         server.stop()
@@ -130,14 +139,11 @@ def test_a_critic_server_on_a_read_only_root_serves_its_metrics_then_exits_clean
     server = start("critic-ro", argv, port, pod_volumes, "/health")
     try:
         server.wait_ready()
-        public, private = server.url, f"http://127.0.0.1:{admin}"
+        public = server.url
         values = httpx.post(public + "/v1/values", json={"token_ids": [[5, 6, 7], [5, 6]]}, timeout=120)
         assert values.status_code == 200 and len(values.json()["values"]) == 2, values.text
-        push = {"path": str(tiny_models["critic"]), "version": 2}
-        refused = httpx.post(public + "/v1/critic/weights", json=push, timeout=300)
-        assert refused.status_code == 403 and "admin port" in refused.json()["error"]["message"]
-        pushed = httpx.post(private + "/v1/critic/weights", json=push, timeout=300)
-        assert pushed.status_code == 200 and pushed.json()["critic_version"] == 2, pushed.text
+        pushed = push_on_the_admin_port_only(server, admin, "/v1/critic/weights", tiny_models["critic"], 2)
+        assert pushed["critic_version"] == 2
         metrics = httpx.get(public + "/metrics", timeout=30).text
         assert 'espo_engine="critic"' in metrics and "vllm:" in metrics  # its engine, for the scrape
         assert "espo_critic_version 2.0" in metrics
