@@ -54,6 +54,7 @@ from .config import ServerConfig
 from .errors import bearer_matches, error_body, install_error_handlers
 from .events import CallDone, encode
 from .openai_api import OpenAIServing
+from .ports import admin_only
 from .service import RolloutService
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ _ERROR_RESPONSES: dict[int | str, dict] = {
     "4XX": {
         "model": ErrorResponse,
         "description": "Invalid request (400, error.param names the field), missing/wrong bearer "
-        "token (401), weights outside --weights-dir (403), a conflict (409: a request_id reused with "
+        "token (401), weights outside --weights-dir or an admin route off the admin port (403), a "
+        "conflict (409: a request_id reused with "
         "another body, a busy run or batch), too much in flight (429, with Retry-After)",
     },
     503: {"model": ErrorResponse, "description": "Engine or critic not available"},
@@ -129,6 +131,7 @@ def build_app(config: ServerConfig) -> FastAPI:
             service.check_alive()
 
     v1 = [Depends(authorised), Depends(engine_alive)]
+    admin = [*v1, Depends(admin_only(config.admin_port))]  # ports.py: on --admin-port only, if set
     v1_errors = _ERROR_RESPONSES
 
     @app.post(
@@ -156,17 +159,17 @@ def build_app(config: ServerConfig) -> FastAPI:
     async def get_state(svc: RolloutService = Depends(get_service)) -> StateResponse:
         return svc.state()
 
-    @app.put("/v1/espo/state", response_model=StateResponse, dependencies=v1, responses=v1_errors)
+    @app.put("/v1/espo/state", response_model=StateResponse, dependencies=admin, responses=v1_errors)
     async def put_state(body: EspoState, svc: RolloutService = Depends(get_service)) -> StateResponse:
         return svc.set_state(body)
 
-    @app.post("/v1/espo/commit", response_model=StateResponse, dependencies=v1, responses=v1_errors)
+    @app.post("/v1/espo/commit", response_model=StateResponse, dependencies=admin, responses=v1_errors)
     async def commit(
         body: CommitRequest | None = None, svc: RolloutService = Depends(get_service)
     ) -> StateResponse:
         return svc.commit(body.batch_id if body else None)
 
-    @app.post("/v1/weights", response_model=WeightsResponse, dependencies=v1, responses=v1_errors)
+    @app.post("/v1/weights", response_model=WeightsResponse, dependencies=admin, responses=v1_errors)
     async def weights(body: WeightsRequest, svc: RolloutService = Depends(get_service)) -> WeightsResponse:
         return await svc.load_weights(body.path, body.version)
 
@@ -185,7 +188,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         return await svc.close_run(run_id)
 
     @app.post(
-        "/v1/critic/weights", response_model=CriticWeightsResponse, dependencies=v1, responses=v1_errors
+        "/v1/critic/weights", response_model=CriticWeightsResponse, dependencies=admin, responses=v1_errors
     )
     async def critic_weights(
         body: CriticWeightsRequest, svc: RolloutService = Depends(get_service)

@@ -98,6 +98,7 @@ def _critic(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         api_key=args.api_key,
         weights_dir=[Path(d) for d in args.weights_dir],
+        admin_port=args.admin_port,
     )
     return 0
 
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     critic.add_argument("--model", required=True, help="critic model directory (LlamaForTokenClassification)")
     critic.add_argument("--host", default="127.0.0.1")
     critic.add_argument("--port", type=int, default=8001)
+    critic.add_argument(
+        "--admin-port",
+        type=int,
+        default=int(os.environ["ESPO_ADMIN_PORT"]) if os.environ.get("ESPO_ADMIN_PORT") else None,
+        help="also listen here, and answer POST /v1/critic/weights only here (403 on --port); the "
+        "rollout server's --critic-url then names this port (env ESPO_ADMIN_PORT)",
+    )
     critic.add_argument("--gpu-memory-utilization", type=float, default=0.15)
     critic.add_argument("--max-model-len", type=int, default=None)
     critic.add_argument("--dtype", default="auto", help="vLLM dtype (on CPU, auto means bfloat16)")

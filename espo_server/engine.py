@@ -207,7 +207,26 @@ async def running_async_llm(args, what: str) -> AsyncIterator[AsyncLLM]:
         yield llm
     finally:
         metrics.ENGINE_SERIES.release(what)
+        shutdown_engine(llm)
+
+
+def shutdown_engine(llm: AsyncLLM) -> None:
+    """Shut an AsyncLLM down now, and only once.
+
+    vLLM's `AsyncLLM.__del__` calls `shutdown()` again whenever the object is collected; at
+    interpreter exit the vllm modules' globals are already None by then, and the process ends with
+    "Exception ignored in: AsyncLLM.__del__ ... TypeError: 'NoneType' object is not callable" on
+    stderr. After the real shutdown, the instance's `shutdown` is a no-op, so that `__del__` finds
+    nothing left to do (every process that starts an engine ends through here).
+    """
+    try:
         llm.shutdown()
+    finally:
+        llm.shutdown = _shut_down  # type: ignore[method-assign]
+
+
+def _shut_down(timeout: float | None = None) -> None:
+    """`AsyncLLM.shutdown` once it has run: nothing left to release."""
 
 
 class PolicyEngine:

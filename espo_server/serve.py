@@ -43,6 +43,7 @@ from .critic_http import EspoValuesCritic, VllmPoolingCritic
 from .critic_server import build_critic_app
 from .engine import Parallelism, PolicyEngine
 from .plan import Verifier
+from .ports import serve as serve_on_ports
 from .service import RolloutService
 from .tiny_model import CHAT_TEMPLATE
 
@@ -236,7 +237,7 @@ async def serve_rollout_app(app: FastAPI, service: RolloutService, config: Serve
     server.on_sigterm = lambda: loop.call_soon_threadsafe(on_sigterm)
     watchdog = loop.create_task(watch_engine(), name="espo-engine-watchdog")
     try:
-        await server.serve()
+        await serve_on_ports(server, config.admin_port)  # and on --admin-port, when set
     finally:
         for task in (watchdog, drain):
             if task is not None:
@@ -268,8 +269,10 @@ def run_critic_server(
     block_size: int | None = None,
     api_key: str | None = None,
     weights_dir: list[Path] | None = None,
+    admin_port: int | None = None,
 ) -> None:
-    """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights)."""
+    """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights;
+    the push on `admin_port` only, when set)."""
 
     async def main() -> None:
         async with InProcessCritic.launch(
@@ -280,8 +283,8 @@ def run_critic_server(
             prefix_caching=prefix_caching,
             block_size=block_size,
         ) as critic:
-            app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir)
-            await serve_app(app, host, port, "info")
+            app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir, admin_port=admin_port)
+            await serve_app(app, host, port, "info", admin_port)
 
     _run(main())
 
@@ -298,7 +301,10 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-async def serve_app(app: FastAPI, host: str, port: int, log_level: str) -> None:
-    """uvicorn in the running event loop; returns after a graceful shutdown (SIGTERM, SIGINT)."""
+async def serve_app(
+    app: FastAPI, host: str, port: int, log_level: str, admin_port: int | None = None
+) -> None:
+    """uvicorn in the running event loop (on `admin_port` too, if set); returns after a graceful
+    shutdown (SIGTERM, SIGINT)."""
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-    await server.serve()
+    await serve_on_ports(server, admin_port)

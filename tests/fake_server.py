@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+import espo_client
 from espo_client import AsyncEspoClient, AsyncReplicas, EspoClient, Replicas
 from espo_client.protocol import EspoState
 from espo_client.stop_rule import BatchStats, EspoParams, StopRule, update_state
@@ -26,6 +27,8 @@ from espo_client.stop_rule import BatchStats, EspoParams, StopRule, update_state
 # ---------------------------------------------------------------------------------------------
 # A fake server: answers from the request alone, and records every request it saw
 # ---------------------------------------------------------------------------------------------
+
+PROMPTS = [[10, 1], [11, 1, 2], [12], [13, 5], [14]]
 
 RULE_PARAMS = {"a_ema": 0.9, "tau": 0.25, "eta_beta": 0.1, "beta0": 7.0, "warm_after_batches": None}
 
@@ -280,3 +283,16 @@ def replicas(request: pytest.FixtureRequest, loop: asyncio.AbstractEventLoop) ->
         return Blocking(AsyncReplicas(transport=httpx.MockTransport(server), **options), loop)
 
     return replicas
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The waits the drivers asked for (without waiting)."""
+    waits: list[float] = []
+
+    async def async_sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(espo_client._client.time, "sleep", waits.append)
+    monkeypatch.setattr(espo_client._client.asyncio, "sleep", async_sleep)
+    return waits

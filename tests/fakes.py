@@ -119,6 +119,20 @@ class FakeCritic:
             raise CriticError("critic down")
 
 
+class GatedEngine(FakeEngine):
+    """FakeEngine whose samples generate only once `release` is set: calls stay running until then."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.release = asyncio.Event()
+
+    async def generate(self, request_id, prompt_token_ids, params):
+        await self.release.wait()
+        async for chunk in super().generate(request_id, prompt_token_ids, params):
+            yield chunk
+
+
+
 def service(engine, critic, verifier: Verifier | None = None, **cfg) -> RolloutService:
     return RolloutService(engine, critic, ServerConfig(model="fake", **cfg), verifier)
 

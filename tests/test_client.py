@@ -16,7 +16,6 @@ from dataclasses import asdict
 import httpx
 import pytest
 
-import espo_client._client
 from espo_client import (
     AsyncEspoClient,
     AsyncReplicas,
@@ -34,6 +33,7 @@ from espo_client import (
 from espo_client._core import Operation, Send, Sleep, rollout_request
 from espo_client.protocol import EspoState, RolloutResponse
 from tests.fake_server import (
+    PROMPTS,
     Body,
     FakeServer,
     Handler,
@@ -42,22 +42,6 @@ from tests.fake_server import (
     fake_rollout,
     unavailable,
 )
-
-PROMPTS = [[10, 1], [11, 1, 2], [12], [13, 5], [14]]
-
-
-@pytest.fixture
-def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The waits the drivers asked for (without waiting)."""
-    waits: list[float] = []
-
-    async def async_sleep(seconds: float) -> None:
-        waits.append(seconds)
-
-    monkeypatch.setattr(espo_client._client.time, "sleep", waits.append)
-    monkeypatch.setattr(espo_client._client.asyncio, "sleep", async_sleep)
-    return waits
-
 
 # ---------------------------------------------------------------------------------------------
 # Retries, idempotency, errors
