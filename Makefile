@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools run serve test test-fast lint openapi bench vllm-bench reproduce soak faults fuzz clean
+.PHONY: install tools run serve test test-fast lint openapi docs bench vllm-bench reproduce soak faults fuzz clean
 
 install: $(STAMP)
 
@@ -64,11 +64,16 @@ lint: $(STAMP)
 openapi: $(STAMP)
 	$(PY) -m espo_server.openapi > docs/openapi.json
 
+# The generated pages: docs/configuration.md (from ServerConfig) and docs/openapi.json; tests fail when
+# either is stale.
+docs: openapi
+	$(PY) -m espo_server.config_docs > docs/configuration.md
+
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/savings.py
 
-# vLLM's own benchmark client (vllm bench serve) against espo-server and stock vllm serve (docs/vllm-bench.md)
+# vLLM's own benchmark client (vllm bench serve) against espo-server and stock vllm serve (docs/benchmarks.md)
 vllm-bench: $(STAMP)
 	$(PY) bench/vllm_bench.py --num-prompts 128 --input-len 32 --output-len 128 --repeats 3
 
@@ -77,7 +82,7 @@ vllm-bench: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) bench/reproduce.py
 
-# Reliability (README, "Reliability"): each starts its own servers on tiny models, on loopback,
+# Reliability (docs/reliability.md): each starts its own servers on tiny models, on loopback,
 # checks what it measures, prints a table and writes bench/results/*.json; a failed check fails.
 soak: $(STAMP)
 	$(PY) bench/soak.py

