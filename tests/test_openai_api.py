@@ -437,7 +437,7 @@ def test_vllm_serving_routes(inprocess_server):
 
 def test_a_dropped_stream_aborts_its_samples(client, inprocess_server):
     """An OpenAI stream whose client goes away mid-call: its samples are aborted, the server serves on."""
-    from tests.test_server_integration import metric
+    from tests.live_server import metric
 
     before = metric(inprocess_server, "espo_rollout_requests_total", outcome="cancelled")
     body = {"model": MODEL, "prompt": [5, 6], "n": 16, "max_tokens": 480, "ignore_eos": True, "stream": True}
