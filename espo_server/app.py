@@ -59,7 +59,7 @@ from espo_client.protocol import (
 from . import __version__
 from .config import ServerConfig
 from .errors import bearer_matches, error_body, install_error_handlers
-from .events import CallDone, encode
+from .events import CallDone, TokenDelta, encode
 from .openai_api import OpenAIServing
 from .ports import admin_only
 from .service import RolloutService
@@ -362,6 +362,9 @@ class NdjsonLines:
     """A call's events as NDJSON lines (protocol `RolloutStreamEvent`): a TrajectoryEvent per
     trajectory as it ends, a GroupEvent as each prompt group completes, then one DoneEvent, or an
     ErrorEvent if the call fails after the 200 was sent."""
+
+    def tokens(self, delta: TokenDelta) -> None:
+        return None  # the trajectory carries every token (a plan without token_events sends none)
 
     def trajectory(self, trajectory: Trajectory) -> bytes:
         return _line(TrajectoryEvent(trajectory=trajectory))

@@ -177,6 +177,12 @@ class ServerConfig(BaseSettings):
         gt=0,
         description="A run (POST /v1/runs) with no call for this long is closed, its samples aborted.",
     )
+    sse_keepalive_s: float = Field(
+        15.0,
+        ge=0,
+        description="OpenAI streams: a `: keep-alive` comment after this many seconds without a chunk, so "
+        "that proxies keep long rollouts open (0: none).",
+    )
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,

@@ -12,10 +12,9 @@ request's field (`prompts[0]` -> `prompt`, `messages`). vLLM fields this server 
 are a 400 unless neutral (`openai_protocol.NOT_IMPLEMENTED`). The routes are in app.py; `/tokenize`
 and `/detokenize` are served here too, as vLLM's.
 
-Streaming sends one server-sent event per choice once the choice is final (the stop rule may still
-cut tokens back while the critic answers, so tokens are not sent one by one), then a last chunk with
-`choices: []`, the `espo` rollout response and, with `stream_options.include_usage`, the usage; then
-`data: [DONE]`.
+Streaming sends each choice's tokens as they become final (held back only while a critic query may
+still cut them), each choice's end in one chunk, then a last chunk with `choices: []`, the `espo`
+rollout response and, with `stream_options.include_usage`, the usage; then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ class OpenAIServing:
         self.service = service
         self.model_name = config.model_name()
         self.prompts = Prompts(service.engine, config.chat_template)
+        self.keep_alive_s = config.sse_keepalive_s
 
     # ------------------------------------------------------------------ requests
 
@@ -186,11 +186,13 @@ class OpenAIServing:
         return Answers(call, self.service.text, self.model_name).response(response)
 
     def sse(self, call: OpenAICall) -> AsyncIterator[bytes]:
-        """Server-sent events, as OpenAI streams: `data: {chunk}` per finished choice, a last chunk
-        with the usage and the rollout response, `data: [DONE]`. A failure after the 200 was sent is
-        one `data: {"error": ...}` event (the openai package raises it as an APIError)."""
+        """Server-sent events, as OpenAI streams: `data: {chunk}` as each choice's tokens become
+        final, a last chunk with the usage and the rollout response, `data: [DONE]`
+        (openai_answers.py). A failure after the 200 was sent is one `data: {"error": ...}` event
+        (the openai package raises it as an APIError)."""
+        call.plan.token_events = True
         chunks = Answers(call, self.service.text, self.model_name)
-        return sse_events(encode(self.service.stream(call.plan), chunks))
+        return sse_events(encode(self.service.stream(call.plan), chunks), self.keep_alive_s)
 
 
 # ------------------------------------------------------------------------------------ helpers

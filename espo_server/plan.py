@@ -80,6 +80,8 @@ class CallPlan:
     """A retry: the first call's answer, or the future of the first call still running."""
     cut: asyncio.Future[None] | None = None
     """Done when a shutdown ends the call before it is complete (`Admission.cut_calls`)."""
+    token_events: bool = False
+    """Stream the call's final tokens as they come (events.TokenDelta): the OpenAI streams."""
 
     @property
     def learner_owned(self) -> bool:

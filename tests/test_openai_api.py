@@ -115,40 +115,83 @@ def test_chat_uses_the_tokenizers_template(client):
     assert len(espo_of(out.choices[0]).token_ids) == 512 - 4
 
 
+def by_choice(chunks) -> dict[int, list]:
+    """A stream's choice chunks, per choice index, in the order they came."""
+    out: dict[int, list] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            out.setdefault(choice.index, []).append(choice)
+    return out
+
+
 def test_streaming_completions_and_chat(client):
+    """Tokens are streamed as they are sampled (regret_only decides without a critic: nothing is held
+    back); each choice ends with one chunk carrying its finish and its espo object."""
     stream = client.completions.create(
         model=MODEL, prompt="1+2=", n=4, max_tokens=30, seed=2, stream=True,
         stream_options={"include_usage": True}, extra_body=STOPPING,
     )  # fmt: skip
     chunks = list(stream)
-    choices = [c for chunk in chunks for c in chunk.choices]
-    assert sorted(c.index for c in choices) == [0, 1, 2, 3]
-    assert all(c.finish_reason in ("stop", "length") for c in choices)
+    choices = by_choice(chunks)
+    assert sorted(choices) == [0, 1, 2, 3]
+    for parts in choices.values():
+        ends = [p for p in parts if p.finish_reason is not None]
+        assert ends == [parts[-1]] and parts[-1].finish_reason in ("stop", "length")
+        assert all(p.model_extra.get("espo") is None for p in parts[:-1])
+    assert any(len(parts) > 1 for parts in choices.values())  # sent as sampled, not whole at the end
+    ends = [parts[-1] for parts in choices.values()]
     last = chunks[-1]
-    assert last.choices == [] and last.usage.completion_tokens == sum(
-        len(espo_of(c).token_ids) for c in choices
-    )
+    assert last.choices == [] and last.usage.completion_tokens == sum(len(espo_of(c).token_ids) for c in ends)
     rollout = RolloutResponse.model_validate(last.model_extra["espo"])
     assert rollout.usage.trajectories == 4 and rollout.trajectories == []
-    assert rollout.usage.stopped == sum(c.model_extra["stop_reason"] == "espo_stop" for c in choices) > 0
+    assert rollout.usage.stopped == sum(c.model_extra["stop_reason"] == "espo_stop" for c in ends) > 0
 
     # the same request without streaming: the same choices
     same = client.completions.create(
         model=MODEL, prompt="1+2=", n=4, max_tokens=30, seed=2, extra_body=STOPPING
     )
-    assert {c.index: c.text for c in same.choices} == {c.index: c.text for c in choices}
+    texts = {i: "".join(p.text for p in parts) for i, parts in choices.items()}
+    assert {c.index: c.text for c in same.choices} == texts
 
     chat = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "5+5="}], n=3, max_tokens=10, seed=1, stream=True
     )
     chunks = list(chat)
-    deltas = [c for chunk in chunks for c in chunk.choices]
-    assert sorted(d.index for d in deltas) == [0, 1, 2]
-    for delta in deltas:
-        espo = EspoChoice.model_validate(delta.model_extra["espo"])
-        assert delta.delta.role == "assistant"
-        assert delta.delta.content == build_tokenizer().decode(espo.token_ids, skip_special_tokens=True)
+    choices = by_choice(chunks)
+    assert sorted(choices) == [0, 1, 2]
+    for parts in choices.values():
+        espo = EspoChoice.model_validate(parts[-1].model_extra["espo"])
+        assert [p.delta.role for p in parts] == ["assistant"] + [None] * (len(parts) - 1)
+        text = "".join(p.delta.content for p in parts)
+        assert text == build_tokenizer().decode(espo.token_ids, skip_special_tokens=True)
     assert chunks[-1].choices == [] and chunks[-1].usage is None  # no include_usage
+
+
+def test_a_streamed_choice_is_the_non_streamed_one_sent_in_parts(client):
+    """espo with the in-process critic and a state that asks it: for the same seed, a stream's
+    deltas put together (text, token ids, logprobs) are the non-streamed choice; whatever the critic
+    cut (discarded tokens) was never sent."""
+    body = dict(
+        model=MODEL, prompt=["1+2=", "7+5+9="], n=4, max_tokens=40, seed=7, logprobs=1,
+        extra_body={"stop_rule": "espo", "state": EAGER, "rule_params": {"min_tokens": 2, "critic_stride": 3},
+                    "return_token_ids": True, "include": ["values"]},
+    )  # fmt: skip
+    whole = {c.index: c for c in client.completions.create(**body).choices}
+    streamed = by_choice(client.completions.create(**body, stream=True))
+    assert sorted(streamed) == sorted(whole) == list(range(8))
+    for index, parts in streamed.items():
+        choice, espo = whole[index], espo_of(whole[index])
+        assert "".join(p.text for p in parts) == choice.text
+        assert [t for p in parts for t in p.token_ids] == choice.token_ids == espo.token_ids
+        assert [t for p in parts for t in p.logprobs.tokens] == choice.logprobs.tokens
+        assert [lp for p in parts for lp in p.logprobs.token_logprobs] == choice.logprobs.token_logprobs
+        assert [o for p in parts for o in p.logprobs.text_offset] == choice.logprobs.text_offset
+        assert (parts[-1].finish_reason, parts[-1].model_extra["stop_reason"]) == (
+            choice.finish_reason, choice.model_extra["stop_reason"]
+        )  # fmt: skip
+        assert espo_of(parts[-1]).token_ids == espo.token_ids  # discarded_tokens vary with the timing
+    asked = [v for c in whole.values() for v in espo_of(c).traces.values if v is not None]
+    assert asked  # the critic was asked: tokens were held back while it answered
 
 
 def test_stop_strings_end_choices_and_are_cut_from_the_text(client):
@@ -471,3 +514,4 @@ def test_vllms_own_benchmark_client_runs_unchanged(inprocess_server, tiny_models
             assert result["completed"] == 6 and result["failed"] == 0, result["errors"]
             assert result["total_output_tokens"] == 6 * 10  # EOS ignored: every token asked for
             assert result["mean_ttft_ms"] > 0
+            assert result["mean_itl_ms"] > 0  # tokens are streamed as sampled, not whole choices

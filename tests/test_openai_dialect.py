@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from espo_client.openai_protocol import NOT_IMPLEMENTED, ChatCompletionRequest, CompletionRequest
 from espo_client.protocol import RolloutRequest, Sampling, Traces, Trajectory
 from espo_server.engine import GenerationParams
+from espo_server.events import TokenDelta
 from espo_server.openai_choices import ChoiceText, chat_logprobs, completion_logprobs
 from espo_server.tiny_model import EOS_ID, build_tokenizer
 
@@ -96,8 +97,9 @@ def test_logprob_shapes_as_vllm():
     them); chat: the top-k; tokens as `token_id:N` on request; raw values, floored at -9999."""
     seven, plus = TOKENIZER.encode("7+")
     tops = Traces(top_token_ids=[[plus, seven], [10, 12]], top_logprobs=[[-0.1, -0.5], [-0.2, -0.3]])
-    t = traj("7+", traces=tops)
-    t.logprobs[1] = -1e6
+    whole = traj("7+", traces=tops)
+    whole.logprobs[1] = -1e6
+    t = TokenDelta.tail(whole)
     strings = [TOKENIZER.decode([i]) for i in t.token_ids]
     others = {i: TOKENIZER.decode([i]) for i in (plus, seven, 10, 12)}
     out = completion_logprobs(t, 2, strings, others, ChoiceText())
@@ -113,6 +115,9 @@ def test_logprob_shapes_as_vllm():
     chat = chat_logprobs(t, 2, strings, others, ChoiceText())
     assert [len(c.top_logprobs) for c in chat.content] == [2, 2]
     assert chat.content[0].bytes == list(b"7") and chat.content[1].logprob == -9999.0
+    # a stream's delta: the tail of the tokens, its text offsets going on from what was sent
+    tail = completion_logprobs(TokenDelta.tail(whole, 1), 2, strings[1:], others, ChoiceText(), offset=1)
+    assert tail.tokens == ["+"] and tail.text_offset == [1] and tail.top_logprobs == out.top_logprobs[1:]
 
 
 def test_chat_rendering_and_its_bad_input():

@@ -70,6 +70,7 @@ __all__ = [
     "ChatTopLogprob",
     "CompletionChoice",
     "CompletionChunk",
+    "CompletionChunkChoice",
     "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
@@ -338,14 +339,31 @@ class CompletionResponse(_Model):
     espo: RolloutResponse = Field(..., description="The rollout response without its trajectories.")
 
 
+class CompletionChunkChoice(_Model):
+    """A streamed choice's next part: the text, logprobs and token ids of its next final tokens. Its
+    last chunk has its finish_reason, stop_reason and `espo` object (the whole trajectory)."""
+
+    index: int = Field(..., description="prompt_index * n + sample_index.")
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = _STOP_REASON
+    token_ids: list[int] | None = Field(None, description="With return_token_ids: this chunk's token ids.")
+    prompt_token_ids: list[int] | None = Field(
+        None, description="With return_token_ids: the prompt's, on the choice's first chunk."
+    )
+    espo: EspoChoice | None = Field(None, description="On the choice's last chunk: its trajectory.")
+
+
 class CompletionChunk(_Model):
-    """One server-sent event of a streamed completion: one finished choice, or (last) the usage."""
+    """One server-sent event of a streamed completion: the next part of one choice, or (last) the
+    usage and the rollout response."""
 
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionChunkChoice]
     usage: CompletionUsage | None = None
     espo: RolloutResponse | None = Field(None, description="On the last chunk: the rollout response.")
 
@@ -397,18 +415,21 @@ class ChatDelta(_Model):
 
 
 class ChatChunkChoice(_Model):
+    """A streamed choice's next part (the role on its first); its last chunk has its finish_reason,
+    stop_reason and `espo` object (the whole trajectory)."""
+
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = _STOP_REASON
-    token_ids: list[int] | None = None
-    espo: EspoChoice | None = None
+    token_ids: list[int] | None = Field(None, description="With return_token_ids: this chunk's token ids.")
+    espo: EspoChoice | None = Field(None, description="On the choice's last chunk: its trajectory.")
 
 
 class ChatCompletionChunk(_Model):
-    """One server-sent event of a streamed chat completion: one whole finished choice (its delta holds
-    all its text: a choice is final only once the stop rule is done with it), or (last) the usage."""
+    """One server-sent event of a streamed chat completion: the next part of one choice, or (last) the
+    usage and the rollout response."""
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
