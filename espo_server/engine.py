@@ -317,27 +317,18 @@ class PolicyEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        settings = {name: getattr(params, name) for name in Sampling.model_fields}  # vLLM's own names
+        for name in ("stop_token_ids", "stop", "bad_words"):
+            settings[name] = list(settings[name]) or None
+        settings["logit_bias"] = dict(params.logit_bias) or None
+        if params.allowed_token_ids is not None:
+            settings["allowed_token_ids"] = list(params.allowed_token_ids)
         sampling = SamplingParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop_token_ids=list(params.stop_token_ids) or None,
-            ignore_eos=params.ignore_eos,
+            **settings,
             logprobs=params.top_k_logprobs,
             output_kind=RequestOutputKind.DELTA,
             detokenize=bool(params.stop),
-            stop=list(params.stop) or None,
             stream_interval=params.stream_interval if params.stream_interval > 1 else None,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            repetition_penalty=params.repetition_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            min_tokens=params.min_tokens,
-            logit_bias=dict(params.logit_bias) or None,
-            allowed_token_ids=None if params.allowed_token_ids is None else list(params.allowed_token_ids),
-            bad_words=list(params.bad_words) or None,
         )
         want_topk = params.top_k_logprobs > 1 or params.top_ids
         finished = False
