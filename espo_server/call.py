@@ -80,7 +80,8 @@ class Calls:
                     else await asyncio.shield(plan.known)
                 )
             except CallEnded:  # the first call was cancelled or failed and folded nothing: run it now
-                plan = self.planner.plan(request)
+                token_events, plan = plan.token_events, self.planner.plan(request)
+                plan.token_events = token_events
             else:
                 for event in replay(known):
                     yield event

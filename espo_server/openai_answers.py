@@ -83,6 +83,7 @@ class _Streamed:
     text: TextStream
     chunks: int = 0
     tokens: int = 0
+    """Tokens of the choice written (their text may be held back still)."""
     offset: int = 0
     """Completions' text_offset: the characters of the sent tokens' strings."""
 
@@ -202,14 +203,14 @@ class Answers:
         body = self.call.body
         logprobs = self._logprobs(tokens, sent.offset)
         ids = list(tokens.token_ids) if body.return_token_ids else None
-        if end is None and not text and logprobs is None and not ids:
-            return None
-        first = sent.chunks == 0
-        sent.chunks += 1
         sent.tokens += len(tokens.token_ids)
+        self.completion_tokens += len(tokens.token_ids)
         if isinstance(logprobs, CompletionLogprobs):
             sent.offset += sum(len(s) for s in self.text.token_strings(tokens.token_ids))
-        self.completion_tokens += len(tokens.token_ids)
+        if end is None and not text and logprobs is None and not ids:
+            return None  # its text is held back, and nothing else was asked for
+        first = sent.chunks == 0
+        sent.chunks += 1
         options = body.stream_options
         usage = self._usage(self.completion_tokens) if options and options.continuous_usage_stats else None
         fields = {"index": index, "logprobs": logprobs, "token_ids": ids, **(end or {})}

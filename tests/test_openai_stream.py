@@ -103,6 +103,27 @@ def test_a_rule_without_critic_holds_nothing_back():
     assert first["prompt_token_ids"] == [5, 6, 7] and all(c["prompt_token_ids"] is None for c in rest)
 
 
+def test_text_held_back_for_a_stop_string_is_sent_later():
+    """With a stop string of 3 characters the last 2 wait (a stop may begin there); without
+    logprobs or token ids a chunk whose text is all held back is not sent, and the next ones go on."""
+
+    async def go():
+        engine = PausingEngine(pause_at=10, length=20)
+        body = completion(stop_rule="none", stop=["abc"], logprobs=None, return_token_ids=None)
+        stream = Stream(service(engine, FakeCritic()), body)
+        await stream.until(lambda: len(stream.text()) == 8)
+        await asyncio.wait_for(engine.paused.wait(), BOUND_S)
+        assert not stream.ended()
+        engine.resume.set()
+        await asyncio.wait_for(stream.task, BOUND_S)
+        return stream
+
+    stream = run(go())
+    espo = stream.choices()[-1]["espo"]
+    assert stream.text() == "".join(chr(t) for t in espo["token_ids"]) and len(espo["token_ids"]) == 20
+    assert all(c["text"] for c in stream.choices()[:-1])  # no empty chunk before the last
+
+
 def test_tokens_a_pending_critic_query_may_cut_are_held_back_and_never_sent():
     """espo, a hot state: the critic is asked at step 3 and answers (stop) only after the engine has
     generated 10 tokens. Until then only tokens 0..3 are sent; the 6 discarded ones never are."""
