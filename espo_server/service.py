@@ -350,8 +350,9 @@ class RolloutService:
     def _check_run(self, request: RolloutRequest) -> tuple[int, int]:
         """The run's carried (groups, samples); 400 for an unknown or closed run, 409 for a busy one."""
         if request.run_id is None:
-            if request.leftover == "carry":
-                raise InvalidRequest("leftover=carry needs a run_id (POST /v1/runs opens one)", "run_id")
+            if request.leftover != "abort":
+                message = f"leftover={request.leftover} needs a run_id (POST /v1/runs opens one)"
+                raise InvalidRequest(message, "run_id")
             return 0, 0
         run = self.runs.get(request.run_id)
         if run.busy:
@@ -449,6 +450,7 @@ class RolloutService:
             for group in carried:  # their next tokens belong to this batch
                 for sample in group.samples:
                     sample.rebase(plan.state)
+                group.take_over()
             new = [self._start_group(plan, p) for p in range(len(plan.prompt_ids))]
             groups = new + carried
             target = request.return_groups or len(groups)
@@ -478,8 +480,10 @@ class RolloutService:
                                 break
                 leftovers = [g for g in groups if g not in complete]
                 aborted: list[Group] = []
-                if request.leftover == "carry" and run is not None:
+                if request.leftover != "abort" and run is not None:
                     kept = leftovers
+                    if request.leftover == "hold":
+                        await asyncio.gather(*(group.hold() for group in kept))
                 else:
                     kept, aborted = [], leftovers
                     samples = [s for g in leftovers for s in g.samples]
