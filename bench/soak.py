@@ -16,9 +16,11 @@ tiny models (`make-tiny-model`, the fastest engine there is), on loopback only, 
   run         a run (POST /v1/runs): 2-3 calls with return_groups=1 and leftover=carry, then a last
               call that takes back every carried group, then DELETE
 
-(each client runs every scenario once first, in its own order, then draws at random), and a pusher
-loads the two policies' weights in turn every `--push-every` seconds (from the server's
---weights-dir). A 429 is retried after its Retry-After with the same request_id.
+(each client runs every scenario once first, in its own order, even past `--seconds`, then draws at
+random), and a pusher loads the two policies' weights in turn every `--push-every` seconds (from the
+server's --weights-dir), or, with `--push-every-calls N`, the client that finishes every N-th scenario
+pushes. `--seconds 0 --push-every-calls N` is a workload of a fixed size, whatever the machine's speed.
+A 429 is retried after its Retry-After with the same request_id.
 
 Checks (the exit status is 1 if one fails):
   - every trajectory is delivered exactly once: counted by (request_id that started it, prompt
@@ -280,12 +282,16 @@ class Workload:
     weights: list[str]
     push_every_s: float
     seed: int = 0
+    push_every_calls: int = 0
+    """If set: a weight push after every this many scenarios finished (instead of every push_every_s)."""
     api_key: str | None = None
     rules: tuple[str, ...] = RULES
     scenarios: tuple[str, ...] = ("call", "call", "call", "replay", "conflict", "timeout", "abandon", "run")
     tally: Tally = dataclasses.field(default_factory=Tally)
     on_tick: Callable[[float], None] | None = None
     """Called about every second with the seconds elapsed (faults.py injects faults from it)."""
+    _finished: int = dataclasses.field(default=0, init=False)
+    """Scenarios finished, by all clients."""
 
     async def run(self) -> Tally:
         # The sync clients' calls run in worker threads: one each, and the pusher's.
@@ -294,10 +300,12 @@ class Workload:
         apis = [Api(self.url, sync=i % 2 == 0, api_key=self.api_key) for i in range(self.clients)]
         try:
             tasks = [self._client(i, api, stop_at) for i, api in enumerate(apis)]
-            if self.weights and self.push_every_s > 0:
+            if self.weights and self.push_every_s > 0 and not self.push_every_calls:
                 tasks.append(self._pusher(apis[0], stop_at))
             tasks.append(self._ticker(stop_at))
             await asyncio.gather(*tasks)
+            if self.push_every_calls and self.tally.pushes % len(self.weights or [None]):
+                await self._push(apis[0], self.weights[0])  # leave the first weights served
         finally:
             for api in apis:
                 await api.aclose()
@@ -311,30 +319,29 @@ class Workload:
                 self.on_tick(time.monotonic() - started)
 
     async def _pusher(self, api: Api, stop_at: float) -> None:
-        versions = itertools.count(1000)
-        for path in itertools.cycle(self.weights[1:] + self.weights[:1]):
+        for k in itertools.count(1):
             await asyncio.sleep(self.push_every_s)
             if time.monotonic() >= stop_at:
                 break
-            try:
-                await api.load_weights(path, next(versions))
-                with self.tally.lock:
-                    self.tally.pushes += 1
-            except EspoError as exc:
-                self.tally.error(f"push_{error_kind(exc)}", exc)
+            await self._push(api, self.weights[k % len(self.weights)])
         if self.tally.pushes % len(self.weights):  # leave the first weights served, as they were
-            try:
-                await api.load_weights(self.weights[0], next(versions))
-                with self.tally.lock:
-                    self.tally.pushes += 1
-            except EspoError as exc:
-                self.tally.error(f"push_{error_kind(exc)}", exc)
+            await self._push(api, self.weights[0])
+
+    async def _push(self, api: Api, path: str) -> None:
+        with self.tally.lock:
+            version = 1000 + self.tally.pushes
+        try:
+            await api.load_weights(path, version)
+            with self.tally.lock:
+                self.tally.pushes += 1
+        except EspoError as exc:
+            self.tally.error(f"push_{error_kind(exc)}", exc)
 
     async def _client(self, index: int, api: Api, stop_at: float) -> None:
         rng = random.Random(self.seed * 1000 + index)
         distinct = list(dict.fromkeys(self.scenarios))
         first = distinct[index % len(distinct) :] + distinct[: index % len(distinct)]  # each once first
-        while time.monotonic() < stop_at:
+        while first or time.monotonic() < stop_at:
             kind = first.pop(0) if first else rng.choice(self.scenarios)
             with self.tally.lock:
                 self.tally.kinds[kind] += 1
@@ -342,6 +349,10 @@ class Workload:
                 await getattr(self, f"_{kind}")(api, rng)
             except EspoError as exc:  # an unintended failure: counted, the client goes on
                 self.tally.error(error_kind(exc), exc)
+            self._finished += 1  # (the clients' loops share one event loop)
+            every = self.push_every_calls
+            if self.weights and every and self._finished % every == 0:
+                await self._push(api, self.weights[(self._finished // every) % len(self.weights)])
 
     # --- the scenarios ---------------------------------------------------------------------------
 
@@ -575,7 +586,10 @@ def soak(url: str, pid: int, weights: list[str], args: argparse.Namespace) -> di
     """Run the workload against a running server; check and return the figures."""
     before = scrape(url)
     rss = RssWatch(pid).start()
-    workload = Workload(url, args.clients, args.seconds, weights, args.push_every, seed=args.seed)
+    workload = Workload(
+        url, args.clients, args.seconds, weights, args.push_every, seed=args.seed,
+        push_every_calls=args.push_every_calls,
+    )  # fmt: skip
     if args.scenarios:
         workload.scenarios = tuple(args.scenarios.split(","))
     started = time.monotonic()
@@ -692,6 +706,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--push-every", type=float, default=20.0, help="seconds between weight pushes (0: none)"
     )
+    parser.add_argument(
+        "--push-every-calls", type=int, default=0,
+        help="a weight push after every this many scenarios finished (instead of --push-every)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--scenarios", default="", help="comma-separated scenarios to draw from (default: all, calls 3x)"
