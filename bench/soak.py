@@ -34,8 +34,8 @@ Checks (the exit status is 1 if one fails):
 
 Prints a summary table and writes `--out` (JSON).
 
-    .venv/bin/python bench/soak.py                                  # 8 clients, 5 minutes
-    .venv/bin/python bench/soak.py --clients 4 --seconds 60         # a quick look
+    .venv/bin/python -m bench.soak                                  # 8 clients, 5 minutes
+    .venv/bin/python -m bench.soak --clients 4 --seconds 60         # a quick look
     make soak
 """
 
@@ -45,7 +45,6 @@ import argparse
 import asyncio
 import dataclasses
 import itertools
-import json
 import random
 import signal
 import sys
@@ -59,15 +58,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "client"))
+import httpx
+import psutil
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from espo_client import (  # noqa: E402
+from bench import harness
+from bench.harness import Metrics
+from espo_client import (
     APIStatusError,
     AsyncEspoClient,
     ConnectError,
@@ -77,7 +73,7 @@ from espo_client import (  # noqa: E402
     RolloutResponse,
     StreamError,
 )
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
+from espo_server.process import ServerProcess
 
 # A learner-owned state that makes espo and regret_only stop readily on the random tiny policy.
 EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
@@ -474,23 +470,6 @@ def _rid(kind: str) -> str:
 # --------------------------------------------------------------------------------------------- server side
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def metric_sum(samples: dict, name: str, labels: dict[str, str]) -> float:
-    return sum(
-        v
-        for (n, have), v in samples.items()
-        if n == name and all(dict(have).get(k) == x for k, x in labels.items())
-    )
-
-
 class RssWatch:
     """The server process's RSS and its children's (vLLM's engine process), every `interval` s."""
 
@@ -555,23 +534,16 @@ class Servers:
         self.weights = [str(policy), str(policy_b)]
         logs = self.work / "logs"
         logs.mkdir(exist_ok=True)
-        self.critic = self.start_critic(str(critic), free_port(), logs)
-        port = free_port()
-        argv = espo_server_argv(
-            "serve", "--model", str(policy), "--critic", "remote", "--critic-url", self.critic.url,
-            "--dtype", "float32", "--max-model-len", "512", "--port", str(port), "--max-num-seqs", "64",
+        self.critic = harness.start_critic("critic", str(critic), logs=logs)
+        self.server = harness.start_espo(
+            "rollout", "serve", "--model", str(policy), "--critic", "remote", "--critic-url", self.critic.url,
+            "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "64",
             "--weights-dir", str(self.work), "--max-inflight-trajectories", str(self.max_inflight),
-            *self.extra,
+            *self.extra, logs=logs,
         )  # fmt: skip
-        self.server = ServerProcess("rollout", argv, port, logs).start()
         self.critic.wait_ready()
         self.server.wait_ready()
         return self
-
-    @staticmethod
-    def start_critic(model: str, port: int, logs: Path) -> ServerProcess:
-        argv = espo_server_argv("critic", "--model", model, "--port", str(port), "--dtype", "float32")
-        return ServerProcess("critic", argv, port, logs, ready_path="/health").start()
 
     def __exit__(self, *exc: object) -> None:
         for proc in (self.server, self.critic):
@@ -584,7 +556,7 @@ class Servers:
 
 def soak(url: str, pid: int, weights: list[str], args: argparse.Namespace) -> dict:
     """Run the workload against a running server; check and return the figures."""
-    before = scrape(url)
+    before = harness.scrape(url)
     rss = RssWatch(pid).start()
     workload = Workload(
         url, args.clients, args.seconds, weights, args.push_every, seed=args.seed,
@@ -599,15 +571,14 @@ def soak(url: str, pid: int, weights: list[str], args: argparse.Namespace) -> di
         duration = time.monotonic() - started
         time.sleep(2.5)  # one more RSS sample after the load
         rss.stop()
-    after = scrape(url)
+    after = harness.scrape(url)
     return check(tally, before, after, rss, duration, args)
 
 
-def check(tally: Tally, before: dict, after: dict, rss: RssWatch, duration: float, args) -> dict:
+def check(tally: Tally, before: Metrics, after: Metrics, rss: RssWatch, duration: float, args) -> dict:
     lost, twice = tally.lost_or_twice()
     moved = {
-        name: metric_sum(after, name, labels) - metric_sum(before, name, labels)
-        for name, (labels, _) in WATCHED.items()
+        name: after.sum(name, **labels) - before.sum(name, **labels) for name, (labels, _) in WATCHED.items()
     }
     seen = {name: getattr(tally, field) for name, (_, field) in WATCHED.items()}
     warm = min(args.warmup, duration / 4)
@@ -649,8 +620,8 @@ def check(tally: Tally, before: dict, after: dict, rss: RssWatch, duration: floa
         "explained": [tally.explain(k) for k in (lost[:5] + twice[:5])],
         "metrics_moved": moved,
         "critic_calls_by_outcome": {
-            dict(labels).get("outcome", ""): after[(name, labels)] - before.get((name, labels), 0.0)
-            for (name, labels) in after
+            dict(labels).get("outcome", ""): value - before.samples.get((name, labels), 0.0)
+            for (name, labels), value in after.samples.items()
             if name == "espo_critic_calls_total"
         },
         "clients_saw": seen,
@@ -722,14 +693,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     add_args(parser)
-    parser.add_argument("--url", default=None, help="a running server (default: start one on tiny models)")
+    harness.add_common_args(parser, "soak", url_help="a running server (default: start one on tiny models)")
     parser.add_argument("--pid", type=int, default=None, help="its process id (for RSS), with --url")
     parser.add_argument("--weights", nargs="*", default=[], help="weight dirs to push in turn, with --url")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     args = parser.parse_args()
     if args.url is not None:
         if args.pid is None:
@@ -746,8 +714,7 @@ def main() -> None:
                 flush=True,
             )
             result = soak(s.server.url, s.server.proc.pid, s.weights, args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    harness.write_result(args.out, result)
     print_summary(result)
     print(f"wrote {args.out}")
     sys.exit(0 if result["ok"] else 1)

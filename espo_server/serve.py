@@ -69,8 +69,8 @@ def resolve_models(config: ServerConfig) -> ServerConfig:
         return config
     from .toy.train import ensure_toy_models
 
-    log.info("no model given: using the embedded toy models (cache %s)", config.cache_dir)
-    toy = ensure_toy_models(config.cache_dir, config.toy_seed)
+    log.info("no model given: the embedded toy models (%s; cache %s)", config.toy_size, config.cache_dir)
+    toy = ensure_toy_models(config.cache_dir, config.toy_seed, quick=config.toy_size == "quick")
     return config.model_copy(
         update={
             # vLLM on CPU would run the float32 toy models in bfloat16 under "auto".

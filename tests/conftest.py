@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from espo_server.process import ServerProcess, espo_server_argv, free_port
+
+# Tests never train the full toy models (about 15 minutes on 2 cores): every embedded server, demo,
+# benchmark and example they start, in this process or another, runs on the quick toy (about a minute).
+os.environ["ESPO_TOY_SIZE"] = "quick"
 
 MAX_MODEL_LEN = 512
 

@@ -105,7 +105,7 @@ def test_rollouts_with_a_dead_critic_are_flagged_never_silently_changed(orphan_s
 
 @pytest.fixture(scope="module")
 def toy_critic_server(server_logs) -> Iterator[tuple[ServerProcess, Path]]:
-    """`espo-server critic` on the trained toy critic (4 layers: the policy's 2 and 2 fresh ones)."""
+    """`espo-server critic` on the trained toy critic (the quick toy's: the suite's ESPO_TOY_SIZE)."""
     from espo_server.toy.train import ensure_toy_models
 
     critic_dir = ensure_toy_models().critic_dir

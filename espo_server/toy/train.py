@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from espo_server.config import default_cache_dir, default_toy_size
 from espo_server.tiny_model import (
     EOS_ID,
     PAD_ID,
@@ -442,10 +443,6 @@ def train_critic(policy, cfg: ToyConfig, seed: int = 0) -> tuple[torch.nn.Module
 # --- 3. cache ---
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ESPO_CACHE_DIR") or Path.home() / ".cache" / "espo-server")
-
-
 @contextlib.contextmanager
 def deterministic(num_threads: int = 1):
     """Torch set up for repeatable training: `num_threads` threads and deterministic algorithms
@@ -464,16 +461,21 @@ def ensure_toy_models(
     cache_dir: Path | None = None,
     seed: int = 0,
     *,
-    quick: bool = False,
+    quick: bool | None = None,
     config: ToyConfig | None = None,
     force: bool = False,
     num_threads: int | None = 1,
 ) -> ToyModels:
     """The trained toy policy and critic for `seed`: from the cache, or trained now and cached.
 
+    quick: the reduced configuration (`ToyConfig.quick()`); None: the configured toy size
+    (`ESPO_TOY_SIZE`, the server's `toy_size`: full unless set). `config` overrides both.
+
     num_threads: torch CPU threads while training (None: 1). 1 by default: these models are so small
     that a second thread gains little, on a shared 2-core machine 2 threads ran ~4x slower than 1, and
     the weights depend on it (the order of a reduction does); another count gives other weights."""
+    if quick is None:
+        quick = default_toy_size() == "quick"
     cfg = config or (ToyConfig.quick() if quick else ToyConfig())
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = root / f"toy-seed{seed}-{cfg.key()}"
@@ -542,7 +544,10 @@ def add_train_toy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="retrain even if cached")
-    parser.add_argument("--quick", action="store_true", help="reduced sizes for tests; accuracy not tuned")
+    parser.add_argument(
+        "--quick", action="store_true", default=None,
+        help="reduced sizes for tests; accuracy not tuned (default: $ESPO_TOY_SIZE, else full)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return parser
 
