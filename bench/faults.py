@@ -324,16 +324,21 @@ def sigterm(s1: ServerProcess, grace_s: float, bound_s: float) -> dict:
 
 
 def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
+    """S2 is started with `--engine-dead-linger-s` well above the time a client needs to see its 503s.
+    Each step waits for the state it needs (both calls generating, the death noticed), bounded by
+    `bound_s`, never for a fixed time."""
     url = s2.url
     long = {"prompts": [{"token_ids": PROMPT}] * 2, "n": 32, "max_tokens": 480, "ignore_eos": True}
     plain = background(post, url, long)
     stream = background(streamed, url, long)
-    time.sleep(1.0)
+    # every sample of a call counts as in flight from its start to its end (480 engine steps or more)
+    inflight = lambda: harness.scrape(url).sum("espo_inflight_trajectories")  # noqa: E731
+    until(lambda: inflight() == 128, bound_s, "both calls generate")
     cores = [c for c in psutil.Process(s2.proc.pid).children(recursive=True) if is_engine_core(c)]
     assert cores, "no VLLM::EngineCore child found"
     killed = time.monotonic()
     cores[0].kill()
-    time.sleep(0.5)
+    until(lambda: httpx.get(url + "/readyz", timeout=30).status_code == 503, bound_s, "the death noticed")
     after = post(url, long, timeout=30)
     ready = httpx.get(url + "/readyz", timeout=30)
     running = plain.result(timeout=bound_s)
@@ -361,6 +366,15 @@ def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
         "streamed": streamed_out,
         "checks": checks,
     }
+
+
+def until(condition, bound_s: float, what: str) -> None:
+    """Poll `condition()` until it holds; AssertionError naming `what` after `bound_s` seconds."""
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {bound_s:g} s: {what}")
+        time.sleep(0.1)
 
 
 def is_engine_core(proc: psutil.Process) -> bool:
@@ -426,7 +440,8 @@ def main() -> None:
         wanted = args.steps.split(",")
         s2 = None
         if "engine" in wanted:  # S2 only serves the engine step
-            s2 = harness.start_espo("s2", "serve", *common, "--critic", "none", logs=logs)
+            linger = ("--engine-dead-linger-s", str(args.exit_bound_s / 2))
+            s2 = harness.start_espo("s2", "serve", *common, "--critic", "none", *linger, logs=logs)
         try:
             critic["proc"].wait_ready()
             s1.wait_ready()

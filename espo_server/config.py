@@ -179,6 +179,12 @@ class ServerConfig(BaseSettings):
         gt=0,
         description="A run (POST /v1/runs) with no call for this long is closed, its samples aborted.",
     )
+    engine_dead_linger_s: float = Field(
+        2.0,
+        ge=0,
+        description="After the policy engine's process died: how long the server still answers (every /v1 "
+        "call 503 engine_dead, /readyz 503) before it exits with status 3.",
+    )
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,

@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.scripts import script_module
-
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "reproduce.py"
 
 
 @pytest.fixture(scope="module")
 def reproduce():
-    with script_module(BENCH, "reproduce") as module:
-        yield module
-        sys.modules.pop("ppo_toy", None)
+    from bench import reproduce
+
+    yield reproduce
+    sys.modules.pop("ppo_toy", None)  # examples/ppo_toy.py, loaded by reproduce.main
 
 
 def test_argument_checks(reproduce):

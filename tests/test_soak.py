@@ -11,28 +11,15 @@ ESPO state and the policy version moved)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from espo_server.process import ENGINE_ENV, ServerProcess, espo_server_argv, free_port
+from bench import faults
+from espo_server.process import ServerProcess, espo_server_argv, free_port
+from tests.scripts import run_bench
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import faults  # noqa: E402
-
-
-def run_bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(ROOT / "bench" / script), *args]
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENGINE_ENV}
-    )
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +29,7 @@ def doomed_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
     port = free_port()
     argv = espo_server_argv(
         "serve", "--model", str(tiny_models["policy"]), "--critic", "none", "--dtype", "float32",
-        "--max-model-len", "512", "--max-num-seqs", "64", "--port", str(port),
+        "--max-model-len", "512", "--max-num-seqs", "64", "--port", str(port), "--engine-dead-linger-s", "20",
     )  # fmt: skip
     proc = ServerProcess("doomed", argv, port, server_logs).start()
     yield proc
@@ -56,7 +43,7 @@ def test_soak_delivers_every_trajectory_once_and_metrics_match(
     whatever the machine's speed), a weight push after every 6 scenarios: bench/soak.py's checks."""
     out = tmp_path / "soak.json"
     proc = run_bench(
-        "soak.py", "--url", rollout_server.url, "--pid", str(rollout_server.proc.pid),
+        "soak", "--url", rollout_server.url, "--pid", str(rollout_server.proc.pid),
         "--weights", str(tiny_models["policy"]), str(tiny_models["policy_b"]),
         "--clients", "3", "--seconds", "0", "--push-every-calls", "6", "--warmup", "0", "--out", str(out),
         timeout=600,
@@ -79,7 +66,7 @@ def test_fuzz_finds_no_5xx_and_the_server_keeps_serving(rollout_server, tmp_path
     (no time limit: the number of cases does not depend on the machine's speed)."""
     out = tmp_path / "fuzz.json"
     proc = run_bench(
-        "fuzz.py", "--url", rollout_server.url, "--log", str(rollout_server.log_path),
+        "fuzz", "--url", rollout_server.url, "--log", str(rollout_server.log_path),
         "--max-examples", "15", "--max-time", "0", "--workers", "1", "--out", str(out), timeout=600,
     )  # fmt: skip
     assert out.exists(), proc.stdout[-5000:] + proc.stderr[-3000:]
