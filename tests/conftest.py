@@ -15,6 +15,9 @@ from espo_server.process import ServerProcess, espo_server_argv, free_port
 os.environ["ESPO_TOY_SIZE"] = "quick"
 
 MAX_MODEL_LEN = 512
+CRITIC_TIMEOUT_S = "60"
+"""The session servers' critic timeout: far above any query's time on a loaded machine, so that no
+test sees a critic error it did not provoke (the default, 5 s, was reached under load)."""
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +29,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     policy, critic = make_tiny_models(root / "a", seed=0)
     policy_b, _ = make_tiny_models(root / "b", seed=7)
     return {"policy": policy, "critic": critic, "policy_b": policy_b}
+
+
+@pytest.fixture(scope="session")
+def quick_toy():
+    """The quick toy models (ESPO_TOY_SIZE above), trained once into the toy cache ($ESPO_CACHE_DIR)
+    and shared by every test, in this process or another, that runs the embedded toy."""
+    from espo_server.toy.train import ensure_toy_models
+
+    return ensure_toy_models(quick=True)
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +72,7 @@ def rollout_server(tiny_models, critic_server, server_logs, tmp_path_factory) ->
         "--verifier", "toy",
         "--max-n", "32",
         "--max-num-seqs", "48",
+        "--critic-timeout-s", CRITIC_TIMEOUT_S,
         "--weights-dir", str(tmp_path_factory.getbasetemp()),  # every test's checkpoints live there
     )  # fmt: skip
     with ServerProcess("rollout", argv, port, server_logs) as proc:
@@ -82,6 +95,7 @@ def inprocess_server(tiny_models, server_logs, tmp_path_factory) -> Iterator[Ser
         "--grpc-port", str(grpc_port),
         "--served-model-name", "tiny",
         "--verifier", "toy",
+        "--critic-timeout-s", CRITIC_TIMEOUT_S,
         "--weights-dir", str(tmp_path_factory.getbasetemp()),
     )  # fmt: skip
     with ServerProcess("inprocess", argv, port, server_logs) as proc:

@@ -12,7 +12,7 @@ from tests.scripts import run_bench
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def test_throughput_bench_runs_every_mode(tmp_path):
+def test_throughput_bench_runs_every_mode(quick_toy, tmp_path):
     """On the quick toy models (the suite's ESPO_TOY_SIZE)."""
     out = tmp_path / "throughput.json"
     proc = run_bench(

@@ -104,11 +104,9 @@ def test_rollouts_with_a_dead_critic_are_flagged_never_silently_changed(orphan_s
 
 
 @pytest.fixture(scope="module")
-def toy_critic_server(server_logs) -> Iterator[tuple[ServerProcess, Path]]:
+def toy_critic_server(quick_toy, server_logs) -> Iterator[tuple[ServerProcess, Path]]:
     """`espo-server critic` on the trained toy critic (the quick toy's: the suite's ESPO_TOY_SIZE)."""
-    from espo_server.toy.train import ensure_toy_models
-
-    critic_dir = ensure_toy_models().critic_dir
+    critic_dir = quick_toy.critic_dir
     port = free_port()
     argv = espo_server_argv("critic", "--model", str(critic_dir), "--port", str(port), "--dtype", "float32")
     with ServerProcess("toy-critic", argv, port, server_logs, ready_path="/health") as proc:

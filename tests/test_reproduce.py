@@ -29,7 +29,7 @@ def test_argument_checks(reproduce):
             reproduce.parse_args(bad)
 
 
-def test_reduced_reproduction_writes_table_and_plot(reproduce, tmp_path):
+def test_reduced_reproduction_writes_table_and_plot(reproduce, quick_toy, tmp_path):
     plot = tmp_path / "docs" / "reproduce.png"
     argv = [
         "--rules", "none,espo", "--seeds", "0", "--iterations", "2", "--problems", "4", "--n", "2",
