@@ -80,6 +80,21 @@ def rollout_server(tiny_models, critic_server, server_logs, tmp_path_factory) ->
 
 
 @pytest.fixture(scope="session")
+def orphan_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
+    """A rollout server whose remote critic is not there (tests/test_critics.py), and whose engine
+    process tests/test_soak.py kills at the end (it answers 503 engine_dead for 20 s, then exits)."""
+    port, dead = free_port(), free_port()
+    argv = espo_server_argv(
+        "serve", "--model", str(tiny_models["policy"]), "--critic", "remote",
+        "--critic-url", f"http://127.0.0.1:{dead}", "--critic-timeout-s", "1", "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "64", "--port", str(port),
+        "--verifier", "none", "--engine-dead-linger-s", "20",
+    )  # fmt: skip
+    with ServerProcess("orphan", argv, port, server_logs) as proc:
+        yield proc.wait_listening()
+
+
+@pytest.fixture(scope="session")
 def inprocess_server(tiny_models, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
     """The embedded default's layout on the tiny models: policy and critic engines in one process
     (`--critic inprocess`), with the gRPC API on a second port (`server.grpc_port`). The tiny

@@ -2,8 +2,8 @@
 make soak, make faults, make fuzz; figures in README, "Reliability"). The soak and the fuzz run as
 scripts against the session's rollout server and read back their JSON (each script checks what it
 measures and exits non-zero when a check fails); the faults call bench/faults.py's steps: broken
-weight pushes to the session's server, and vLLM's engine process killed under a server of this
-module's own. Timings are not checked here (bench figures are measured under the exclusive lock).
+weight pushes to the session's server, and vLLM's engine process killed under the session's orphan
+server. Timings are not checked here (bench figures are measured under the exclusive lock).
 
 This file runs after every other user of the session's rollout server (it leaves the server-owned
 ESPO state and the policy version moved)."""
@@ -11,33 +11,17 @@ ESPO state and the policy version moved)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
 from bench import faults
-from espo_server.process import ServerProcess, espo_server_argv, free_port
 from tests.scripts import run_bench
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def doomed_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
-    """A server of this module's own (no critic), whose engine process gets killed. Started by the
-    first test, not waited for: it starts up while the soak runs."""
-    port = free_port()
-    argv = espo_server_argv(
-        "serve", "--model", str(tiny_models["policy"]), "--critic", "none", "--dtype", "float32",
-        "--max-model-len", "512", "--max-num-seqs", "64", "--port", str(port), "--engine-dead-linger-s", "20",
-    )  # fmt: skip
-    proc = ServerProcess("doomed", argv, port, server_logs).start()
-    yield proc
-    proc.stop(timeout=30)
-
-
 def test_soak_delivers_every_trajectory_once_and_metrics_match(
-    rollout_server, tiny_models, tmp_path, doomed_server
+    rollout_server, tiny_models, tmp_path
 ):
     """3 clients (sync and async), each running every scenario once (a workload of a fixed size,
     whatever the machine's speed), a weight push after every 6 scenarios: bench/soak.py's checks."""
@@ -87,7 +71,8 @@ def test_broken_weight_pushes_are_refused_and_the_old_weights_still_serve(
     assert result["checks"] and all(result["checks"].values()), result
 
 
-def test_a_killed_engine_process_gives_503_engine_dead_and_exit_status_3(doomed_server):
-    result = faults.engine_kill(doomed_server.wait_ready(), bound_s=60)
+def test_a_killed_engine_process_gives_503_engine_dead_and_exit_status_3(orphan_server):
+    """On the session's orphan server (its last user: this file runs after tests/test_critics.py)."""
+    result = faults.engine_kill(orphan_server.wait_ready(), bound_s=60)
     assert result["checks"] and all(result["checks"].values()), result
     assert result["exit_status"] == 3
