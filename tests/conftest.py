@@ -80,6 +80,20 @@ def rollout_server(tiny_models, critic_server, server_logs, tmp_path_factory) ->
 
 
 @pytest.fixture(scope="session")
+def embedded_server(quick_toy, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
+    """The embedded default (`espo-server serve` naming no model: the toy policy and an in-process
+    critic), on the quick toy, with 8 engine slots; the benchmarks and the reproduction the tests run
+    share it (`--url`). Pushes may come from the toy cache and from every test's directory."""
+    port = free_port()
+    weights = ["--weights-dir", str(quick_toy.policy_dir.parent)]
+    weights += ["--weights-dir", str(tmp_path_factory.getbasetemp())]
+    flags = ["--toy-size", "quick", "--max-num-seqs", "8", "--port", str(port), *weights]
+    argv = espo_server_argv("serve", *flags)
+    with ServerProcess("embedded", argv, port, server_logs) as proc:
+        yield proc.wait_ready()
+
+
+@pytest.fixture(scope="session")
 def orphan_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
     """A rollout server whose remote critic is not there (tests/test_critics.py), and whose engine
     process tests/test_soak.py kills at the end (it answers 503 engine_dead for 20 s, then exits)."""

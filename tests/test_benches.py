@@ -12,11 +12,11 @@ from tests.scripts import run_bench
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def test_throughput_bench_runs_every_mode(quick_toy, tmp_path):
-    """On the quick toy models (the suite's ESPO_TOY_SIZE)."""
+def test_throughput_bench_runs_every_mode(embedded_server, tmp_path):
+    """Against the session's embedded server (quick toy models, 8 engine slots)."""
     out = tmp_path / "throughput.json"
     proc = run_bench(
-        "throughput", "--problems", "8", "--n", "2", "--repeats", "1", "--max-num-seqs", "8",
+        "throughput", "--url", embedded_server.url, "--problems", "8", "--n", "2", "--repeats", "1",
         "--out", str(out), timeout=1800,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -29,9 +29,10 @@ def test_argument_checks(reproduce):
             reproduce.parse_args(bad)
 
 
-def test_reduced_reproduction_writes_table_and_plot(reproduce, quick_toy, tmp_path):
+def test_reduced_reproduction_writes_table_and_plot(reproduce, embedded_server, tmp_path):
     plot = tmp_path / "docs" / "reproduce.png"
     argv = [
+        "--url", embedded_server.url,
         "--rules", "none,espo", "--seeds", "0", "--iterations", "2", "--problems", "4", "--n", "2",
         "--eval-every", "1", "--eval-problems", "8", "--out", str(tmp_path / "out"), "--plot", str(plot),
     ]  # fmt: skip
