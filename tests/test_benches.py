@@ -12,6 +12,7 @@ from tests.scripts import run_bench
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
+@pytest.mark.timeout(1200)  # may train the quick toy and start a server first
 def test_throughput_bench_runs_every_mode(embedded_server, tmp_path):
     """Against the session's embedded server (quick toy models, 8 engine slots)."""
     out = tmp_path / "throughput.json"

@@ -15,6 +15,7 @@ from espo_server.process import ENGINE_ENV, free_port
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
+@pytest.mark.timeout(1200)  # may train the quick toy and start a server first
 def test_demo_runs_the_embedded_server_and_reports_savings(quick_toy, tmp_path):
     out = tmp_path / "demo.json"
     argv = [sys.executable, "-m", "espo_server.cli", "demo", "--port", str(free_port()), "--problems", "64",

@@ -29,6 +29,7 @@ def test_argument_checks(reproduce):
             reproduce.parse_args(bad)
 
 
+@pytest.mark.timeout(1200)  # may train the quick toy and start a server first
 def test_reduced_reproduction_writes_table_and_plot(reproduce, embedded_server, tmp_path):
     plot = tmp_path / "docs" / "reproduce.png"
     argv = [
