@@ -200,7 +200,7 @@ class ServerConfig(BaseSettings):
         default_factory=default_toy_size,
         description="Size of the embedded toy models: full (the tuned toy task; training them takes about "
         "15 minutes on 2 CPU cores, once) or quick (a reduced task and model trained in about a minute, "
-        "its accuracy not tuned: what the test suite runs on).",
+        "with a weaker critic: what the test suite runs on).",
     )
     verifier: Literal["auto", "toy", "none"] = Field(
         "auto", description="Reward for eos trajectories whose prompt has an answer (auto: toy if embedded)."
