@@ -87,7 +87,8 @@ def embedded_server(quick_toy, server_logs, tmp_path_factory) -> Iterator[Server
     port = free_port()
     weights = ["--weights-dir", str(quick_toy.policy_dir.parent)]
     weights += ["--weights-dir", str(tmp_path_factory.getbasetemp())]
-    flags = ["--toy-size", "quick", "--max-num-seqs", "8", "--port", str(port), *weights]
+    flags = ["--toy-size", "quick", "--max-num-seqs", "8", "--critic-timeout-s", CRITIC_TIMEOUT_S, *weights]
+    flags += ["--port", str(port)]
     argv = espo_server_argv("serve", *flags)
     with ServerProcess("embedded", argv, port, server_logs) as proc:
         yield proc.wait_ready()
