@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools run serve test test-fast lint openapi bench throughput reproduce soak faults fuzz clean
+.PHONY: install tools run serve test test-fast lint openapi docs bench throughput reproduce soak faults fuzz clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ lint: $(STAMP)
 openapi: $(STAMP)
 	$(PY) -m espo_server.openapi > docs/openapi.json
 
+# The generated pages: docs/configuration.md (from ServerConfig) and docs/openapi.json; tests fail when
+# either is stale.
+docs: openapi
+	$(PY) -m espo_server.config_docs > docs/configuration.md
+
 # Benchmarks (bench/, run as modules from the repository root: `$(PY) -m bench.NAME --help`), at full
 # size on the full toy models (trained once, about 15 minutes); the test suite runs reduced versions.
 bench: $(STAMP)
@@ -78,7 +83,7 @@ throughput: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m bench.reproduce
 
-# Reliability (README, "Reliability"): each starts its own servers on tiny models, on loopback,
+# Reliability (docs/reliability.md): each starts its own servers on tiny models, on loopback,
 # checks what it measures, prints a table and writes bench/results/*.json; a failed check fails.
 soak: $(STAMP)
 	$(PY) -m bench.soak

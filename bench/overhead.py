@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 
 from bench import harness
+from espo_server.engine import shutdown_engine
 from espo_server.process import ServerProcess, free_port, vllm_serve_argv
 
 # Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.
@@ -281,7 +282,7 @@ async def main_async(args) -> dict:
                     row["e_over_d"] = round(med["e_espo_interval"] / med["d_espo_shadow"], 3)
                 results["rows"].append(row)
     finally:
-        llm.shutdown()
+        shutdown_engine(llm)  # once, now: no AsyncLLM.__del__ traceback at exit
         espo.stop()
         vllm_srv.stop()
         if interval is not None:

@@ -29,7 +29,7 @@ import time
 
 from bench import harness
 from espo_client import EspoClient
-from espo_server.toy.demo import COMPASS, DEMO_BETA, run_batches
+from espo_server.toy.demo import DEMO_BETA, TARGETS, run_batches
 from espo_server.toy.task import generate
 
 
@@ -124,9 +124,9 @@ def summarise(runs: list[dict]) -> dict:
     out["shadow_fraction_of_oracle"] = out["espo_shadow"]["oracle_share"]
     out["wall_ratio_espo_over_none"] = out["espo"]["wall_ratio_over_none"]
     e = out["espo"]
-    out["compass"] = {
+    out["targets"] = {
         name: e[name] is not None and (e[name] >= bound if op == ">=" else e[name] <= bound)
-        for name, (op, bound) in COMPASS.items()
+        for name, (op, bound) in TARGETS.items()
     }
     return out
 
@@ -191,10 +191,10 @@ def print_table(s: dict) -> None:
     betas = ", ".join(f"{b:.3f}" for b in s["regret_only_beta"])
     print(f"regret_only: v_const 1, beta per repeat {betas} (matched to espo shadow's stop count)")
     print(
-        "compass (espo, real): "
+        "targets (espo, real): "
         + ", ".join(
-            f"{name} {_f(e[name])} {op} {bound}: {'met' if s['compass'][name] else 'MISSED'}"
-            for name, (op, bound) in COMPASS.items()
+            f"{name} {_f(e[name])} {op} {bound}: {'met' if s['targets'][name] else 'MISSED'}"
+            for name, (op, bound) in TARGETS.items()
         )
     )
 

@@ -19,6 +19,9 @@ CRITIC_TIMEOUT_S = "60"
 """The session servers' critic timeout: far above any query's time on a loaded machine, so that no
 test sees a critic error it did not provoke (the default, 5 s, was reached under load)."""
 
+# The client tests' fixtures (connect, replicas, loop) over the fake rollout server.
+pytest_plugins = ["tests.fake_server"]
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
