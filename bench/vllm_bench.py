@@ -16,30 +16,20 @@ Both servers run at once and the runs alternate between them (only one generates
 that drift on a shared machine hits both alike. espo-server runs without a critic and with its
 default rule (none), so the figures compare the serving paths. Figures: docs/benchmarks.md.
 
-    .venv/bin/python bench/vllm_bench.py                       # the seeded random tiny model
-    .venv/bin/python bench/vllm_bench.py --num-prompts 128 --max-concurrency 32 --repeats 3
+    .venv/bin/python -m bench.vllm_bench                       # the seeded random tiny model
+    .venv/bin/python -m bench.vllm_bench --num-prompts 128 --max-concurrency 32 --repeats 3
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from espo_server.process import (  # noqa: E402
-    ServerProcess,
-    espo_server_argv,
-    free_port,
-    vllm_bench_argv,
-    vllm_serve_argv,
-)
+from bench import harness
+from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_bench_argv, vllm_serve_argv
 
 BACKENDS = ("openai", "openai-chat")
 ENDPOINTS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
@@ -143,9 +133,7 @@ def table(results: dict[tuple[str, str], list[dict]]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--model", default=None, help="model dir (default: the seeded random tiny policy)")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=32)
@@ -154,7 +142,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--mem", type=float, default=0.1, help="gpu_memory_utilization of each engine")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_bench.json"))
+    parser.add_argument("--out", default=str(harness.RESULTS / "vllm_bench.json"), help="the JSON result")
     args = parser.parse_args()
 
     model = args.model
@@ -197,7 +185,7 @@ def main() -> int:
             for (s, b), runs in results.items()
         },
     }
-    out.write_text(json.dumps(summary, indent=2))
+    harness.write_result(out, summary)
     failed = sum(run.get("failed") or 0 for runs in results.values() for run in runs)
     return 1 if failed else 0
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -502,16 +501,14 @@ def test_a_dropped_stream_aborts_its_samples(client, inprocess_server):
 def test_vllms_own_benchmark_client_runs_unchanged(inprocess_server, tiny_models, tmp_path):
     """`vllm bench serve` (vllm.benchmarks.serve) with --backend openai and openai-chat: every request
     through (it sends repetition_penalty, stream_options, ignore_eos and calls /tokenize)."""
-    from tests.scripts import script_module
+    from bench import vllm_bench
 
-    root = Path(__file__).resolve().parents[1]
-    with script_module(root / "bench" / "vllm_bench.py", "vllm_bench") as bench:
-        for backend in bench.BACKENDS:
-            result = bench.run_client(
-                inprocess_server.url, MODEL, str(tiny_models["policy"]), backend,
-                tmp_path / f"{backend}.json", num_prompts=6, input_len=12, output_len=10, timeout=600,
-            )  # fmt: skip
-            assert result["completed"] == 6 and result["failed"] == 0, result["errors"]
-            assert result["total_output_tokens"] == 6 * 10  # EOS ignored: every token asked for
-            assert result["mean_ttft_ms"] > 0
-            assert result["mean_itl_ms"] > 0  # tokens are streamed as sampled, not whole choices
+    for backend in vllm_bench.BACKENDS:
+        result = vllm_bench.run_client(
+            inprocess_server.url, MODEL, str(tiny_models["policy"]), backend,
+            tmp_path / f"{backend}.json", num_prompts=6, input_len=12, output_len=10, timeout=600,
+        )  # fmt: skip
+        assert result["completed"] == 6 and result["failed"] == 0, result["errors"]
+        assert result["total_output_tokens"] == 6 * 10  # EOS ignored: every token asked for
+        assert result["mean_ttft_ms"] > 0
+        assert result["mean_itl_ms"] > 0  # tokens are streamed as sampled, not whole choices
