@@ -42,6 +42,7 @@ FIGURES = (
     ("median_ttft_ms", "{:.1f}"),
     ("mean_itl_ms", "{:.2f}"),
     ("median_itl_ms", "{:.2f}"),
+    ("mean_tpot_ms", "{:.1f}"),
 )
 
 
