@@ -110,6 +110,7 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             dtype=config.dtype,
             prefix_caching=config.critic_prefix_caching,
             block_size=config.critic_block_size,
+            enforce_eager=config.enforce_eager,
         ) as critic:
             yield critic
     else:
@@ -268,6 +269,7 @@ def run_critic_server(
     api_key: str | None = None,
     weights_dir: list[Path] | None = None,
     admin_port: int | None = None,
+    enforce_eager: bool = False,
 ) -> None:
     """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights;
     the push on `admin_port` only, when set)."""
@@ -280,6 +282,7 @@ def run_critic_server(
             dtype=dtype,
             prefix_caching=prefix_caching,
             block_size=block_size,
+            enforce_eager=enforce_eager,
         ) as critic:
             app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir, admin_port=admin_port)
             await serve_app(app, host, port, "info", admin_port)
