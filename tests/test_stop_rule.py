@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -115,15 +116,46 @@ def test_regret_only_uses_constant_value():
     assert tracker.stop_step == 1
 
 
-def test_value_only_queries_every_stride_and_stops_below_v_min():
+def test_value_only_queries_on_espos_schedule_and_stops_below_v_min():
+    """value_only asks on the schedule espo asks on: at most once per critic_stride tokens, never
+    with a query pending (so a slow answer delays the next query exactly as it would espo's)."""
     params = EspoParams(min_tokens=2, critic_stride=3, v_min=0.1)
     tracker = make_tracker("value_only", WARM, params)
     d = feed(tracker, [0.0] * 6)
-    assert [t for t, x in enumerate(d) if x.query_value] == [2]
+    assert [t for t, x in enumerate(d) if x.query_value] == [2]  # pending until resolved below
     assert tracker.resolve(2, 0.5) is False
     d = feed(tracker, [0.0] * 3)
-    assert [6 + t for t, x in enumerate(d) if x.query_value] == [8]
-    assert tracker.resolve(8, 0.05) is True and tracker.stop_step == 8
+    assert [6 + t for t, x in enumerate(d) if x.query_value] == [6]  # 4 tokens since the last query
+    assert tracker.resolve(6, 0.5) is False
+    d = feed(tracker, [0.0] * 3)
+    assert [9 + t for t, x in enumerate(d) if x.query_value] == [9]
+    assert tracker.resolve(9, 0.05) is True and tracker.stop_step == 9
+    # answered at once and never stopping, both ask at the same steps (espo's z is high throughout)
+    asked = {}
+    for rule in ("espo", "value_only"):
+        tracker, asked[rule] = make_tracker(rule, WARM, params), []
+        for t in range(14):
+            if tracker.step(-50.0, 0.0).query_value:
+                asked[rule].append(t)
+                assert tracker.resolve(t, 100.0) is False
+    assert asked["espo"] == asked["value_only"] == [2, 5, 8, 11]
+
+
+def test_cumulative_smoothing_is_the_average_scaled_by_one_over_one_minus_alpha():
+    g = [0.0, 3.0, 9.0, 1.0, 0.5, 7.0]
+    average = EspoParams(alpha_s=0.8)
+    cumulative = EspoParams(alpha_s=0.8, cumulative=True)
+    z_avg = smoothed_regret(g, WARM, average)
+    z_cum = smoothed_regret(g, WARM, cumulative)
+    assert np.allclose(z_cum, z_avg / (1 - 0.8))
+    # the same stops with beta scaled by 1/(1 - alpha_s)
+    scaled = dataclasses.replace(WARM, beta=WARM.beta / (1 - 0.8))
+    for z_scale in (1.0, 3.0):
+        a = make_tracker("regret_only", WARM, dataclasses.replace(average, min_tokens=0))
+        c = make_tracker("regret_only", scaled, dataclasses.replace(cumulative, min_tokens=0))
+        feed(a, [x * z_scale for x in g])
+        feed(c, [x * z_scale for x in g])
+        assert a.stop_step == c.stop_step
 
 
 def test_random_rule_stops_at_drawn_step():

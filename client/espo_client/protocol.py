@@ -97,6 +97,12 @@ class RuleParams(_Model):
 
     a_ema: float | None = Field(None, ge=0, le=1, description="a_ema: EMA weight of mu/var (paper 0.99).")
     alpha_s: float | None = Field(None, ge=0, le=1, description="alpha_s: smoothing of z (paper 0.9).")
+    cumulative: bool | None = Field(
+        None,
+        description="z_t = alpha_s*z_{t-1} + gn_t instead of the paper's average "
+        "alpha_s*z_{t-1} + (1-alpha_s)*gn_t: 1/(1-alpha_s) times larger, so beta0, eta_beta, beta_min "
+        "and beta_max must be too (default false).",
+    )
     beta0: float | None = Field(None, gt=0, description="beta_0: initial threshold scale (paper 7.0).")
     eta_beta: float | None = Field(None, ge=0, description="eta_beta: beta controller step (paper 0.1).")
     tau: float | None = Field(None, ge=0, le=1, description="tau: target stop rate (paper 0.25).")
@@ -369,7 +375,7 @@ class RolloutResponse(_Model):
     usage: Usage
     stop_rule: StopRule
     shadow: bool
-    rule_params: dict[str, float | int | None] = Field(..., description="The parameters in effect.")
+    rule_params: dict[str, float | int | bool | None] = Field(..., description="The parameters in effect.")
     state_used: EspoState = Field(..., description="The state the rule ran with (frozen for the call).")
     state_after: EspoState | None = Field(
         None, description="The state after folding this call in (null while its batch is still open)."
@@ -425,7 +431,7 @@ class InfoResponse(_Model):
     critic: str
     critic_fallback: str
     default_stop_rule: StopRule
-    rule_defaults: dict[str, float | int | None]
+    rule_defaults: dict[str, float | int | bool | None]
     entropy_top_k: int
     state: EspoState
     verifier: str | None = None

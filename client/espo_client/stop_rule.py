@@ -5,8 +5,12 @@ the ESPO state. Symbols follow the paper's Algorithm 1 (see docs/algorithm.md):
 
     g_t  = max_a log pi(a|s_t) - log pi(a_t|s_t)              surrogate regret, >= 0
     gn_t = clip((g_t - mu) / sqrt(var + delta), -c, c)         normalised regret
-    z_t  = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t,  z_{-1} = 0   smoothed regret
+    z_t  = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t,  z_{-1} = 0   smoothed regret (Algorithm 1)
     stop at the first t with  warm  and  t >= min_tokens  and  z_t > beta * max(V(s_t), eps)
+
+With `cumulative=True` the new term is not weighted, z_t = alpha_s * z_{t-1} + gn_t: exactly
+1 / (1 - alpha_s) times the average above, so the same rule needs beta (beta0, eta_beta, beta_min,
+beta_max) multiplied by 1 / (1 - alpha_s) (docs/algorithm.md, "Two readings of the smoothing").
 
 The state (mu, var, beta, warm) is frozen inside a batch and updated at batch boundaries only:
 
@@ -96,6 +100,9 @@ class EspoParams:
     """a_ema (paper 0.99): EMA weight of the old mu/var at each batch boundary."""
     alpha_s: float = 0.9
     """alpha_s (paper 0.9): smoothing of the normalised regret, z_t = alpha_s*z_{t-1} + (1-alpha_s)*gn_t."""
+    cumulative: bool = False
+    """(ours) z_t = alpha_s*z_{t-1} + gn_t instead: 1/(1-alpha_s) times the paper's average, so beta0,
+    eta_beta, beta_min and beta_max must be 1/(1-alpha_s) times larger to give the same rule."""
     beta0: float = 7.0
     """beta_0 (paper 7.0): the threshold scale a fresh state starts from."""
     eta_beta: float = 0.1
@@ -243,9 +250,9 @@ def normalise(g: float, mu: float, var: float, delta: float, clip_c: float) -> f
     return min(clip_c, max(-clip_c, x))
 
 
-def smooth(z_prev: float, gn: float, alpha_s: float) -> float:
-    """z_t = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t."""
-    return alpha_s * z_prev + (1.0 - alpha_s) * gn
+def smooth(z_prev: float, gn: float, alpha_s: float, cumulative: bool = False) -> float:
+    """z_t = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t; with `cumulative`, alpha_s * z_{t-1} + gn_t."""
+    return alpha_s * z_prev + (gn if cumulative else (1.0 - alpha_s) * gn)
 
 
 def threshold(beta: float, value: float, eps: float) -> float:
@@ -258,9 +265,8 @@ def smoothed_regret(g: Sequence[float], state: EspoState, params: EspoParams) ->
     z = np.zeros(len(g), dtype=np.float64)
     z_prev = 0.0
     for t, g_t in enumerate(g):
-        z_prev = smooth(
-            z_prev, normalise(g_t, state.mu, state.var, params.delta, params.clip_c), params.alpha_s
-        )
+        gn_t = normalise(g_t, state.mu, state.var, params.delta, params.clip_c)
+        z_prev = smooth(z_prev, gn_t, params.alpha_s, params.cumulative)
         z[t] = z_prev
     return z
 
@@ -329,7 +335,7 @@ class TrajectoryTracker:
         self.g.append(g_t)
         z_prev = self.z[-1] if self.z else 0.0
         gn_t = normalise(g_t, self.state.mu, self.state.var, self.params.delta, self.params.clip_c)
-        self.z.append(smooth(z_prev, gn_t, self.params.alpha_s))
+        self.z.append(smooth(z_prev, gn_t, self.params.alpha_s, self.params.cumulative))
         if self.stop_step is not None:
             return _CONTINUE
         decision = self._decide(self.t)
@@ -356,6 +362,8 @@ class TrajectoryTracker:
         return stop
 
     def _may_query(self, t: int) -> bool:
+        """The critic schedule every rule that asks for V shares: never with a query pending, and at
+        most one query per `critic_stride` tokens."""
         if self.pending is not None:
             return False
         return self.last_query is None or t - self.last_query >= self.params.critic_stride
@@ -400,13 +408,13 @@ class RegretOnlyTracker(TrajectoryTracker):
 
 
 class ValueOnlyTracker(TrajectoryTracker):
-    """Rule `value_only`: V(s_t) every `critic_stride` tokens from min_tokens on; stop if V < v_min."""
+    """Rule `value_only`: V(s_t) from min_tokens on, on espo's critic schedule (`_may_query`: at most
+    every `critic_stride` tokens, none while one is pending); stop if V < v_min."""
 
     def _decide(self, t: int) -> Decision:
-        p = self.params
-        if not self.state.warm or t < p.min_tokens or (t - p.min_tokens) % p.critic_stride:
+        if not self.state.warm or t < self.params.min_tokens:
             return _CONTINUE
-        return _QUERY if self.pending is None else _CONTINUE
+        return _QUERY if self._may_query(t) else _CONTINUE
 
     def _stop_with_value(self, t: int, value: float) -> bool:
         return value < self.params.v_min

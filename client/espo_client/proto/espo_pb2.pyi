@@ -31,7 +31,7 @@ class Prompt(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class RuleParams(_message.Message):
-    __slots__ = ("a_ema", "alpha_s", "beta0", "eta_beta", "tau", "eps", "r_fail", "clip_c", "delta", "beta_min", "beta_max", "min_tokens", "critic_stride", "warm_after_batches", "random_rate", "v_const", "v_min")
+    __slots__ = ("a_ema", "alpha_s", "beta0", "eta_beta", "tau", "eps", "r_fail", "clip_c", "delta", "beta_min", "beta_max", "min_tokens", "critic_stride", "warm_after_batches", "random_rate", "v_const", "v_min", "cumulative")
     A_EMA_FIELD_NUMBER: _ClassVar[int]
     ALPHA_S_FIELD_NUMBER: _ClassVar[int]
     BETA0_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class RuleParams(_message.Message):
     RANDOM_RATE_FIELD_NUMBER: _ClassVar[int]
     V_CONST_FIELD_NUMBER: _ClassVar[int]
     V_MIN_FIELD_NUMBER: _ClassVar[int]
+    CUMULATIVE_FIELD_NUMBER: _ClassVar[int]
     a_ema: float
     alpha_s: float
     beta0: float
@@ -66,7 +67,8 @@ class RuleParams(_message.Message):
     random_rate: float
     v_const: float
     v_min: float
-    def __init__(self, a_ema: _Optional[float] = ..., alpha_s: _Optional[float] = ..., beta0: _Optional[float] = ..., eta_beta: _Optional[float] = ..., tau: _Optional[float] = ..., eps: _Optional[float] = ..., r_fail: _Optional[float] = ..., clip_c: _Optional[float] = ..., delta: _Optional[float] = ..., beta_min: _Optional[float] = ..., beta_max: _Optional[float] = ..., min_tokens: _Optional[int] = ..., critic_stride: _Optional[int] = ..., warm_after_batches: _Optional[int] = ..., random_rate: _Optional[float] = ..., v_const: _Optional[float] = ..., v_min: _Optional[float] = ...) -> None: ...
+    cumulative: bool
+    def __init__(self, a_ema: _Optional[float] = ..., alpha_s: _Optional[float] = ..., beta0: _Optional[float] = ..., eta_beta: _Optional[float] = ..., tau: _Optional[float] = ..., eps: _Optional[float] = ..., r_fail: _Optional[float] = ..., clip_c: _Optional[float] = ..., delta: _Optional[float] = ..., beta_min: _Optional[float] = ..., beta_max: _Optional[float] = ..., min_tokens: _Optional[int] = ..., critic_stride: _Optional[int] = ..., warm_after_batches: _Optional[int] = ..., random_rate: _Optional[float] = ..., v_const: _Optional[float] = ..., v_min: _Optional[float] = ..., cumulative: _Optional[bool] = ...) -> None: ...
 
 class EspoState(_message.Message):
     __slots__ = ("mu", "var", "beta", "warm", "initialised", "batches")
