@@ -357,7 +357,11 @@ def critic_quality(critic, samples: list[Sample]) -> dict:
       constant (the held-out success rate; computed with hindsight, so the stricter comparison).
     - drop_after_mistake: mean over failing samples of V(s_f) - V(s_{min(f+8, R)}).
     Also AUCs of success at fractions of each response and mean V around the first mistake."""
-    values = critic_values(critic, samples)
+    return value_quality(critic_values(critic, samples), samples)
+
+
+def value_quality(values: list[np.ndarray], samples: list[Sample]) -> dict:
+    """`critic_quality`'s figures for any V(s_0..s_R) of each sample (a critic's, an oracle's, ...)."""
     rewards = np.array([s.reward for s in samples])
     report = {"samples": len(samples), "success_rate": round(float(rewards.mean()), 4)}
     flat_v = np.concatenate(values)
