@@ -128,8 +128,8 @@ class Args:
     advantage: Literal["gae", "group"] = "gae"
     """gae: PPO's advantages from the critic (absorbing espo_stop, bootstrapped length); group: the
     group-relative, critic-free estimate (each trajectory's outcome reward minus its prompt group's
-    mean, over the group's std, on every token; a stop's outcome is r_fail, a length cut's 0). The
-    critic is trained either way: the stop rule asks it"""
+    mean, over the group's std, on every token; a stop's outcome is r_fail, a length cut's 0). Its
+    critic is trained (and pushed) only for a stop rule that asks it: espo, value_only"""
     epochs: int = 2
     """passes over each batch"""
     minibatch_size: int = 64
@@ -381,6 +381,8 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             critic_dir = (run_dir / "critic-0000").resolve() if args.save_critic else None
             critic_version = push_critic(client, critic, tokenizer, critic_dir, critic_version + 1)
 
+    # The critic: for GAE, and for a stop rule that asks it (a group-relative learner needs no other).
+    trains_critic = args.advantage == "gae" or protocol.StopRule(args.stop_rule).needs_critic
     records: list[dict] = []
     cumulative_tokens, cumulative_critic_tokens, started = 0, 0, time.perf_counter()
     for iteration in range(args.iterations):
@@ -437,7 +439,9 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
         prompt_width = batch["input_ids"].shape[1] - batch["responses"].shape[1]
         with torch.no_grad():
             local_logprobs = response_logprobs(policy, batch)
-            values_all = critic_values(critic, batch)
+            values_all = (
+                critic_values(critic, batch) if trains_critic else torch.zeros(batch["input_ids"].shape)
+            )
         values = values_all[:, prompt_width - 1 : -1]  # V(s_t) before each response token
         rows = torch.arange(len(trajectories))
         bootstrap = values_all[rows, prompt_width + batch["response_lengths"] - 1]  # V(s_L), for `length`
@@ -494,13 +498,14 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
                     pg_losses.append(pg_loss.item())
                     policy_steps += 1
 
-                newvalue = critic_values(critic, mb_batch)[:, prompt_width - 1 : -1]
-                v_loss = 0.5 * masked_mean((newvalue - returns[mb]) ** 2, mb_mask)
-                critic_optimizer.zero_grad()
-                v_loss.backward()
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                critic_optimizer.step()
-                v_losses.append(v_loss.item())
+                if trains_critic:
+                    newvalue = critic_values(critic, mb_batch)[:, prompt_width - 1 : -1]
+                    v_loss = 0.5 * masked_mean((newvalue - returns[mb]) ** 2, mb_mask)
+                    critic_optimizer.zero_grad()
+                    v_loss.backward()
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                    critic_optimizer.step()
+                    v_losses.append(v_loss.item())
         t_update = time.perf_counter()
 
         # 5. Save the policy in a fresh directory and push it: the next rollouts sample from it.
@@ -509,7 +514,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
         critic_checkpoint = None
         if args.save_critic or (args.push_critic and args.backend == "server"):
             critic_checkpoint = (run_dir / f"critic-{iteration + 1:04d}").resolve()
-        if args.push_critic:
+        if args.push_critic and trains_critic:
             critic_version = push_critic(client, critic, tokenizer, critic_checkpoint, critic_version + 1)
         elif args.save_critic:
             save_critic(critic, tokenizer, critic_checkpoint)
@@ -545,7 +550,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             "state": asdict(state),
             "pg_loss": float(np.mean(pg_losses)) if pg_losses else 0.0,
             "policy_steps": policy_steps,
-            "v_loss": float(np.mean(v_losses)),
+            "v_loss": float(np.mean(v_losses)) if v_losses else 0.0,
             "approx_kl": float(np.mean(approx_kls)),
             "clipfrac": float(np.mean(clipfracs)),
             "logprob_gap": logprob_gap,
