@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rule-params", default="{}", help="JSON overrides of the rule, e.g. '{\"eps\": 0.05}'"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick-models", action="store_true", help="the reduced toy models (tests)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ceiling.json")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -364,7 +365,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     from espo_server.toy.train import ensure_toy_models
 
     started = time.perf_counter()
-    toy = ensure_toy_models(seed=seed)
+    toy = ensure_toy_models(seed=seed, quick=args.quick_models)
     policy = LlamaForCausalLM.from_pretrained(toy.policy_dir, dtype=torch.float32).eval()
     critic = LlamaForTokenClassification.from_pretrained(toy.critic_dir, dtype=torch.float32).eval()
     client = LocalClient(policy, critic)
