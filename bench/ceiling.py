@@ -15,7 +15,7 @@ every token), then replay the stop rule offline over it, token by token with the
 and against `regret_only` (no critic) and `value_only` (the oracle alone). Every rule is replayed at
 the same stop rates (its beta, or value_only's v_min, found by bisection to stop that many of the
 logged trajectories) and with the same critic schedule (a query at most every `critic_stride` tokens,
-answered `--latency` tokens later; tokens generated meanwhile and thrown away by the stop count as
+answered `--latencies` tokens later; tokens generated meanwhile and thrown away by the stop count as
 engine tokens). For each: false stops (stopped trajectories that were correct), the success
 probability thrown away (the oracle's V just after the last kept token, summed), failing
 trajectories caught, engine tokens saved against running everything to the end, and that saving
@@ -86,11 +86,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--problems", type=int, default=256, help="logged problems per seed")
     parser.add_argument("--n", type=int, default=4, help="samples per problem")
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--rates", default="0.15,0.25,0.35", help="stop rates every rule is matched at")
+    parser.add_argument("--rates", default="0.1,0.2", help="stop rates every rule is matched at")
     parser.add_argument(
         "--aucs", default="0.7,0.8,0.9", help="AUCs after the first mistake of the noisy oracles"
     )
-    parser.add_argument("--latency", type=int, default=0, help="tokens generated while the critic answers")
+    parser.add_argument(
+        "--latencies",
+        default="0,3",
+        help="tokens generated while the critic answers (3: the server's median here)",
+    )
     parser.add_argument("--recovery-prefixes", type=int, default=300, help="dirty prefixes sampled for r")
     parser.add_argument("--check-prefixes", type=int, default=100, help="clean prefixes checked by sampling")
     parser.add_argument("--continuations", type=int, default=32, help="continuations per checked prefix")
@@ -104,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    args.latencies = [int(x) for x in args.latencies.split(",") if x.strip()]
     args.aucs = [float(a) for a in args.aucs.split(",") if a.strip()]
     args.critic = dict(c.split("=", 1) for c in args.critic)
     args.rule_params = json.loads(args.rule_params)
@@ -394,23 +399,33 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 
     n = len(logs)
 
-    def row(rule: str, critic: str | None, rate: float, knob: str = "beta") -> dict:
+    def row(rule: str, critic: str | None, rate: float, latency: int, knob: str = "beta") -> dict:
         values = critics[critic] if critic else None
         target = round(rate * len(logs))
-        result = matched(logs, rule, state, params, values, oracle_v, args.latency, target, knob)
-        return {"rule": rule, "critic": critic, "rate": rate} | result
+        result = matched(logs, rule, state, params, values, oracle_v, latency, target, knob)
+        return {"rule": rule, "critic": critic, "rate": rate, "latency": latency} | result
 
     rows = []
-    for rate in args.rates:
-        rows.append(row("regret_only", None, rate))
-        rows.extend(row("espo", name, rate) for name in critics)
-        rows.append(row("value_only", "toy critic", rate, "v_min"))
-    # The oracle alone is a step function (V* = r past every first mistake): value_only stops every
-    # failing trajectory at its first query past the mistake as soon as v_min > r, and nothing below.
-    # It is shown at that operating point, whatever its stop rate.
-    natural = dataclasses.replace(params, v_min=check["recovery_rate"] + 1e-6)
-    at_r = replay(logs, "value_only", state, natural, critics["oracle"], oracle_v, args.latency)
-    rows.append({"rule": "value_only", "critic": "oracle", "rate": None, "v_min": natural.v_min} | at_r)
+    for latency in args.latencies:
+        for rate in args.rates:
+            rows.append(row("regret_only", None, rate, latency))
+            rows.extend(row("espo", name, rate, latency) for name in critics)
+            rows.append(row("value_only", "toy critic", rate, latency, "v_min"))
+        # The oracle alone is a step function (V* = r past every first mistake): value_only stops every
+        # failing trajectory at its first query past the mistake as soon as v_min > r, and nothing
+        # below. It is shown at that operating point, whatever its stop rate.
+        natural = dataclasses.replace(params, v_min=check["recovery_rate"] + 1e-6)
+        at_r = replay(logs, "value_only", state, natural, critics["oracle"], oracle_v, latency)
+        rows.append(
+            {
+                "rule": "value_only",
+                "critic": "oracle",
+                "rate": None,
+                "latency": latency,
+                "v_min": natural.v_min,
+            }
+            | at_r
+        )
     first_wrong = [log for log in logs if not log.correct and log.first_wrong is not None]
     return {
         "seed": seed,
@@ -440,17 +455,18 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     seeds = ",".join(str(r["seed"]) for r in results)
     lines = [
         f"Value-gate ceiling on the toy task: seeds {seeds}, {results[0]['logged']} logged trajectories each "
-        f"({args.problems} test problems x {args.n}), critic latency {args.latency} tokens"
+        f"({args.problems} test problems x {args.n})"
         + (f", rule parameters {json.dumps(args.rule_params)}" if args.rule_params else "")
-        + "; "
-        "mean over seeds [min, max]",
+        + "; mean over seeds [min, max]; latency: tokens a sample generates while its critic query is "
+        "answered; engine tokens saved: against running every trajectory to its end",
         "",
-        "| stop rate | rule | critic (AUC after mistake) | false stops / stops | successes thrown away | "
-        "failing caught | engine tokens saved | share of oracle's saving | critic calls |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| latency | stop rate | rule | critic (AUC after mistake) | false stops / stops | "
+        "success probability thrown away | failing caught | engine tokens saved | share of oracle's saving "
+        "| critic calls |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    keys = list(dict.fromkeys((r["rate"], r["rule"], r["critic"]) for r in results[0]["rows"]))
-    keys.sort(key=lambda k: (k[0] is None, k[0] or 0.0))  # the unmatched oracle value_only last
+    keys = list(dict.fromkeys((r["latency"], r["rate"], r["rule"], r["critic"]) for r in results[0]["rows"]))
+    keys.sort(key=lambda k: (k[0], k[1] is None, k[1] or 0.0))  # the unmatched oracle value_only last
 
     def cell(values: list[float], spec: str) -> str:
         text = format(statistics.fmean(values), spec)
@@ -458,9 +474,13 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
             f" [{format(min(values), spec)}, {format(max(values), spec)}]" if len(values) > 1 else ""
         )
 
-    for rate, rule, critic in keys:
+    for latency, rate, rule, critic in keys:
         rows = [
-            next(x for x in r["rows"] if (x["rate"], x["rule"], x["critic"]) == (rate, rule, critic))
+            next(
+                x
+                for x in r["rows"]
+                if (x["latency"], x["rate"], x["rule"], x["critic"]) == (latency, rate, rule, critic)
+            )
             for r in results
         ]
         aucs = [r["quality"][critic]["auc_after_mistake"] for r in results] if critic else []
@@ -470,7 +490,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
             else (critic or "-")
         )
         lines.append(
-            f"| {cell([x['stop_rate'] for x in rows], '.3f')} | {rule} | {name} "
+            f"| {latency} | {cell([x['stop_rate'] for x in rows], '.3f')} | {rule} | {name} "
             f"| {cell([x['false_stop_rate'] for x in rows], '.3f')} "
             f"| {cell([x['lost_successes'] for x in rows], '.1f')} "
             f"| {cell([x['failing_caught'] for x in rows], '.3f')} "

@@ -70,7 +70,7 @@ def test_reduced_ceiling_on_the_quick_models(ceiling, tmp_path):
     argv = [
         "--quick-models", "--seeds", "0", "--problems", "24", "--n", "2", "--max-tokens", "40",
         "--rates", "0.25", "--aucs", "0.8", "--recovery-prefixes", "20", "--check-prefixes", "10",
-        "--continuations", "8", "--latency", "2", "--out", str(out),
+        "--continuations", "8", "--latencies", "0,2", "--out", str(out),
     ]  # fmt: skip
     summary = ceiling.main(argv)
     seed = summary["seeds"][0]
