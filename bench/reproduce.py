@@ -212,14 +212,15 @@ def cell_argv(cell: Cell, args: argparse.Namespace, setup: dict, url: str | None
 def run_cell(cell: Cell, args, setup: dict, url: str | None, random_rate: float | None = None) -> dict:
     ppo_toy = load_ppo_toy()
     argv, params = cell_argv(cell, args, setup, url, random_rate)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_s()
     records = ppo_toy.main(argv)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, _cpu_s() - cpu
     evals = [r for r in records if "heldout_acc_t1" in r]
     warm = [r["stop_rate"] for r in records if r["state"]["warm"]]
     return dataclasses.asdict(cell) | {
         "rule_params": params,
         "wall_s": wall,
+        "cpu_s": cpu,
         "heldout_acc_t1": evals[-1]["heldout_acc_t1"] if evals else None,
         "heldout_acc_greedy": evals[-1].get("heldout_acc_greedy") if evals else None,
         "curve": [[0, 0, setup["start"]["heldout_acc_t1"]]]
@@ -235,6 +236,15 @@ def run_cell(cell: Cell, args, setup: dict, url: str | None, random_rate: float 
         / max(1, len(records) * args.problems * args.n),
         "records": records,
     }
+
+
+def _cpu_s() -> float:
+    """CPU seconds this process has used (user + system): on a busy machine, a better guide than the
+    wall clock to what a quiet one would take."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def random_rate_for(stop_rate: float, mean_length: float, max_tokens: int, min_tokens: int) -> float:
@@ -295,6 +305,7 @@ def summarise(cells: list[dict], setups: dict[int, dict], args) -> dict:
                     "critic_tokens": [c["critic_tokens"] for c in rs],
                     "stop_rate": [c["stop_rate"] for c in rs],
                     "wall_s": [c["wall_s"] for c in rs],
+                    "cpu_s": [c["cpu_s"] for c in rs],
                 }
                 twins = [(c, none[c["seed"]]) for c in rs if c["seed"] in none]
                 if rule != "none" and twins:
@@ -338,8 +349,8 @@ def markdown(summary: dict, setups: dict[int, dict], args) -> str:
             f"**{group['learner']}, learning rate {group['lr']:g}**",
             "",
             "| rule | held-out acc T=1 | gain over start | minus none | engine tokens | vs none "
-            "| critic tokens | stop rate | wall s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| critic tokens | stop rate | wall s | CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for rule, row in group["rules"].items():
             cells = [
@@ -351,6 +362,7 @@ def markdown(summary: dict, setups: dict[int, dict], args) -> str:
                 _mean_range(row["critic_tokens"], ".0f"),
                 _mean_range(row["stop_rate"], ".3f"),
                 _mean_range(row["wall_s"], ".0f"),
+                _mean_range(row["cpu_s"], ".0f"),
             ]
             lines.append(f"| {rule} | " + " | ".join(cells) + " |")
         lines.append("")
