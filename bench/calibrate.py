@@ -7,8 +7,8 @@ Every setting starts from ppo_toy's defaults and changes what it names; each run
 `--eval-problems` test problems (the same ones for every run) before training, every
 `--eval-every` iterations and at the end; the table gives the gain over the start.
 
-    .venv/bin/python bench/calibrate.py                        # the grid below, seed 0
-    .venv/bin/python bench/calibrate.py --settings 'lr3e-5={"learning_rate": 3e-5}' --seeds 0,1
+    .venv/bin/python -m bench.calibrate                        # the grid below, seed 0
+    .venv/bin/python -m bench.calibrate --settings 'lr3e-5={"learning_rate": 3e-5}' --seeds 0,1
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import harness
+from bench.harness import ROOT
 
 GRID = {
     "gae lr 1e-5": {"learning_rate": 1e-5},
@@ -52,7 +51,7 @@ def flags(setting: dict) -> list[str]:
 
 def run(job: tuple[str, dict, int, argparse.Namespace]) -> dict:
     name, setting, seed, args = job
-    from reproduce import load_ppo_toy
+    from bench.reproduce import load_ppo_toy
 
     ppo_toy = load_ppo_toy()
     argv = [
@@ -79,9 +78,9 @@ def run(job: tuple[str, dict, int, argparse.Namespace]) -> dict:
 
 def start_accuracy(seed: int, args: argparse.Namespace) -> float:
     import torch
-    from reproduce import load_ppo_toy
     from transformers import LlamaForCausalLM, LlamaForTokenClassification
 
+    from bench.reproduce import load_ppo_toy
     from espo_server.toy.local_rollouts import LocalClient
     from espo_server.toy.train import ensure_toy_models
 
@@ -98,9 +97,7 @@ def start_accuracy(seed: int, args: argparse.Namespace) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument(
         "--settings", action="append", default=[], help='NAME={"flag": value, ...} (default: the grid)'
     )

@@ -28,8 +28,8 @@ wrong token succeeds only by such a recovery. The recovery rate r is measured by
 continuations of logged dirty prefixes, and V* = P_canonical + (1 - P_canonical) r on clean prefixes,
 r on dirty ones; a sample of clean prefixes is checked against sampled continuations too.
 
-    .venv/bin/python bench/ceiling.py                  # seeds 0,1,2; writes bench/results/ceiling.json
-    .venv/bin/python bench/ceiling.py --seeds 0 --problems 64 --rates 0.25   # a quick look
+    .venv/bin/python -m bench.ceiling                  # seeds 0,1,2; writes bench/results/ceiling.json
+    .venv/bin/python -m bench.ceiling --seeds 0 --problems 64 --rates 0.25   # a quick look
 """
 
 from __future__ import annotations
@@ -39,21 +39,19 @@ import dataclasses
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from espo_client.stop_rule import EspoParams, EspoState, make_tracker, update_state  # noqa: E402
-from espo_server.tiny_model import EOS_ID  # noqa: E402
-from espo_server.toy.local_rollouts import LocalClient, sample_continuations  # noqa: E402
-from espo_server.toy.task import decode, encode, generate, verify  # noqa: E402
-from espo_server.toy.train import Sample, value_quality  # noqa: E402
+from bench import harness
+from bench.harness import ROOT
+from espo_client.stop_rule import EspoParams, EspoState, make_tracker, update_state
+from espo_server.tiny_model import EOS_ID
+from espo_server.toy.local_rollouts import LocalClient, sample_continuations
+from espo_server.toy.task import decode, encode, generate, verify
+from espo_server.toy.train import Sample, value_quality
 
 LOG_SEED = 30_000  # the logged problems (test split): neither the demo's nor the benches'
 
@@ -79,9 +77,7 @@ class Logged:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--seeds", default="0,1,2", help="toy model seeds (each its own policy and critic)")
     parser.add_argument("--problems", type=int, default=256, help="logged problems per seed")
     parser.add_argument("--n", type=int, default=4, help="samples per problem")

@@ -32,7 +32,7 @@ Writes `--out`/reproduce.json (every cell's per-iteration records) and reproduce
 differences) and `--plot` (held-out accuracy against cumulative engine tokens).
 
     make reproduce
-    .venv/bin/python bench/reproduce.py --seeds 0 --rules none,espo --learners gae --lrs 3e-5 --iterations 3
+    .venv/bin/python -m bench.reproduce --seeds 0 --rules none,espo --learners gae --lrs 3e-5 --iterations 3
 """
 
 from __future__ import annotations
@@ -44,13 +44,12 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import ceiling, harness
+from bench.harness import ROOT
 
 RULES = ("none", "espo", "regret_only", "random", "espo_rfail0", "value_only")
 DEFAULT_RULES = "none,espo,regret_only,random,espo_rfail0"
@@ -77,9 +76,7 @@ def load_ppo_toy():
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--rules", default=DEFAULT_RULES, help=f"comma-separated, of {', '.join(RULES)}")
     parser.add_argument(
         "--seeds", default="0,1,2,3,4", help="each: its own toy models, problems and sampling"
@@ -96,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-problems", type=int, default=2000)
     parser.add_argument("--eval-greedy", action="store_true", help="evaluate greedy decoding too")
     parser.add_argument("--backend", choices=("local", "server"), default="local")
+    parser.add_argument(
+        "--url", default=None, help="server backend: a running espo-server (default: start one per seed)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="local backend: cells run at once")
     parser.add_argument(
         "--critic-latency", type=int, default=0, help="local backend: tokens per critic answer"
@@ -143,9 +143,6 @@ def seed_setup(job: tuple[int, argparse.Namespace]) -> dict:
     from espo_server.toy.task import encode, generate
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT / "bench"))
-    import ceiling
-
     ppo_toy = load_ppo_toy()
     toy = toy_models(seed, args.quick_models)
     policy = LlamaForCausalLM.from_pretrained(toy.policy_dir, dtype=torch.float32).eval()
@@ -439,25 +436,28 @@ def run_local(args, setups: dict[int, dict]) -> list[dict]:
 
 
 def run_server(args, setups: dict[int, dict]) -> list[dict]:
-    from espo_server.process import ServerProcess, espo_server_argv, free_port
-
+    """The cells through an espo-server: `--url`, or one started per seed on that seed's models.
+    Every cell pushes its seed's starting policy and critic first, so any server of the toy's
+    vocabulary serves any seed (`--url` must accept pushes from the toy cache and from `--out`)."""
     cells: list[dict] = []
     for seed in args.seeds:
+        chains = [c for c in chains_of(args) if c[0].seed == seed]
+        if args.url is not None:
+            for chain in chains:
+                cells += run_chain((chain, args, setups[seed], args.url))
+            continue
         toy = toy_models(seed, args.quick_models)
-        port = free_port()
-        logs = Path(tempfile.mkdtemp(prefix="espo-reproduce-"))
         weights = ["--weights-dir", str(toy.policy_dir.parent), "--weights-dir", str(args.out.resolve())]
         models = [
             "--model", str(toy.policy_dir), "--critic-model", str(toy.critic_dir), "--dtype", "float32",
             "--verifier", "toy",
         ]  # fmt: skip
-        argv = espo_server_argv("serve", "--port", str(port), *models, *weights)
-        server = ServerProcess("espo-server", argv, port, logs)
+        name = f"reproduce-seed{seed}"
+        server = harness.start_espo(name, "serve", *models, *weights, logs=harness.logs_dir(name))
         print(f"seed {seed}: starting the server (log {server.log_path}) ...", flush=True)
-        server.start()
         try:
             server.wait_ready()
-            for chain in (c for c in chains_of(args) if c[0].seed == seed):
+            for chain in chains:
                 cells += run_chain((chain, args, setups[seed], server.url))
         finally:
             server.stop()

@@ -8,14 +8,14 @@ serves it in the same event loop, and on exit (SIGTERM, Ctrl-C) the engines are 
                          -> build_app(config) -> app.state.service = service -> uvicorn
                             (and, with --grpc-port, grpc_server.py's gRPC server in the same loop)
 
-How `serve` ends (README, "Reliability"):
+How `serve` ends (docs/reliability.md):
 - SIGTERM (an orchestrator stopping the pod): the server drains. New work is answered 503
   `shutting_down` with Retry-After and /readyz turns 503, while the listener stays open; running
   calls get `shutdown_grace_s` to finish and be answered; those still running then are ended with
   that 503 (nothing of them folded in). Then uvicorn closes, the runs' carried samples are aborted,
   the engines shut down, and the process exits 0. A second SIGTERM ends the running calls at once.
 - The policy engine's process dies (vLLM's EngineDeadError): every /v1 call is answered 503
-  `engine_dead` (running calls too), /readyz is 503, and ENGINE_DEAD_LINGER_S later the process
+  `engine_dead` (running calls too), /readyz is 503, and `engine_dead_linger_s` later the process
   exits with ENGINE_DEAD_EXIT_CODE, for its supervisor to restart it.
 - SIGINT (Ctrl-C): uvicorn's own graceful shutdown (vLLM's engine process, in the same process
   group, gets the signal too).
@@ -37,10 +37,14 @@ from fastapi import FastAPI
 
 from .app import build_app
 from .config import ServerConfig
-from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic
+from .critic import CriticClient
+from .critic_engine import InProcessCritic
+from .critic_http import EspoValuesCritic, VllmPoolingCritic
 from .critic_server import build_critic_app
 from .engine import Parallelism, PolicyEngine
-from .service import RolloutService, Verifier
+from .plan import Verifier
+from .ports import serve as serve_on_ports
+from .service import RolloutService
 from .tiny_model import CHAT_TEMPLATE
 
 EMBEDDED_NAME = "espo-toy"
@@ -51,8 +55,6 @@ T = TypeVar("T")
 
 ENGINE_DEAD_EXIT_CODE = 3
 """Exit status of `espo-server serve` after its policy engine's process died."""
-ENGINE_DEAD_LINGER_S = 2.0
-"""After the engine died: how long the server still answers (503 engine_dead) before it exits."""
 WATCHDOG_INTERVAL_S = 0.5
 """How often the engine's liveness is looked at (vLLM's own monitor thread notices a death at once)."""
 UVICORN_GRACE_S = 5.0
@@ -69,8 +71,8 @@ def resolve_models(config: ServerConfig) -> ServerConfig:
         return config
     from .toy.train import ensure_toy_models
 
-    log.info("no model given: using the embedded toy models (cache %s)", config.cache_dir)
-    toy = ensure_toy_models(config.cache_dir, config.toy_seed)
+    log.info("no model given: the embedded toy models (%s; cache %s)", config.toy_size, config.cache_dir)
+    toy = ensure_toy_models(config.cache_dir, config.toy_seed, quick=config.toy_size == "quick")
     return config.model_copy(
         update={
             # vLLM on CPU would run the float32 toy models in bfloat16 under "auto".
@@ -226,14 +228,14 @@ async def serve_rollout_app(app: FastAPI, service: RolloutService, config: Serve
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
         status = ENGINE_DEAD_EXIT_CODE
         log.error("the policy engine process died: /v1 calls get 503 engine_dead; exit status %d", status)
-        await asyncio.sleep(ENGINE_DEAD_LINGER_S)  # running calls fail, new ones hear why; then exit
+        await asyncio.sleep(config.engine_dead_linger_s)  # running calls fail, new ones hear why; then exit
         server.should_exit = True
 
     # The signal handler runs between two bytecodes of the loop's thread: it only schedules.
     server.on_sigterm = lambda: loop.call_soon_threadsafe(on_sigterm)
     watchdog = loop.create_task(watch_engine(), name="espo-engine-watchdog")
     try:
-        await server.serve()
+        await serve_on_ports(server, config.admin_port)  # and on --admin-port, when set
     finally:
         for task in (watchdog, drain):
             if task is not None:
@@ -265,8 +267,10 @@ def run_critic_server(
     block_size: int | None = None,
     api_key: str | None = None,
     weights_dir: list[Path] | None = None,
+    admin_port: int | None = None,
 ) -> None:
-    """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights)."""
+    """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights;
+    the push on `admin_port` only, when set)."""
 
     async def main() -> None:
         async with InProcessCritic.launch(
@@ -277,8 +281,8 @@ def run_critic_server(
             prefix_caching=prefix_caching,
             block_size=block_size,
         ) as critic:
-            app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir)
-            await serve_app(app, host, port, "info")
+            app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir, admin_port=admin_port)
+            await serve_app(app, host, port, "info", admin_port)
 
     _run(main())
 
@@ -295,7 +299,10 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-async def serve_app(app: FastAPI, host: str, port: int, log_level: str) -> None:
-    """uvicorn in the running event loop; returns after a graceful shutdown (SIGTERM, SIGINT)."""
+async def serve_app(
+    app: FastAPI, host: str, port: int, log_level: str, admin_port: int | None = None
+) -> None:
+    """uvicorn in the running event loop (on `admin_port` too, if set); returns after a graceful
+    shutdown (SIGTERM, SIGINT)."""
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-    await server.serve()
+    await serve_on_ports(server, admin_port)

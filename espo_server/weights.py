@@ -82,7 +82,7 @@ def allowed_weights_dir(path: str, roots: list[Path]) -> Path:
 
 
 TIED_REFUSED = (
-    "vLLM's in-place reload matched HF only for models with untied embeddings (DESIGN.md section 6; "
+    "vLLM's in-place reload matched HF only for models with untied embeddings (vLLM 0.32; "
     "with tied ones the reloaded output layer diverges): save the policy with tie_word_embeddings=False"
 )
 

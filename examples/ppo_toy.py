@@ -8,7 +8,7 @@ One file that reads top to bottom, in the manner of CleanRL's ppo.py. Each itera
 2. score the `eos` trajectories with the toy verifier (unless the server already did);
 3. pad the batch into tensors (`trajectories_to_tensors`), run the critic for V(s_t), and compute
    advantages with `compute_gae`: `espo_stop` is an absorbing failure and `eos` is terminal (next
-   value 0), a `length` cut is bootstrapped with V(s_L) (DESIGN.md section 3);
+   value 0), a `length` cut is bootstrapped with V(s_L) (T-PPO's extended GAE);
 4. a few epochs of PPO: the clipped surrogate on the policy, MSE on the critic;
 5. save the policy (safetensors, a fresh directory per iteration) and push it to the server
    (`POST /v1/weights`), so that the next iteration samples from the new weights. (The starting
@@ -38,8 +38,8 @@ Limits worth knowing:
   (`POST /v1/critic/weights`, forwarded to a remote `espo-server critic`), the starting critic
   first (unless `--no-push-initial`), so the stop rule judges with the critic PPO trains. Without
   it the stop rule keeps using the critic the server started with.
-* vLLM's weight reload was checked against HF only for untied embeddings (DESIGN.md section 6), so
-  a policy with `tie_word_embeddings=True` is refused.
+* vLLM's weight reload was checked against HF only for untied embeddings (vLLM 0.32; with tied
+  ones the logprobs diverged), so a policy with `tie_word_embeddings=True` is refused.
 * PPO's ratio uses the server's raw (temperature 1) logprobs: keep `--temperature 1`.
 """
 
@@ -156,7 +156,7 @@ class Args:
     save_critic: bool = True
     """save the critic after every update (out/<run>/critic-0001, ...), in the server's critic format"""
     push_critic: bool = False
-    """push the saved critic to the server each iteration (needs issue 10's endpoint: fails until then)"""
+    """push the saved critic to the server each iteration (POST /v1/critic/weights)"""
     eval_every: int = 0
     """held-out accuracy (T=1 and greedy) every this many iterations and after the last (0: never)"""
     eval_problems: int = 2000

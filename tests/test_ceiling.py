@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from espo_client.stop_rule import EspoParams, EspoState
-from tests.scripts import script_module
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "ceiling.py"
 
 
 @pytest.fixture(scope="module")
 def ceiling():
-    with script_module(BENCH, "ceiling") as module:
-        yield module
+    from bench import ceiling
+
+    return ceiling
 
 
 def logged(ceiling, g: list[float], correct: bool, first_wrong: int | None):

@@ -1,5 +1,5 @@
 """Group-aware early return, carried-over samples (runs), version spans and the batch statistics of a
-run, on the scripted engine of test_rollout_loop (pure control flow; tests/test_runs_vllm.py runs the
+run, on the scripted engine of tests/fakes.py (pure control flow; tests/test_runs_vllm.py runs the
 same on real vLLM)."""
 
 from __future__ import annotations
@@ -10,9 +10,18 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from espo_client.protocol import GroupEvent, Prompt, RolloutRequest, RolloutResponse, RunRequest, Trajectory
+from espo_client.protocol import (
+    GroupEvent,
+    Prompt,
+    RolloutRequest,
+    RunRequest,
+    Sampling,
+    TrajectoryEvent,
+)
 from espo_server.errors import Conflict, InvalidRequest
-from tests.test_rollout_loop import HOT, FakeCritic, FakeEngine, run, service
+from espo_server.events import CallDone
+from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
+from tests.waiting import until
 
 SHORT, LONG = 6, 300
 # prompt 0 and 1 finish fast, 2 and 3 take LONG tokens (request ids are "<request_id>-<prompt>-<sample>")
@@ -82,6 +91,33 @@ def test_carried_groups_come_back_whole_once_and_every_token_counts_once():
     assert own < first.usage.regret_tokens < own + 4 * LONG
 
 
+def test_a_carried_trajectory_records_every_sampling_setting_of_its_call():
+    svc = service(engine(), FakeCritic())
+    sampling = dict(
+        max_tokens=LONG, temperature=0.7, top_p=0.9, seed=11, stop_token_ids=[3], stop=["@"], ignore_eos=True
+    )
+    assert set(sampling) == set(Sampling.model_fields)  # every setting differs from its default here
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        await svc.rollouts(req("c1", return_groups=2, leftover="carry", run_id="r", **sampling))
+        return await svc.rollouts(req("c2", prompts=1, run_id="r"))
+
+    carried = [t for t in run(go()).trajectories if t.carried]
+    assert len(carried) == 4
+    for t in carried:
+        record = t.carried.model_dump()
+        # the sample's own seed: seed + prompt_index * n + sample_index (n=2)
+        assert record == {
+            **sampling,
+            "seed": 11 + 2 * t.prompt_index + t.sample_index,
+            "request_id": "c1",
+            "prompt_token_ids": [5, 6, 7 + t.prompt_index],
+            "stop_rule": "none",
+            "shadow": False,
+        }
+
+
 def test_batch_statistics_of_a_run_by_hand():
     """A carried sample's regret is split at the call boundary; its stop counts where it ends."""
     eng = engine()
@@ -116,8 +152,11 @@ def test_carried_sample_resumes_across_a_weight_push_with_version_spans(tmp_path
     async def go():
         svc.open_run(RunRequest(run_id="r"))
         await svc.rollouts(req("c1", return_groups=2, leftover="carry", run_id="r"))
-        await asyncio.sleep(0.05)
-        pushed = await svc.load_weights(str(weights), 7)  # the carried samples are running meanwhile
+        carried = svc.runs.get("r").samples()
+        grown = {id(s): len(s.token_ids) + 1 for s in carried}
+        # the carried samples generate on between calls (each of LONG tokens is one engine step)
+        await until(lambda: all(len(s.token_ids) >= grown[id(s)] for s in carried), "carried tokens")
+        pushed = await svc.load_weights(str(weights), 7)  # suspends them mid-sample, then resumes
         second = await svc.rollouts(req("c2", prompts=1, run_id="r"))
         return pushed, second
 
@@ -136,6 +175,45 @@ def test_carried_sample_resumes_across_a_weight_push_with_version_spans(tmp_path
     assert all([s.version for s in t.policy_version_spans] == [7] for t in fresh)
 
 
+def test_held_groups_pause_between_calls_and_continue_under_the_weights_pushed_meanwhile(tmp_path):
+    """leftover=hold: the incomplete groups stop generating when the call returns; a push finds them
+    paused (nothing to suspend); the run's next call resumes them under the new weights, so the
+    span boundary is exactly where the first call left them."""
+    eng = engine()
+    svc = service(eng, FakeCritic(), weights_dir=[tmp_path])
+    weights = tmp_path / "w"
+    weights.mkdir()
+    save_file({"w": np.zeros(2, np.float32)}, str(weights / "model.safetensors"))
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        first = await svc.rollouts(req("c1", return_groups=2, leftover="hold", run_id="r"))
+        held = {s.spec.engine_id: len(s.token_ids) for s in svc.runs.get("r").samples()}
+        described = svc.run("r")
+        await svc.rollouts(req("other", prompts=1, stop_rule="none"))  # engine steps pass: none for them
+        after = {s.spec.engine_id: len(s.token_ids) for s in svc.runs.get("r").samples()}
+        pushed = await svc.load_weights(str(weights), 7)
+        second = await svc.rollouts(req("c2", prompts=1, run_id="r"))
+        return first, held, described, after, pushed, second
+
+    first, held, described, after, pushed, second = run(go())
+    assert first.usage.groups_carried == 2 and first.usage.aborted == 0
+    assert described.carried_trajectories == 4 and described.running == 0  # held, not generating
+    assert after == held and all(0 < k < LONG for k in held.values())
+    assert pushed.policy_version == 7
+    carried = [t for t in second.trajectories if t.carried]
+    assert len(carried) == 4 and second.usage.carried_in == 4
+    for t in carried:
+        cut = held[f"c1-{t.prompt_index}-{t.sample_index}"]
+        assert [(s.start, s.end, s.version) for s in t.policy_version_spans] == [(0, cut, 0), (cut, LONG, 7)]
+        assert t.token_ids == [10 + i % 40 for i in range(LONG)]  # continued, not restarted
+        resumed = eng.prompts[f"c1-{t.prompt_index}-{t.sample_index}-r1"]
+        assert resumed == t.carried.prompt_token_ids + t.token_ids[:cut]
+    # every token's regret entered exactly one batch
+    tokens = sum(len(t.token_ids) for t in first.trajectories + second.trajectories)
+    assert first.usage.regret_tokens + second.usage.regret_tokens == tokens
+
+
 def test_streaming_sends_complete_groups_then_their_group_event():
     svc = service(engine(), FakeCritic())
 
@@ -149,13 +227,14 @@ def test_streaming_sends_complete_groups_then_their_group_event():
         return items
 
     items = run(go())
-    assert isinstance(items[-1], RolloutResponse)
+    assert isinstance(items[-1], CallDone)
     kinds = ["g" if isinstance(i, GroupEvent) else "t" for i in items[:-1]]
     assert kinds == ["t", "t", "g", "t", "t", "g"]  # n=2 trajectories of a group, then its event
     for k in (2, 5):
         event, members = items[k], items[k - 2 : k]
-        assert {m.prompt_index for m in members} == {event.prompt_index} and event.sample_count == 2
-    sent = [i for i in items if isinstance(i, Trajectory)]
+        assert {m.trajectory.prompt_index for m in members} == {event.prompt_index}
+        assert event.sample_count == 2
+    sent = [i.trajectory for i in items if isinstance(i, TrajectoryEvent)]
     assert all(t.prompt_index in (0, 1) for t in sent)  # nothing of the carried groups was sent
 
 
@@ -166,6 +245,7 @@ def test_bad_input_is_refused_naming_the_field_and_nothing_changes():
         cases = [
             (req("b1", return_groups=5), "return_groups"),
             (req("b2", leftover="carry", return_groups=1), "run_id"),
+            (req("b2", leftover="hold", return_groups=1), "run_id"),
             (req("b3", run_id="nobody"), "run_id"),
             (req("b4", prompts=0), "prompts"),
         ]
@@ -175,7 +255,7 @@ def test_bad_input_is_refused_naming_the_field_and_nothing_changes():
             assert info.value.param == param, (request, info.value.message)
         svc.open_run(RunRequest(run_id="r"))
         first = asyncio.create_task(svc.rollouts(req("c1", run_id="r")))
-        await asyncio.sleep(0.02)
+        await until(lambda: svc.runs.get("r").busy, "the first call holds the run")
         with pytest.raises(Conflict):  # one call of a run at a time
             svc.plan(req("b5", run_id="r"))
         await first
@@ -199,7 +279,7 @@ def test_closing_or_idling_a_run_aborts_its_samples():
         await svc.rollouts(req("c1", return_groups=2, leftover="carry", run_id="a"))
         await svc.rollouts(req("c2", return_groups=2, leftover="carry", run_id="b"))
         closed = await svc.close_run("a")
-        await asyncio.sleep(0.5)  # the reaper checks every idle_timeout/4
+        await until(lambda: not svc.run("b").open, "the reaper closes the idle run")
         return closed, svc.run("b")
 
     closed, idle = run(go())

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.scripts import script_module
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "reproduce.py"
-
 
 @pytest.fixture(scope="module")
 def reproduce():
-    with script_module(BENCH, "reproduce") as module:
-        yield module
-        sys.modules.pop("ppo_toy", None)
+    from bench import reproduce
+
+    yield reproduce
+    sys.modules.pop("ppo_toy", None)  # examples/ppo_toy.py, loaded by reproduce.main
 
 
 def test_argument_checks(reproduce):
@@ -108,11 +105,14 @@ def test_reduced_reproduction_in_process(reproduce, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_reduced_reproduction_through_the_server(reproduce, tmp_path):
-    """The same cells through the embedded server: rollouts from vLLM, weights and critic pushed
-    every iteration."""
+@pytest.mark.timeout(1200)  # may train the quick toy and start a server first
+def test_reduced_reproduction_through_the_server(reproduce, embedded_server, tmp_path):
+    """The same cells through the embedded server (the session's, on the quick toy of seed 0):
+    rollouts from vLLM, the seed's starting policy and critic pushed first, then the learner's every
+    iteration."""
     argv = [
-        "--backend", "server", "--quick-models", "--seeds", "0", "--rules", "none,espo", "--learners", "gae",
+        "--backend", "server", "--url", embedded_server.url, "--quick-models", "--seeds", "0",
+        "--rules", "none,espo", "--learners", "gae",
         "--lrs", "1e-4", "--iterations", "2", "--problems", "4", "--n", "2", "--max-tokens", "40",
         "--eval-every", "1", "--eval-problems", "8", "--out", str(tmp_path / "out"),
         "--json", str(tmp_path / "reproduce.json"), "--plot", str(tmp_path / "reproduce.png"),

@@ -70,7 +70,7 @@ def test_another_models_tensors_are_refused(tmp_path, served, tensors, words):
 
 @pytest.mark.parametrize("where", ["pushed", "served"])
 def test_tied_embeddings_are_refused_naming_path(tmp_path, served, where):
-    """vLLM's in-place reload matched HF only for untied embeddings (DESIGN.md section 6)."""
+    """vLLM's in-place reload matched HF only for untied embeddings (vLLM 0.32)."""
     pushed = checkpoint(tmp_path / "new", {"a": np.ones((4, 8), np.float32), "b": np.zeros(3, np.float32)})
     (pushed / "config.json").write_text(json.dumps({"tie_word_embeddings": where == "pushed"}))
     with pytest.raises(InvalidRequest, match="untied") as info:

@@ -37,6 +37,7 @@ __all__ = [
     "RuleParams",
     "RunRequest",
     "RunResponse",
+    "Sampling",
     "StateResponse",
     "StopRule",
     "Traces",
@@ -132,15 +133,11 @@ class RuleParams(_Model):
         return base.with_overrides(self.overrides())
 
 
-class RolloutRequest(_Model):
-    """`POST /v1/rollouts`: sample `n` trajectories per prompt under a stop rule."""
+class Sampling(_Model):
+    """The sampling settings of a call: the one definition, shared by the request (`RolloutRequest`)
+    and the record of a carried-over trajectory (`Carried`); the server turns them into the
+    engine's parameters in one place."""
 
-    prompts: list[Prompt] = Field(
-        ...,
-        description="Prompts; each gets `n` samples. At least one, unless `run_id` names a run that "
-        "carries samples over (a call that only collects them).",
-    )
-    n: int = Field(1, ge=1, description="Samples per prompt (the server caps it: see /v1/info).")
     max_tokens: int = Field(256, ge=1, description="Response token limit; ends with `length` when hit.")
     temperature: float = Field(
         1.0, ge=0, le=MAX_TEMPERATURE, description="Sampling temperature, 0 to 2 (regret uses raw logprobs)."
@@ -160,6 +157,22 @@ class RolloutRequest(_Model):
         "to and including the one that completed it are kept.",
     )
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks: fixed lengths).")
+
+    def sampling(self) -> Sampling:
+        """Just the sampling settings (of a request, say)."""
+        return Sampling(**{name: getattr(self, name) for name in Sampling.model_fields})
+
+
+class RolloutRequest(Sampling):
+    """`POST /v1/rollouts`: sample `n` trajectories per prompt under a stop rule (the sampling
+    settings are `Sampling`'s)."""
+
+    prompts: list[Prompt] = Field(
+        ...,
+        description="Prompts; each gets `n` samples. At least one, unless `run_id` names a run that "
+        "carries samples over (a call that only collects them).",
+    )
+    n: int = Field(1, ge=1, description="Samples per prompt (the server caps it: see /v1/info).")
     stop_rule: StopRule | None = Field(
         None,
         description="none, espo, random, regret_only or value_only (unset: the server's default_stop_rule).",
@@ -220,17 +233,19 @@ class RolloutRequest(_Model):
         "prompt ended by eos, length or espo_stop), counting groups carried over from earlier calls "
         "of the run. Unset: wait for every group.",
     )
-    leftover: Literal["abort", "carry"] = Field(
+    leftover: Literal["abort", "carry", "hold"] = Field(
         "abort",
         description="What happens to the samples of groups that were not complete at an early return: "
-        "`abort` (returned with end_reason abort; the learner drops them) or `carry` (they keep running "
-        "in the server and are handed back, as whole groups, by a later call of the same `run_id`).",
+        "`abort` (returned with end_reason abort; the learner drops them), `carry` (they keep running "
+        "in the server and are handed back, as whole groups, by a later call of the same `run_id`) or "
+        "`hold` (kept like `carry`, but paused until the run's next call: no engine time between calls, "
+        "and every token after the pause comes from the weights served then).",
     )
     run_id: str | None = Field(
         None,
         max_length=200,
         description="The run (POST /v1/runs) this call belongs to: its carried-over groups take part in "
-        "this call, and with leftover=carry this call's unfinished groups are carried for the next.",
+        "this call, and with leftover=carry or hold this call's unfinished groups are kept for the next.",
     )
 
 
@@ -257,20 +272,18 @@ class VersionSpan(_Model):
     version: int
 
 
-class Carried(_Model):
+class Carried(Sampling):
     """Where a carried-over trajectory came from: set only on trajectories that an earlier call of the
-    run started (its prompt_index and sample_index refer to that call's prompts)."""
+    run started (its prompt_index and sample_index refer to that call's prompts). Records every
+    sampling setting of that call, with the sample's own seed."""
 
     request_id: str = Field(..., description="The call that started this trajectory.")
     prompt_token_ids: list[int] = Field(..., description="Its prompt, so the learner needs no lookup.")
     stop_rule: StopRule
     shadow: bool
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None = Field(None, description="The sample's seed (its first engine request's).")
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="The sample's own seed (its first engine request's)."
+    )
 
 
 class Trajectory(_Model):
@@ -512,7 +525,7 @@ class RunResponse(_Model):
     open: bool = Field(..., description="False once closed (DELETE /v1/runs/{run_id}) or expired.")
     carried_groups: int = Field(0, description="Groups waiting for the next call of the run.")
     carried_trajectories: int = Field(0, description="Their samples (finished or still running).")
-    running: int = Field(0, description="Of those, samples still generating.")
+    running: int = Field(0, description="Of those, samples still generating (held ones are paused).")
     aborted: int = Field(0, description="Samples aborted when the run was closed.")
     calls: int = Field(0, description="Rollout calls of this run so far.")
     idle_timeout_s: float = Field(..., description="A run with no call for this long is closed.")

@@ -35,6 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from espo_client import EspoClient
+from espo_server.config import default_toy_size
 from espo_server.process import ServerProcess, espo_server_argv
 from espo_server.toy.evaluate import evaluate, outcome
 from espo_server.toy.task import Problem, encode, generate
@@ -141,8 +142,8 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-# Compass targets of what the value gate should buy on the toy task (issue 11): espo stopping for real.
-COMPASS = {"fewer_tokens": (">=", 0.25), "false_stop_rate": ("<=", 0.03), "oracle_share": (">=", 0.60)}
+# Targets of what the value gate should buy on the toy task: espo stopping for real.
+TARGETS = {"fewer_tokens": (">=", 0.25), "false_stop_rate": ("<=", 0.03), "oracle_share": (">=", 0.60)}
 
 
 def gate_summary(result: dict) -> dict:
@@ -168,10 +169,10 @@ def gate_summary(result: dict) -> dict:
     return out
 
 
-def compass_verdicts(espo: dict) -> dict[str, bool]:
+def target_verdicts(espo: dict) -> dict[str, bool]:
     return {
         name: espo[name] is not None and (espo[name] >= bound if op == ">=" else espo[name] <= bound)
-        for name, (op, bound) in COMPASS.items()
+        for name, (op, bound) in TARGETS.items()
     }
 
 
@@ -225,12 +226,12 @@ def print_table(result: dict) -> None:
         f"   (shadow {e['shadow_oracle_share']:.3f} vs {r['shadow_oracle_share']:.3f}); failing caught "
         f"(shadow) {e['shadow_failing_caught']:.3f} vs {r['shadow_failing_caught']:.3f}"
     )
-    verdicts = compass_verdicts(e)
+    verdicts = target_verdicts(e)
     print(
-        "  compass (espo): "
+        "  targets (espo): "
         + ", ".join(
             f"{name} {e[name]:.3f} {op} {bound} {'met' if verdicts[name] else 'MISSED'}"
-            for name, (op, bound) in COMPASS.items()
+            for name, (op, bound) in TARGETS.items()
             if e[name] is not None
         )
     )
@@ -242,21 +243,22 @@ def print_table(result: dict) -> None:
 
 
 def demo_cli(args: argparse.Namespace) -> int:
+    from espo_server.toy.train import ToyConfig, ensure_toy_models
+
     if getattr(args, "beta", None) is None:
         args.beta = DEMO_BETA
-    problems = generate(args.problems, "test", seed=args.seed + 1000)
+    size = getattr(args, "toy_size", None) or default_toy_size()
+    task = (ToyConfig.quick() if size == "quick" else ToyConfig()).task
+    problems = generate(args.problems, "test", seed=args.seed + 1000, spec=task)
     server = None
     url = args.url
     if url is None:
-        from espo_server.toy.train import ensure_toy_models
-
-        print("toy models (trained on first use, a few minutes on 2 cores; cached afterwards):", flush=True)
-        models = ensure_toy_models()
+        print(f"toy models ({size}; trained on first use, cached afterwards):", flush=True)
+        models = ensure_toy_models(quick=size == "quick")
         print(f"  policy {models.policy_dir}\n  critic {models.critic_dir}", flush=True)
         logs = Path(tempfile.mkdtemp(prefix="espo-demo-"))
-        server = ServerProcess(
-            "espo-server", espo_server_argv("serve", "--port", str(args.port)), args.port, logs
-        )
+        argv = espo_server_argv("serve", "--port", str(args.port), "--toy-size", size)
+        server = ServerProcess("espo-server", argv, args.port, logs)
         print(
             f"starting espo-server on port {args.port} (engines take about a minute; log {server.log_path})",
             flush=True,
