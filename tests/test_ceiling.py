@@ -29,7 +29,7 @@ def test_replay_counts_stops_false_stops_and_engine_tokens(ceiling):
     """Two trajectories by hand: a failing one whose regret spikes after its mistake, and a correct
     one; regret_only at a threshold that stops only the first."""
     params = EspoParams(min_tokens=0, critic_stride=1, alpha_s=0.5, eps=0.2)
-    state = EspoState(mu=0.0, var=1.0, beta=1.0, warm=True, initialised=True)
+    state = EspoState(mu=0.0, var=1.0, beta=2.0, warm=True, initialised=True)
     logs = [logged(ceiling, [0.0, 0.0, 4.0, 4.0, 0.0, 0.0], False, 2), logged(ceiling, [0.0] * 6, True, None)]
     oracle = [np.full(7, 0.05), np.full(7, 0.9)]
     out = ceiling.replay(logs, "regret_only", state, params, None, oracle, latency=0)

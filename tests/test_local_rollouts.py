@@ -16,7 +16,7 @@ from espo_server.tiny_model import EOS_ID, make_tiny_models
 from espo_server.toy.local_rollouts import LocalClient, critic_values_at, sample_continuations
 from espo_server.toy.task import encode, generate
 
-HOT = EspoState(mu=0.0, var=1.0, beta=0.6, warm=True, initialised=True, batches=3)
+HOT = EspoState(mu=0.0, var=1.0, beta=6.0, warm=True, initialised=True, batches=3)
 
 
 @pytest.fixture(scope="module")

@@ -100,9 +100,9 @@ class RuleParams(_Model):
     alpha_s: float | None = Field(None, ge=0, le=1, description="alpha_s: smoothing of z (paper 0.9).")
     cumulative: bool | None = Field(
         None,
-        description="z_t = alpha_s*z_{t-1} + gn_t instead of the paper's average "
-        "alpha_s*z_{t-1} + (1-alpha_s)*gn_t: 1/(1-alpha_s) times larger, so beta0, eta_beta, beta_min "
-        "and beta_max must be too (default false).",
+        description="true (default): the smoothed cumulative regret z_t = alpha_s*z_{t-1} + gn_t; "
+        "false: the average alpha_s*z_{t-1} + (1-alpha_s)*gn_t, (1-alpha_s) times it, so beta0, "
+        "eta_beta, beta_min and beta_max must be (1-alpha_s) times as large for the same rule.",
     )
     beta0: float | None = Field(None, gt=0, description="beta_0: initial threshold scale (paper 7.0).")
     eta_beta: float | None = Field(None, ge=0, description="eta_beta: beta controller step (paper 0.1).")

@@ -5,12 +5,13 @@ the ESPO state. Symbols follow the paper's Algorithm 1 (see docs/algorithm.md):
 
     g_t  = max_a log pi(a|s_t) - log pi(a_t|s_t)              surrogate regret, >= 0
     gn_t = clip((g_t - mu) / sqrt(var + delta), -c, c)         normalised regret
-    z_t  = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t,  z_{-1} = 0   smoothed regret (Algorithm 1)
+    z_t  = alpha_s * z_{t-1} + gn_t,  z_{-1} = 0               smoothed cumulative regret
     stop at the first t with  warm  and  t >= min_tokens  and  z_t > beta * max(V(s_t), eps)
 
-With `cumulative=True` the new term is not weighted, z_t = alpha_s * z_{t-1} + gn_t: exactly
-1 / (1 - alpha_s) times the average above, so the same rule needs beta (beta0, eta_beta, beta_min,
-beta_max) multiplied by 1 / (1 - alpha_s) (docs/algorithm.md, "Two readings of the smoothing").
+With `cumulative=False` the new term is weighted, z_t = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t
+(an average): exactly (1 - alpha_s) times the sum above, so the same rule needs beta (beta0,
+eta_beta, beta_min, beta_max) multiplied by (1 - alpha_s) (docs/algorithm.md, "Two readings of the
+smoothing").
 
 The state (mu, var, beta, warm) is frozen inside a batch and updated at batch boundaries only:
 
@@ -99,10 +100,11 @@ class EspoParams:
     a_ema: float = 0.99
     """a_ema (paper 0.99): EMA weight of the old mu/var at each batch boundary."""
     alpha_s: float = 0.9
-    """alpha_s (paper 0.9): smoothing of the normalised regret, z_t = alpha_s*z_{t-1} + (1-alpha_s)*gn_t."""
-    cumulative: bool = False
-    """(ours) z_t = alpha_s*z_{t-1} + gn_t instead: 1/(1-alpha_s) times the paper's average, so beta0,
-    eta_beta, beta_min and beta_max must be 1/(1-alpha_s) times larger to give the same rule."""
+    """alpha_s (paper 0.9): smoothing of the normalised regret, z_t = alpha_s*z_{t-1} + gn_t."""
+    cumulative: bool = True
+    """The smoothed cumulative regret z_t = alpha_s*z_{t-1} + gn_t, the scale beta0 and eta_beta are
+    read on; False: the average alpha_s*z_{t-1} + (1-alpha_s)*gn_t, (1-alpha_s) times it, so beta0,
+    eta_beta, beta_min and beta_max must be (1-alpha_s) times as large to give the same rule."""
     beta0: float = 7.0
     """beta_0 (paper 7.0): the threshold scale a fresh state starts from."""
     eta_beta: float = 0.1
@@ -118,9 +120,11 @@ class EspoParams:
     delta: float = 1e-6
     """delta (ours): added to var before the square root."""
     beta_min: float = 0.5
-    """beta_min (ours): lower clip of the beta controller."""
-    beta_max: float = 50.0
-    """beta_max (ours): upper clip of the beta controller."""
+    """beta_min (ours): lower clip of the beta controller (threshold beta_min*eps = 0.1 stops at
+    almost any positive z, so the controller can always reach a beta that stops tau of a batch)."""
+    beta_max: float = 500.0
+    """beta_max (ours): upper clip of the beta controller (beta_max*eps = 100 is above the largest
+    cumulative z, c/(1-alpha_s) = 50, so at the clip nothing stops even if the critic says 0)."""
     min_tokens: int = 8
     """(ours) no stop before response token index min_tokens."""
     critic_stride: int = 8
@@ -250,8 +254,8 @@ def normalise(g: float, mu: float, var: float, delta: float, clip_c: float) -> f
     return min(clip_c, max(-clip_c, x))
 
 
-def smooth(z_prev: float, gn: float, alpha_s: float, cumulative: bool = False) -> float:
-    """z_t = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t; with `cumulative`, alpha_s * z_{t-1} + gn_t."""
+def smooth(z_prev: float, gn: float, alpha_s: float, cumulative: bool = True) -> float:
+    """z_t = alpha_s * z_{t-1} + gn_t; not `cumulative`: alpha_s * z_{t-1} + (1 - alpha_s) * gn_t."""
     return alpha_s * z_prev + (gn if cumulative else (1.0 - alpha_s) * gn)
 
 
