@@ -330,6 +330,12 @@ class Usage(_Model):
     prompt_tokens: int
     generated_tokens: int = Field(..., description="Tokens returned in trajectories.")
     discarded_tokens: int = Field(0, description="Tokens generated after a stop step and thrown away.")
+    engine_tokens: int = Field(
+        0,
+        ge=0,
+        description="Tokens the engine generated: generated_tokens (kept) plus discarded_tokens, what "
+        "the call cost in engine work; left out, it is that sum.",
+    )
     trajectories: int
     stopped: int = Field(0, description="Trajectories ended by the rule (espo_stop).")
     shadow_stopped: int = Field(0, description="Trajectories the rule would have stopped (shadow mode).")
@@ -365,6 +371,15 @@ class Usage(_Model):
     regret_tokens: int = Field(0, description="Batch statistics: number of regret values.")
     regret_sum: float = 0.0
     regret_sumsq: float = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_tokens(cls, data: object) -> object:
+        # Derived, so every producer of a Usage (the fold, fakes, an older server) reports it alike.
+        if isinstance(data, dict) and data.get("engine_tokens") is None:
+            kept, discarded = data.get("generated_tokens", 0), data.get("discarded_tokens", 0)
+            data = {**data, "engine_tokens": kept + discarded}
+        return data
 
     def batch_stats(self, *, shadow: bool = False, steers_beta: bool = True) -> BatchStats:
         """This call's contribution to the ESPO state update: the same sums the server folds in.
