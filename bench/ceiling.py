@@ -172,18 +172,20 @@ def oracle(policy, logs: list[Logged], problems, args, gen) -> tuple[list[np.nda
         rng.choice(len(dirty), size=min(args.recovery_prefixes, len(dirty)), replace=False) if dirty else []
     )
     recovery = [dirty[j] for j in pick]
-    r = 0.0
-    if recovery:
-        rates = success_rate(
+
+    def sampled_success(prefixes: list[tuple[int, int]], k: int) -> np.ndarray:
+        # (log, t): the log's prompt and first t tokens, continued k times within max_tokens
+        return success_rate(
             policy,
-            [logs[i].prompt + logs[i].tokens[:t] for i, t in recovery],
-            [args.max_tokens - t for _, t in recovery],
-            [logs[i].problem for i, _ in recovery],
+            [logs[i].prompt + logs[i].tokens[:t] for i, t in prefixes],
+            [args.max_tokens - t for _, t in prefixes],
+            [logs[i].problem for i, _ in prefixes],
             problems,
-            args.continuations // 2,
+            k,
             gen,
         )
-        r = float(rates.mean())
+
+    r = float(sampled_success(recovery, args.continuations // 2).mean()) if recovery else 0.0
     values = []
     for log in logs:
         c = canon[log.problem]
@@ -193,15 +195,7 @@ def oracle(policy, logs: list[Logged], problems, args, gen) -> tuple[list[np.nda
     clean = [(i, t) for i, log in enumerate(logs) for t in range(log.length) if log.clean_at(t)]
     pick = rng.choice(len(clean), size=min(args.check_prefixes, len(clean)), replace=False)
     chosen = [clean[j] for j in pick]
-    sampled = success_rate(
-        policy,
-        [logs[i].prompt + logs[i].tokens[:t] for i, t in chosen],
-        [args.max_tokens - t for _, t in chosen],
-        [logs[i].problem for i, _ in chosen],
-        problems,
-        args.continuations,
-        gen,
-    )
+    sampled = sampled_success(chosen, args.continuations)
     exact = np.array([values[i][t] for i, t in chosen])
     se = np.sqrt(np.clip(exact * (1 - exact), 1e-4, None) / args.continuations)
     check = {

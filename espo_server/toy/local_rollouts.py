@@ -49,6 +49,7 @@ from espo_client.stop_rule import (
 )
 from espo_server.tiny_model import EOS_ID, PAD_ID
 from espo_server.toy.task import decode, verify
+from espo_server.toy.train import decode_step
 
 __all__ = ["LocalClient", "critic_values_at", "sample_continuations"]
 
@@ -95,14 +96,7 @@ def sample_continuations(
         tokens: list[torch.Tensor] = []
         past = None
         for step in range(int(budget.max().item()) if len(part) else 0):
-            o = policy(
-                input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True
-            )
-            past, logits = o.past_key_values, o.logits[:, -1].float()
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
+            past, _, nxt = decode_step(policy, ids, attn, pos, past, temperature, generator)
             nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
             tokens.append(nxt)
             done |= (nxt == EOS_ID) | (budget <= step + 1)
@@ -257,15 +251,8 @@ class LocalClient:
         ids, attn, pos = _left_pad([live.prompt for live in lives])
         past = None
         for step in range(max_tokens):
-            o = self.policy(
-                input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True
-            )
-            past, logits = o.past_key_values, o.logits[:, -1].float()
+            past, logits, nxt = decode_step(self.policy, ids, attn, pos, past, temperature, generator)
             raw = torch.log_softmax(logits, -1)
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
             chosen = raw.gather(-1, nxt[:, None])[:, 0].tolist()
             top = raw.max(-1).values.tolist()
             tokens = nxt.tolist()

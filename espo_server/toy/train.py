@@ -168,6 +168,18 @@ def log_likelihood(model, problems: list[Problem]) -> float:
     return float((tok_logp * mask[:, 1:]).sum() / mask[:, 1:].sum())
 
 
+def decode_step(model, ids, attn, pos, past, temperature: float, generator: torch.Generator):
+    """One step of KV-cached decoding: (past, last logits as float32, the next token per row; greedy at
+    temperature 0)."""
+    o = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+    logits = o.logits[:, -1].float()
+    if temperature > 0:
+        nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+    else:
+        nxt = logits.argmax(-1)
+    return o.past_key_values, logits, nxt
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -193,14 +205,7 @@ def sample(
         done = torch.zeros(len(enc), dtype=torch.bool)
         tokens, past = [], None
         for _ in range(max_new_tokens):
-            o = model(
-                input_ids=x, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True
-            )
-            past, logits = o.past_key_values, o.logits[:, -1].float()
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
+            past, _, nxt = decode_step(model, x, attn, pos, past, temperature, gen)
             tokens.append(nxt)
             done |= nxt == EOS_ID
             if done.all():
