@@ -52,7 +52,9 @@ def test_demo_runs_the_embedded_server_and_reports_savings(quick_toy, tmp_path):
     # engine tokens: kept plus thrown away past stops, in the usage of every mode
     for r in rows.values():
         assert r["engine_tokens"] == r["tokens_generated"] + r["discarded_tokens"]
-    assert real["engine_tokens"] < none["engine_tokens"] and shadow["discarded_tokens"] == 0
+    # same seeds, so a stopped sample generated at most what its none twin did (equal when the critic
+    # answered only after the sample's end: then every token past the stop was thrown away)
+    assert real["engine_tokens"] <= none["engine_tokens"] and shadow["discarded_tokens"] == 0
     # --json writes the table the demo printed, whose savings count engine tokens
     table = result["table"]
     lines = proc.stdout.splitlines()
