@@ -50,7 +50,7 @@ RANDOM_MODELS = {
 }
 
 # A warm state under which the rule is busy: the critic is asked often, so (d) pays the full price.
-WARM = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+WARM = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 
 
 def prompts_for(k: int, vocab: int, seed: int) -> list[list[int]]:

@@ -376,6 +376,7 @@ def _count(rule: StopRule, trajectories: list[Trajectory], usage: Usage) -> None
         metrics.TRAJECTORIES.labels(end_reason=t.end_reason, rule=rule.value).inc()
     metrics.GENERATED_TOKENS.labels(rule=rule.value).inc(usage.generated_tokens)
     metrics.DISCARDED_TOKENS.inc(usage.discarded_tokens)
+    metrics.ENGINE_TOKENS.labels(rule=rule.value).inc(usage.engine_tokens)
     metrics.STOPPED.labels(rule=rule.value).inc(usage.stopped)
     metrics.SHADOW_STOPPED.labels(rule=rule.value).inc(usage.shadow_stopped)
     metrics.TOKENS_SAVED.labels(kind="estimate").inc(usage.tokens_saved_estimate)

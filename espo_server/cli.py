@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--beta", type=float, default=None, help="beta of the warm state (default: tuned for the toy)"
     )
-    demo.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    demo.add_argument(
+        "--json", type=Path, default=None, help="also write the table it prints (and its figures) here"
+    )
     demo.add_argument(
         "--toy-size", choices=["full", "quick"], default=None,
         help="toy models the server it starts runs on (default: $ESPO_TOY_SIZE, else full)",

@@ -30,6 +30,9 @@ GENERATED_TOKENS = Counter("espo_generated_tokens_total", "Response tokens retur
 DISCARDED_TOKENS = Counter(
     "espo_discarded_tokens_total", "Tokens generated past a stop step while the critic answered, discarded"
 )
+ENGINE_TOKENS = Counter(
+    "espo_engine_tokens_total", "Tokens the engine generated (kept + discarded past stops)", ["rule"]
+)
 STOPPED = Counter("espo_stopped_trajectories_total", "Trajectories ended by the stop rule", ["rule"])
 SHADOW_STOPPED = Counter(
     "espo_shadow_stops_total", "Trajectories the rule would have stopped in shadow mode", ["rule"]

@@ -24,7 +24,7 @@ from espo_server.process import free_port
 pytestmark = pytest.mark.vllm
 
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "rules.yaml"
-EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+EAGER = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 
 
 def tool(name: str) -> str:
