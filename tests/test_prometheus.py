@@ -169,10 +169,8 @@ def test_promql_over_a_real_scrape_matches_what_responses_reported(prometheus, i
 
     assert total("stopped") > 0 and total("critic_calls") > 0, "the check needs stops and critic queries"
     # tokens saved
-    assert moved('espo_tokens_saved_total{job="espo-server", kind="estimate"}') == total(
-        "tokens_saved_estimate"
-    )
-    assert moved('espo_tokens_saved_total{kind="upper_bound"}') == total("tokens_saved_upper_bound")
+    assert moved('espo_tokens_saved_estimate_total{job="espo-server"}') == total("tokens_saved_estimate")
+    assert moved("espo_tokens_saved_upper_bound_total") == total("tokens_saved_upper_bound")
     assert moved('espo_generated_tokens_total{rule="espo"}') == total("generated_tokens")
 
     # stop rate, as one PromQL expression
