@@ -1,0 +1,122 @@
+"""The exported series add up, after real calls and pushes on the session's rollout server (tiny
+policy, remote critic): a sum over a label is a meaningful total that equals what the responses
+reported, and each figure of the tokens saved is its own counter.
+
+Read from GET /metrics with prometheus_client's exposition parser (tests/test_prometheus.py checks
+the same through a real Prometheus)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.live_server import EAGER, PROMPT, post, rollouts, scrape
+
+pytestmark = pytest.mark.vllm
+
+
+def snapshot(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(name, tuple(sorted(labels.items()))): value for name, labels, value in scrape(server)}
+
+
+class Moved:
+    """What the series moved by between two scrapes."""
+
+    def __init__(self, before: dict, after: dict) -> None:
+        self.before, self.after = before, after
+
+    def __call__(self, name: str, **labels: str) -> float:
+        def total(samples: dict) -> float:
+            return sum(
+                v for (n, have), v in samples.items() if n == name and set(labels.items()) <= set(have)
+            )
+
+        return total(self.after) - total(self.before)
+
+    def by(self, name: str, label: str) -> dict[str, float]:
+        values = {dict(have).get(label) for (n, have) in self.after if n == name}
+        return {value: self(name, **{label: value}) for value in values if value is not None}
+
+
+def test_sums_over_labels_equal_what_the_calls_reported(rollout_server, tiny_models):
+    url = rollout_server.url
+    before = snapshot(rollout_server)
+    calls = [
+        rollouts(rollout_server, prompts=[{"token_ids": PROMPT}, {"text": "2+2="}], n=6, max_tokens=40,
+                 seed=31, stop_rule="espo", state=EAGER, rule_params={"critic_stride": 1, "min_tokens": 2}),
+        rollouts(rollout_server, prompts=[{"token_ids": PROMPT}], n=6, max_tokens=40, seed=32,
+                 stop_rule="espo", shadow=True, state=EAGER, request_id="adds-up-1"),
+        rollouts(rollout_server, prompts=[{"token_ids": PROMPT}], n=3, max_tokens=8, seed=33,
+                 stop_rule="none"),
+    ]  # fmt: skip
+    replay = rollouts(rollout_server, prompts=[{"token_ids": PROMPT}], n=6, max_tokens=40, seed=32,
+                      stop_rule="espo", shadow=True, state=EAGER, request_id="adds-up-1")  # fmt: skip
+    assert replay["trajectories"] == calls[1]["trajectories"]  # a replay: nothing ran
+    assert post(rollout_server, {"prompts": [{"token_ids": PROMPT}], "n": 0}).status_code == 400
+    moved = Moved(before, snapshot(rollout_server))
+    usage = {key: sum(c["usage"][key] for c in calls) for key in calls[0]["usage"] if key != "deadline_hit"}
+    assert usage["stopped"] > 0 and usage["shadow_stopped"] > 0, usage  # the check needs both
+
+    # Requests: every call that ran counted once, under how it ended; replays and refusals not at all.
+    outcomes = moved.by("espo_rollout_requests_total", "outcome")
+    assert set(outcomes) == {"ok", "error", "cancelled"}, outcomes  # exported from the start
+    assert sum(outcomes.values()) == outcomes["ok"] == len(calls)
+    assert moved("espo_rollout_request_seconds_count") == len(calls)
+    # Trajectories: the sum over end reasons (and rules) is the trajectories returned, each reason too.
+    reasons = Counter(t["end_reason"] for c in calls for t in c["trajectories"])
+    by_reason = moved.by("espo_trajectories_total", "end_reason")
+    assert sum(by_reason.values()) == usage["trajectories"] == sum(reasons.values())
+    assert {r: v for r, v in by_reason.items() if v} == dict(reasons)
+    assert moved("espo_stopped_trajectories_total") == reasons["espo_stop"] == usage["stopped"]
+    assert moved("espo_shadow_stops_total") == usage["shadow_stopped"]
+    assert sum(moved.by("espo_generated_tokens_total", "rule").values()) == usage["generated_tokens"]
+    # The tokens saved: one counter per figure, each the sum of its usage field.
+    for figure in ("estimate", "upper_bound", "shadow"):
+        assert moved(f"espo_tokens_saved_{figure}_total") == usage[f"tokens_saved_{figure}"], figure
+    assert usage["tokens_saved_shadow"] > 0 and usage["tokens_saved_estimate"] > 0
+    # Critic: the sum over outcomes is the queries; answered ones are the latency's count.
+    critic = moved.by("espo_critic_calls_total", "outcome")
+    assert sum(critic.values()) == usage["critic_calls"] > 0
+    assert moved("espo_critic_latency_seconds_count") == usage["critic_calls"] - usage["critic_errors"]
+    assert moved("espo_critic_tokens_total") == usage["critic_tokens"]
+    assert moved("espo_critic_prefix_tokens_total") == usage["critic_prefix_tokens"]
+    assert scrape_value(rollout_server, "espo_inflight_trajectories") == 0
+
+    # The state: one gauge per field, equal to what the server reports.
+    state = httpx.get(url + "/v1/espo/state", timeout=10).json()["state"]
+    for field, value in state.items():
+        assert scrape_value(rollout_server, f"espo_state_{field}") == pytest.approx(float(value)), field
+
+    # Weight pushes (the same weights at the same versions: the session's server is unchanged),
+    # timed from their arrival to the weights serving.
+    info = httpx.get(url + "/v1/info", timeout=10).json()
+    before = snapshot(rollout_server)
+    pushes = {
+        "policy": ("/v1/weights", tiny_models["policy"], info["policy_version"]),
+        "critic": ("/v1/critic/weights", tiny_models["critic"], info["critic_version"]),
+    }
+    walls: dict[str, float] = {}
+    loads: dict[str, float] = {}
+    for model, (route, path, version) in pushes.items():
+        started = time.perf_counter()
+        r = httpx.post(url + route, json={"path": str(path), "version": version}, timeout=300)
+        walls[model] = time.perf_counter() - started
+        assert r.status_code == 200, r.text
+        loads[model] = r.json()["load_time_s"]
+    refused = httpx.post(url + "/v1/weights", json={"path": str(tiny_models["policy"].parent)}, timeout=60)
+    assert refused.status_code == 400, refused.text  # no safetensors there: not a push that succeeded
+    moved = Moved(before, snapshot(rollout_server))
+    for model in pushes:
+        assert moved("espo_weight_push_seconds_count", model=model, source="path") == 1, model
+        seconds = moved("espo_weight_push_seconds_sum", model=model, source="path")
+        assert loads[model] - 1e-3 <= seconds <= walls[model], (model, seconds, loads[model], walls[model])
+    assert moved("espo_weight_loads_total", outcome="ok") == 1
+    assert httpx.get(url + "/v1/info", timeout=10).json()["policy_version"] == info["policy_version"]
+
+
+def scrape_value(server, name: str) -> float:
+    (value,) = [v for n, _, v in scrape(server) if n == name]
+    return value
