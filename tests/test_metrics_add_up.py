@@ -1,21 +1,24 @@
-"""The exported series add up, after real calls and pushes on the session's rollout server (tiny
-policy, remote critic): a sum over a label is a meaningful total that equals what the responses
-reported, and each figure of the tokens saved is its own counter.
-
-Read from GET /metrics with prometheus_client's exposition parser (tests/test_prometheus.py checks
-the same through a real Prometheus)."""
+"""The exported series add up: a sum over a label is a meaningful total that equals what the
+responses reported, and each figure of the tokens saved is its own counter. The request outcomes on
+fakes (an error and a cancellation on cue), then everything after real calls and pushes on the
+session's rollout server (tiny policy, remote critic), read from GET /metrics with
+prometheus_client's exposition parser (tests/test_prometheus.py checks through a real Prometheus)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
 import httpx
 import pytest
 
+from espo_client.protocol import Prompt, RolloutRequest
+from espo_server import metrics
+from espo_server.errors import InvalidRequest
+from tests.fakes import FakeCritic, FakeEngine, GatedEngine, run, service
 from tests.live_server import EAGER, PROMPT, post, rollouts, scrape
-
-pytestmark = pytest.mark.vllm
+from tests.waiting import until
 
 
 def snapshot(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -41,6 +44,52 @@ class Moved:
         return {value: self(name, **{label: value}) for value in values if value is not None}
 
 
+class BrokenEngine(FakeEngine):
+    """An engine whose requests fail (the call ends with outcome="error")."""
+
+    async def generate(self, request_id, prompt_token_ids, params):
+        raise RuntimeError("engine failed")
+        yield  # an async generator
+
+
+def request_outcomes() -> dict[str, float]:
+    return {o: metrics.REQUESTS.labels(outcome=o)._value.get() for o in ("ok", "error", "cancelled")}
+
+
+def test_each_call_that_ran_is_one_outcome_and_one_wall_time():
+    """Fakes: an answered, a failed and a cancelled call each count once, under their outcome, and
+    once in the wall-time histogram; a replay and a refused call count nowhere."""
+
+    def observed() -> float:
+        (family,) = metrics.REQUEST_LATENCY.collect()
+        return next(s.value for s in family.samples if s.name == "espo_rollout_request_seconds_count")
+
+    body = {"prompts": [Prompt(token_ids=[5, 6, 7])], "n": 2, "max_tokens": 8, "stop_rule": "none"}
+    before, seen = request_outcomes(), observed()
+
+    ok = service(FakeEngine(length=5), FakeCritic())
+    run(ok.rollouts(RolloutRequest(**body, request_id="once")))
+    run(ok.rollouts(RolloutRequest(**body, request_id="once")))  # a replay: nothing ran
+    with pytest.raises(InvalidRequest):  # refused before it ran
+        ok.plan(RolloutRequest(**{**body, "max_tokens": 10_000}))
+    with pytest.raises(RuntimeError, match="engine failed"):
+        run(service(BrokenEngine(), FakeCritic()).rollouts(RolloutRequest(**body)))
+    cancelled = service(GatedEngine(), FakeCritic())  # its samples wait: the call is running
+
+    async def cancel() -> None:
+        task = asyncio.create_task(cancelled.rollouts(RolloutRequest(**body)))
+        await until(lambda: metrics.INFLIGHT._value.get() > 0, "the call started its samples")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(cancel())
+    after = request_outcomes()
+    assert {o: after[o] - before[o] for o in after} == {"ok": 1, "error": 1, "cancelled": 1}
+    assert observed() - seen == 3
+
+
+@pytest.mark.vllm
 def test_sums_over_labels_equal_what_the_calls_reported(rollout_server, tiny_models):
     url = rollout_server.url
     before = snapshot(rollout_server)
