@@ -1,5 +1,9 @@
 """Prometheus series of the service (`espo_*`), in prometheus_client's default registry.
 
+One meaning per series: a label only splits one quantity into parts that add up (outcomes, end
+reasons, rules), so `sum()` over it is a total; figures that do not add up (an estimate and a bound
+of the tokens saved, the fields of the ESPO state) are series of their own.
+
 vLLM registers its own `vllm:*` series in the same registry when stats logging is on, so
 `GET /metrics` serves both. Metrics are module-level: they exist once per process, however many
 apps a test builds.
