@@ -90,7 +90,7 @@ def test_each_call_that_ran_is_one_outcome_and_one_wall_time():
 
 
 @pytest.mark.vllm
-def test_sums_over_labels_equal_what_the_calls_reported(rollout_server, tiny_models):
+def test_sums_over_labels_equal_what_the_calls_reported(rollout_server, critic_server, tiny_models):
     url = rollout_server.url
     before = snapshot(rollout_server)
     calls = [
@@ -145,7 +145,7 @@ def test_sums_over_labels_equal_what_the_calls_reported(rollout_server, tiny_mod
     before = snapshot(rollout_server)
     pushes = {
         "policy": ("/v1/weights", tiny_models["policy"], info["policy_version"]),
-        "critic": ("/v1/critic/weights", tiny_models["critic"], info["critic_version"]),
+        "critic": ("/v1/critic/weights", tiny_models["critic"], critic_version(critic_server)),
     }
     walls: dict[str, float] = {}
     loads: dict[str, float] = {}
@@ -164,6 +164,11 @@ def test_sums_over_labels_equal_what_the_calls_reported(rollout_server, tiny_mod
         assert loads[model] - 1e-3 <= seconds <= walls[model], (model, seconds, loads[model], walls[model])
     assert moved("espo_weight_loads_total", outcome="ok") == 1
     assert httpx.get(url + "/v1/info", timeout=10).json()["policy_version"] == info["policy_version"]
+    assert critic_version(critic_server) == pushes["critic"][2]
+
+
+def critic_version(critic_server) -> int:
+    return httpx.get(critic_server.url + "/v1/info", timeout=10).json()["critic_version"]
 
 
 def scrape_value(server, name: str) -> float:
