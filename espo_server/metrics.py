@@ -96,7 +96,8 @@ WEIGHT_LOADS = Counter("espo_weight_loads_total", "Weight reloads", ["outcome"])
 WEIGHT_PUSH_SECONDS = Histogram(
     "espo_weight_push_seconds",
     "Wall time of a weight push that succeeded, from its arrival to the new weights serving: the "
-    "checks, the wait for running calls, the reload (model: policy|critic; source: path)",
+    "checks, the wait for the work in flight (running calls, critic queries), the reload "
+    "(model: policy|critic; source: path)",
     ["model", "source"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
@@ -192,8 +193,8 @@ REGISTRY.register(ENGINE_SERIES)
 
 def critic_process_registry() -> CollectorRegistry:
     """What `espo-server critic` serves on /metrics: its engine's `vllm:*` series (espo_engine="critic"),
-    the critic's version and pushes, and the process's own (memory, CPU, GC); not the rollout
-    server's `espo_*` series, which would be idle zeros there (a critic pod among the replicas)."""
+    the critic's version, pushes and push durations, and the process's own (memory, CPU, GC); not the
+    rollout server's `espo_*` series, which would be idle zeros there (a critic pod among the replicas)."""
     from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 
     registry = CollectorRegistry()
@@ -201,6 +202,7 @@ def critic_process_registry() -> CollectorRegistry:
         ENGINE_SERIES,
         CRITIC_VERSION,
         CRITIC_WEIGHT_LOADS,
+        WEIGHT_PUSH_SECONDS,
         PROCESS_COLLECTOR,
         PLATFORM_COLLECTOR,
         GC_COLLECTOR,

@@ -174,3 +174,53 @@ def critic_version(critic_server) -> int:
 def scrape_value(server, name: str) -> float:
     (value,) = [v for n, _, v in scrape(server) if n == name]
     return value
+
+
+def test_a_push_to_espo_server_critic_is_timed_on_its_metrics(tmp_path):
+    """`espo-server critic` (its app, on a stand-in critic): a push that succeeded is one observation of
+    espo_weight_push_seconds{model="critic"} on its /metrics; one refused (403) is none."""
+    from types import SimpleNamespace
+
+    from espo_server.critic_server import build_critic_app
+
+    class Critic:
+        model, version, weights_dir, prefix_caching, block_size = "c", 0, "/c", True, 16
+        llm = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64, get_vocab_size=lambda: 32))
+
+        async def load_weights(self, path, version):
+            await asyncio.sleep(0.05)  # a load that takes at least this long
+            self.version = version
+            return version, 0.05
+
+    allowed = tmp_path / "weights"
+    allowed.mkdir()
+    app = build_critic_app(Critic(), weights_dir=[allowed])  # type: ignore[arg-type]
+
+    async def go() -> tuple[str, str]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://critic") as http:
+            before = (await http.get("/metrics")).text
+            r = await http.post("/v1/critic/weights", json={"path": str(allowed), "version": 3})
+            assert r.status_code == 200 and r.json()["critic_version"] == 3, r.text
+            r = await http.post("/v1/critic/weights", json={"path": "/etc", "version": 4})
+            assert r.status_code == 403, r.text
+            return before, (await http.get("/metrics")).text
+
+    before, after = run(go())
+
+    def pushes(text: str) -> tuple[float, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        labels = {"model": "critic", "source": "path"}
+        found = {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name.startswith("espo_weight_push_seconds_") and s.labels.items() >= labels.items()
+        }
+        count, seconds = "espo_weight_push_seconds_count", "espo_weight_push_seconds_sum"
+        return found.get(count, 0.0), found.get(seconds, 0.0)
+
+    (count0, sum0), (count1, sum1) = pushes(before), pushes(after)
+    assert count1 - count0 == 1
+    assert sum1 - sum0 >= 0.05  # the push's wall time holds its load
