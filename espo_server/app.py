@@ -25,7 +25,13 @@ from espo_client.openai_protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
 )
 from espo_client.protocol import (
     CommitRequest,
@@ -50,9 +56,10 @@ from espo_client.protocol import (
     WeightsResponse,
 )
 
+from . import __version__
 from .config import ServerConfig
 from .errors import bearer_matches, error_body, install_error_handlers
-from .events import CallDone, encode
+from .events import CallDone, TokenDelta, encode
 from .openai_api import OpenAIServing
 from .ports import admin_only
 from .service import RolloutService
@@ -272,6 +279,44 @@ def build_app(config: ServerConfig) -> FastAPI:
             return StreamingResponse(oai.sse(call), media_type="text/event-stream")
         return await run_until_disconnect(request, oai.respond(call))
 
+    # vLLM's own serving routes that clients of vLLM poll or call (TRL's VLLMClient, vllm bench serve)
+
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={
+            200: {"description": "The policy engine lives (empty body)"},
+            503: {"description": "The policy engine is dead"},
+        },
+    )
+    async def health(svc: RolloutService = Depends(get_service)) -> Response:
+        """vLLM's liveness check: 200 with an empty body while the policy engine lives, else 503."""
+        try:
+            await svc.engine.check_health()
+        except Exception:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        import vllm
+
+        return VersionResponse(version=vllm.__version__, espo_server=__version__)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, dependencies=v1, responses=v1_errors)
+    async def tokenize(
+        body: TokenizeCompletionRequest | TokenizeChatRequest, oai: OpenAIServing = Depends(get_openai)
+    ) -> TokenizeResponse:
+        oai.check_model(body.model)
+        return oai.prompts.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=v1, responses=v1_errors)
+    async def detokenize(
+        body: DetokenizeRequest, oai: OpenAIServing = Depends(get_openai)
+    ) -> DetokenizeResponse:
+        oai.check_model(body.model)
+        return oai.prompts.detokenize(body)
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -317,6 +362,9 @@ class NdjsonLines:
     """A call's events as NDJSON lines (protocol `RolloutStreamEvent`): a TrajectoryEvent per
     trajectory as it ends, a GroupEvent as each prompt group completes, then one DoneEvent, or an
     ErrorEvent if the call fails after the 200 was sent."""
+
+    def tokens(self, delta: TokenDelta) -> None:
+        return None  # the trajectory carries every token (a plan without token_events sends none)
 
     def trajectory(self, trajectory: Trajectory) -> bytes:
         return _line(TrajectoryEvent(trajectory=trajectory))
