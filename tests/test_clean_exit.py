@@ -71,6 +71,10 @@ def pod_volumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dic
     monkeypatch.setenv("TMPDIR", str(volumes["tmp"]))
     monkeypatch.setenv("XDG_CACHE_HOME", str(volumes["cache"] / "xdg"))
     monkeypatch.setenv("ESPO_CACHE_DIR", str(volumes["cache"]))
+    # Torch's inductor cache (vLLM's sampler compiles a kernel even with --enforce-eager) was written to
+    # /tmp/torchinductor_root here although TMPDIR pointed at the volume; the pods mount a volume at
+    # /tmp itself, which this test cannot do, so the cache is pointed at the volume explicitly.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(volumes["tmp"] / "torchinductor"))
     yield volumes
 
 
