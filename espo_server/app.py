@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -50,9 +50,10 @@ from espo_client.protocol import (
 )
 
 from .config import ServerConfig
-from .errors import bearer_matches, error_body, install_error_handlers
+from .errors import InvalidRequest, bearer_matches, error_body, install_error_handlers
 from .openai_api import OpenAIServing
 from .service import CallPlan, RolloutService
+from .upload_routes import UploadTarget, upload_router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,8 +63,9 @@ _ERROR_RESPONSES: dict[int | str, dict] = {
     "4XX": {
         "model": ErrorResponse,
         "description": "Invalid request (400, error.param names the field), missing/wrong bearer "
-        "token (401), weights outside --weights-dir (403), a conflict (409: a request_id reused with "
-        "another body, a busy run or batch), too much in flight (429, with Retry-After)",
+        "token (401), weights outside --weights-dir (403), an unknown upload (404), a conflict (409: a "
+        "request_id reused with another body, a busy run or batch, an upload in progress), an upload "
+        "over its limit (413), too much in flight (429, with Retry-After)",
     },
     503: {"model": ErrorResponse, "description": "Engine or critic not available"},
 }
@@ -187,6 +189,25 @@ def build_app(config: ServerConfig) -> FastAPI:
         body: CriticWeightsRequest, svc: RolloutService = Depends(get_service)
     ) -> CriticWeightsResponse:
         return await svc.load_critic_weights(body.path, body.version)
+
+    def uploads_of(what: str) -> Callable[[Request], UploadTarget]:
+        def target(request: Request) -> UploadTarget:
+            target = getattr(request.app.state, "uploads", {}).get(what)
+            if target is None:
+                raise InvalidRequest(
+                    f"this server takes no {what} uploads (a critic must be in-process or "
+                    "`--critic remote` to take pushes)",
+                    "upload_id",
+                )
+            return target
+
+        return target
+
+    for what, prefix, answer in (
+        ("policy", "/v1/weights/uploads", WeightsResponse),
+        ("critic", "/v1/critic/weights/uploads", CriticWeightsResponse),
+    ):
+        app.include_router(upload_router(prefix, what, uploads_of(what), answer, v1, v1_errors))
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=v1, responses=v1_errors)
     async def info(svc: RolloutService = Depends(get_service)) -> InfoResponse:

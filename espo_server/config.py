@@ -35,6 +35,19 @@ class ServerConfig(BaseSettings):
         description="Directories that POST /v1/weights may load from (repeat the flag; env: a JSON list). "
         "Empty: weight pushes are refused.",
     )
+    upload_dir: Path | None = Field(
+        None,
+        description="Where weight uploads (POST /v1/weights/uploads) are staged: the server makes a "
+        "directory of its own inside, removed at exit (default: the system's temporary directory). "
+        "Room for two checkpoints per model: the one serving and the one arriving.",
+    )
+    upload_max_bytes: int | None = Field(
+        None, ge=1, description="Most bytes one upload may hold (default: twice the served model's "
+        "safetensors plus 64 MiB).",
+    )  # fmt: skip
+    upload_idle_timeout_s: float = Field(
+        300.0, gt=0, description="An upload with no request for this long is abandoned and deleted."
+    )
     grpc_port: int | None = Field(
         None,
         ge=0,

@@ -3,6 +3,8 @@
     POST /v1/values          {"token_ids": [[...], ...]} -> values, critic_version, computed_tokens
     POST /v1/critic/weights  {"path", "version"}: load new critic weights in place (the same route
                              as the rollout server's, which forwards it here with `--critic remote`)
+    /v1/critic/weights/uploads/...  the same weights streamed over HTTP (upload_routes; the rollout
+                             server relays its critic uploads here with `--critic remote`)
     GET  /v1/info            model, critic version, limits, prefix caching
     GET  /health, /metrics
 
@@ -31,6 +33,7 @@ from espo_client.protocol import (
 
 from .critic import InProcessCritic, push_weights
 from .errors import InvalidRequest, bearer_matches, install_error_handlers
+from .upload_routes import UploadTarget, upload_router
 from .weights import allowed_weights_dir
 
 _ERRORS: dict[int | str, dict] = {
@@ -40,7 +43,11 @@ _ERRORS: dict[int | str, dict] = {
 
 
 def build_critic_app(
-    critic: InProcessCritic, *, api_key: str | None = None, weights_dir: list[Path] | None = None
+    critic: InProcessCritic,
+    *,
+    api_key: str | None = None,
+    weights_dir: list[Path] | None = None,
+    uploads: UploadTarget | None = None,
 ) -> FastAPI:
     app = FastAPI(title="espo-server critic", version="0.1.0")
     install_error_handlers(app)
@@ -71,6 +78,10 @@ def build_critic_app(
         allowed_weights_dir(body.path, roots)  # 403 outside --weights-dir
         version, seconds = await push_weights(critic, body.path, body.version)
         return CriticWeightsResponse(critic_version=version, load_time_s=round(seconds, 4))
+
+    if uploads is not None:
+        prefix, answer = "/v1/critic/weights/uploads", CriticWeightsResponse
+        app.include_router(upload_router(prefix, "critic", lambda _: uploads, answer, v1, _ERRORS))
 
     @app.get("/v1/info", response_model=CriticInfoResponse, dependencies=v1)
     async def info() -> CriticInfoResponse:

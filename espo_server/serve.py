@@ -27,7 +27,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -37,11 +38,13 @@ from fastapi import FastAPI
 
 from .app import build_app
 from .config import ServerConfig
-from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic
+from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic, push_weights
 from .critic_server import build_critic_app
 from .engine import Parallelism, PolicyEngine
 from .service import RolloutService, Verifier
 from .tiny_model import CHAT_TEMPLATE
+from .upload_forward import ForwardedUploads
+from .uploads import LocalUploads, UploadStore
 
 EMBEDDED_NAME = "espo-toy"
 """The OpenAI-compatible API's model name of the embedded toy model."""
@@ -171,11 +174,69 @@ def run_server(config: ServerConfig) -> int:
 
 
 async def _serve_rollouts(config: ServerConfig) -> int:
-    async with launch_service(config) as service:
+    async with launch_service(config) as service, upload_targets(service, config) as uploads:
         app = build_app(config)
         app.state.service = service
-        async with serve_grpc(service, config):  # beside uvicorn, in the same loop, when --grpc-port
+        app.state.uploads = uploads
+        async with serve_grpc(service, config, uploads):  # beside uvicorn, in the same loop (--grpc-port)
             return await serve_rollout_app(app, service, config)
+
+
+@contextlib.contextmanager
+def staging_root(base: Path | None) -> Iterator[Path]:
+    """A directory of this process's own for weight uploads (inside `base`), removed on exit."""
+    if base is not None:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="espo-uploads-", dir=base) as root:
+        yield Path(root)
+
+
+@contextlib.asynccontextmanager
+async def upload_targets(service: RolloutService, config: ServerConfig) -> AsyncIterator[dict[str, Any]]:
+    """Where weight uploads go: "policy" (staged here, then `serve_weights`), and "critic" if the
+    critic takes pushes (an in-process one: staged here; `--critic remote`: relayed to its server)."""
+    limits = {"max_bytes": config.upload_max_bytes, "idle_timeout_s": config.upload_idle_timeout_s}
+    engine, critic = service.engine, service.critic
+    with staging_root(config.upload_dir) as root:
+        store = UploadStore(
+            root / "policy",
+            what="policy",
+            reference=engine.model,
+            in_use=lambda: engine.weights_path,
+            **limits,
+        )
+        targets: dict[str, Any] = {"policy": LocalUploads(store, service.serve_weights)}
+        if isinstance(critic, InProcessCritic):
+            critic_store = UploadStore(
+                root / "critic",
+                what="critic",
+                reference=critic.model,
+                in_use=lambda: critic.weights_dir,
+                **limits,
+            )
+            targets["critic"] = LocalUploads(
+                critic_store,
+                lambda path, version: service.update_critic(lambda: critic.load_weights(str(path), version)),
+            )
+        elif isinstance(critic, EspoValuesCritic):
+            remote = critic
+
+            async def around_commit(load: Callable[[], Awaitable[tuple[int, float]]]) -> Any:
+                async def load_and_note() -> tuple[int, float]:
+                    remote.version, seconds = await load()
+                    return remote.version, seconds
+
+                return await service.update_critic(load_and_note)
+
+            api_key = config.critic_api_key or config.api_key
+            targets["critic"] = ForwardedUploads(
+                critic.base_url, api_key=api_key, around_commit=around_commit
+            )
+        try:
+            yield targets
+        finally:
+            for target in targets.values():
+                await target.aclose()
 
 
 class DrainingServer(uvicorn.Server):
@@ -242,14 +303,16 @@ async def serve_rollout_app(app: FastAPI, service: RolloutService, config: Serve
 
 
 @contextlib.asynccontextmanager
-async def serve_grpc(service: RolloutService, config: ServerConfig) -> AsyncIterator[int | None]:
+async def serve_grpc(
+    service: RolloutService, config: ServerConfig, uploads: dict[str, Any] | None = None
+) -> AsyncIterator[int | None]:
     """The gRPC API while inside, if `config.grpc_port` is set (grpcio is imported only then)."""
     if config.grpc_port is None:
         yield None
         return
     from .grpc_server import grpc_server
 
-    async with grpc_server(service, config) as port:
+    async with grpc_server(service, config, uploads or {}) as port:
         yield port
 
 
@@ -265,8 +328,12 @@ def run_critic_server(
     block_size: int | None = None,
     api_key: str | None = None,
     weights_dir: list[Path] | None = None,
+    upload_dir: Path | None = None,
+    upload_max_bytes: int | None = None,
+    upload_idle_timeout_s: float = 300.0,
 ) -> None:
-    """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights)."""
+    """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights,
+    the uploads under /v1/critic/weights/uploads)."""
 
     async def main() -> None:
         async with InProcessCritic.launch(
@@ -277,8 +344,17 @@ def run_critic_server(
             prefix_caching=prefix_caching,
             block_size=block_size,
         ) as critic:
-            app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir)
-            await serve_app(app, host, port, "info")
+            with staging_root(upload_dir) as root:
+                store = UploadStore(
+                    root, what="critic", reference=critic.model, max_bytes=upload_max_bytes,
+                    idle_timeout_s=upload_idle_timeout_s, in_use=lambda: critic.weights_dir,
+                )  # fmt: skip
+                uploads = LocalUploads(store, lambda path, version: push_weights(critic, str(path), version))
+                app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir, uploads=uploads)
+                try:
+                    await serve_app(app, host, port, "info")
+                finally:
+                    await uploads.aclose()
 
     _run(main())
 

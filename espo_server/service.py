@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -51,7 +51,7 @@ from espo_client.stop_rule import (
 
 from . import metrics
 from .config import ServerConfig
-from .critic import CriticBatcher, CriticClient, CriticError, InProcessCritic, push_weights
+from .critic import CriticBatcher, CriticClient, CriticError, InProcessCritic, counted_critic_load
 from .engine import ENGINE_DEAD_MESSAGE, GenerationParams, PolicyEngine, sample_seed
 from .errors import Conflict, EngineDead, InvalidRequest, Overloaded, ShuttingDown, WeightsBroken
 from .idempotency import CallEnded, IdempotencyCache
@@ -704,18 +704,25 @@ class RolloutService:
         return self.state()
 
     async def load_weights(self, path: str, version: int | None) -> WeightsResponse:
-        """Reload the policy in place once the running calls have ended (new calls wait). Samples
-        that runs carry between calls are suspended meanwhile and resume under the new weights."""
+        """A push by path: `serve_weights` of a directory inside --weights-dir."""
         self._check_new_work()
-        directory = self._allowed_weights_dir(path)
+        self._allowed_weights_dir(path)
+        return await self.serve_weights(path, version)
+
+    async def serve_weights(self, path: str | Path, version: int | None) -> WeightsResponse:
+        """Reload the policy in place from a directory of this server's (--weights-dir, or an
+        upload's staging) once the running calls have ended (new calls wait). Samples that runs
+        carry between calls are suspended meanwhile and resume under the new weights."""
+        self._check_new_work()
+        path = str(path)
+        directory = Path(path)
         try:
             usable = directory.is_dir() and any(directory.glob("*.safetensors"))
         except OSError:  # a name too long, a directory it may not read
             usable = False
         if not usable:
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
-        # a broken checkpoint would take the engine down; tied embeddings would diverge from HF
-        check_checkpoint(directory, self.engine.model, self.engine.tied_embeddings)
+        check_checkpoint(directory, self.engine.model)  # a broken checkpoint would take the engine down
         async with self.engine.gate.exclusive(), self._carried_suspended():
             new_version = self.engine.policy_version + 1 if version is None else version
             try:
@@ -743,18 +750,27 @@ class RolloutService:
         return await self.runs.close(run_id)
 
     async def load_critic_weights(self, path: str, version: int | None) -> CriticWeightsResponse:
-        """Serve new critic weights: like a policy push, it waits for the running calls and holds
-        new ones back, so every query of a call is judged by one critic version; the samples runs
-        carry are suspended meanwhile. An in-process critic loads only from --weights-dir; a remote
+        """A critic push by path. An in-process critic loads only from --weights-dir; a remote
         critic (`espo-server critic`) gets the push forwarded and checks the directory itself."""
-        if self.critic is None:
-            raise InvalidRequest("this server runs without a critic (--critic none): nothing to push", "path")
-        if isinstance(self.critic, InProcessCritic):
+        critic = self._pushable_critic()
+        if isinstance(critic, InProcessCritic):
             self._allowed_weights_dir(path)
+        return await self.update_critic(lambda: critic.load_weights(path, version))
+
+    async def update_critic(self, load: Callable[[], Awaitable[tuple[int, float]]]) -> CriticWeightsResponse:
+        """Serve new critic weights, `load()` (which returns the version and the seconds it took):
+        like a policy push, it waits for the running calls and holds new ones back, so every query
+        of a call is judged by one critic version; the samples runs carry are suspended meanwhile."""
+        self._pushable_critic()
         async with self.engine.gate.exclusive(), self._carried_suspended():
-            new_version, seconds = await push_weights(self.critic, path, version)
+            new_version, seconds = await counted_critic_load(load())
         self._publish_state()
         return CriticWeightsResponse(critic_version=new_version, load_time_s=round(seconds, 4))
+
+    def _pushable_critic(self) -> CriticClient:
+        if self.critic is None:
+            raise InvalidRequest("this server runs without a critic (--critic none): nothing to push", "path")
+        return self.critic
 
     @contextlib.asynccontextmanager
     async def _carried_suspended(self) -> AsyncIterator[None]:

@@ -68,7 +68,7 @@ def test_inprocess_critic_batches_caches_and_takes_pushes(critics, monkeypatch):
             for path, words in (
                 ("/nonexistent/critic", "not a directory"),
                 (str(critics["policy"]), "architectures"),
-                (str(critics["small"]), "shapes that do not match"),
+                (str(critics["small"]), "of another shape or dtype"),
             ):
                 with pytest.raises(InvalidRequest, match=words) as caught:
                     await critic.load_weights(path, None)

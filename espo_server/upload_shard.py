@@ -1,0 +1,151 @@
+"""One shard of a weight upload: a safetensors file read from a body as it arrives, checked, written.
+
+The header comes first in a safetensors file, so it is read and judged before any tensor data:
+`check(specs, size)` (the upload's: known tensors, shapes, dtypes, byte limit) raises to refuse
+the shard. The data then goes to disk in batches of `WRITE_BATCH` bytes, each written and hashed on
+a worker thread while the next batch arrives, so a shard is never held whole in memory and the
+event loop never waits on the disk. The body must end exactly where the header says, and its
+SHA-256 must be the one sent with it. The file appears under its name only once it is whole.
+No HTTP, no vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import struct
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from .errors import InvalidRequest
+from .weights import MAX_HEADER, TensorSpec, parse_header
+
+WRITE_BATCH = 8 << 20
+"""Bytes gathered from the body before one write (and hash) on a worker thread."""
+
+
+async def receive_shard(
+    directory: Path,
+    shard: str,
+    body: AsyncIterator[bytes],
+    *,
+    sha256: bytes,
+    length: int | None,
+    check: Callable[[dict[str, TensorSpec], int], None],
+    still_wanted: Callable[[], bool] = lambda: True,
+) -> tuple[dict[str, TensorSpec], int]:
+    """Write the shard read from `body` to `directory/shard`; return its tensors and size.
+    InvalidRequest (param `shard`, or `sha256`) names what is wrong; `check`'s errors go through;
+    `still_wanted()` turning false (the upload was abandoned meanwhile) stops it."""
+    reader = _Reader(body)
+    head = await reader.exactly(8)
+    if len(head) < 8:
+        raise InvalidRequest(f"shard {shard}: the body ended after {len(head)} bytes (truncated)", "shard")
+    (header_length,) = struct.unpack("<Q", head)
+    if header_length > MAX_HEADER:
+        raise InvalidRequest(
+            f"shard {shard} is not a safetensors file (header length {header_length})", "shard"
+        )
+    raw = await reader.exactly(header_length)
+    if len(raw) < header_length:
+        raise InvalidRequest(f"shard {shard}: the body ended inside its header (truncated)", "shard")
+    try:
+        specs, data_length = parse_header(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"shard {shard}: {exc}", "shard") from exc
+    size = 8 + header_length + data_length
+    if length is not None and length != size:
+        raise InvalidRequest(f"shard {shard}: the request says {length} bytes, its header {size}", "shard")
+    check(specs, size)
+    part = directory / f".{shard}.part"
+    try:
+        digest = await _write(part, head + raw, reader, data_length, shard, still_wanted)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    if digest != sha256:
+        part.unlink(missing_ok=True)
+        raise InvalidRequest(f"shard {shard}: its SHA-256 is not the one sent with it", "sha256")
+    part.rename(directory / shard)
+    return specs, size
+
+
+async def _write(
+    part: Path, head: bytes, reader: _Reader, data_length: int, shard: str, still_wanted: Callable[[], bool]
+) -> bytes:
+    hasher = hashlib.sha256(head)
+    left = data_length
+    with part.open("wb") as f:
+        f.write(head)
+        writing: asyncio.Future[None] | None = None  # one batch goes to disk while the next arrives
+        try:
+            async for batch in reader.batches(WRITE_BATCH):
+                if len(batch) > left:
+                    raise InvalidRequest(
+                        f"shard {shard}: more bytes than its header describes ({len(head) + data_length})",
+                        "shard",
+                    )
+                left -= len(batch)
+                if writing is not None:
+                    await writing
+                if not still_wanted():
+                    raise InvalidRequest(f"shard {shard}: the upload ended while it arrived", "shard")
+                writing = asyncio.ensure_future(asyncio.to_thread(_write_batch, f, hasher, batch))
+            if writing is not None:
+                await writing
+        finally:
+            if writing is not None and not writing.done():
+                with contextlib.suppress(Exception):  # the file stays open until its thread is done
+                    await asyncio.shield(writing)
+    if left:
+        raise InvalidRequest(
+            f"shard {shard}: the body ended {left} bytes short of what its header describes (truncated)",
+            "shard",
+        )
+    return hasher.digest()
+
+
+def _write_batch(f, hasher, batch: bytes) -> None:
+    f.write(batch)
+    hasher.update(batch)
+
+
+class _Reader:
+    """Exact reads and big batches over a body that arrives in chunks of any size."""
+
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
+        self._body = body
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._ended = False
+
+    async def _fill(self, size: int) -> None:
+        while self._size < size and not self._ended:
+            try:
+                chunk = await anext(self._body)
+            except StopAsyncIteration:
+                self._ended = True
+                return
+            if chunk:
+                self._chunks.append(bytes(chunk))
+                self._size += len(chunk)
+
+    def _take(self, size: int) -> bytes:
+        data = b"".join(self._chunks)
+        out, rest = data[:size], data[size:]
+        self._chunks, self._size = ([rest] if rest else []), len(rest)
+        return out
+
+    async def exactly(self, size: int) -> bytes:
+        """The next `size` bytes (fewer only if the body ended)."""
+        await self._fill(size)
+        return self._take(size)
+
+    async def batches(self, size: int) -> AsyncIterator[bytes]:
+        """The rest of the body, in batches of at least `size` bytes (the last may be smaller)."""
+        while True:
+            await self._fill(size)
+            if not self._size:
+                return
+            yield self._take(self._size)
