@@ -33,7 +33,8 @@ from espo_client.protocol import (
 
 from .critic import InProcessCritic, push_weights
 from .errors import InvalidRequest, bearer_matches, install_error_handlers
-from .upload_routes import UploadTarget, upload_router
+from .upload_routes import upload_router
+from .uploads import LocalUploads, UploadStore
 from .weights import allowed_weights_dir
 
 _ERRORS: dict[int | str, dict] = {
@@ -47,7 +48,7 @@ def build_critic_app(
     *,
     api_key: str | None = None,
     weights_dir: list[Path] | None = None,
-    uploads: UploadTarget | None = None,
+    upload_store: UploadStore | None = None,
 ) -> FastAPI:
     app = FastAPI(title="espo-server critic", version="0.1.0")
     install_error_handlers(app)
@@ -76,10 +77,14 @@ def build_critic_app(
     @app.post("/v1/critic/weights", response_model=CriticWeightsResponse, responses=_ERRORS, dependencies=v1)
     async def weights(body: CriticWeightsRequest) -> CriticWeightsResponse:
         allowed_weights_dir(body.path, roots)  # 403 outside --weights-dir
-        version, seconds = await push_weights(critic, body.path, body.version)
+        return await load(body.path, body.version)
+
+    async def load(path: str | Path, version: int | None) -> CriticWeightsResponse:
+        version, seconds = await push_weights(critic, str(path), version)
         return CriticWeightsResponse(critic_version=version, load_time_s=round(seconds, 4))
 
-    if uploads is not None:
+    if upload_store is not None:
+        uploads = LocalUploads(upload_store, load)
         prefix, answer = "/v1/critic/weights/uploads", CriticWeightsResponse
         app.include_router(upload_router(prefix, "critic", lambda _: uploads, answer, v1, _ERRORS))
 

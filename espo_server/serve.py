@@ -38,7 +38,7 @@ from fastapi import FastAPI
 
 from .app import build_app
 from .config import ServerConfig
-from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic, push_weights
+from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic
 from .critic_server import build_critic_app
 from .engine import Parallelism, PolicyEngine
 from .service import RolloutService, Verifier
@@ -349,12 +349,11 @@ def run_critic_server(
                     root, what="critic", reference=critic.model, max_bytes=upload_max_bytes,
                     idle_timeout_s=upload_idle_timeout_s, in_use=lambda: critic.weights_dir,
                 )  # fmt: skip
-                uploads = LocalUploads(store, lambda path, version: push_weights(critic, str(path), version))
-                app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir, uploads=uploads)
+                app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir, upload_store=store)
                 try:
                     await serve_app(app, host, port, "info")
                 finally:
-                    await uploads.aclose()
+                    await store.aclose()
 
     _run(main())
 

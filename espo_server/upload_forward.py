@@ -47,7 +47,7 @@ class ForwardedUploads(Generic[R]):
         self.base_url = base_url.rstrip("/")
         self._around_commit = around_commit
         self._http = httpx.AsyncClient(
-            base_url=self.base_url + PREFIX,
+            base_url=self.base_url,
             timeout=TIMEOUT,
             headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             transport=transport,
@@ -97,7 +97,7 @@ class ForwardedUploads(Generic[R]):
         if json_body:
             headers["Content-Type"] = "application/json"
         try:
-            response = await self._http.request(method, path, content=content, headers=headers)
+            response = await self._http.request(method, PREFIX + path, content=content, headers=headers)
         except httpx.HTTPError as exc:
             raise CriticError(f"critic at {self.base_url} unreachable: {exc!r}") from exc
         if response.is_success:

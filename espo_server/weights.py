@@ -151,11 +151,11 @@ def read_config(directory: Path) -> dict | None:
 
 def config_problem(pushed: dict, served: dict) -> str | None:
     """Where a pushed config.json disagrees with the served model's on what vLLM built the model
-    from (`STRUCTURE_KEYS`; a key the pushed config leaves out is not compared): such a checkpoint
+    from (`STRUCTURE_KEYS`; a key either config leaves out is not compared): such a checkpoint
     needs another model, not new weights."""
     for key in STRUCTURE_KEYS:
         have, want = _structure(pushed, key), _structure(served, key)
-        if have is not None and have != want:
+        if have is not None and want is not None and have != want:
             return (
                 f"its config.json has {key}={have}; the served model has {key}={want}, which vLLM fixed "
                 "when it built the model and cannot change in place"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -75,13 +76,16 @@ def named_tensors(weights: Any) -> Iterator[tuple[str, Any]]:
         pairs = weights.items()
     else:
         pairs = weights
-    seen: dict[tuple, str] = {}
+    # Memory is told apart by address while the tensor that had it lives (weakly held: a lazy
+    # iterator's tensors are freed as the upload goes, and their addresses reused).
+    seen: dict[tuple, tuple[str, Any]] = {}
     for name, tensor in pairs:
         key = _alias_key(tensor)
-        if key in seen:
-            logger.debug("%s shares its memory with %s: sent once, as %s", name, seen[key], seen[key])
+        first = seen.get(key)
+        if first is not None and first[1]() is not None:
+            logger.debug("%s shares its memory with %s: sent once, as %s", name, first[0], first[0])
             continue
-        seen[key] = name
+        seen[key] = (name, _weak(tensor))
         yield name, tensor
 
 
@@ -171,3 +175,10 @@ def _alias_key(tensor: Any) -> tuple:
         )
     except (AttributeError, RuntimeError):  # not a plain tensor: never an alias
         return (id(tensor),)
+
+
+def _weak(tensor: Any) -> Any:
+    try:
+        return weakref.ref(tensor)
+    except TypeError:  # not weakly referable: compared while this upload runs
+        return lambda: tensor
