@@ -53,7 +53,8 @@ from .config import ServerConfig
 from .errors import InvalidRequest, bearer_matches, error_body, install_error_handlers
 from .openai_api import OpenAIServing
 from .service import CallPlan, RolloutService
-from .upload_routes import UploadTarget, upload_router
+from .upload_routes import upload_router
+from .uploads import UploadTarget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterable, Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 
 from espo_client.protocol import UploadCommitRequest, UploadRequest, UploadResponse
 
 from .errors import InvalidRequest
-
-R = TypeVar("R", covariant=True)
+from .uploads import UploadTarget
 
 SHARD_BODY = {
     "requestBody": {
@@ -43,22 +42,6 @@ SHARD_BODY = {
         }
     ],
 }
-
-
-class UploadTarget(Protocol[R]):
-    """Where the uploads of one model go."""
-
-    async def open(self, request: UploadRequest) -> UploadResponse: ...
-
-    async def status(self, upload_id: str) -> UploadResponse: ...
-
-    async def receive(
-        self, upload_id: str, shard: str, body: AsyncIterable[bytes], *, sha256: bytes, length: int | None
-    ) -> UploadResponse: ...
-
-    async def abandon(self, upload_id: str) -> UploadResponse: ...
-
-    async def commit(self, upload_id: str, request: UploadCommitRequest) -> R: ...
 
 
 def parse_content_digest(value: str | None) -> bytes:

@@ -18,8 +18,8 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from .errors import InvalidRequest
-from .weights import MAX_HEADER, TensorSpec, parse_header
+from .errors import InvalidRequest, TooLarge
+from .weights import MAX_HEADER, TIED_HINT, TensorSpec, is_output_embedding, parse_header, spec_problem
 
 WRITE_BATCH = 8 << 20
 """Bytes gathered from the body before one write (and hash) on a worker thread."""
@@ -104,6 +104,38 @@ async def _write(
             "shard",
         )
     return hasher.digest()
+
+
+def check_tensors(
+    shard: str,
+    specs: dict[str, TensorSpec],
+    size: int,
+    *,
+    sent: dict[str, TensorSpec],
+    expected: dict[str, TensorSpec] | None,
+    room: int,
+    limit: int,
+    tied: bool = False,
+) -> None:
+    """Refuse a shard whose header names a tensor `sent` before, or one the served model (its
+    `expected` tensors; None: unknown) does not have or has in another shape or kind of dtype, or
+    whose `size` exceeds the `room` left under the upload's byte limit (TooLarge)."""
+    for name, spec in specs.items():
+        if name in sent:
+            raise InvalidRequest(f"shard {shard}: tensor {name} was already sent in another shard", "shard")
+        want = spec if expected is None else expected.get(name)
+        if want is None:
+            hint = f": {TIED_HINT.format(name=name)}" if tied and is_output_embedding(name) else ""
+            raise InvalidRequest(f"shard {shard}: {name} is not a tensor of the served model{hint}", "shard")
+        problem = spec_problem(name, spec, want)
+        if problem:
+            raise InvalidRequest(f"shard {shard}: {problem}", "shard")
+    if size > room:
+        raise TooLarge(
+            f"shard {shard} ({size} bytes) would take the upload past its limit of {limit} bytes "
+            f"({limit - room} taken; --upload-max-bytes)",
+            "shard",
+        )
 
 
 def _write_batch(f, hasher, batch: bytes) -> None:

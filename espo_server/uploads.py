@@ -33,26 +33,18 @@ from collections import OrderedDict
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from espo_client.protocol import UploadCommitRequest, UploadRequest, UploadResponse
 
-from .errors import Conflict, InvalidRequest, NotFound, ServiceError, TooLarge
-from .upload_shard import receive_shard
-from .weights import (
-    TIED_HINT,
-    TensorSpec,
-    checkpoint_specs,
-    config_problem,
-    is_output_embedding,
-    served_config,
-    served_tied,
-    spec_problem,
-)
+from .errors import Conflict, InvalidRequest, NotFound, ServiceError
+from .upload_shard import check_tensors, receive_shard
+from .weights import TensorSpec, checkpoint_specs, config_problem, few, served_config, served_tied
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.safetensors")
 """What a shard may be called: a plain file name, no directories."""
 DEFAULT_MAX_BYTES = 256 << 30
@@ -85,9 +77,9 @@ class UploadStore:
         *,
         what: str,
         reference: str | None,
+        in_use: Callable[[], str | None],
         max_bytes: int | None = None,
         idle_timeout_s: float = 300.0,
-        in_use: Callable[[], str | None] = lambda: None,
     ) -> None:
         """
         Args:
@@ -183,7 +175,11 @@ class UploadStore:
 
         def check(specs: dict[str, TensorSpec], size: int) -> None:
             nonlocal reserved
-            self._check_tensors(upload, shard, specs, size)
+            room = self.max_bytes - upload.bytes_received - upload.bytes_reserved
+            check_tensors(
+                shard, specs, size, sent=upload.tensors, expected=self.expected, room=room,
+                limit=self.max_bytes, tied=self.tied,
+            )  # fmt: skip
             upload.tensors.update(specs)
             upload.bytes_reserved += size
             reserved = size
@@ -215,30 +211,6 @@ class UploadStore:
             upload.last_active = time.monotonic()
         return self.describe(upload)
 
-    def _check_tensors(self, upload: Upload, shard: str, specs: dict[str, TensorSpec], size: int) -> None:
-        """Refuse a shard whose header names a tensor sent before, or not of the served model, or
-        one of another shape or dtype, or that would take the upload past its byte limit."""
-        for name, spec in specs.items():
-            if name in upload.tensors:
-                raise InvalidRequest(
-                    f"shard {shard}: tensor {name} was already sent in another shard", "shard"
-                )
-            want = self.expected.get(name) if self.expected is not None else spec
-            if want is None:
-                hint = f": {TIED_HINT.format(name=name)}" if self.tied and is_output_embedding(name) else ""
-                raise InvalidRequest(
-                    f"shard {shard}: {name} is not a tensor of the served {self.what}{hint}", "shard"
-                )
-            problem = spec_problem(name, spec, want)
-            if problem:
-                raise InvalidRequest(f"shard {shard}: {problem}", "shard")
-        if upload.bytes_received + upload.bytes_reserved + size > self.max_bytes:
-            raise TooLarge(
-                f"shard {shard} ({size} bytes) would take the upload past its limit of {self.max_bytes} "
-                f"bytes ({upload.bytes_received} received)",
-                "shard",
-            )
-
     async def commit(self, upload_id: str, push: Callable[[Path], Awaitable[R]]) -> R:
         """Serve the upload: `push(directory)` (the push of a path, with its checks) once every
         shard has arrived. On success the directory is kept while it serves; on failure deleted."""
@@ -254,10 +226,8 @@ class UploadStore:
         if not upload.shards:
             problem = InvalidRequest(f"upload {upload_id} has no shards: nothing to commit", "upload_id")
         elif missing:
-            few = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            problem = InvalidRequest(
-                f"{len(missing)} tensor(s) of the served {self.what} were never sent ({few})", "upload_id"
-            )
+            what = f"{len(missing)} tensor(s) of the served {self.what} were never sent ({few(missing)})"
+            problem = InvalidRequest(what, "upload_id")
         if problem is not None:
             raise self._abandon(upload, problem)
         upload.state = "committing"
@@ -380,6 +350,22 @@ def _resolved(path: str | None) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 # An upload surface over a local store: what the routes and the gRPC servicer call
 # ---------------------------------------------------------------------------------------------
+
+
+class UploadTarget(Protocol[R_co]):
+    """Where the uploads of one model go."""
+
+    async def open(self, request: UploadRequest) -> UploadResponse: ...
+
+    async def status(self, upload_id: str) -> UploadResponse: ...
+
+    async def receive(
+        self, upload_id: str, shard: str, body: AsyncIterable[bytes], *, sha256: bytes, length: int | None
+    ) -> UploadResponse: ...
+
+    async def abandon(self, upload_id: str) -> UploadResponse: ...
+
+    async def commit(self, upload_id: str, request: UploadCommitRequest) -> R_co: ...
 
 
 class LocalUploads(Generic[R]):

@@ -116,13 +116,13 @@ def specs_problem(have: dict[str, TensorSpec], want: dict[str, TensorSpec], tied
     mismatched = [p for n in sorted(set(have) & set(want)) if (p := spec_problem(n, have[n], want[n]))]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensor(s) of the served model missing ({_few(missing)})")
+        problems.append(f"{len(missing)} tensor(s) of the served model missing ({few(missing)})")
     if unknown:
-        problems.append(f"{len(unknown)} tensor(s) the served model does not have ({_few(unknown)})")
+        problems.append(f"{len(unknown)} tensor(s) the served model does not have ({few(unknown)})")
         if tied and (head := next((n for n in unknown if is_output_embedding(n)), None)):
             problems.append(TIED_HINT.format(name=head))
     if mismatched:
-        problems.append(f"{len(mismatched)} of another shape or dtype ({_few(mismatched)})")
+        problems.append(f"{len(mismatched)} of another shape or dtype ({few(mismatched)})")
     return "; ".join(problems) or None
 
 
@@ -130,7 +130,7 @@ def is_output_embedding(name: str) -> bool:
     return name.rsplit(".", 2)[-2:] == ["lm_head", "weight"]
 
 
-def _few(items: list[str], k: int = 3) -> str:
+def few(items: list[str], k: int = 3) -> str:
     more = f" and {len(items) - k} more" if len(items) > k else ""
     return ", ".join(items[:k]) + more
 

@@ -56,6 +56,8 @@ MIRRORED = [
     "CriticWeightsRequest",
     "CriticWeightsResponse",
     "InfoResponse",
+    "UploadRequest",
+    "UploadCommitRequest",
 ]
 
 

@@ -231,7 +231,7 @@ def chunked(data: bytes) -> Iterator[bytes]:
         ("length", 400, "the request says", "shard"),
         ("shape", 400, "model.norm.weight has shape [7]", "shard"),
         ("dtype", 400, "model.norm.weight has dtype I64", "shard"),
-        ("unknown", 400, "model.extra.weight is not a tensor of the served policy", "shard"),
+        ("unknown", 400, "model.extra.weight is not a tensor of the served model", "shard"),
         ("output layer", 400, "ties its output embeddings", "shard"),
         ("same shard twice", 409, "sent twice", "shard"),
         ("same tensor twice", 400, "already sent in another shard", "shard"),
@@ -424,3 +424,112 @@ def test_critic_uploads_are_relayed_to_the_critic_server_under_the_rollout_gate(
             # a policy upload on a server without policy uploads says so
             with pytest.raises(APIStatusError, match="takes no policy uploads"):
                 client.upload_weights({"x": torch.zeros(1)})
+
+
+# --- gRPC: the same uploads, client-streamed ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def grpc_serving(uploads: dict) -> Iterator[str]:
+    """The gRPC servicer over `uploads` on a free loopback port, its own event loop in a thread."""
+    import grpc
+
+    from espo_client.proto import espo_pb2_grpc as pb_grpc
+    from espo_server.grpc_server import RolloutsServicer
+
+    loop = asyncio.new_event_loop()
+    started: dict = {}
+
+    async def start() -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+        pb_grpc.add_RolloutsServicer_to_server(RolloutsServicer(None, ServerConfig(), uploads), server)  # type: ignore[arg-type]
+        started["port"] = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        started["server"] = server
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    try:
+        yield f"127.0.0.1:{started['port']}"
+    finally:
+        asyncio.run_coroutine_threadsafe(started["server"].stop(None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+def test_grpc_uploads_stream_the_same_checkpoint_and_refuse_the_same_mistakes(qwen, tmp_path):
+    from espo_client.grpc_client import GrpcEspoClient, GrpcStatusError
+
+    pushes = Pushes(qwen.policy)
+    staging = tmp_path / "staging"
+    store = UploadStore(staging, what="policy", reference=str(qwen.policy), in_use=lambda: pushes.path)
+    with grpc_serving({"policy": LocalUploads(store, pushes)}) as target, GrpcEspoClient(target) as client:
+        answer = client.upload_weights(qwen.new_policy, version=2, shard_bytes=64 << 10)
+        assert answer.policy_version == 2
+        assert_loaded(pushes.loaded[-1], expected_tensors(qwen.new_policy))
+        with pytest.raises(GrpcStatusError) as caught:
+            client.upload_weights(bad_shape(None))
+        assert caught.value.param == "shard" and "model.norm.weight has shape [7]" in caught.value.details
+        with pytest.raises(GrpcStatusError) as caught:
+            client.upload_critic_weights(qwen.new_critic)
+        assert "takes no critic uploads" in caught.value.details
+        # a stream that stops before its commit loads nothing and leaves nothing
+        from espo_client.grpc_client import upload_messages
+
+        messages = list(upload_messages(qwen.new_policy, version=None, config=None))[:-1]
+        with pytest.raises(GrpcStatusError, match="without `commit`"):
+            client._call(client._stub.UploadWeights, iter(messages))
+        assert len(pushes.loaded) == 1 and uploads_on_disk(staging) == [Path(pushes.path).name]
+
+
+def test_replicas_get_each_shard_made_once_and_all_or_none_commit(qwen, tmp_path):
+    from espo_client import BroadcastError, Replicas
+
+    servers = []
+    with contextlib.ExitStack() as stack:
+        for k in range(2):
+            pushes = Pushes(qwen.policy)
+            store = UploadStore(
+                tmp_path / f"staging{k}",
+                what="policy",
+                reference=str(qwen.policy),
+                in_use=lambda p=pushes: p.path,
+            )
+            app = build_app(ServerConfig(api_key=KEY))
+            app.state.uploads = {"policy": LocalUploads(store, pushes)}
+            servers.append(SimpleNamespace(url=stack.enter_context(serving(app)), pushes=pushes, store=store))
+        with Replicas(base_urls=[s.url for s in servers], api_key=KEY) as client:
+            made = []
+            real_shards = shards
+
+            def counted(*args, **kwargs):
+                for shard in real_shards(*args, **kwargs):
+                    made.append(shard.name)
+                    yield shard
+
+            import espo_client.replicas as replicas_module
+
+            replicas_module.shards = counted
+            try:
+                assert (
+                    client.upload_weights(qwen.new_policy, shard_bytes=64 << 10, version=5).policy_version
+                    == 5
+                )
+            finally:
+                replicas_module.shards = real_shards
+            assert len(made) == len(set(made)) > 1  # each shard made once for both replicas
+            for s in servers:
+                assert_loaded(s.pushes.loaded[-1], expected_tensors(qwen.new_policy))
+            servers[1].store.max_bytes = 1000  # the second replica refuses: no replica commits
+            with pytest.raises(BroadcastError) as caught:
+                client.upload_weights(qwen.new_policy, version=6)
+            assert caught.value.failed and list(caught.value.failed) == [servers[1].url]
+            assert [s.pushes.version for s in servers] == [5, 5]
+            for k in range(2):
+                wait_until(
+                    lambda k=k: (
+                        uploads_on_disk(tmp_path / f"staging{k}") == [Path(servers[k].pushes.path).name]
+                    ),
+                    "the abandoned uploads are deleted",
+                )

@@ -6,6 +6,7 @@
         for item in client.stream_rollouts(prompts=[{"text": "7+5="}], n=4, stop_rule="espo"):
             print(item)                   # Trajectory objects as they finish, then the RolloutResponse
         out = client.rollouts(prompts=[[5, 6, 14]], n=4, max_tokens=64)   # all at once
+        client.upload_weights(model)      # the learner's weights, streamed (no shared file system)
 
 The same protocol models as `EspoClient` (requests validated here first, answers validated on
 arrival), over grpcio; needs the `grpc` extra (`pip install 'espo-client[grpc]'`). A failed call
@@ -15,7 +16,7 @@ raises `GrpcStatusError` with the gRPC `code`, the server's `message` and the of
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -23,6 +24,8 @@ from google.protobuf import empty_pb2
 
 from ._core import trajectory_order
 from ._exceptions import EspoError
+from ._uploads import hf_config
+from .checkpoint import DEFAULT_SHARD_BYTES, shards
 from .grpc_codec import from_message, to_message
 from .proto import espo_pb2 as pb
 from .proto import espo_pb2_grpc as pb_grpc
@@ -38,6 +41,8 @@ from .protocol import (
     RolloutResponse,
     StateResponse,
     Trajectory,
+    UploadCommitRequest,
+    UploadRequest,
     WeightsRequest,
     WeightsResponse,
 )
@@ -170,5 +175,53 @@ class GrpcEspoClient:
         message = to_message(CriticWeightsRequest(path=path, version=version), pb.CriticWeightsRequest)
         return from_message(self._call(self._stub.LoadCriticWeights, message), CriticWeightsResponse)
 
+    def upload_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> WeightsResponse:
+        """Push the policy's weights over the gRPC stream (see `EspoClient.upload_weights`)."""
+        messages = upload_messages(weights, version=version, config=config, shard_bytes=shard_bytes)
+        return from_message(self._call(self._stub.UploadWeights, messages), WeightsResponse)
+
+    def upload_critic_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> CriticWeightsResponse:
+        messages = upload_messages(weights, version=version, config=config, shard_bytes=shard_bytes)
+        return from_message(self._call(self._stub.UploadCriticWeights, messages), CriticWeightsResponse)
+
     def info(self) -> InfoResponse:
         return from_message(self._call(self._stub.Info, empty_pb2.Empty()), InfoResponse)
+
+
+GRPC_CHUNK_BYTES = 4 << 20
+"""Bytes of a shard per message (the server takes messages of up to 64 MiB)."""
+
+
+def upload_messages(
+    weights: Any,
+    *,
+    version: int | None,
+    config: Mapping[str, Any] | None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Iterator[pb.UploadChunk]:
+    """An upload's stream (espo.proto, UploadWeights): open, each shard's bytes, commit; the shards
+    are made as the stream is read (gRPC reads it on its own thread)."""
+    request = UploadRequest(config=hf_config(weights) if config is None else dict(config))
+    yield pb.UploadChunk(open=to_message(request, pb.UploadRequest))
+    for shard in shards(weights, shard_bytes=shard_bytes):
+        first = pb.ShardChunk(name=shard.name, sha256=shard.sha256.hex(), size=shard.size)
+        for k, chunk in enumerate(shard.chunks(GRPC_CHUNK_BYTES)):
+            message = first if k == 0 else pb.ShardChunk(name=shard.name)
+            message.data = bytes(chunk)
+            yield pb.UploadChunk(shard=message)
+    commit = to_message(UploadCommitRequest(version=version), pb.UploadCommitRequest)
+    yield pb.UploadChunk(commit=commit)
