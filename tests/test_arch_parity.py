@@ -1,0 +1,109 @@
+"""The architectures users train, served for real: a Qwen2.5-style and a Llama-3.2-style pair (tied
+embeddings, grouped-query attention, a chat template; `*ForTokenClassification` critics), made from
+configs with random weights. Each is served (policy and critic in one process, float32), rolled out
+with `espo` on chat-templated prompts, then pushed a new policy and a new critic by upload from
+torch modules in this process; logprobs and critic values match HF before and after the pushes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from espo_client import EspoClient
+from espo_server.process import ServerProcess, espo_server_argv, free_port
+from espo_server.tiny_model import ARCHS, TinyConfig, build_tokenizer, make_arch_model, make_arch_models
+
+pytestmark = pytest.mark.vllm
+
+EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+TOLERANCE = 1e-4
+QUESTIONS = ["7+5=", "(3*4)-2="]
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def served(request, tmp_path_factory, server_logs) -> Iterator[tuple[str, ServerProcess, Path, Path]]:
+    arch = request.param
+    policy, critic = make_arch_models(tmp_path_factory.mktemp(arch), arch, seed=0)
+    port = free_port()
+    argv = espo_server_argv(
+        "serve", "--model", str(policy), "--critic-model", str(critic), "--dtype", "float32",
+        "--max-model-len", "256", "--port", str(port), "--served-model-name", arch,
+    )  # fmt: skip
+    with ServerProcess(f"arch-{arch}", argv, port, server_logs) as proc:
+        yield arch, proc.wait_ready(), policy, critic
+
+
+def chat_prompts(arch: str) -> list[list[int]]:
+    tokenizer = build_tokenizer(ARCHS[arch])
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in chats]
+
+
+def hf_logprobs(model, prompt: list[int], response: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0].float(), dim=-1)
+    return np.array([logp[len(prompt) - 1 + i, tok].item() for i, tok in enumerate(response)])
+
+
+def hf_value(critic, prefix: list[int]) -> float:
+    with torch.no_grad():
+        return critic(torch.tensor([prefix])).logits[0, -1, 0].item()
+
+
+def parity(
+    client: EspoClient, prompts: list[list[int]], policy, critic, seed: int
+) -> tuple[float, float, int]:
+    """Roll out with `espo` (shadow: every trajectory runs to the end, the critic is still asked);
+    the largest |vLLM - HF| of the sampled tokens' logprobs and of the critic values, and how many
+    values were compared."""
+    out = client.rollouts(
+        prompts=[{"token_ids": p} for p in prompts], n=2, max_tokens=24, seed=seed, ignore_eos=True,
+        stop_rule="espo", shadow=True, state=EAGER, include=["values"],
+    )  # fmt: skip
+    logprob_diff, value_diff, values = 0.0, 0.0, 0
+    for t in out.trajectories:
+        prompt = prompts[t.prompt_index]
+        ref = hf_logprobs(policy, prompt, t.token_ids)
+        logprob_diff = max(logprob_diff, float(np.max(np.abs(ref - np.array(t.logprobs)))))
+        for step, value in enumerate(t.traces.values or []):
+            if value is not None:  # V(s_t): the prompt and the tokens before step t
+                value_diff = max(value_diff, abs(value - hf_value(critic, prompt + t.token_ids[:step])))
+                values += 1
+    return logprob_diff, value_diff, values
+
+
+def test_serve_rollout_push_by_upload_and_match_hf(served, tmp_path):
+    arch, server, policy_dir, critic_dir = served
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, torch_dtype=torch.float32).eval()
+    critic = AutoModelForTokenClassification.from_pretrained(critic_dir, torch_dtype=torch.float32).eval()
+    assert policy.config.tie_word_embeddings and critic.config.problem_type == "regression"
+    prompts = chat_prompts(arch)
+
+    # the server's chat template is the tokenizer's: the same prompt tokens as applied here
+    chat = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": arch, "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(prompts[0]), chat.text
+
+    with EspoClient(base_url=server.url) as client:
+        before = parity(client, prompts, policy, critic, seed=1)
+        new_policy = make_arch_model(ARCHS[arch], TinyConfig(), seed=11).eval()
+        new_critic = make_arch_model(ARCHS[arch], TinyConfig(), seed=12, critic=True).eval()
+        assert client.upload_weights(new_policy).policy_version == 1
+        assert client.upload_critic_weights(new_critic).critic_version == 1
+        after = parity(client, prompts, new_policy, new_critic, seed=1)
+        stale = parity(client, prompts, policy, critic, seed=1)  # the old models no longer match
+    for phase, (dlogprob, dvalue, values) in (("before push", before), ("after push", after)):
+        print(f"\nPARITY {arch} {phase}: max|dlogp| {dlogprob:.2e}, max|dV| {dvalue:.2e} ({values} values)")
+    assert before[2] > 0 and after[2] > 0, "the critic was never asked"
+    assert max(before[:2]) < TOLERANCE and max(after[:2]) < TOLERANCE
+    assert stale[0] > 1e-2 and stale[1] > 1e-3  # the pushes really changed what serves
