@@ -399,8 +399,10 @@ class BaseClient:
         request = self._http.build_request(
             method, self.base_url + path, content=_body(body), params=params, headers=headers
         )
-        if upload is not None:
-            request.stream = upload
+        if upload is not None:  # the same request, its body streamed
+            request = httpx.Request(
+                method, request.url, headers=request.headers, stream=upload, extensions=request.extensions
+            )
         retries = self.max_retries if retry else 0
         for attempt in itertools.count():
             response: httpx.Response | None = None
