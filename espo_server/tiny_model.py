@@ -180,13 +180,16 @@ LLAMA = Arch(
 ARCHS = {arch.name: arch for arch in (QWEN2, LLAMA)}
 
 
-def arch_config(arch: Arch, cfg: TinyConfig, *, critic: bool = False):  # -> transformers.PretrainedConfig
+def arch_config(
+    arch: Arch, cfg: TinyConfig, *, critic: bool = False, vocab_size: int | None = None
+):  # -> transformers.PretrainedConfig
+    """`arch`'s config at `cfg`'s size (`vocab_size`: more embedding rows than the tokenizer has)."""
     import transformers
 
     tokens = {tok: i for i, tok in enumerate(arch.vocab)}
     extra = {"num_labels": 1, "problem_type": "regression"} if critic else {}
     return getattr(transformers, arch.config_class)(
-        vocab_size=len(arch.vocab),
+        vocab_size=max(vocab_size or 0, len(arch.vocab)),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
@@ -203,14 +206,16 @@ def arch_config(arch: Arch, cfg: TinyConfig, *, critic: bool = False):  # -> tra
     )
 
 
-def make_arch_model(arch: Arch, cfg: TinyConfig, seed: int, *, critic: bool = False):
+def make_arch_model(
+    arch: Arch, cfg: TinyConfig, seed: int, *, critic: bool = False, vocab_size: int | None = None
+):
     """A policy (or critic) of `arch` with random weights from `seed` (a transformers model)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     cls = getattr(transformers, arch.critic_class if critic else arch.policy_class)
-    return cls(arch_config(arch, cfg, critic=critic)).float()
+    return cls(arch_config(arch, cfg, critic=critic, vocab_size=vocab_size)).float()
 
 
 def make_arch_models(
