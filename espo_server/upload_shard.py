@@ -34,11 +34,13 @@ async def receive_shard(
     length: int | None,
     check: Callable[[dict[str, TensorSpec], int], None],
     still_wanted: Callable[[], bool] = lambda: True,
+    idle_timeout_s: float | None = None,
 ) -> tuple[dict[str, TensorSpec], int]:
     """Write the shard read from `body` to `directory/shard`; return its tensors and size.
     InvalidRequest (param `shard`, or `sha256`) names what is wrong; `check`'s errors go through;
-    `still_wanted()` turning false (the upload was abandoned meanwhile) stops it."""
-    reader = _Reader(body)
+    `still_wanted()` turning false (the upload was abandoned meanwhile) stops it, and so does a
+    body that sends nothing for `idle_timeout_s` (a client that stalled without going away)."""
+    reader = _Reader(body, shard, idle_timeout_s)
     head = await reader.exactly(8)
     if len(head) < 8:
         raise InvalidRequest(f"shard {shard}: the body ended after {len(head)} bytes (truncated)", "shard")
@@ -146,8 +148,10 @@ def _write_batch(f, hasher, batch: bytes) -> None:
 class _Reader:
     """Exact reads and big batches over a body that arrives in chunks of any size."""
 
-    def __init__(self, body: AsyncIterator[bytes]) -> None:
+    def __init__(self, body: AsyncIterator[bytes], shard: str, idle_timeout_s: float | None) -> None:
         self._body = body
+        self._shard = shard
+        self._idle_timeout_s = idle_timeout_s
         self._chunks: list[bytes] = []
         self._size = 0
         self._ended = False
@@ -155,10 +159,15 @@ class _Reader:
     async def _fill(self, size: int) -> None:
         while self._size < size and not self._ended:
             try:
-                chunk = await anext(self._body)
+                chunk = await asyncio.wait_for(anext(self._body), self._idle_timeout_s)
             except StopAsyncIteration:
                 self._ended = True
                 return
+            except asyncio.TimeoutError:
+                raise InvalidRequest(
+                    f"shard {self._shard}: no bytes for {self._idle_timeout_s:g}s (its idle timeout)",
+                    "shard",
+                ) from None
             if chunk:
                 self._chunks.append(bytes(chunk))
                 self._size += len(chunk)

@@ -191,7 +191,7 @@ class UploadStore:
         try:
             _, size = await receive_shard(
                 upload.directory, shard, aiter(body), sha256=sha256, length=length, check=check,
-                still_wanted=still_wanted,
+                still_wanted=still_wanted, idle_timeout_s=self.idle_timeout_s,
             )  # fmt: skip
             upload.shards.append(shard)
             upload.bytes_received += size

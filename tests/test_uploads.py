@@ -358,6 +358,27 @@ def test_a_client_that_goes_away_mid_shard_leaves_nothing(server, qwen):
         assert http.get("/healthz").status_code == 200
 
 
+def test_a_client_that_stalls_mid_shard_is_cut_off(server, qwen):
+    """It sends half a shard and then nothing, the connection open: after the idle timeout the
+    upload is abandoned and the client is answered 400."""
+    server.store.idle_timeout_s = 0.5
+    data = shard_bytes(good(qwen))
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
+        upload = open_upload(http)
+        host, port = server.url.removeprefix("http://").split(":")
+        head = (
+            f"PUT {POLICY}/{upload}/shards/model-00001.safetensors HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Digest: {digest(data)}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as raw:
+            raw.sendall(head + data[: len(data) // 2])
+            answer = raw.recv(65536).decode(errors="replace")  # waits for the server's verdict
+        assert answer.startswith("HTTP/1.1 400") and "no bytes for 0.5s" in answer, answer[:300]
+        assert http.get(f"{POLICY}/{upload}").status_code == 404
+        assert uploads_on_disk(server.staging) == [] and server.pushes.loaded == []
+
+
 def test_an_idle_upload_expires(server, qwen):
     server.store.idle_timeout_s = 0.2
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
