@@ -46,7 +46,10 @@ class ServerConfig(BaseSettings):
         "safetensors plus 64 MiB).",
     )  # fmt: skip
     upload_idle_timeout_s: float = Field(
-        300.0, gt=0, description="An upload with no request for this long is abandoned and deleted."
+        120.0,
+        gt=0,
+        description="An upload with no request (or a shard with no bytes) for this long is abandoned and "
+        "deleted; until then another upload of the same model is refused (409).",
     )
     grpc_port: int | None = Field(
         None,

@@ -330,7 +330,7 @@ def run_critic_server(
     weights_dir: list[Path] | None = None,
     upload_dir: Path | None = None,
     upload_max_bytes: int | None = None,
-    upload_idle_timeout_s: float = 300.0,
+    upload_idle_timeout_s: float = 120.0,
 ) -> None:
     """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights,
     the uploads under /v1/critic/weights/uploads)."""

@@ -79,7 +79,7 @@ class UploadStore:
         reference: str | None,
         in_use: Callable[[], str | None],
         max_bytes: int | None = None,
-        idle_timeout_s: float = 300.0,
+        idle_timeout_s: float = 120.0,
     ) -> None:
         """
         Args:
