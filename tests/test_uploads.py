@@ -336,21 +336,26 @@ def test_a_config_of_another_model_is_refused_at_open(server, qwen):
         assert "tie_word_embeddings=False" in response.json()["error"]["message"]
 
 
+@contextlib.contextmanager
+def half_a_shard(server, upload: str, data: bytes) -> Iterator[socket.socket]:
+    """A raw connection that has sent the PUT of a shard and half its bytes (then nothing more)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (
+        f"PUT {POLICY}/{upload}/shards/model-00001.safetensors HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Digest: {digest(data)}\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(head + data[: len(data) // 2])
+        yield raw
+
+
 def test_a_client_that_goes_away_mid_shard_leaves_nothing(server, qwen):
-    data = shard_bytes(good(qwen))
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
         upload = open_upload(http)
-        host, port = server.url.removeprefix("http://").split(":")
-        head = (
-            f"PUT {POLICY}/{upload}/shards/model-00001.safetensors HTTP/1.1\r\nHost: {host}\r\n"
-            f"Authorization: Bearer {KEY}\r\nContent-Digest: {digest(data)}\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n"
-        ).encode()
-        with socket.create_connection((host, int(port))) as raw:
-            raw.sendall(head + data[: len(data) // 2])
-            wait_until(
-                lambda: any(p.name.endswith(".part") for p in server.staging.rglob("*")), "the shard arrives"
-            )
+        with half_a_shard(server, upload, shard_bytes(good(qwen))):
+            arriving = lambda: any(p.name.endswith(".part") for p in server.staging.rglob("*"))  # noqa: E731
+            wait_until(arriving, "the shard arrives")
         # the connection is closed half way: the upload is abandoned
         wait_until(lambda: http.get(f"{POLICY}/{upload}").status_code == 404, "the upload is abandoned")
         assert "could not be read" in http.get(f"{POLICY}/{upload}").json()["error"]["message"]
@@ -362,17 +367,9 @@ def test_a_client_that_stalls_mid_shard_is_cut_off(server, qwen):
     """It sends half a shard and then nothing, the connection open: after the idle timeout the
     upload is abandoned and the client is answered 400."""
     server.store.idle_timeout_s = 0.5
-    data = shard_bytes(good(qwen))
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
         upload = open_upload(http)
-        host, port = server.url.removeprefix("http://").split(":")
-        head = (
-            f"PUT {POLICY}/{upload}/shards/model-00001.safetensors HTTP/1.1\r\nHost: {host}\r\n"
-            f"Authorization: Bearer {KEY}\r\nContent-Digest: {digest(data)}\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n"
-        ).encode()
-        with socket.create_connection((host, int(port)), timeout=30) as raw:
-            raw.sendall(head + data[: len(data) // 2])
+        with half_a_shard(server, upload, shard_bytes(good(qwen))) as raw:
             answer = raw.recv(65536).decode(errors="replace")  # waits for the server's verdict
         assert answer.startswith("HTTP/1.1 400") and "no bytes for 0.5s" in answer, answer[:300]
         assert http.get(f"{POLICY}/{upload}").status_code == 404

@@ -62,6 +62,7 @@ __all__ = ["AsyncReplicaStream", "AsyncReplicas", "ReplicaStream", "Replicas"]
 
 _REQUEST_ID_MAX = 200  # RolloutRequest.request_id's max_length
 _T = TypeVar("_T")
+_W = TypeVar("_W", WeightsResponse, CriticWeightsResponse)
 
 
 @dataclass(frozen=True)
@@ -239,28 +240,22 @@ class AsyncReplicas(AsyncClosing):
         return await self._broadcast(what, commits, done, not_done)
 
     def _policy_answer(self, responses: Sequence[WeightsResponse], what: str) -> WeightsResponse:
-        versions = {url: r.policy_version for url, r in zip(self.base_urls, responses, strict=True)}
-        if len(set(versions.values())) > 1:
-            raise EspoError(
-                f"replicas now serve different policy versions {versions}: call {what} again "
-                "with an explicit version= to bring them into line"
-            )
-        return WeightsResponse(
-            policy_version=responses[0].policy_version,
-            load_time_s=max(response.load_time_s for response in responses),
-        )
+        return self._one_version(responses, "policy_version", what)
 
     def _critic_answer(self, responses: Sequence[CriticWeightsResponse], what: str) -> CriticWeightsResponse:
-        versions = {url: r.critic_version for url, r in zip(self.base_urls, responses, strict=True)}
+        return self._one_version(responses, "critic_version", what)
+
+    def _one_version(self, responses: Sequence[_W], field: str, what: str) -> _W:
+        """The replicas' answers to a push as one: their version (EspoError if they differ), the
+        slowest load time."""
+        versions = {url: getattr(r, field) for url, r in zip(self.base_urls, responses, strict=True)}
         if len(set(versions.values())) > 1:
             raise EspoError(
-                f"replicas now serve different critic versions {versions}: call {what} "
+                f"replicas now serve different {field.split('_')[0]} versions {versions}: call {what} "
                 "again with an explicit version= to bring them into line"
             )
-        return CriticWeightsResponse(
-            critic_version=responses[0].critic_version,
-            load_time_s=max(response.load_time_s for response in responses),
-        )
+        load_time_s = max(response.load_time_s for response in responses)
+        return responses[0].model_copy(update={"load_time_s": load_time_s})
 
     # --- plumbing ------------------------------------------------------------------------------
 
