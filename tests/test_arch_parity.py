@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from espo_client import EspoClient
+from espo_client import APIStatusError, EspoClient
 from espo_server.process import ServerProcess, espo_server_argv, free_port
 from espo_server.tiny_model import ARCHS, TinyConfig, build_tokenizer, make_arch_model, make_arch_models
 
@@ -96,6 +96,12 @@ def test_serve_rollout_push_by_upload_and_match_hf(served, tmp_path):
 
     with EspoClient(base_url=server.url) as client:
         before = parity(client, prompts, policy, critic, seed=1)
+        # a model of another size is refused shard by shard; the old weights serve on
+        other = make_arch_model(ARCHS[arch], TinyConfig(hidden_size=64, num_heads=1), seed=3)
+        with pytest.raises(APIStatusError) as refused:
+            client.upload_weights(other)
+        assert refused.value.status_code == 400 and "has shape" in str(refused.value)
+        assert client.info().policy_version == 0
         new_policy = make_arch_model(ARCHS[arch], TinyConfig(), seed=11).eval()
         new_critic = make_arch_model(ARCHS[arch], TinyConfig(), seed=12, critic=True).eval()
         assert client.upload_weights(new_policy).policy_version == 1

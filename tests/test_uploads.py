@@ -24,8 +24,7 @@ import torch
 import uvicorn
 from safetensors.torch import load_file, save
 
-from espo_client import AsyncEspoClient, EspoClient
-from espo_client._exceptions import APIStatusError
+from espo_client import APIStatusError, AsyncEspoClient, EspoClient
 from espo_client.checkpoint import shards
 from espo_client.protocol import CriticWeightsResponse, WeightsResponse
 from espo_server.app import build_app
