@@ -7,12 +7,13 @@
 
 Tensors are taken one at a time into a shard of about `shard_bytes` (a tensor larger than that is
 a shard of its own) and the shard is cut as soon as it is full, so a lazy iterator (one that
-gathers each parameter from its ranks) is read as the upload goes, and only one shard's tensors
-are referenced at a time. A shard is a safetensors file described, not built: its header is
-computed from the tensors' shapes and dtypes, and its bytes are the tensors' own memory, read in
-place (`Shard.chunks`), so nothing is copied for CPU tensors in a contiguous layout (others are
-copied one at a time: `.cpu().contiguous()`) and nothing is written to disk. Its SHA-256 is
-computed over the same bytes before it is sent.
+gathers each parameter from its ranks) is read as the upload goes, and at most two shards'
+tensors are referenced at a time (the one being sent and the next). A shard is a safetensors file
+described, not built: its header is computed from the tensors' shapes and dtypes, and its bytes
+are the tensors' own memory, read in place (`Shard.chunks`), so nothing is copied for CPU tensors
+in a contiguous layout (others are copied one at a time: `.cpu().contiguous()`) and nothing is
+written to disk. Its SHA-256 is computed over the same bytes before it is sent, on a worker thread
+while the shard before it is being sent.
 
 Tensors that alias one another (the tied input and output embeddings of Qwen2.5 or Llama-3.2,
 whose `state_dict()` holds the one tensor under two names) are sent once, under the first name:
@@ -26,6 +27,7 @@ import json
 import logging
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,23 +96,35 @@ def shards(weights: Any, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Iterator[
     named model-00001.safetensors, model-00002.safetensors, ..."""
     if shard_bytes < 1:
         raise ValueError(f"shard_bytes must be >= 1, got {shard_bytes}")
+    # The next shard is hashed on a worker thread while the caller sends this one (hashlib lets
+    # go of the GIL); its tensors are still gathered here, in the caller's thread.
+    with ThreadPoolExecutor(1, thread_name_prefix="espo-shard-hash") as hashing:
+        pending: Future[Shard] | None = None
+        for count, batch in enumerate(_batches(weights, shard_bytes), start=1):
+            hashed = hashing.submit(_shard, f"model-{count:05d}.safetensors", batch)
+            if pending is not None:
+                yield pending.result()
+            pending = hashed
+        if pending is not None:
+            yield pending.result()
+
+
+def _batches(weights: Any, shard_bytes: int) -> Iterator[list[tuple[str, Any]]]:
+    """The (name, CPU tensor) pairs of `weights`, cut into lists of about `shard_bytes`."""
     batch: list[tuple[str, Any]] = []
     size = 0
-    count = 0
     for name, tensor in named_tensors(weights):
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be strings, got {name!r}")
         tensor = _on_cpu(name, tensor)
         nbytes = tensor.numel() * tensor.element_size()
         if batch and size + nbytes > shard_bytes:
-            count += 1
-            yield _shard(f"model-{count:05d}.safetensors", batch)
+            yield batch
             batch, size = [], 0
         batch.append((name, tensor))
         size += nbytes
     if batch:
-        count += 1
-        yield _shard(f"model-{count:05d}.safetensors", batch)
+        yield batch
 
 
 def _shard(name: str, tensors: list[tuple[str, Any]]) -> Shard:
