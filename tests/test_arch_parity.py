@@ -41,7 +41,7 @@ def served(request, tmp_path_factory, server_logs) -> Iterator[tuple[str, Server
 def chat_prompts(arch: str) -> list[list[int]]:
     tokenizer = build_tokenizer(ARCHS[arch])
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in chats]
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=False) for c in chats]
 
 
 def hf_logprobs(model, prompt: list[int], response: list[int]) -> np.ndarray:
