@@ -41,14 +41,22 @@ class TinyConfig:
 
 def build_tokenizer(arch: Arch | None = None):  # -> transformers.PreTrainedTokenizerFast
     """A char-level fast tokenizer: one token per character, no normaliser, no added spaces; with
-    `arch`, its special tokens (each one token) and chat template too."""
+    `arch`, its special tokens (each one token) and chat template too. A byte-level `arch`
+    (Qwen2's: transformers loads a qwen2 model's tokenizer as its own byte-level BPE, whatever the
+    file says) is a BPE without merges over the byte-level forms of the characters: the same ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(arch.vocab if arch else VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    if arch is not None and arch.byte_level:
+        vocab = {_byte_level(t, arch): i for i, t in enumerate(arch.vocab)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        vocab = {tok: i for i, tok in enumerate(arch.vocab if arch else VOCAB)}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=arch.bos if arch else "<s>",
@@ -60,6 +68,14 @@ def build_tokenizer(arch: Arch | None = None):  # -> transformers.PreTrainedToke
     )
     tokenizer.chat_template = arch.chat_template if arch else CHAT_TEMPLATE
     return tokenizer
+
+
+_BYTE_LEVEL = {" ": "\u0120", "\n": "\u010a"}
+"""GPT-2's printable stand-ins of the two characters the tiny vocabulary has that are not printable."""
+
+
+def _byte_level(token: str, arch: Arch) -> str:
+    return token if token in arch.specials or token in SPECIAL_TOKENS else _BYTE_LEVEL.get(token, token)
 
 
 def llama_config(cfg: TinyConfig, **extra):  # -> transformers.LlamaConfig
@@ -136,6 +152,7 @@ class Arch:
     config_class: str
     tie_word_embeddings: bool
     num_key_value_heads: int
+    byte_level: bool
     specials: tuple[str, ...]
     bos: str | None
     eos: str
@@ -153,6 +170,7 @@ QWEN2 = Arch(
     config_class="Qwen2Config",
     tie_word_embeddings=True,
     num_key_value_heads=1,
+    byte_level=True,
     specials=("<|im_start|>", "<|im_end|>"),
     bos=None,
     eos="<|im_end|>",
@@ -168,6 +186,7 @@ LLAMA = Arch(
     config_class="LlamaConfig",
     tie_word_embeddings=True,
     num_key_value_heads=1,
+    byte_level=False,
     specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     bos="<|begin_of_text|>",
     eos="<|eot_id|>",

@@ -16,7 +16,7 @@ import torch
 
 from espo_client import APIStatusError, EspoClient
 from espo_server.process import ServerProcess, espo_server_argv, free_port
-from espo_server.tiny_model import ARCHS, TinyConfig, build_tokenizer, make_arch_model, make_arch_models
+from espo_server.tiny_model import ARCHS, TinyConfig, make_arch_model, make_arch_models
 
 pytestmark = pytest.mark.vllm
 
@@ -38,8 +38,11 @@ def served(request, tmp_path_factory, server_logs) -> Iterator[tuple[str, Server
         yield arch, proc.wait_ready(), policy, critic
 
 
-def chat_prompts(arch: str) -> list[list[int]]:
-    tokenizer = build_tokenizer(ARCHS[arch])
+def chat_prompts(policy_dir: Path) -> list[list[int]]:
+    """The questions as chats through the model's own tokenizer, loaded as the server loads it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
     return [tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=False) for c in chats]
 
@@ -64,6 +67,7 @@ def parity(
     out = client.rollouts(
         prompts=[{"token_ids": p} for p in prompts], n=2, max_tokens=24, seed=seed, ignore_eos=True,
         stop_rule="espo", shadow=True, state=EAGER, include=["values"],
+        rule_params={"min_tokens": 2, "critic_stride": 2},
     )  # fmt: skip
     logprob_diff, value_diff, values = 0.0, 0.0, 0
     for t in out.trajectories:
@@ -84,7 +88,7 @@ def test_serve_rollout_push_by_upload_and_match_hf(served, tmp_path):
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, torch_dtype=torch.float32).eval()
     critic = AutoModelForTokenClassification.from_pretrained(critic_dir, torch_dtype=torch.float32).eval()
     assert policy.config.tie_word_embeddings and critic.config.problem_type == "regression"
-    prompts = chat_prompts(arch)
+    prompts = chat_prompts(policy_dir)
 
     # the server's chat template is the tokenizer's: the same prompt tokens as applied here
     chat = httpx.post(
