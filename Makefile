@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools run serve test test-fast lint openapi bench reproduce soak faults fuzz clean
+.PHONY: install tools run serve test test-fast lint openapi docs bench reproduce soak faults fuzz clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ lint: $(STAMP)
 openapi: $(STAMP)
 	$(PY) -m espo_server.openapi > docs/openapi.json
 
+# The generated pages: docs/configuration.md (from ServerConfig) and docs/openapi.json; tests fail when
+# either is stale.
+docs: openapi
+	$(PY) -m espo_server.config_docs > docs/configuration.md
+
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/savings.py
@@ -73,7 +78,7 @@ bench: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) bench/reproduce.py
 
-# Reliability (README, "Reliability"): each starts its own servers on tiny models, on loopback,
+# Reliability (docs/reliability.md): each starts its own servers on tiny models, on loopback,
 # checks what it measures, prints a table and writes bench/results/*.json; a failed check fails.
 soak: $(STAMP)
 	$(PY) bench/soak.py

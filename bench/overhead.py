@@ -39,6 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from espo_server.engine import shutdown_engine  # noqa: E402
 from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_serve_argv  # noqa: E402
 
 # Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.
@@ -322,7 +323,7 @@ async def main_async(args) -> dict:
                     row["e_over_d"] = round(med["e_espo_interval"] / med["d_espo_shadow"], 3)
                 results["rows"].append(row)
     finally:
-        llm.shutdown()
+        shutdown_engine(llm)  # once, now: no AsyncLLM.__del__ traceback at exit
         espo.stop()
         vllm_srv.stop()
         if interval is not None:

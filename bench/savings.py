@@ -17,7 +17,7 @@ over repeats:
 
     .venv/bin/python bench/savings.py                   # 3 repeats x 64 problems x n=4 (768 trajectories)
 
-Compass targets for espo stopping for real (issue 11): >= 25% fewer tokens than none, <= 3% false
+Targets for espo stopping for real: >= 25% fewer tokens than none, <= 3% false
 stops, >= 60% of the oracle's savings; printed as met or missed.
 """
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from espo_client import EspoClient  # noqa: E402
 from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
-from espo_server.toy.demo import COMPASS, DEMO_BETA, run_batches  # noqa: E402
+from espo_server.toy.demo import DEMO_BETA, TARGETS, run_batches  # noqa: E402
 from espo_server.toy.task import generate  # noqa: E402
 
 
@@ -155,9 +155,9 @@ def summarise(runs: list[dict]) -> dict:
     out["shadow_fraction_of_oracle"] = out["espo_shadow"]["oracle_share"]
     out["wall_ratio_espo_over_none"] = out["espo"]["wall_ratio_over_none"]
     e = out["espo"]
-    out["compass"] = {
+    out["targets"] = {
         name: e[name] is not None and (e[name] >= bound if op == ">=" else e[name] <= bound)
-        for name, (op, bound) in COMPASS.items()
+        for name, (op, bound) in TARGETS.items()
     }
     return out
 
@@ -222,10 +222,10 @@ def print_table(s: dict) -> None:
     betas = ", ".join(f"{b:.3f}" for b in s["regret_only_beta"])
     print(f"regret_only: v_const 1, beta per repeat {betas} (matched to espo shadow's stop count)")
     print(
-        "compass (espo, real): "
+        "targets (espo, real): "
         + ", ".join(
-            f"{name} {_f(e[name])} {op} {bound}: {'met' if s['compass'][name] else 'MISSED'}"
-            for name, (op, bound) in COMPASS.items()
+            f"{name} {_f(e[name])} {op} {bound}: {'met' if s['targets'][name] else 'MISSED'}"
+            for name, (op, bound) in TARGETS.items()
         )
     )
 

@@ -16,7 +16,7 @@ the modes on each repeat, with the same problems and seeds per repeat:
 
 Prints, medians over repeats: wall time, tokens generated, trajectories/s, stop and false-stop rates
 (a stop is false when the `none` twin, same prompt and seed, was correct), and the ratios to none's
-full batch. Targets (issue 9): espo wall <= 0.8 x none at <= 3% false stops; over-sampling's time to
+full batch. Targets: espo wall <= 0.8 x none at <= 3% false stops; over-sampling's time to
 B groups <= 0.7 x none's full batch.
 
     .venv/bin/python bench/throughput.py                       # 256 problems x n=4, 64 slots, 3 repeats

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -44,6 +44,7 @@ from espo_client.protocol import (
     RunRequest,
     RunResponse,
     StateResponse,
+    Trajectory,
     TrajectoryEvent,
     WeightsRequest,
     WeightsResponse,
@@ -51,8 +52,10 @@ from espo_client.protocol import (
 
 from .config import ServerConfig
 from .errors import InvalidRequest, bearer_matches, error_body, install_error_handlers
+from .events import CallDone, encode
 from .openai_api import OpenAIServing
-from .service import CallPlan, RolloutService
+from .ports import admin_only
+from .service import RolloutService
 from .upload_routes import upload_router
 from .uploads import UploadTarget
 
@@ -64,9 +67,10 @@ _ERROR_RESPONSES: dict[int | str, dict] = {
     "4XX": {
         "model": ErrorResponse,
         "description": "Invalid request (400, error.param names the field), missing/wrong bearer "
-        "token (401), weights outside --weights-dir (403), an unknown upload (404), a conflict (409: a "
-        "request_id reused with another body, a busy run or batch, an upload in progress), an upload "
-        "over its limit (413), too much in flight (429, with Retry-After)",
+        "token (401), weights outside --weights-dir or an admin route off the admin port (403), an "
+        "unknown upload (404), a conflict (409: a request_id reused with another body, a busy run or "
+        "batch, an upload in progress), an upload over its limit (413), too much in flight (429, with "
+        "Retry-After)",
     },
     503: {"model": ErrorResponse, "description": "Engine or critic not available"},
 }
@@ -130,6 +134,7 @@ def build_app(config: ServerConfig) -> FastAPI:
             service.check_alive()
 
     v1 = [Depends(authorised), Depends(engine_alive)]
+    admin = [*v1, Depends(admin_only(config.admin_port))]  # ports.py: on --admin-port only, if set
     v1_errors = _ERROR_RESPONSES
 
     @app.post(
@@ -148,24 +153,26 @@ def build_app(config: ServerConfig) -> FastAPI:
     ):
         if stream:
             plan = svc.plan(body)  # invalid input is answered 400 before the stream starts
-            return StreamingResponse(_ndjson(svc, plan), media_type="application/x-ndjson")
+            # Starlette closes the stream when the client disconnects, which aborts the engine requests.
+            lines = encode(svc.stream(plan), NdjsonLines())
+            return StreamingResponse(lines, media_type="application/x-ndjson")
         return await run_until_disconnect(request, svc.rollouts(body))
 
     @app.get("/v1/espo/state", response_model=StateResponse, dependencies=v1, responses=v1_errors)
     async def get_state(svc: RolloutService = Depends(get_service)) -> StateResponse:
         return svc.state()
 
-    @app.put("/v1/espo/state", response_model=StateResponse, dependencies=v1, responses=v1_errors)
+    @app.put("/v1/espo/state", response_model=StateResponse, dependencies=admin, responses=v1_errors)
     async def put_state(body: EspoState, svc: RolloutService = Depends(get_service)) -> StateResponse:
         return svc.set_state(body)
 
-    @app.post("/v1/espo/commit", response_model=StateResponse, dependencies=v1, responses=v1_errors)
+    @app.post("/v1/espo/commit", response_model=StateResponse, dependencies=admin, responses=v1_errors)
     async def commit(
         body: CommitRequest | None = None, svc: RolloutService = Depends(get_service)
     ) -> StateResponse:
         return svc.commit(body.batch_id if body else None)
 
-    @app.post("/v1/weights", response_model=WeightsResponse, dependencies=v1, responses=v1_errors)
+    @app.post("/v1/weights", response_model=WeightsResponse, dependencies=admin, responses=v1_errors)
     async def weights(body: WeightsRequest, svc: RolloutService = Depends(get_service)) -> WeightsResponse:
         return await svc.load_weights(body.path, body.version)
 
@@ -184,7 +191,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         return await svc.close_run(run_id)
 
     @app.post(
-        "/v1/critic/weights", response_model=CriticWeightsResponse, dependencies=v1, responses=v1_errors
+        "/v1/critic/weights", response_model=CriticWeightsResponse, dependencies=admin, responses=v1_errors
     )
     async def critic_weights(
         body: CriticWeightsRequest, svc: RolloutService = Depends(get_service)
@@ -208,7 +215,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         ("policy", "/v1/weights/uploads", WeightsResponse),
         ("critic", "/v1/critic/weights/uploads", CriticWeightsResponse),
     ):
-        app.include_router(upload_router(prefix, what, uploads_of(what), answer, v1, v1_errors))
+        app.include_router(upload_router(prefix, what, uploads_of(what), answer, admin, v1_errors))
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=v1, responses=v1_errors)
     async def info(svc: RolloutService = Depends(get_service)) -> InfoResponse:
@@ -328,23 +335,24 @@ def _sse_response(chunk: type) -> dict:
     }
 
 
-async def _ndjson(svc: RolloutService, plan: CallPlan) -> AsyncIterator[bytes]:
-    """NDJSON lines (protocol `RolloutStreamEvent`): a TrajectoryEvent per trajectory as it ends, a
-    GroupEvent as each prompt group completes, then one DoneEvent, or an ErrorEvent if the call
-    fails after the 200 was sent. Starlette cancels this
-    generator when the client disconnects, which aborts the engine requests."""
+class NdjsonLines:
+    """A call's events as NDJSON lines (protocol `RolloutStreamEvent`): a TrajectoryEvent per
+    trajectory as it ends, a GroupEvent as each prompt group completes, then one DoneEvent, or an
+    ErrorEvent if the call fails after the 200 was sent."""
 
-    def line(event: TrajectoryEvent | GroupEvent | DoneEvent | ErrorEvent) -> bytes:
-        return (event.model_dump_json() + "\n").encode()
+    def trajectory(self, trajectory: Trajectory) -> bytes:
+        return _line(TrajectoryEvent(trajectory=trajectory))
 
-    try:
-        async for item in svc.stream(plan):
-            if isinstance(item, RolloutResponse):
-                yield line(DoneEvent(response=item.model_copy(update={"trajectories": []})))
-            elif isinstance(item, GroupEvent):
-                yield line(item)
-            else:
-                yield line(TrajectoryEvent(trajectory=item))
-    except Exception as exc:
+    def group(self, event: GroupEvent) -> bytes:
+        return _line(event)
+
+    def done(self, done: CallDone) -> bytes:
+        return _line(DoneEvent(response=done.summary))
+
+    def error(self, exc: Exception) -> bytes:
         log.exception("stream failed")
-        yield line(ErrorEvent(error=error_body(exc)))
+        return _line(ErrorEvent(error=error_body(exc)))
+
+
+def _line(event: TrajectoryEvent | GroupEvent | DoneEvent | ErrorEvent) -> bytes:
+    return (event.model_dump_json() + "\n").encode()

@@ -18,10 +18,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .config import ServerConfig
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+from .config_docs import flag_name as _flag
+from .config_docs import help_text
 
 
 def _base_type(annotation: object) -> object:
@@ -36,13 +34,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ServerConfig field; unset flags fall through to env vars and defaults."""
     for name, field in ServerConfig.model_fields.items():
         base = _base_type(field.annotation)
-        help_text = f"{field.description} [env ESPO_{name.upper()}]"
+        help_line = help_text(name, field)
         if base is bool:
             parser.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_line
             )
             continue
-        kwargs: dict = {"dest": name, "default": None, "help": help_text}
+        kwargs: dict = {"dest": name, "default": None, "help": help_line}
         if typing.get_origin(base) is list:  # repeatable: --weights-dir A --weights-dir B
             kwargs["action"] = "append"
             kwargs["type"] = typing.get_args(base)[0]
@@ -100,6 +98,7 @@ def _critic(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         api_key=args.api_key,
         weights_dir=[Path(d) for d in args.weights_dir],
+        admin_port=args.admin_port,
         upload_dir=args.upload_dir,
         upload_max_bytes=args.upload_max_bytes,
         upload_idle_timeout_s=args.upload_idle_timeout_s,
@@ -143,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     critic.add_argument("--model", required=True, help="critic model directory (LlamaForTokenClassification)")
     critic.add_argument("--host", default="127.0.0.1")
     critic.add_argument("--port", type=int, default=8001)
+    critic.add_argument(
+        "--admin-port",
+        type=int,
+        default=int(os.environ["ESPO_ADMIN_PORT"]) if os.environ.get("ESPO_ADMIN_PORT") else None,
+        help="also listen here, and answer POST /v1/critic/weights only here (403 on --port); the "
+        "rollout server's --critic-url then names this port (env ESPO_ADMIN_PORT)",
+    )
     critic.add_argument("--gpu-memory-utilization", type=float, default=0.15)
     critic.add_argument("--max-model-len", type=int, default=None)
     critic.add_argument("--dtype", default="auto", help="vLLM dtype (on CPU, auto means bfloat16)")

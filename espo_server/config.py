@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from espo_client.protocol import MAX_TOP_K_LOGPROBS, EspoState, RuleParams
@@ -56,6 +56,14 @@ class ServerConfig(BaseSettings):
         ge=0,
         le=65535,
         description="Also serve the gRPC API (espo.v1.Rollouts) on this port, same host (unset: no gRPC).",
+    )
+    admin_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Also listen on this port, same host, and answer the admin routes (POST /v1/weights, "
+        "POST /v1/critic/weights, PUT /v1/espo/state, POST /v1/espo/commit) only there: on --port they "
+        "are 403. For a NetworkPolicy that lets only the learner reach them (unset: one port, all routes).",
     )
 
     # --- the policy
@@ -200,7 +208,14 @@ class ServerConfig(BaseSettings):
         "auto", description="Reward for eos trajectories whose prompt has an answer (auto: toy if embedded)."
     )
 
+    # --- logging
     log_level: str = Field("info", description="Log level of the server.")
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServerConfig:
+        if self.admin_port is not None and self.admin_port in (self.port, self.grpc_port):
+            raise ValueError(f"admin_port {self.admin_port} must differ from port and grpc_port")
+        return self
 
     def model_name(self) -> str:
         """The name the OpenAI-compatible API serves the policy under."""

@@ -11,6 +11,8 @@
 Start-up (serve.run_critic_server) starts the critic engine and hands it to `build_critic_app`.
 Behind the same bearer token as the rollout server (`--api-key`, env ESPO_API_KEY: every /v1 route
 needs it; /health and /metrics do not), and a push loads only from its `--weights-dir` directories.
+With `--admin-port`, the push route answers on that port only (ports.py); /metrics serves this
+process's critic series: its engine's `vllm:*` (espo_engine="critic") and the critic's `espo_*`.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from espo_client.protocol import (
     HealthResponse,
 )
 
-from .critic import InProcessCritic, push_weights
+from .critic import push_weights
+from .critic_engine import InProcessCritic
 from .errors import InvalidRequest, bearer_matches, install_error_handlers
+from .metrics import critic_process_registry
+from .ports import admin_only
 from .upload_routes import upload_router
 from .uploads import LocalUploads, UploadStore
 from .weights import allowed_weights_dir
@@ -48,6 +53,7 @@ def build_critic_app(
     *,
     api_key: str | None = None,
     weights_dir: list[Path] | None = None,
+    admin_port: int | None = None,
     upload_store: UploadStore | None = None,
 ) -> FastAPI:
     app = FastAPI(title="espo-server critic", version="0.1.0")
@@ -59,6 +65,8 @@ def build_critic_app(
             raise HTTPException(401, "missing or wrong bearer token")
 
     v1 = [Depends(authorised)]
+    admin = [*v1, Depends(admin_only(admin_port))]
+    registry = critic_process_registry()
     limit = critic.llm.model_config.max_model_len
     vocab = critic.llm.model_config.get_vocab_size()
 
@@ -74,7 +82,9 @@ def build_critic_app(
             values=answer.values, critic_version=answer.version, computed_tokens=answer.computed_tokens
         )
 
-    @app.post("/v1/critic/weights", response_model=CriticWeightsResponse, responses=_ERRORS, dependencies=v1)
+    @app.post(
+        "/v1/critic/weights", response_model=CriticWeightsResponse, responses=_ERRORS, dependencies=admin
+    )
     async def weights(body: CriticWeightsRequest) -> CriticWeightsResponse:
         allowed_weights_dir(body.path, roots)  # 403 outside --weights-dir
         return await load(body.path, body.version)
@@ -86,7 +96,7 @@ def build_critic_app(
     if upload_store is not None:
         uploads = LocalUploads(upload_store, load)
         prefix, answer = "/v1/critic/weights/uploads", CriticWeightsResponse
-        app.include_router(upload_router(prefix, "critic", lambda _: uploads, answer, v1, _ERRORS))
+        app.include_router(upload_router(prefix, "critic", lambda _: uploads, answer, admin, _ERRORS))
 
     @app.get("/v1/info", response_model=CriticInfoResponse, dependencies=v1)
     async def info() -> CriticInfoResponse:
@@ -107,6 +117,6 @@ def build_critic_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

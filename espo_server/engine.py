@@ -13,9 +13,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from espo_client.protocol import MAX_SEED
+from espo_client.protocol import MAX_SEED, Sampling
 
 from . import metrics
 from .errors import EngineDead, ReloadFailed, WeightsBroken
@@ -55,6 +55,14 @@ class GenerationParams:
     """Stop strings (vLLM then detokenizes this sample's output to look for them)."""
     stream_interval: int = 1
     """Tokens per streamed chunk (vLLM's stream_interval; the first and last come at once)."""
+
+    @classmethod
+    def of(cls, sampling: Sampling, **engine: Any) -> GenerationParams:
+        """A request's sampling settings (`espo_client.protocol.Sampling`, the one definition) as the
+        engine's, with the engine's own settings (`top_k_logprobs`, `top_ids`, `stream_interval`)."""
+        fields = sampling.model_dump()
+        lists = {name: tuple(fields[name] or ()) for name in ("stop_token_ids", "stop")}
+        return cls(**{**fields, **lists}, **engine)
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,49 @@ class ReadWriteGate:
                 self._cond.notify_all()
 
 
+@runtime_checkable
+class Engine(Protocol):
+    """What the service needs from a policy engine: `PolicyEngine` (vLLM) is it, and so is the test
+    suite's scripted fake (tests/fakes.py); tests/test_fakes.py checks both against this."""
+
+    model: str
+    tokenizer: Any
+    """A Hugging Face tokenizer: encode, decode, apply_chat_template, eos_token_id."""
+    policy_version: int
+    broken: str | None
+    """Why the weights are unusable (a failed reload whose roll-back failed too); None: fine."""
+    gate: ReadWriteGate
+    """Calls hold it shared, a weight push exclusive."""
+    vocab_size: int
+    max_model_len: int
+    eos_token_id: int | None
+    max_num_seqs: int | None
+    max_num_batched_tokens: int | None
+
+    @property
+    def dead(self) -> bool:
+        """The engine's process is gone: nothing will be served again."""
+        ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[TokenChunk]:
+        """Stream one sample. Closing or cancelling the iterator aborts the engine request."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """End a request: its stream ends with finish_reason "abort"."""
+        ...
+
+    async def reload_weights(self, path: str, version: int) -> float:
+        """Load the weights in `path` as `version`; the seconds it took."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve now."""
+        ...
+
+
 @contextlib.asynccontextmanager
 async def running_async_llm(args, what: str) -> AsyncIterator[AsyncLLM]:
     """An AsyncLLM from engine args, shut down on exit whatever happened (policy and critic alike)."""
@@ -155,7 +206,26 @@ async def running_async_llm(args, what: str) -> AsyncIterator[AsyncLLM]:
         yield llm
     finally:
         metrics.ENGINE_SERIES.release(what)
+        shutdown_engine(llm)
+
+
+def shutdown_engine(llm: AsyncLLM) -> None:
+    """Shut an AsyncLLM down now, and only once.
+
+    vLLM's `AsyncLLM.__del__` calls `shutdown()` again whenever the object is collected; at
+    interpreter exit the vllm modules' globals are already None by then, and the process ends with
+    "Exception ignored in: AsyncLLM.__del__ ... TypeError: 'NoneType' object is not callable" on
+    stderr. After the real shutdown, the instance's `shutdown` is a no-op, so that `__del__` finds
+    nothing left to do (every process that starts an engine ends through here).
+    """
+    try:
         llm.shutdown()
+    finally:
+        llm.shutdown = _shut_down  # type: ignore[method-assign]
+
+
+def _shut_down(timeout: float | None = None) -> None:
+    """`AsyncLLM.shutdown` once it has run: nothing left to release."""
 
 
 class PolicyEngine:

@@ -1,23 +1,26 @@
 """The errors the service raises, the one envelope they are answered with, and the one mapper.
 
 The service (and the sample loop, the ledger, the critic clients) raise these; they know nothing of
-HTTP. Each HTTP app (`app.py`, `critic_server.py`) installs `install_error_handlers`, which answers
-every exception with `{"error": {"message", "type", "param", "code"}}`:
+HTTP. `error_body` maps any exception to the envelope's body, for every transport: each HTTP app
+(`app.py`, `critic_server.py`) installs `install_error_handlers`, which answers with
+`{"error": {"message", "type", "param", "code"}}` (and Retry-After where `retry_after_s` says);
+streams send the same body as their last event; gRPC turns its `code` into a status:
 
     ServiceError                 503 service_unavailable (the base: something on our side is down)
     +-- InvalidRequest           400 invalid_request_error, `param` names the field
+    |   +-- ModelNotFound        404 not_found_error (OpenAI API: `model` is not the served one)
     +-- Forbidden                403 permission_error (e.g. weights outside --weights-dir)
     +-- NotFound                 404 not_found_error (an upload id this server does not hold)
     +-- Conflict                 409 conflict (a request_id reused with another body, a busy run, ...)
     +-- TooLarge                 413 payload_too_large (an upload over --upload-max-bytes)
     +-- Overloaded               429 overloaded, with Retry-After
-    |   +-- ModelNotFound        404 not_found_error (OpenAI API: `model` is not the served one)
     +-- EngineDead               503 engine_dead (the vLLM engine process died: the server exits)
     +-- ShuttingDown             503 shutting_down, with Retry-After (SIGTERM: draining)
     +-- ReloadFailed             500 reload_failed (a weight push failed; rolled back, old version serves)
     +-- WeightsBroken            503 weights_broken (a failed push whose roll-back failed too)
     +-- critic.CriticError       503 critic_unavailable
-    fastapi RequestValidationError  400 invalid_request_error (pydantic's complaint, field named)
+    pydantic ValidationError     400 invalid_request_error (pydantic's complaint, field named; FastAPI's
+                                 RequestValidationError too)
     HTTPException(401)           401 authentication_error (404, 405, an undecodable body 400: http_error)
     anything else                503 engine_error (logged with its traceback, never a bare 500)
 """
@@ -25,7 +28,10 @@ every exception with `{"error": {"message", "type", "param", "code"}}`:
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from espo_client.protocol import ErrorBody, ErrorResponse
 from espo_client.stop_rule import ParameterError
@@ -124,10 +130,40 @@ class ShuttingDown(ServiceError):
 
 
 def error_body(exc: BaseException) -> ErrorBody:
-    """The envelope's body for any exception the service lets out (the one mapper)."""
+    """The envelope's body for any exception the service lets out: the one mapper, used by every
+    transport (HTTP and OpenAI routes, their streams' error events, gRPC's status)."""
     if isinstance(exc, ServiceError):
         return exc.body()
+    if isinstance(exc, ValidationError):  # a message converted to a protocol model (gRPC)
+        return validation_body(exc.errors())
     return ErrorBody(message=f"engine error: {exc.__class__.__name__}: {exc}", type="engine_error", code=503)
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """Seconds the caller should wait before retrying (HTTP's Retry-After), where the error says."""
+    return exc.retry_after_s if isinstance(exc, ServiceError) else None
+
+
+def validation_body(
+    errors: Sequence[Mapping[str, Any]], rename: Callable[[str | None], str | None] | None = None
+) -> ErrorBody:
+    """pydantic's complaint (its first error, and how many more) as a 400 naming the field; `rename`
+    maps the field's name to the caller's (the OpenAI routes' `prompt` for `prompts[0]`)."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        message = f"request body is not valid JSON: {first.get('msg')}"
+        return ErrorBody(message=message, type="invalid_request_error", code=400)
+    loc = tuple(first.get("loc", ()))
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ParameterError):  # raised by a dataclass's own check: name its field
+        loc += (cause.field,)
+    param = param_of(loc)
+    if rename is not None:
+        param = rename(param)
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
+    return ErrorBody(message=message, type="invalid_request_error", param=param, code=400)
 
 
 def param_of(loc: tuple) -> str | None:
@@ -155,20 +191,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0]
-        if first.get("type") == "json_invalid":
-            message = f"request body is not valid JSON: {first.get('msg')}"
-            return error_response(ErrorBody(message=message, type="invalid_request_error", code=400))
-        loc = tuple(first.get("loc", ()))
-        cause = (first.get("ctx") or {}).get("error")
-        if isinstance(cause, ParameterError):  # raised by a dataclass's own check: name its field
-            loc += (cause.field,)
-        param = param_of(loc)
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problems)"
-        return error_response(ErrorBody(message=message, type="invalid_request_error", param=param, code=400))
+        return error_response(validation_body(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
@@ -176,14 +199,13 @@ def install_error_handlers(app: FastAPI) -> None:
         body = ErrorBody(message=str(exc.detail), type=type_, code=exc.status_code)
         return error_response(body, exc.headers)  # e.g. Allow of a 405
 
-    @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": f"{exc.retry_after_s:g}"} if exc.retry_after_s is not None else None
-        return error_response(exc.body(), headers)
+    async def answer(_: Request, exc: Exception) -> JSONResponse:
+        retry = retry_after_s(exc)
+        return error_response(error_body(exc), None if retry is None else {"Retry-After": f"{retry:g}"})
 
-    @app.exception_handler(Exception)  # Starlette logs these itself, with the traceback
-    async def _any(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(error_body(exc))
+    app.add_exception_handler(ServiceError, answer)
+    # Anything else: Starlette's last resort, which also logs it with its traceback (and re-raises).
+    app.add_exception_handler(Exception, answer)
 
 
 class ReloadFailed(ServiceError):

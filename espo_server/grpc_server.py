@@ -8,13 +8,16 @@ HTTP API's semantics as gRPC status codes:
     ModelNotFound                              NOT_FOUND
     Forbidden (weights outside --weights-dir)  PERMISSION_DENIED
     Conflict (reused request_id, busy run)     FAILED_PRECONDITION
-    Overloaded                                 RESOURCE_EXHAUSTED (retry after espo-retry-after-s)
+    Overloaded                                 RESOURCE_EXHAUSTED
     missing/wrong bearer token                 UNAUTHENTICATED
+    ReloadFailed (a push rolled back)          INTERNAL
     ServiceError (critic down), anything else  UNAVAILABLE
 
-with the field also in the trailing metadata `espo-error-param` and the error type in
-`espo-error-type`. A cancelled call (the client went away, or cancelled it) cancels the rollout,
-which aborts its engine requests, or abandons the upload. Weight uploads (UploadWeights,
+with the field also in the trailing metadata `espo-error-param`, the error type in `espo-error-type`
+and, for errors to retry later (overloaded, shutting_down), the seconds to wait in
+`espo-retry-after-s` (what HTTP sends as Retry-After). The mapping is errors.error_body, the
+HTTP API's own. A cancelled call (the client went away, or cancelled it) cancels the rollout, which
+aborts its engine requests, or abandons the upload. Weight uploads (UploadWeights,
 UploadCriticWeights) are client-streaming calls over the same upload targets as the HTTP routes
 (upload_routes.py). Started by serve.py beside uvicorn when `--grpc-port` is set.
 """
@@ -29,7 +32,6 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
-from pydantic import ValidationError
 
 from espo_client.grpc_codec import from_message, to_message
 from espo_client.proto import espo_pb2 as pb
@@ -41,16 +43,16 @@ from espo_client.protocol import (
     EspoState,
     GroupEvent,
     RolloutRequest,
-    RolloutResponse,
     RunRequest,
+    Trajectory,
     UploadCommitRequest,
     UploadRequest,
     WeightsRequest,
 )
-from espo_client.stop_rule import ParameterError
 
 from .config import ServerConfig
-from .errors import InvalidRequest, bearer_matches, error_body, param_of
+from .errors import InvalidRequest, bearer_matches, error_body, retry_after_s
+from .events import CallDone, encode
 from .service import RolloutService
 from .uploads import UploadTarget
 
@@ -69,33 +71,36 @@ STATUS = {
 """HTTP status of the error envelope -> gRPC status code."""
 
 
-def validation_body(exc: ValidationError) -> ErrorBody:
-    """pydantic's complaint about a converted message, naming the field as the HTTP API does."""
-    errors = exc.errors()
-    first = errors[0]
-    loc = tuple(first.get("loc", ()))
-    cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, ParameterError):
-        loc += (cause.field,)
-    param = param_of(loc)
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problems)"
-    return ErrorBody(message=message, type="invalid_request_error", param=param, code=400)
-
-
-async def abort(context: grpc.aio.ServicerContext, body: ErrorBody) -> None:
-    """End the call with the status matching `body` (raises, as grpc.aio's abort does)."""
+async def abort(context: grpc.aio.ServicerContext, body: ErrorBody, retry_after: float | None = None) -> None:
+    """End the call with the status matching `body` (raises, as grpc.aio's abort does); the error's
+    type, field and retry-after hint go in the trailing metadata."""
     metadata = [("espo-error-type", body.type)]
     if body.param:
         metadata.append(("espo-error-param", body.param))
+    if retry_after is not None:
+        metadata.append(("espo-retry-after-s", f"{retry_after:g}"))
     context.set_trailing_metadata(tuple(metadata))
     message = body.message
-    if body.type == "overloaded":
-        metadata.append(("espo-retry-after-s", "2"))
     if body.param and not message.startswith(body.param + ":"):
         message = f"{body.param}: {message}"  # the status message starts with the field
     await context.abort(STATUS.get(body.code, grpc.StatusCode.UNAVAILABLE), message)
+
+
+class RolloutEvents:
+    """A call's events as `RolloutEvent` messages; a failure is raised on, to end the call with its
+    status."""
+
+    def trajectory(self, trajectory: Trajectory) -> pb.RolloutEvent:
+        return pb.RolloutEvent(trajectory=to_message(trajectory, pb.Trajectory))
+
+    def group(self, event: GroupEvent) -> pb.RolloutEvent:
+        return pb.RolloutEvent(group=to_message(event, pb.GroupEvent))
+
+    def done(self, done: CallDone) -> pb.RolloutEvent:
+        return pb.RolloutEvent(done=to_message(done.summary, pb.RolloutResponse))
+
+    def error(self, exc: Exception) -> pb.RolloutEvent:
+        raise exc
 
 
 class RolloutsServicer(pb_grpc.RolloutsServicer):
@@ -119,13 +124,11 @@ class RolloutsServicer(pb_grpc.RolloutsServicer):
             )
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        if isinstance(exc, ValidationError):
-            await abort(context, validation_body(exc))
         if not isinstance(exc, grpc.aio.AbortError):
             body = error_body(exc)
             if body.code >= 500:
                 log.error("gRPC call failed: %r", exc, exc_info=exc)
-            await abort(context, body)
+            await abort(context, body, retry_after_s(exc))
         raise exc
 
     async def Rollouts(
@@ -137,14 +140,8 @@ class RolloutsServicer(pb_grpc.RolloutsServicer):
         except Exception as exc:
             await self._fail(context, exc)
         try:
-            async for item in self.service.stream(plan):
-                if isinstance(item, RolloutResponse):
-                    done = item.model_copy(update={"trajectories": []})
-                    yield pb.RolloutEvent(done=to_message(done, pb.RolloutResponse))
-                elif isinstance(item, GroupEvent):
-                    yield pb.RolloutEvent(group=to_message(item, pb.GroupEvent))
-                else:
-                    yield pb.RolloutEvent(trajectory=to_message(item, pb.Trajectory))
+            async for message in encode(self.service.stream(plan), RolloutEvents()):
+                yield message
         except Exception as exc:  # cancellation (BaseException) goes through: the stream aborts its samples
             await self._fail(context, exc)
 

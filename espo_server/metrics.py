@@ -131,3 +131,22 @@ class EngineSeries:
 
 ENGINE_SERIES = EngineSeries()
 REGISTRY.register(ENGINE_SERIES)
+
+
+def critic_process_registry() -> CollectorRegistry:
+    """What `espo-server critic` serves on /metrics: its engine's `vllm:*` series (espo_engine="critic"),
+    the critic's version and pushes, and the process's own (memory, CPU, GC); not the rollout
+    server's `espo_*` series, which would be idle zeros there (a critic pod among the replicas)."""
+    from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+
+    registry = CollectorRegistry()
+    for collector in (
+        ENGINE_SERIES,
+        CRITIC_VERSION,
+        CRITIC_WEIGHT_LOADS,
+        PROCESS_COLLECTOR,
+        PLATFORM_COLLECTOR,
+        GC_COLLECTOR,
+    ):
+        registry.register(collector)
+    return registry

@@ -1,7 +1,8 @@
 """OpenAI-compatible completions and chat completions, over the same `RolloutService`.
 
     CompletionRequest / ChatCompletionRequest --OpenAIServing.*_call()--> RolloutRequest --plan()-->
-    CallPlan --service.stream()--> trajectories --> choices (finish_reason, logprobs, `espo` objects)
+    CallPlan --service.stream()--> trajectories --openai_answers.py--> choices (finish_reason,
+    logprobs, `espo` objects)
 
 No rollout logic lives here: a request becomes one `RolloutRequest` (the chat messages rendered to
 token ids with the chat template first), runs through `RolloutService.plan` and `stream` like
@@ -17,64 +18,29 @@ cut tokens back while the critic answers, so tokens are not sent one by one), th
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Literal
 
 from pydantic import ValidationError
 
 from espo_client.openai_protocol import (
-    FINISH_REASONS,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
-    ChatLogprob,
-    ChatLogprobs,
-    ChatMessageOut,
-    ChatTopLogprob,
-    CompletionChoice,
-    CompletionChunk,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    CompletionUsage,
-    EspoChoice,
     ModelCard,
     ModelList,
 )
-from espo_client.protocol import GroupEvent, RolloutRequest, RolloutResponse, Trajectory
+from espo_client.protocol import RolloutRequest
 
 from .config import ServerConfig
-from .errors import InvalidRequest, ModelNotFound, error_body, param_of
-from .service import CallPlan, RolloutService
+from .errors import InvalidRequest, ModelNotFound, validation_body
+from .events import answer, encode
+from .openai_answers import Answers, Kind, OpenAICall, sse_events
+from .service import RolloutService
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["completion", "chat"]
-
-
-@dataclass
-class OpenAICall:
-    """A validated OpenAI request: its rollout plan and what the answer needs besides."""
-
-    kind: Kind
-    body: CompletionRequest | ChatCompletionRequest
-    plan: CallPlan
-    prompt_ids: list[list[int]]
-    id: str
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def stops(self) -> list[str]:
-        stop = self.body.stop
-        return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 class OpenAIServing:
@@ -215,9 +181,8 @@ class OpenAIServing:
         try:
             return RolloutRequest.model_validate(fields)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = _openai_param(param_of(tuple(first.get("loc", ()))), where, len(prompts))
-            raise InvalidRequest(f"{param}: {first.get('msg')}", param) from exc
+            body = validation_body(exc.errors(), lambda param: _openai_param(param, where, len(prompts)))
+            raise InvalidRequest(body.message, body.param) from exc
 
     def _call(self, kind: Kind, body, request: RolloutRequest, where: str) -> OpenAICall:
         try:
@@ -231,130 +196,18 @@ class OpenAIServing:
     # ------------------------------------------------------------------ answers
 
     async def respond(self, call: OpenAICall) -> CompletionResponse | ChatCompletionResponse:
-        response: RolloutResponse | None = None
-        async for item in self.service.stream(call.plan):
-            if isinstance(item, RolloutResponse):
-                response = item
-        assert response is not None
-        choices = [self._choice(call, t) for t in response.trajectories]
-        model = CompletionResponse if call.kind == "completion" else ChatCompletionResponse
-        return model(
-            id=call.id,
-            created=call.created,
-            model=self.model_name,
-            choices=choices,
-            usage=self._usage(call, response),
-            espo=response.model_copy(update={"trajectories": []}),
-        )
+        response = await answer(self.service.stream(call.plan))
+        return Answers(call, self.service.text, self.model_name).response(response)
 
-    async def sse(self, call: OpenAICall) -> AsyncIterator[bytes]:
+    def sse(self, call: OpenAICall) -> AsyncIterator[bytes]:
         """Server-sent events, as OpenAI streams: `data: {chunk}` per finished choice, a last chunk
         with the usage and the rollout response, `data: [DONE]`. A failure after the 200 was sent is
         one `data: {"error": ...}` event (the openai package raises it as an APIError)."""
-        chunk_model = CompletionChunk if call.kind == "completion" else ChatCompletionChunk
-        common = {"id": call.id, "created": call.created, "model": self.model_name}
-        include_usage = bool(call.body.stream_options and call.body.stream_options.include_usage)
-        try:
-            async for item in self.service.stream(call.plan):
-                if isinstance(item, RolloutResponse):
-                    last = chunk_model(
-                        **common,
-                        choices=[],
-                        usage=self._usage(call, item) if include_usage else None,
-                        espo=item.model_copy(update={"trajectories": []}),
-                    )
-                    yield _event(last.model_dump_json())
-                elif isinstance(item, GroupEvent):
-                    continue  # OpenAI streams have no group events; choices carry their prompt index
-                elif call.kind == "completion":
-                    yield _event(chunk_model(**common, choices=[self._choice(call, item)]).model_dump_json())
-                else:
-                    choice = self._choice(call, item)
-                    delta = ChatChunkChoice(
-                        index=choice.index,
-                        delta=ChatDelta(role="assistant", content=choice.message.content),
-                        logprobs=choice.logprobs,
-                        finish_reason=choice.finish_reason,
-                        espo=choice.espo,
-                    )
-                    yield _event(chunk_model(**common, choices=[delta]).model_dump_json())
-        except Exception as exc:
-            log.exception("OpenAI stream failed")
-            yield _event(json.dumps({"error": error_body(exc).model_dump()}))
-        yield _event("[DONE]")
-
-    def _usage(self, call: OpenAICall, response: RolloutResponse) -> CompletionUsage:
-        prompt = sum(len(ids) for ids in call.prompt_ids)
-        completion = response.usage.generated_tokens
-        return CompletionUsage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-        )
-
-    def _choice(self, call: OpenAICall, t: Trajectory) -> CompletionChoice | ChatChoice:
-        body = call.body
-        index = t.prompt_index * body.n + t.sample_index
-        text = t.text or ""
-        if t.end_reason == "eos" and call.stops:
-            text = _cut_at_stop(text, call.stops)
-        finish = FINISH_REASONS[t.end_reason]
-        espo = EspoChoice(**t.model_dump(), prompt_token_ids=call.prompt_ids[t.prompt_index])
-        if call.kind == "completion":
-            assert isinstance(body, CompletionRequest)
-            logprobs = self._completion_logprobs(t, body.logprobs) if body.logprobs is not None else None
-            return CompletionChoice(
-                index=index, text=text, logprobs=logprobs, finish_reason=finish, espo=espo
-            )
-        assert isinstance(body, ChatCompletionRequest)
-        chat_logprobs = self._chat_logprobs(t, body.top_logprobs or 0) if body.logprobs else None
-        return ChatChoice(
-            index=index,
-            message=ChatMessageOut(content=text),
-            logprobs=chat_logprobs,
-            finish_reason=finish,
-            espo=espo,
-        )
-
-    def _top(self, t: Trajectory, k: int) -> list[list[tuple[int, float]]]:
-        traces = t.traces
-        if k <= 0 or traces is None or traces.top_token_ids is None or traces.top_logprobs is None:
-            return [[] for _ in t.token_ids]
-        return [
-            list(zip(ids[:k], lps[:k], strict=True))
-            for ids, lps in zip(traces.top_token_ids, traces.top_logprobs, strict=True)
-        ]
-
-    def _completion_logprobs(self, t: Trajectory, k: int) -> CompletionLogprobs:
-        strings = self.service.token_strings(t.token_ids)
-        offsets, at = [], 0
-        for s in strings:
-            offsets.append(at)
-            at += len(s)
-        top = None
-        if k > 0:
-            top = [
-                {self.service.token_strings([token])[0]: lp for token, lp in step} for step in self._top(t, k)
-            ]
-        return CompletionLogprobs(
-            tokens=strings, token_logprobs=t.logprobs, top_logprobs=top, text_offset=offsets
-        )
-
-    def _chat_logprobs(self, t: Trajectory, k: int) -> ChatLogprobs:
-        strings = self.service.token_strings(t.token_ids)
-        content = []
-        for s, lp, step in zip(strings, t.logprobs, self._top(t, k), strict=True):
-            top = []
-            for token, token_lp in step:
-                (ts,) = self.service.token_strings([token])
-                top.append(ChatTopLogprob(token=ts, logprob=token_lp, bytes=list(ts.encode())))
-            content.append(ChatLogprob(token=s, logprob=lp, bytes=list(s.encode()), top_logprobs=top))
-        return ChatLogprobs(content=content)
+        chunks = Answers(call, self.service.text, self.model_name)
+        return sse_events(encode(self.service.stream(call.plan), chunks))
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _event(data: str) -> bytes:
-    return f"data: {data}\n\n".encode()
 
 
 def _read_template(value: str | None) -> str | None:
@@ -403,9 +256,3 @@ def _openai_param(param: str | None, where: str, prompts: int) -> str | None:
     if param == "top_logprobs":
         return "logprobs" if where == "prompt" else "top_logprobs"
     return param
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """OpenAI leaves the stop string out of the text: cut at the first one found."""
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[: min(cuts)] if cuts else text

@@ -7,7 +7,7 @@ takes them over: they count toward its return target, their next tokens are judg
 frozen ESPO state, and they come back, as whole groups, once complete. A weight push suspends the
 samples running between calls and resumes them under the new weights (their trajectories record
 the version of every span). A run with no call for `idle_timeout_s` is closed and its samples
-aborted. No HTTP here, and no maths: the service (service.py) drives all of it.
+aborted. No HTTP here, and no maths: the calls (call.py) and the weight pushes (admin.py) drive it.
 """
 
 from __future__ import annotations

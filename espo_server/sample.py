@@ -4,6 +4,7 @@ Tokens stream in from vLLM; each goes through the stop rule's tracker. When the 
 the critic is asked *while generation goes on*; when the answer says stop, the engine request is
 aborted and the trajectory is cut back to t+1 tokens (tokens generated while waiting are discarded
 and counted). If the stream ends while a query is pending, the decision for step t still applies.
+What the sample measured becomes its Trajectory in trajectory.py (end reason, reward, traces).
 
 A `Sample` can outlive the call that started it (a carried-over sample of a run) and be suspended
 for a weight push: its engine request is aborted, its tokens, logprobs and tracker are kept, and
@@ -22,17 +23,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from espo_client.entropy_espo import topk_entropy
-from espo_client.protocol import Traces, Trajectory, VersionSpan
+from espo_client.protocol import Sampling, Trajectory
 from espo_client.stop_rule import EspoState, StopRule, TrajectoryTracker
 
 from . import metrics
-from .critic import CriticBatcher, CriticError
-from .engine import GenerationParams, PolicyEngine, TokenChunk, sample_seed
+from .critic import CriticError
+from .critic_batcher import CriticBatcher
+from .engine import Engine, GenerationParams, TokenChunk, sample_seed
+from .trajectory import end_reason, reward, trajectory_traces, version_spans
 
 log = logging.getLogger(__name__)
-
-_END_REASONS = {"stop": "eos", "length": "length", "abort": "abort"}
 
 Scorer = Callable[[list[int]], "float | None"]
 """Reward of an `eos` response from its token ids (the verifier), or None: the learner scores it."""
@@ -46,7 +46,10 @@ class SampleSpec:
     prompt_index: int
     sample_index: int
     prompt_ids: list[int]
+    sampling: Sampling
+    """The call's sampling settings, with this sample's seed (what a carried-over trajectory records)."""
     generation: GenerationParams
+    """The same as the engine takes them."""
     shadow: bool
     include: frozenset[str]
     r_fail: float
@@ -90,7 +93,7 @@ class Sample:
         self,
         spec: SampleSpec,
         tracker: TrajectoryTracker,
-        engine: PolicyEngine,
+        engine: Engine,
         critic: CriticAccess | None,
     ) -> None:
         self.spec = spec
@@ -112,7 +115,7 @@ class Sample:
         self.counted = 0
         """Tokens whose regret an earlier batch already took (`take_batch_regret`)."""
         self.accounted = False
-        """The finished trajectory has been folded into a batch (set by the service)."""
+        """The finished trajectory has been folded into a batch (`batch_share`)."""
         self.task: asyncio.Task[SampleResult] | None = None
         self.critic_tokens = 0
         self.critic_prefix_tokens = 0
@@ -162,6 +165,19 @@ class Sample:
     def rebase(self, state: EspoState) -> None:
         """A new batch began: judge this sample's next tokens with its frozen state."""
         self.tracker.rebase(state)
+
+    def batch_share(self) -> tuple[list[float], bool | None]:
+        """What this sample adds to the batch that ends now: the regret of its tokens no batch has
+        counted yet, and, once it has ended, whether the rule stopped it (the stop rate; None: not
+        counted there, as an aborted sample or a rule that does not steer beta)."""
+        if self.task is None or not self.task.done():
+            return self.take_batch_regret(), None
+        if self.accounted:
+            return [], None
+        self.accounted = True
+        result = self.task.result()
+        ended = result.trajectory.end_reason != "abort" and result.steers_beta
+        return result.g, (result.rule_stopped if ended else None)
 
     def take_batch_regret(self) -> list[float]:
         """The regret of the tokens generated since the last call, for a batch that ends while this
@@ -321,42 +337,24 @@ class Sample:
     def _result(self, score: float | None) -> SampleResult:
         spec = self.spec
         full_length = len(self.token_ids)
-        if self.stop_step is not None:
-            kept = self.stop_step + 1
-            end_reason = "espo_stop"
-        else:
-            kept = full_length
-            end_reason = (
-                "abort" if self._aborting else _END_REASONS.get(self.finish_reason or "abort", "abort")
-            )
+        kept = full_length if self.stop_step is None else self.stop_step + 1
+        end = end_reason(self.stop_step, self.finish_reason, self._aborting)
         token_ids = self.token_ids[:kept]
-        reward: float | None = None
-        if end_reason == "espo_stop":
-            reward = spec.r_fail
-        elif end_reason == "eos":
-            reward = score
         traces = None
         if spec.include:
-            want, tr = spec.include, self.tracker
-            traces = Traces(
-                regret=tr.g[:kept] if "regret" in want else None,
-                z=tr.z[:kept] if "z" in want else None,
-                values=[tr.values.get(t) for t in range(kept)] if "values" in want else None,
-                entropy=[topk_entropy(lp, self.engine.vocab_size) for lp in self.topk[:kept]]
-                if "entropy" in want
-                else None,
-                top_token_ids=self.topk_ids[:kept] if "top_logprobs" in want else None,
-                top_logprobs=self.topk[:kept] if "top_logprobs" in want else None,
+            vocab = self.engine.vocab_size
+            traces = trajectory_traces(
+                spec.include, self.tracker, kept, topk=self.topk, topk_ids=self.topk_ids, vocab_size=vocab
             )
-        spans = _version_spans(self.spans, kept)
+        spans = version_spans(self.spans, kept)
         trajectory = Trajectory(
             prompt_index=spec.prompt_index,
             sample_index=spec.sample_index,
             token_ids=token_ids,
             logprobs=self.logprobs[:kept],
-            end_reason=end_reason,
+            end_reason=end,
             stop_step=self.stop_step,
-            reward=reward,
+            reward=reward(end, spec.r_fail, score),
             shadow_stop_step=self.shadow_stop_step,
             policy_version=min((s.version for s in spans), default=self.engine.policy_version),
             policy_version_spans=spans,
@@ -379,18 +377,3 @@ class Sample:
             critic_tokens=self.critic_tokens,
             critic_prefix_tokens=self.critic_prefix_tokens,
         )
-
-
-def _version_spans(starts: list[tuple[int, int]], kept: int) -> list[VersionSpan]:
-    """Segments (first index, version) -> non-empty spans [start, end) of the kept tokens, adjacent
-    segments of one version merged."""
-    spans: list[VersionSpan] = []
-    for i, (start, version) in enumerate(starts):
-        end = min(kept, starts[i + 1][0] if i + 1 < len(starts) else kept)
-        if end <= start:
-            continue
-        if spans and spans[-1].version == version and spans[-1].end == start:
-            spans[-1] = VersionSpan(start=spans[-1].start, end=end, version=version)
-        else:
-            spans.append(VersionSpan(start=start, end=end, version=version))
-    return spans

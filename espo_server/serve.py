@@ -8,7 +8,7 @@ serves it in the same event loop, and on exit (SIGTERM, Ctrl-C) the engines are 
                          -> build_app(config) -> app.state.service = service -> uvicorn
                             (and, with --grpc-port, grpc_server.py's gRPC server in the same loop)
 
-How `serve` ends (README, "Reliability"):
+How `serve` ends (docs/reliability.md):
 - SIGTERM (an orchestrator stopping the pod): the server drains. New work is answered 503
   `shutting_down` with Retry-After and /readyz turns 503, while the listener stays open; running
   calls get `shutdown_grace_s` to finish and be answered; those still running then are ended with
@@ -38,10 +38,14 @@ from fastapi import FastAPI
 
 from .app import build_app
 from .config import ServerConfig
-from .critic import CriticClient, EspoValuesCritic, InProcessCritic, VllmPoolingCritic
+from .critic import CriticClient
+from .critic_engine import InProcessCritic
+from .critic_http import EspoValuesCritic, VllmPoolingCritic
 from .critic_server import build_critic_app
 from .engine import Parallelism, PolicyEngine
-from .service import RolloutService, Verifier
+from .plan import Verifier
+from .ports import serve as serve_on_ports
+from .service import RolloutService
 from .tiny_model import CHAT_TEMPLATE
 from .upload_forward import ForwardedUploads
 from .uploads import LocalUploads, UploadStore
@@ -294,7 +298,7 @@ async def serve_rollout_app(app: FastAPI, service: RolloutService, config: Serve
     server.on_sigterm = lambda: loop.call_soon_threadsafe(on_sigterm)
     watchdog = loop.create_task(watch_engine(), name="espo-engine-watchdog")
     try:
-        await server.serve()
+        await serve_on_ports(server, config.admin_port)  # and on --admin-port, when set
     finally:
         for task in (watchdog, drain):
             if task is not None:
@@ -328,12 +332,13 @@ def run_critic_server(
     block_size: int | None = None,
     api_key: str | None = None,
     weights_dir: list[Path] | None = None,
+    admin_port: int | None = None,
     upload_dir: Path | None = None,
     upload_max_bytes: int | None = None,
     upload_idle_timeout_s: float = 120.0,
 ) -> None:
     """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights,
-    the uploads under /v1/critic/weights/uploads)."""
+    the uploads under /v1/critic/weights/uploads; the pushes on `admin_port` only, when set)."""
 
     async def main() -> None:
         async with InProcessCritic.launch(
@@ -349,9 +354,12 @@ def run_critic_server(
                     root, what="critic", reference=critic.model, max_bytes=upload_max_bytes,
                     idle_timeout_s=upload_idle_timeout_s, in_use=lambda: critic.weights_dir,
                 )  # fmt: skip
-                app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir, upload_store=store)
+                app = build_critic_app(
+                    critic, api_key=api_key, weights_dir=weights_dir, admin_port=admin_port,
+                    upload_store=store,
+                )  # fmt: skip
                 try:
-                    await serve_app(app, host, port, "info")
+                    await serve_app(app, host, port, "info", admin_port)
                 finally:
                     await store.aclose()
 
@@ -370,7 +378,10 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-async def serve_app(app: FastAPI, host: str, port: int, log_level: str) -> None:
-    """uvicorn in the running event loop; returns after a graceful shutdown (SIGTERM, SIGINT)."""
+async def serve_app(
+    app: FastAPI, host: str, port: int, log_level: str, admin_port: int | None = None
+) -> None:
+    """uvicorn in the running event loop (on `admin_port` too, if set); returns after a graceful
+    shutdown (SIGTERM, SIGINT)."""
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-    await server.serve()
+    await serve_on_ports(server, admin_port)

@@ -8,7 +8,7 @@ One file that reads top to bottom, in the manner of CleanRL's ppo.py. Each itera
 2. score the `eos` trajectories with the toy verifier (unless the server already did);
 3. pad the batch into tensors (`trajectories_to_tensors`), run the critic for V(s_t), and compute
    advantages with `compute_gae`: `espo_stop` is an absorbing failure and `eos` is terminal (next
-   value 0), a `length` cut is bootstrapped with V(s_L) (DESIGN.md section 3);
+   value 0), a `length` cut is bootstrapped with V(s_L) (T-PPO's extended GAE);
 4. a few epochs of PPO: the clipped surrogate on the policy, MSE on the critic;
 5. push the policy to the server, so that the next iteration samples from the new weights: by
    default its tensors are uploaded straight from memory (`client.upload_weights(policy)`: streamed
@@ -148,7 +148,7 @@ class Args:
     save_critic: bool = True
     """save the critic after every update (out/<run>/critic-0001, ...), in the server's critic format"""
     push_critic: bool = False
-    """push the saved critic to the server each iteration (needs issue 10's endpoint: fails until then)"""
+    """push the saved critic to the server each iteration (POST /v1/critic/weights)"""
     eval_every: int = 0
     """held-out accuracy (T=1 and greedy) every this many iterations and after the last (0: never)"""
     eval_problems: int = 128

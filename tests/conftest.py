@@ -11,6 +11,9 @@ from espo_server.process import ServerProcess, espo_server_argv, free_port
 
 MAX_MODEL_LEN = 512
 
+# The client tests' fixtures (connect, replicas, loop) over the fake rollout server.
+pytest_plugins = ["tests.fake_server"]
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:

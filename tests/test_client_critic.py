@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from espo_client import BadRequestError, BroadcastError, EspoError
-from tests.test_client import FakeServer, connect, envelope, loop, replicas  # noqa: F401 (fixtures)
+from tests.fake_server import FakeServer, envelope
 
 
 def critic_push(version_of: dict[str, int]):
@@ -24,7 +24,7 @@ def routes(hosts: str, version_of: dict[str, int]) -> dict:
     return {(host, "/v1/critic/weights"): critic_push(version_of) for host in hosts}
 
 
-def test_load_critic_weights(connect) -> None:  # noqa: F811
+def test_load_critic_weights(connect) -> None:
     server = FakeServer(routes=routes("a", {"a": 4}))
     with connect(server) as client:
         assert client.load_critic_weights("/critic/v4").critic_version == 4
@@ -36,7 +36,7 @@ def test_load_critic_weights(connect) -> None:  # noqa: F811
     ]
 
 
-def test_a_refused_critic_push_is_an_invalid_request_error_naming_the_field(connect) -> None:  # noqa: F811
+def test_a_refused_critic_push_is_an_invalid_request_error_naming_the_field(connect) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         return envelope(400, "does not match the served critic", "invalid_request_error", "path")
 
@@ -47,7 +47,7 @@ def test_a_refused_critic_push_is_an_invalid_request_error_naming_the_field(conn
     assert len(server.calls) == 1  # a 400 is never retried
 
 
-def test_critic_pushes_are_broadcast(replicas) -> None:  # noqa: F811
+def test_critic_pushes_are_broadcast(replicas) -> None:
     server = FakeServer(routes=routes("ab", {"a": 2, "b": 3}))
     with replicas(server) as client:
         answer = client.load_critic_weights("/critic", version=5)
@@ -58,7 +58,7 @@ def test_critic_pushes_are_broadcast(replicas) -> None:  # noqa: F811
     assert hosts == ["a", "a", "b", "b"]
 
 
-def test_a_critic_push_failing_on_one_replica_names_both_sides(replicas) -> None:  # noqa: F811
+def test_a_critic_push_failing_on_one_replica_names_both_sides(replicas) -> None:
     def down(request: httpx.Request) -> httpx.Response:
         return envelope(400, "no such directory", "invalid_request_error", "path")
 

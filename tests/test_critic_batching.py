@@ -12,10 +12,12 @@ from prometheus_client import REGISTRY
 
 from espo_client.protocol import Prompt, RolloutRequest
 from espo_server.config import ServerConfig
-from espo_server.critic import CriticAnswer, CriticBatcher, CriticError, VllmPoolingCritic
+from espo_server.critic import CriticAnswer, CriticError
+from espo_server.critic_batcher import CriticBatcher
+from espo_server.critic_http import VllmPoolingCritic
 from espo_server.errors import InvalidRequest
 from espo_server.service import RolloutService
-from tests.test_rollout_loop import HOT, FakeEngine
+from tests.fakes import HOT, FakeEngine
 
 
 class ScriptedCritic:

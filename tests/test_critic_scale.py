@@ -14,12 +14,12 @@ import httpx
 import numpy as np
 import pytest
 
-from espo_server import critic as critic_module
-from espo_server.critic import CriticError, InProcessCritic
+from espo_server import critic_engine
+from espo_server.critic import CriticError
+from espo_server.critic_engine import InProcessCritic
 from espo_server.errors import InvalidRequest
 from espo_server.tiny_model import TinyConfig, make_tiny_models
-from tests.test_critics import PREFIXES, hf_values
-from tests.test_server_integration import EAGER, PROMPT, metric
+from tests.live_server import EAGER, PREFIXES, PROMPT, hf_values, metric
 
 pytestmark = pytest.mark.vllm
 
@@ -76,7 +76,7 @@ def test_inprocess_critic_batches_caches_and_takes_pushes(critics, monkeypatch):
             close((await critic.score(PREFIXES)).values, ref_b[:-1])
 
             # the worker checks again before it touches the model (here the server's check is skipped)
-            monkeypatch.setattr(critic_module, "checkpoint_problem", lambda *args: None)
+            monkeypatch.setattr(critic_engine, "checkpoint_problem", lambda *args: None)
             with pytest.raises(InvalidRequest, match="nothing was changed"):
                 await critic.load_weights(str(critics["small"]), None)
             close((await critic.score(PREFIXES)).values, ref_b[:-1])

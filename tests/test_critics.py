@@ -12,21 +12,12 @@ import numpy as np
 import pytest
 
 from espo_client.protocol import EspoState
-from espo_server.critic import CriticError, EspoValuesCritic, VllmPoolingCritic
+from espo_server.critic import CriticError
+from espo_server.critic_http import EspoValuesCritic, VllmPoolingCritic
 from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_serve_argv
+from tests.live_server import PREFIXES, hf_values
 
 pytestmark = pytest.mark.vllm
-
-PREFIXES = [[5, 6, 14, 7, 17], [9, 8, 7], [4] * 40, [30, 31, 39, 44, 38, 5, 5, 22]]
-
-
-def hf_values(critic_dir: Path, prefixes: list[list[int]]) -> np.ndarray:
-    import torch
-    from transformers import AutoModelForTokenClassification
-
-    model = AutoModelForTokenClassification.from_pretrained(critic_dir, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        return np.array([model(torch.tensor([p])).logits[0, -1, 0].item() for p in prefixes])
 
 
 @pytest.fixture(scope="module")

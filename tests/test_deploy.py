@@ -247,7 +247,7 @@ def test_configmaps_validate_as_server_config(monkeypatch):
     config = config_from(base, monkeypatch)
     assert config.model == "/models/policy"
     assert config.critic == "remote"
-    assert config.critic_url == "http://espo-critic:8001"
+    assert config.critic_url == "http://espo-critic:8081" and config.admin_port == 8080
     assert config.host == "0.0.0.0"
     assert config.rule_defaults().tau == 0.25
 
@@ -301,10 +301,12 @@ def test_base_renders_gpu_server_and_hosted_critic(monkeypatch):
     assert pod["spec"]["enableServiceLinks"] is False
 
     config = config_from(find(docs, "ConfigMap", "espo-server-config")["data"], monkeypatch)
-    port = service["spec"]["ports"][0]["port"]
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "admin")  # it forwards pushes
     assert config.critic_url == f"http://{service['metadata']['name']}:{port}"
     args = critic["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:3] == ["critic", "--model", "/models/critic"] and str(port) in args
+    assert args[:3] == ["critic", "--model", "/models/critic"] and args[
+        args.index("--admin-port") + 1
+    ] == str(port)
 
 
 def test_cpu_demo_renders_without_gpu_pvc_or_critic_pod(monkeypatch):
@@ -337,7 +339,7 @@ def test_multi_gpu_overlay_renders_replicas_on_vllm_parallelism(monkeypatch):
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
     # gRPC beside HTTP: the container, both Services and the setting agree on the port
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000, "grpc": config.grpc_port}
+    assert ports == {"http": 8000, "admin": config.admin_port, "grpc": config.grpc_port}
     for name in ("espo-server", "espo-server-headless"):
         service_ports = {p["name"]: p for p in find(docs, "Service", name)["spec"]["ports"]}
         assert (
@@ -349,3 +351,140 @@ def test_multi_gpu_overlay_renders_replicas_on_vllm_parallelism(monkeypatch):
     pdb = find(docs, "PodDisruptionBudget", "espo-server")["spec"]
     assert pdb == {**pdb, "minAvailable": 1} and "maxUnavailable" not in pdb
     assert find(docs, "Deployment", "espo-critic")["spec"]["replicas"] == 2
+
+
+# ---------------------------------------------------------------------------------------- hardening
+
+LEARNER_NAMESPACE = {"kubernetes.io/metadata.name": "espo-learner"}
+
+
+def pod_of(docs: list[dict], name: str) -> dict:
+    return find(docs, "Deployment", name)["spec"]["template"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def ingress_by_port(policy: dict) -> dict[str, list[list[dict]]]:
+    """Named port -> the `from` lists of the rules that open it ([] for a rule open to everyone)."""
+    rules: dict[str, list[list[dict]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            rules.setdefault(port["port"], []).append(rule.get("from", []))
+    return rules
+
+
+@pytest.mark.parametrize("path", ["", "overlays/cpu-demo", "overlays/multi-gpu"])
+def test_network_policies_keep_the_admin_ports_to_the_learner(path, monkeypatch):
+    docs = kustomize(path)
+    config = config_from(find(docs, "ConfigMap", "espo-server-config")["data"], monkeypatch)
+    pod = pod_of(docs, "espo-server")
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert ports["http"] == config.port and ports["admin"] == config.admin_port
+    for service in ("espo-server", "espo-server-headless"):
+        by_name = {p["name"]: p for p in find(docs, "Service", service)["spec"]["ports"]}
+        assert by_name["admin"]["targetPort"] == "admin" and by_name["admin"]["port"] == config.admin_port
+    policy = find(docs, "NetworkPolicy", "espo-server")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert selects(policy["spec"]["podSelector"], pod["metadata"]["labels"])
+    rules = ingress_by_port(policy)
+    assert set(rules) == set(ports), "every container port has a rule (a port with none is closed)"
+    assert rules["http"] == [[]]  # rollouts, reads, /metrics: from anywhere
+    learner_only = [[{"namespaceSelector": {"matchLabels": LEARNER_NAMESPACE}}]]
+    assert rules["admin"] == learner_only
+    if "grpc" in ports:  # every RPC on one port, weight pushes included
+        assert rules["grpc"] == learner_only
+
+    critic = find(docs, "Deployment", "espo-critic")
+    if critic is None:  # cpu-demo: the critic runs in the server
+        assert find(docs, "NetworkPolicy", "espo-critic") is None
+        return
+    container = critic["spec"]["template"]["spec"]["containers"][0]
+    critic_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["args"][container["args"].index("--admin-port") + 1] == str(critic_ports["admin"])
+    assert config.critic_url.endswith(f":{critic_ports['admin']}")  # the server reaches pushes there
+    critic_rules = ingress_by_port(find(docs, "NetworkPolicy", "espo-critic"))
+    assert set(critic_rules) == set(critic_ports) and critic_rules["http"] == [[]]
+    [[source]] = critic_rules["admin"]
+    assert set(source) == {"podSelector"} and selects(source["podSelector"], pod["metadata"]["labels"])
+
+
+def writable_mounts(pod: dict, container: dict) -> dict[str, dict]:
+    """mountPath -> volume of the container's writable mounts."""
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    return {
+        m["mountPath"]: volumes[m["name"]]
+        for m in container.get("volumeMounts", [])
+        if not m.get("readOnly") and m["name"] in volumes
+    }
+
+
+@pytest.mark.parametrize("path", ["", "overlays/cpu-demo", "overlays/multi-gpu"])
+def test_engines_run_on_a_read_only_root_with_writable_volumes(path, monkeypatch):
+    docs = kustomize(path)
+    config = config_from(find(docs, "ConfigMap", "espo-server-config")["data"], monkeypatch)
+    containers = [
+        (deployment["spec"]["template"], container)
+        for deployment in docs
+        if deployment["kind"] == "Deployment"
+        for container in [
+            *deployment["spec"]["template"]["spec"]["containers"],
+            *deployment["spec"]["template"]["spec"].get("initContainers", []),
+        ]
+    ]
+    assert len(containers) >= 2
+    for pod, container in containers:
+        name = container["name"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
+        writable = writable_mounts(pod, container)
+        assert "emptyDir" in writable["/tmp"], name  # IPC sockets, torch's kernel builds
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        for variable in ("HOME", "XDG_CACHE_HOME"):  # what the engines write under ~ and ~/.cache
+            assert any(Path(env[variable]).is_relative_to(m) for m in writable), (name, variable)
+        assert any(config.cache_dir.is_relative_to(m) for m in writable), name  # the toy models
+
+
+def test_prometheus_scrapes_the_critic_too():
+    docs = kustomize("")
+    monitors = {d["metadata"]["name"]: d for d in kustomize("monitoring") if d["kind"] == "ServiceMonitor"}
+    assert set(monitors) == {"espo-server", "espo-critic"}
+    for name, monitor in monitors.items():
+        service = find(docs, "Service", name)
+        assert selects(monitor["spec"]["selector"], service["metadata"]["labels"]), name
+        [endpoint] = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}, name
+
+    # the plain Prometheus: one job per component, keeping the pods that carry the scrape annotations
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yaml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert set(jobs) == {"espo-server", "espo-critic"}
+    for name, job in jobs.items():
+        keep = next(
+            r["regex"]
+            for r in job["relabel_configs"]
+            if r.get("source_labels") == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"]
+        )
+        pod = pod_of(docs, keep)
+        annotations = pod["metadata"]["annotations"]
+        assert keep == name and annotations["prometheus.io/scrape"] == "true"
+        http = next(p for p in pod["spec"]["containers"][0]["ports"] if p["name"] == "http")
+        assert annotations["prometheus.io/port"] == str(http["containerPort"])
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_promtool_checks_the_plain_prometheus_config(tmp_path):
+    """promtool check config, with each job's Kubernetes discovery swapped for a static target (the
+    Debian build of promtool has no Kubernetes discovery): the relabelling and rule files are checked."""
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yaml").read_text())
+    for job in scrape["scrape_configs"]:
+        assert job.pop("kubernetes_sd_configs")[0]["role"] == "pod"
+        job["static_configs"] = [{"targets": ["127.0.0.1:8000"]}]
+    scrape["rule_files"] = [str(RULES)]
+    config = tmp_path / "prometheus.yaml"
+    config.write_text(yaml.safe_dump(scrape))
+    out = subprocess.run(
+        [tool("promtool"), "check", "config", str(config)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from espo_server.process import ENGINE_ENV, free_port
+from tests.test_clean_exit import tracebacks
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -24,6 +27,9 @@ def test_demo_runs_the_embedded_server_and_reports_savings(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "false stops" in proc.stdout and "oracle" in proc.stdout
+    # it ends cleanly: no traceback from the demo, nor from the server it started and stopped
+    server_log = Path(re.search(r"\(engines take .*; log (\S+)\)", proc.stdout).group(1))
+    assert tracebacks(proc.stderr) == [] and tracebacks(server_log.read_text()) == [], server_log
     result = json.loads(out.read_text())
     # the embedded default scores eos trajectories with the toy verifier (verifier=auto)
     assert result["verifier"] == "toy"

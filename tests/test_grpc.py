@@ -46,6 +46,7 @@ MIRRORED = [
     "EspoState",
     "RolloutRequest",
     "Traces",
+    "Carried",
     "Trajectory",
     "Usage",
     "RolloutResponse",
@@ -203,6 +204,46 @@ def test_status_codes_and_auth_on_a_loopback_server():
                 assert dict(caught.value.trailing_metadata())["espo-error-type"] == "critic_unavailable"
 
     asyncio.run(main())
+
+
+class BusyService:
+    """A server that is too busy for a call (429) and draining (503 shutting_down) for the rest."""
+
+    def plan(self, request: RolloutRequest):
+        from espo_server.errors import Overloaded
+
+        raise Overloaded("1000 trajectories are generating: retry later", retry_after_s=2.5)
+
+    def state(self):
+        from espo_server.errors import ShuttingDown
+
+        raise ShuttingDown("this server is shutting down")
+
+
+def test_errors_to_retry_later_carry_their_retry_after_in_the_trailing_metadata():
+    from espo_server.config import ServerConfig
+    from espo_server.grpc_server import grpc_server
+    from espo_server.process import free_port
+
+    async def main() -> list[GrpcStatusError]:
+        async with grpc_server(BusyService(), ServerConfig(grpc_port=free_port())) as port:  # type: ignore[arg-type]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.RolloutsStub(channel)
+                errors = []
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in stub.Rollouts(pb.RolloutRequest(prompts=[pb.Prompt(text="x")])):
+                        pass
+                errors.append(caught.value)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.GetState(empty_pb2.Empty())
+                errors.append(caught.value)
+                return [GrpcStatusError(e) for e in errors]
+
+    overloaded, draining = asyncio.run(main())
+    assert overloaded.code == grpc.StatusCode.RESOURCE_EXHAUSTED and overloaded.type == "overloaded"
+    assert overloaded.retry_after_s == 2.5  # the error's own hint, not a constant
+    assert draining.code == grpc.StatusCode.UNAVAILABLE and draining.type == "shutting_down"
+    assert draining.retry_after_s == 5.0
 
 
 # ---------------------------------------------------------------------------- the real server

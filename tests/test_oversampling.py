@@ -1,5 +1,5 @@
 """Group-aware early return, carried-over samples (runs), version spans and the batch statistics of a
-run, on the scripted engine of test_rollout_loop (pure control flow; tests/test_runs_vllm.py runs the
+run, on the scripted engine of tests/fakes.py (pure control flow; tests/test_runs_vllm.py runs the
 same on real vLLM)."""
 
 from __future__ import annotations
@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from espo_client.protocol import GroupEvent, Prompt, RolloutRequest, RolloutResponse, RunRequest, Trajectory
+from espo_client.protocol import (
+    GroupEvent,
+    Prompt,
+    RolloutRequest,
+    RunRequest,
+    Sampling,
+    TrajectoryEvent,
+)
 from espo_server.errors import Conflict, InvalidRequest
-from tests.test_rollout_loop import HOT, FakeCritic, FakeEngine, run, service
+from espo_server.events import CallDone
+from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
 
 SHORT, LONG = 6, 300
 # prompt 0 and 1 finish fast, 2 and 3 take LONG tokens (request ids are "<request_id>-<prompt>-<sample>")
@@ -82,6 +90,33 @@ def test_carried_groups_come_back_whole_once_and_every_token_counts_once():
     assert own < first.usage.regret_tokens < own + 4 * LONG
 
 
+def test_a_carried_trajectory_records_every_sampling_setting_of_its_call():
+    svc = service(engine(), FakeCritic())
+    sampling = dict(
+        max_tokens=LONG, temperature=0.7, top_p=0.9, seed=11, stop_token_ids=[3], stop=["@"], ignore_eos=True
+    )
+    assert set(sampling) == set(Sampling.model_fields)  # every setting differs from its default here
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        await svc.rollouts(req("c1", return_groups=2, leftover="carry", run_id="r", **sampling))
+        return await svc.rollouts(req("c2", prompts=1, run_id="r"))
+
+    carried = [t for t in run(go()).trajectories if t.carried]
+    assert len(carried) == 4
+    for t in carried:
+        record = t.carried.model_dump()
+        # the sample's own seed: seed + prompt_index * n + sample_index (n=2)
+        assert record == {
+            **sampling,
+            "seed": 11 + 2 * t.prompt_index + t.sample_index,
+            "request_id": "c1",
+            "prompt_token_ids": [5, 6, 7 + t.prompt_index],
+            "stop_rule": "none",
+            "shadow": False,
+        }
+
+
 def test_batch_statistics_of_a_run_by_hand():
     """A carried sample's regret is split at the call boundary; its stop counts where it ends."""
     eng = engine()
@@ -149,13 +184,14 @@ def test_streaming_sends_complete_groups_then_their_group_event():
         return items
 
     items = run(go())
-    assert isinstance(items[-1], RolloutResponse)
+    assert isinstance(items[-1], CallDone)
     kinds = ["g" if isinstance(i, GroupEvent) else "t" for i in items[:-1]]
     assert kinds == ["t", "t", "g", "t", "t", "g"]  # n=2 trajectories of a group, then its event
     for k in (2, 5):
         event, members = items[k], items[k - 2 : k]
-        assert {m.prompt_index for m in members} == {event.prompt_index} and event.sample_count == 2
-    sent = [i for i in items if isinstance(i, Trajectory)]
+        assert {m.trajectory.prompt_index for m in members} == {event.prompt_index}
+        assert event.sample_count == 2
+    sent = [i.trajectory for i in items if isinstance(i, TrajectoryEvent)]
     assert all(t.prompt_index in (0, 1) for t in sent)  # nothing of the carried groups was sent
 
 

@@ -1,4 +1,4 @@
-"""Hostile or unlucky callers on the scripted engine of test_rollout_loop: reused request ids,
+"""Hostile or unlucky callers on the scripted engine of tests/fakes.py: reused request ids,
 retries racing cancellations, batches committed under running calls, too much in flight, deadlines,
 a slow verifier, a dead critic. Each must end in a defined answer with nothing stored wrongly."""
 
@@ -12,12 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
-from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse, Trajectory
+from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse, TrajectoryEvent
 from espo_client.stop_rule import EspoState
 from espo_server.critic import CriticError
 from espo_server.errors import Conflict, Forbidden, InvalidRequest, Overloaded
+from espo_server.events import CallDone
 from espo_server.idempotency import IdempotencyCache, response_size
-from tests.test_rollout_loop import HOT, FakeCritic, FakeEngine, run, service
+from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
 
 
 def req(**kw) -> RolloutRequest:
@@ -87,7 +88,7 @@ def test_a_streaming_retry_of_a_running_call_waits_and_replays_it():
         return await first, items
 
     first, items = run(go())
-    assert items[-1] is first and len(engine.finished) == 2  # one run, not two
+    assert items[-1].response is first and len(engine.finished) == 2  # one run, not two
 
 
 def test_batches_close_only_when_their_calls_have_returned():
@@ -132,7 +133,7 @@ def test_too_much_in_flight_is_a_429_with_retry_after():
         assert info.value.status == 429 and info.value.retry_after_s > 0
         svc.plan(req(n=1))  # what still fits
         await running
-        assert svc.inflight == 0
+        assert svc.admission.inflight == 0
         return svc.plan(req(n=5))
 
     assert run(go()).request.n == 5
@@ -162,9 +163,10 @@ def test_a_streamed_call_cut_by_its_deadline_sends_every_trajectory_once():
         return [event async for event in svc.stream(plan)]
 
     events = run(go())
-    sent = [(e.prompt_index, e.sample_index) for e in events if isinstance(e, Trajectory)]
-    done = events[-1]
-    assert isinstance(done, RolloutResponse) and done.usage.deadline_hit
+    sent = [(e.trajectory.prompt_index, e.trajectory.sample_index) for e in events[:-1]]
+    assert isinstance(events[-1], CallDone) and all(isinstance(e, TrajectoryEvent) for e in events[:-1])
+    done = events[-1].response
+    assert done.usage.deadline_hit
     assert sorted(sent) == [(0, 0), (0, 1), (1, 0), (1, 1)], sent
     assert sorted((t.prompt_index, t.sample_index) for t in done.trajectories) == sorted(sent)
     assert done.usage.aborted == 3
@@ -175,8 +177,7 @@ def test_the_verifier_runs_off_the_event_loop():
         time.sleep(0.3)  # a verifier that blocks (a sandbox, a parser)
         return 1.0
 
-    svc = service(FakeEngine(length=3, finish="stop"), FakeCritic())
-    svc.verifier = slow_verifier
+    svc = service(FakeEngine(length=3, finish="stop"), FakeCritic(), verifier=slow_verifier)
     ticks = []
 
     async def go():
@@ -302,8 +303,9 @@ def test_twin_streamed_calls_with_one_request_id_run_once():
 
     first, second = run(go())
     assert len(engine.finished) == 2  # one run of n=2, not two
-    assert first[-1] is second[-1]
-    assert [t.token_ids for t in first[-1].trajectories] == [t.token_ids for t in second[-1].trajectories]
+    first, second = first[-1].response, second[-1].response
+    assert first is second
+    assert [t.token_ids for t in first.trajectories] == [t.token_ids for t in second.trajectories]
 
 
 def test_a_stream_closed_right_after_its_answer_keeps_what_the_run_carries():
@@ -321,10 +323,10 @@ def test_a_stream_closed_right_after_its_answer_keeps_what_the_run_carries():
                    max_tokens=300, return_groups=1, leftover="carry")  # fmt: skip
         stream = svc.stream(svc.plan(body))
         async for item in stream:
-            if isinstance(item, RolloutResponse):
+            if isinstance(item, CallDone):
                 break
         await stream.aclose()  # the client went away while the done line was being sent
-        assert item.usage.groups_carried == 1
+        assert item.response.usage.groups_carried == 1
         assert len(svc.runs.get("r").groups) == 1  # what the answer said the run carries
         return await asyncio.wait_for(svc.rollouts(req(request_id="k2", run_id="r", prompts=[])), 30)
 
@@ -422,7 +424,8 @@ def test_the_critic_server_is_behind_the_api_key_and_loads_only_from_weights_dir
     client sends its key."""
     from types import SimpleNamespace
 
-    from espo_server.critic import CriticAnswer, EspoValuesCritic
+    from espo_server.critic import CriticAnswer
+    from espo_server.critic_http import EspoValuesCritic
     from espo_server.critic_server import build_critic_app
 
     class Critic:

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.test_server_integration import hf_logprobs, metric, post, rollouts
+from tests.live_server import hf_logprobs, metric, post, rollouts
 
 pytestmark = pytest.mark.vllm
 

@@ -9,57 +9,13 @@ from dataclasses import asdict
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from espo_client.learner import update_learner_state
 from espo_client.protocol import RolloutResponse
 from espo_client.stop_rule import EspoParams, EspoState, smoothed_regret, threshold
+from tests.live_server import EAGER, PROMPT, hf_logprobs, metric, post, rollouts
 
 pytestmark = pytest.mark.vllm
-
-# A state that makes `espo` stop readily on the random tiny policy: its regret is around 0.5 +- 0.5.
-EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
-
-
-def post(server, body: dict, **kwargs) -> httpx.Response:
-    return httpx.post(server.url + "/v1/rollouts", json=body, timeout=300, **kwargs)
-
-
-def rollouts(server, **body) -> dict:
-    r = post(server, body)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def hf_logprobs(model_dir, prompt: list[int], response: list[int]) -> np.ndarray:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + response])).logits[0].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return np.array([logp[len(prompt) - 1 + i, tok].item() for i, tok in enumerate(response)])
-
-
-def scrape(server) -> list[tuple[str, dict[str, str], float]]:
-    """Every sample of GET /metrics, parsed by prometheus_client's own exposition parser."""
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    return [
-        (s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
-    ]
-
-
-def metric(server, name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels` (0 where there is none yet)."""
-    return sum(
-        value
-        for sample, have, value in scrape(server)
-        if sample == name and all(have.get(k) == v for k, v in labels.items())
-    )
-
-
-PROMPT = [5, 6, 14, 7, 17]
 
 
 def assert_parity(server, model_dir, seed: int) -> list[list[float]]:

@@ -1,4 +1,4 @@
-"""How the service ends, on the scripted engine of test_rollout_loop: the drain after SIGTERM (running
+"""How the service ends, on the scripted engine of tests/fakes.py: the drain after SIGTERM (running
 calls answered, new work refused with a 503 and Retry-After, calls past the grace ended with nothing
 kept) and a dead engine (every /v1 call a 503 engine_dead). bench/faults.py does the same to a real
 server process (SIGTERM, kill -9 of vLLM's engine process); tests/test_soak.py runs the kill -9."""
@@ -14,7 +14,7 @@ import pytest
 from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse, RunRequest
 from espo_server.app import build_app
 from espo_server.errors import EngineDead, ShuttingDown
-from tests.test_rollout_loop import FakeCritic, FakeEngine, run, service
+from tests.fakes import FakeCritic, FakeEngine, run, service
 
 
 def req(**kw) -> RolloutRequest:
@@ -49,7 +49,7 @@ def test_a_drain_answers_the_running_calls_and_refuses_new_work():
     cut, answered = run(go())
     assert cut == 0 and isinstance(answered, RolloutResponse)
     assert all(len(t.token_ids) == 100 for t in answered.trajectories)
-    assert svc.calls == 0 and svc.ledger.state.batches == 2
+    assert svc.admission.running == 0 and svc.ledger.state.batches == 2
 
 
 def test_calls_past_the_grace_are_ended_with_a_503_and_nothing_kept():
@@ -117,7 +117,7 @@ def test_a_503_shutting_down_carries_retry_after_over_http():
     svc = service(FakeEngine(length=5), FakeCritic())
     app = build_app(svc.config)
     app.state.service = svc
-    svc.draining = True
+    svc.admission.draining = True
 
     async def go():
         transport = httpx.ASGITransport(app=app)

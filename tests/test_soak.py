@@ -1,5 +1,5 @@
 """The soak, the faults and the fuzz of bench/ in reduced form, on real servers (their full runs:
-make soak, make faults, make fuzz; figures in README, "Reliability"). The soak and the fuzz run as
+make soak, make faults, make fuzz; figures in docs/benchmarks.md). The soak and the fuzz run as
 scripts against the session's rollout server and read back their JSON (each script checks what it
 measures and exits non-zero when a check fails); the faults call bench/faults.py's steps: broken
 weight pushes to the session's server, and vLLM's engine process killed under a server of this

@@ -496,7 +496,7 @@ def test_grpc_uploads_stream_the_same_checkpoint_and_refuse_the_same_mistakes(qw
 
         messages = list(upload_messages(qwen.new_policy, version=None, config=None))[:-1]
         with pytest.raises(GrpcStatusError, match="without `commit`"):
-            client._call(client._stub.UploadWeights, iter(messages))
+            client._upload(client._stub.UploadWeights, iter(messages), WeightsResponse)
         assert len(pushes.loaded) == 1 and uploads_on_disk(staging) == [Path(pushes.path).name]
 
 

@@ -12,9 +12,10 @@ Behaviour shared by both clients (it is written once, in `_core`; the classes he
 
 * Timeouts are always on: connect 10 s, read 600 s (a rollout call can generate for minutes), write
   and pool 60 s. Pass `timeout=` (seconds or an `httpx.Timeout`) to change them.
-* Retries: only connection failures (the request never reached a server) and 503 answers, up to
-  `max_retries` times, waiting `backoff * 2**attempt` seconds (jittered to 50-100%, capped at
-  `backoff_max`, and at least the server's `Retry-After`). 4xx and other 5xx are never retried.
+* Retries: only connection failures (the request never reached a server), 429 (backpressure:
+  `RateLimitError`) and 503 answers, up to `max_retries` times in all, waiting
+  `backoff * 2**attempt` seconds (jittered to 50-100%), at least the server's `Retry-After`, at
+  most `backoff_max`. Other 4xx (`ConflictError` for a 409 among them) and 5xx are never retried.
 * Idempotency: every rollout call carries a `request_id` (a fresh uuid unless the caller set one),
   reused by every retry, so a server that already ran the request returns its first result.
 * `close()` closes every stream still open, then the connections.
@@ -117,7 +118,7 @@ class EspoClient(BaseClient, Closing):
                     ...
             response = stream.response  # usage, states, and all trajectories in prompt order
 
-        The request is sent when iteration starts; it is retried (connection failure, 503) only
+        The request is sent when iteration starts; it is retried (connection failure, 429, 503) only
         until the server has answered 200, never once trajectories flow.
         """
         return RolloutStream(self, rollout_request(request, kwargs))

@@ -22,8 +22,8 @@ operation at its `yield`, where the retry policy and the exception mapping (`_ex
 raised, or closed by the caller), those come out as Close steps before its result or its error.
 
 The policy lives here: request building (headers, body, the `request_id` kept by every retry),
-retries (connection failures and 503 only, jittered exponential backoff honouring Retry-After), the
-parsing of answers into `protocol` models, and the NDJSON stream decoding.
+retries (connection failures, 429 and 503 only, jittered exponential backoff honouring
+Retry-After), the parsing of answers into `protocol` models, and the NDJSON stream decoding.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ._exceptions import (
+    RETRIED_STATUS_ERRORS,
     ConnectError,
     EspoError,
     ResponseValidationError,
@@ -82,7 +83,7 @@ logger = logging.getLogger("espo_client")
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=60.0)
 """Connect 10 s; read 600 s, because one rollout call may generate for minutes; write and pool 60 s."""
 DEFAULT_MAX_RETRIES = 2
-"""Retries after the first attempt, for connection failures and 503 answers only."""
+"""Retries after the first attempt, for connection failures, 429 and 503 answers only."""
 
 _EVENTS: TypeAdapter[TrajectoryEvent | GroupEvent | DoneEvent | ErrorEvent] = TypeAdapter(RolloutStreamEvent)
 _M = TypeVar("_M", bound=BaseModel)
@@ -267,9 +268,10 @@ class BaseClient:
             base_url: the server, e.g. "http://rollouts:8000" (default: `ESPO_BASE_URL`).
             api_key: sent as `Authorization: Bearer <api_key>` (default: `ESPO_API_KEY`, if set).
             timeout: seconds, or an `httpx.Timeout`; default connect 10 s, read 600 s.
-            max_retries: retries after a connection failure or a 503 (never for other errors).
+            max_retries: retries after a connection failure, a 429 or a 503, all counted together
+                (never for other errors).
             backoff: first retry waits about `backoff` seconds, then doubling (jittered).
-            backoff_max: cap of one wait.
+            backoff_max: cap of one wait (also of a longer `Retry-After` the server asks for).
             headers: extra headers for every request.
             transport: an httpx transport, sync for EspoClient and async for AsyncEspoClient
                 (tests: `httpx.MockTransport(handler)`, which is both).
@@ -388,8 +390,8 @@ class BaseClient:
         retry: bool = True,
         upload: UploadBody | None = None,
     ) -> Op[httpx.Response]:
-        """Send, retrying connection failures and 503s; return a 2xx response (open and unread with
-        `stream`) or raise the mapped error. Every attempt sends the same request (same body; an
+        """Send, retrying connection failures, 429s and 503s; return a 2xx response (open and unread
+        with `stream`) or raise the mapped error. Every attempt sends the same request (same body; an
         `upload` body is streamed, and read again for a retry)."""
         headers = {"Content-Type": "application/json"} if body is not None else {}
         if stream:
@@ -405,7 +407,7 @@ class BaseClient:
             )
         retries = self.max_retries if retry else 0
         for attempt in itertools.count():
-            response: httpx.Response | None = None
+            retry_after: float | None = None
             try:
                 response = yield Send(request, stream)
                 if response.is_success:
@@ -416,12 +418,12 @@ class BaseClient:
                 error: EspoError = transport_error(exc)
                 if not (isinstance(error, ConnectError) and attempt < retries):
                     raise error from exc
-                response = None
             else:
                 error = status_error(response)
-                if not (isinstance(error, ServiceUnavailableError) and attempt < retries):
+                if not (isinstance(error, RETRIED_STATUS_ERRORS) and attempt < retries):
                     raise error
-            delay = self._retry_delay(attempt, response)
+                retry_after = error.retry_after
+            delay = self._retry_delay(attempt, retry_after)
             logger.warning(
                 "%s %s: %s; retry %d/%d in %.2fs", method, request.url, error, attempt + 1, retries, delay
             )
@@ -475,15 +477,17 @@ class BaseClient:
             except httpx.TransportError as exc:
                 raise transport_error(exc) from exc
 
-    def _retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
-        delay = min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
-        retry_after = response.headers.get("retry-after") if response is not None else None
-        if retry_after:
-            try:
-                delay = max(delay, min(self.backoff_max, float(retry_after)))
-            except ValueError:  # an HTTP date: keep our own backoff
-                pass
-        return delay
+    def _retry_delay(self, attempt: int, retry_after: float | None) -> float:
+        return retry_delay(attempt, retry_after, self.backoff, self.backoff_max)
+
+
+def retry_delay(attempt: int, retry_after: float | None, backoff: float, backoff_max: float) -> float:
+    """The wait before retry `attempt + 1`: `backoff * 2**attempt` jittered to 50-100%, at least the
+    server's `retry_after` (seconds), never more than `backoff_max` (every client's retries)."""
+    delay = min(backoff_max, backoff * 2**attempt) * random.uniform(0.5, 1.0)
+    if retry_after is not None:
+        delay = max(delay, min(backoff_max, retry_after))
+    return delay
 
 
 class BaseStream:

@@ -1,13 +1,16 @@
-"""Exceptions raised by `EspoClient`, `AsyncEspoClient` and the replica clients (`espo_client.replicas`).
+"""Exceptions raised by `EspoClient`, `AsyncEspoClient`, the replica clients (`espo_client.replicas`)
+and the gRPC client (`espo_client.grpc_client`).
 
-One base class, then a branch for "no HTTP answer" and a branch for "the server said no":
+One base class, then a branch for "no answer" and a branch for "the server said no":
 
     EspoError                        base of everything a client call raises
     ├── TransportError               no HTTP response; raised `from` the httpx exception
     │   ├── ConnectError             never reached a server: refused, DNS, connect timeout   [retried]
     │   └── RequestTimeoutError      read / write / pool timeout: the server may still be working
-    ├── APIStatusError               a 4xx/5xx answer: status_code, message, type, param, response
-    │   ├── BadRequestError          4xx: the caller's mistake (422 validation, 401, 404, 409, ...)
+    ├── APIStatusError               a 4xx/5xx answer: status_code, message, type, param, retry_after
+    │   ├── BadRequestError          4xx: the caller's mistake (400 validation, 401, 403, 404, ...)
+    │   │   └── ConflictError        409: clashes with the server's state (`param` says with what)
+    │   ├── RateLimitError           429: too much in flight; retry after `retry_after` s   [retried]
     │   ├── ServiceUnavailableError  503: engine or critic down, not ready, draining        [retried]
     │   └── ServerError              any other 5xx
     ├── ResponseValidationError      a 2xx body that is not the protocol's model (client/server skew)
@@ -15,15 +18,26 @@ One base class, then a branch for "no HTTP answer" and a branch for "the server 
     │                                line, or a stream that ended without its done line
     └── BroadcastError               a call sent to every replica failed on some: which did it, which not
 
-Only `ConnectError` and `ServiceUnavailableError` are retried (with exponential backoff, up to
-`max_retries`): neither lets the server start the work twice. A rollout call keeps its `request_id`
-across retries, so a server that did start it returns the first result instead of sampling again;
-a rollout call's error carries that `request_id`, for a retry by the caller.
+Only `ConnectError`, `RateLimitError` and `ServiceUnavailableError` are retried (up to `max_retries`
+times in all, with jittered exponential backoff, waiting at least the server's `Retry-After` up to
+`backoff_max`): none of them lets the server start the work twice. A rollout call keeps its
+`request_id` across retries, so a server that did start it returns the first result instead of
+sampling again; a rollout call's error carries that `request_id`, for a retry by the caller.
+
+A 409 `ConflictError` is never retried: `param` names what clashed. `request_id`: the id was
+already used for a call with another body (a new call needs a new id; a retry must resend the same
+body). `run_id` or `batch_id`: that run or batch has a call in progress (retry once it has
+returned). A weight push while another is in progress: retry once that one has finished.
+
+The gRPC client raises the same classes (`grpc_client.GrpcStatusError` and its subclasses), with
+`status_code` the HTTP status of the gRPC code (FAILED_PRECONDITION and ALREADY_EXISTS: 409,
+RESOURCE_EXHAUSTED: 429, UNAVAILABLE: 503, ...), so `except ConflictError` works with either API.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,8 +47,10 @@ __all__ = [
     "APIStatusError",
     "BadRequestError",
     "BroadcastError",
+    "ConflictError",
     "ConnectError",
     "EspoError",
+    "RateLimitError",
     "RequestTimeoutError",
     "ResponseValidationError",
     "ServerError",
@@ -78,25 +94,35 @@ class APIStatusError(EspoError):
 
     `message`, `type`, `param` and `code` come from the error envelope
     `{"error": {"message", "type", "param", "code"}}` when the body is one, else from the raw body.
+    `retry_after`: the seconds the server asked the client to wait (`Retry-After`), or None.
+    `response` is the httpx response (None for a gRPC error, whose `status_code` is the HTTP status
+    its gRPC code stands for).
     """
 
     def __init__(
         self,
         message: str,
         *,
-        response: httpx.Response,
+        response: httpx.Response | None,
+        status_code: int | None = None,
         type: str | None = None,
         param: str | None = None,
-        code: int | None = None,
+        code: Any = None,
         body: Any = None,
+        retry_after: float | None = None,
     ) -> None:
-        self.status_code = response.status_code
+        if status_code is None:
+            if response is None:
+                raise TypeError("APIStatusError needs a response or a status_code")
+            status_code = response.status_code
+        self.status_code = status_code
         self.response = response
         self.type = type
         self.param = param
-        self.code = code if code is not None else response.status_code
+        self.code = code if code is not None else status_code
         self.body = body
-        prefix = f"{self.status_code} {type}" if type else str(self.status_code)
+        self.retry_after = retry_after
+        prefix = f"{status_code} {type}" if type else str(status_code)
         where = f" (param: {param})" if param else ""
         super().__init__(f"{prefix}: {message}{where}")
         self.message = message
@@ -106,12 +132,59 @@ class BadRequestError(APIStatusError):
     """A 4xx status: the request is wrong (validation, authentication, unknown batch, ...). Not retried."""
 
 
+class ConflictError(BadRequestError):
+    """A 409 status: the request is valid but clashes with the server's state. Not retried.
+
+    `param` names what clashed: `request_id` (reused for a call with another body: a new call needs
+    a new id), `run_id` / `batch_id` (a call of that run or batch is in progress: retry once it has
+    returned), or the weights being pushed (another push is in progress: retry once it is done).
+    """
+
+
+class RateLimitError(APIStatusError):
+    """A 429 status: the server has too much in flight (backpressure); nothing was started.
+
+    Retried after the server's `Retry-After` (`retry_after`, at most `backoff_max`), within
+    `max_retries`; raised once those are spent.
+    """
+
+
 class ServiceUnavailableError(APIStatusError):
     """A 503 status: the engine or the critic is down or not ready. Retried with backoff."""
 
 
 class ServerError(APIStatusError):
     """A 5xx status other than 503. Not retried: the server may have done part of the work."""
+
+
+RETRIED_STATUS_ERRORS: tuple[type[APIStatusError], ...] = (RateLimitError, ServiceUnavailableError)
+"""The status errors a client retries (on every transport): nothing was started, try again later."""
+
+
+def status_error_class(status: int) -> type[APIStatusError]:
+    """The exception class of an HTTP status (also of a gRPC code's HTTP equivalent)."""
+    if status == 409:
+        return ConflictError
+    if status == 429:
+        return RateLimitError
+    if status == 503:
+        return ServiceUnavailableError
+    if 400 <= status < 500:
+        return BadRequestError
+    if status >= 500:
+        return ServerError
+    return APIStatusError
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A `Retry-After` value in seconds; None if absent, negative or an HTTP date."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:  # an HTTP date: the client keeps its own backoff
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 class ResponseValidationError(EspoError):
@@ -179,16 +252,11 @@ def status_error(response: httpx.Response) -> APIStatusError:
             message = json.dumps(body["detail"]) if not isinstance(body["detail"], str) else body["detail"]
             if isinstance(body.get("status"), str):
                 message = f"{body['status']}: {message}"
-    status = response.status_code
-    if status == 503:
-        cls: type[APIStatusError] = ServiceUnavailableError
-    elif 400 <= status < 500:
-        cls = BadRequestError
-    elif status >= 500:
-        cls = ServerError
-    else:
-        cls = APIStatusError
-    return cls(message, response=response, type=type_, param=param, code=code, body=body)
+    cls = status_error_class(response.status_code)
+    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+    return cls(
+        message, response=response, type=type_, param=param, code=code, body=body, retry_after=retry_after
+    )
 
 
 def transport_error(exc: httpx.TransportError) -> TransportError:

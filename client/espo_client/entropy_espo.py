@@ -1,4 +1,4 @@
-"""Entropy-ESPO (Entropy Importance Sampling Policy Optimization) helpers, DESIGN.md section 7.
+"""Entropy-ESPO (Entropy Importance Sampling Policy Optimization) helpers.
 
 `topk_entropy` is numpy-only (the server imports it to fill the `entropy` trace); everything else
 needs torch, imported inside the functions, so this module imports without torch.

@@ -7,7 +7,7 @@
 3. `batch_stats` / `update_learner_state`: the ESPO state update for a learner that owns the state,
    a thin wrapper around the one pure implementation, `stop_rule.update_state`.
 
-What the end reasons mean for the learner (DESIGN.md section 3):
+What the end reasons mean for the learner:
 
     end_reason  terminal?             reward on the last kept token        next value after it
     eos         yes                   the task reward (server or learner)   0

@@ -37,6 +37,7 @@ __all__ = [
     "RuleParams",
     "RunRequest",
     "RunResponse",
+    "Sampling",
     "StateResponse",
     "StopRule",
     "Traces",
@@ -129,15 +130,11 @@ class RuleParams(_Model):
         return base.with_overrides(self.overrides())
 
 
-class RolloutRequest(_Model):
-    """`POST /v1/rollouts`: sample `n` trajectories per prompt under a stop rule."""
+class Sampling(_Model):
+    """The sampling settings of a call: the one definition, shared by the request (`RolloutRequest`)
+    and the record of a carried-over trajectory (`Carried`); the server turns them into the
+    engine's parameters in one place."""
 
-    prompts: list[Prompt] = Field(
-        ...,
-        description="Prompts; each gets `n` samples. At least one, unless `run_id` names a run that "
-        "carries samples over (a call that only collects them).",
-    )
-    n: int = Field(1, ge=1, description="Samples per prompt (the server caps it: see /v1/info).")
     max_tokens: int = Field(256, ge=1, description="Response token limit; ends with `length` when hit.")
     temperature: float = Field(
         1.0, ge=0, le=MAX_TEMPERATURE, description="Sampling temperature, 0 to 2 (regret uses raw logprobs)."
@@ -157,6 +154,22 @@ class RolloutRequest(_Model):
         "to and including the one that completed it are kept.",
     )
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks: fixed lengths).")
+
+    def sampling(self) -> Sampling:
+        """Just the sampling settings (of a request, say)."""
+        return Sampling(**{name: getattr(self, name) for name in Sampling.model_fields})
+
+
+class RolloutRequest(Sampling):
+    """`POST /v1/rollouts`: sample `n` trajectories per prompt under a stop rule (the sampling
+    settings are `Sampling`'s)."""
+
+    prompts: list[Prompt] = Field(
+        ...,
+        description="Prompts; each gets `n` samples. At least one, unless `run_id` names a run that "
+        "carries samples over (a call that only collects them).",
+    )
+    n: int = Field(1, ge=1, description="Samples per prompt (the server caps it: see /v1/info).")
     stop_rule: StopRule | None = Field(
         None,
         description="none, espo, random, regret_only or value_only (unset: the server's default_stop_rule).",
@@ -254,20 +267,18 @@ class VersionSpan(_Model):
     version: int
 
 
-class Carried(_Model):
+class Carried(Sampling):
     """Where a carried-over trajectory came from: set only on trajectories that an earlier call of the
-    run started (its prompt_index and sample_index refer to that call's prompts)."""
+    run started (its prompt_index and sample_index refer to that call's prompts). Records every
+    sampling setting of that call, with the sample's own seed."""
 
     request_id: str = Field(..., description="The call that started this trajectory.")
     prompt_token_ids: list[int] = Field(..., description="Its prompt, so the learner needs no lookup.")
     stop_rule: StopRule
     shadow: bool
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None = Field(None, description="The sample's seed (its first engine request's).")
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="The sample's own seed (its first engine request's)."
+    )
 
 
 class Trajectory(_Model):

@@ -141,8 +141,8 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-# Compass targets of what the value gate should buy on the toy task (issue 11): espo stopping for real.
-COMPASS = {"fewer_tokens": (">=", 0.25), "false_stop_rate": ("<=", 0.03), "oracle_share": (">=", 0.60)}
+# Targets of what the value gate should buy on the toy task: espo stopping for real.
+TARGETS = {"fewer_tokens": (">=", 0.25), "false_stop_rate": ("<=", 0.03), "oracle_share": (">=", 0.60)}
 
 
 def gate_summary(result: dict) -> dict:
@@ -168,10 +168,10 @@ def gate_summary(result: dict) -> dict:
     return out
 
 
-def compass_verdicts(espo: dict) -> dict[str, bool]:
+def target_verdicts(espo: dict) -> dict[str, bool]:
     return {
         name: espo[name] is not None and (espo[name] >= bound if op == ">=" else espo[name] <= bound)
-        for name, (op, bound) in COMPASS.items()
+        for name, (op, bound) in TARGETS.items()
     }
 
 
@@ -225,12 +225,12 @@ def print_table(result: dict) -> None:
         f"   (shadow {e['shadow_oracle_share']:.3f} vs {r['shadow_oracle_share']:.3f}); failing caught "
         f"(shadow) {e['shadow_failing_caught']:.3f} vs {r['shadow_failing_caught']:.3f}"
     )
-    verdicts = compass_verdicts(e)
+    verdicts = target_verdicts(e)
     print(
-        "  compass (espo): "
+        "  targets (espo): "
         + ", ".join(
             f"{name} {e[name]:.3f} {op} {bound} {'met' if verdicts[name] else 'MISSED'}"
-            for name, (op, bound) in COMPASS.items()
+            for name, (op, bound) in TARGETS.items()
             if e[name] is not None
         )
     )

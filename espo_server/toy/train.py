@@ -16,7 +16,7 @@
 Determinism: one torch thread (a reduction's order depends on the thread count), torch's
 deterministic algorithms, and every random draw from a seeded generator (batches, sampling, inits),
 so that the same seed gives bit-identical weights on one machine (`weights_sha256` in the report).
-Another CPU (other vector kernels) may round differently; the README gives ranges over seeds.
+Another CPU (other vector kernels) may round differently; docs/benchmarks.md gives ranges over seeds.
 
 Conventions shared with the server: prompts are the token ids of the text, no BOS (`task.encode`);
 responses end with EOS; the critic output at position i is V of the prefix ending with token i, so
@@ -331,7 +331,7 @@ def critic_values(critic, samples: list[Sample]) -> list[np.ndarray]:
     return out
 
 
-# What the critic should achieve on held-out samples (issue 11); `train-toy` prints each as met or missed.
+# What the critic should achieve on held-out samples; `train-toy` prints each as met or missed.
 CRITIC_TARGETS = {
     "auc_after_mistake": (">=", 0.9),  # V(s_{f+4}) of failing vs V at the same positions of successful
     "mse_ratio": ("<=", 0.7),  # held-out MSE / the best constant's
