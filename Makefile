@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools run serve test test-fast lint openapi docs bench reproduce soak faults fuzz clean
+.PHONY: install tools run serve test test-fast lint openapi docs bench throughput reproduce soak faults fuzz clean
 
 install: $(STAMP)
 
@@ -69,25 +69,30 @@ openapi: $(STAMP)
 docs: openapi
 	$(PY) -m espo_server.config_docs > docs/configuration.md
 
+# Benchmarks (bench/, run as modules from the repository root: `$(PY) -m bench.NAME --help`), at full
+# size on the full toy models (trained once, about 15 minutes); the test suite runs reduced versions.
 bench: $(STAMP)
-	$(PY) bench/overhead.py
-	$(PY) bench/savings.py
+	$(PY) -m bench.overhead
+	$(PY) -m bench.savings
+
+throughput: $(STAMP)
+	$(PY) -m bench.throughput
 
 # The paper's comparison at toy scale (outside CI; about an hour or two on 2 CPU cores): PPO with
 # examples/ppo_toy.py under each stop rule, 3 seeds; writes bench/results/reproduce/ and docs/reproduce.png.
 reproduce: $(STAMP)
-	$(PY) bench/reproduce.py
+	$(PY) -m bench.reproduce
 
 # Reliability (docs/reliability.md): each starts its own servers on tiny models, on loopback,
 # checks what it measures, prints a table and writes bench/results/*.json; a failed check fails.
 soak: $(STAMP)
-	$(PY) bench/soak.py
+	$(PY) -m bench.soak
 
 faults: $(STAMP)
-	$(PY) bench/faults.py
+	$(PY) -m bench.faults
 
 fuzz: $(STAMP)
-	$(PY) bench/fuzz.py
+	$(PY) -m bench.fuzz
 
 clean:
 	rm -rf $(VENV)

@@ -10,61 +10,40 @@ trajectories caught, false-stop rate and the share of the oracle's savings.
 Choice rule (the demo's): the beta whose espo shadow stop rate is closest to the controller's target
 tau = 0.25, i.e. where the paper's beta controller settles during training.
 
-    .venv/bin/python bench/beta_sweep.py --betas 0.5,0.7,1,1.5,2,3
+    .venv/bin/python -m bench.beta_sweep --betas 0.5,0.7,1,1.5,2,3
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from espo_client import EspoClient  # noqa: E402
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
-from espo_server.toy.demo import matched_regret_beta  # noqa: E402
-from espo_server.toy.evaluate import evaluate  # noqa: E402
-from espo_server.toy.task import encode, generate  # noqa: E402
+from bench import harness
+from espo_client import EspoClient
+from espo_server.toy.demo import matched_regret_beta
+from espo_server.toy.evaluate import evaluate
+from espo_server.toy.task import encode, generate
 
 TAU = 0.25
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--betas", default="0.5,0.7,1,1.5,2,3")
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--seed", type=int, default=20_000)
-    parser.add_argument("--url", default=None)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "beta_sweep.json"))
+    harness.add_common_args(parser, "beta_sweep", url_help="a running embedded server (default: start one)")
+    harness.add_toy_args(parser)
     args = parser.parse_args()
     betas = [float(b) for b in args.betas.split(",")]
 
-    from espo_server.toy.train import ensure_toy_models
-
-    models = ensure_toy_models()
-    problems = generate(args.problems, "test", seed=args.seed)
+    models = harness.toy_models(args)
+    problems = generate(args.problems, "test", seed=args.seed, spec=models.task)
     prompts = [{"token_ids": encode(p.prompt), "answer": p.answer} for p in problems]
     common = dict(prompts=prompts, n=args.n, max_tokens=args.max_tokens, seed=args.seed)
-    server, url = None, args.url
-    if url is None:
-        port = free_port()
-        logs = Path(tempfile.mkdtemp(prefix="espo-sweep-"))
-        server = ServerProcess("espo-server", espo_server_argv("serve", "--port", str(port)), port, logs)
-        server.start()
-        url = server.url
     rows = []
-    try:
-        if server is not None:
-            server.wait_ready()
+    with harness.embedded_server(args) as url:
         with EspoClient(base_url=url, timeout=1800) as client:
             fresh = {"mu": 0.0, "var": 1.0, "beta": 1.0, "warm": False, "initialised": False, "batches": 0}
             client.set_state(fresh)
@@ -104,9 +83,6 @@ def main() -> None:
                     }
                 rows.append(row)
                 print(_line(row), flush=True)
-    finally:
-        if server is not None:
-            server.stop()
     chosen = min(rows, key=lambda row: abs(row["espo"]["stop_rate"] - TAU))
     print(f"closest to tau = {TAU}: beta {chosen['beta']}")
     result = {
@@ -115,8 +91,7 @@ def main() -> None:
         "models": models.report.get("key"),
         "config": vars(args),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    harness.write_result(args.out, result)
 
 
 def _f(value, spec: str = ".3f") -> str:

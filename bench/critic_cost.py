@@ -21,30 +21,22 @@ NAME="FLAGS"` adds servers with other flags (e.g. `before="--no-critic-prefix-ca
 server of another source tree (e.g. `git archive` of an older commit), whose critic tokens are
 counted from the values traces as whole prefixes (what that code computed).
 
-    .venv/bin/python bench/critic_cost.py --variant before="--no-critic-prefix-caching --critic-max-batch 1"
+    .venv/bin/python -m bench.critic_cost --variant before="--no-critic-prefix-caching --critic-max-batch 1"
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import shlex
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from espo_client import EspoClient  # noqa: E402
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
-from espo_server.toy.demo import DEMO_BETA  # noqa: E402
-from espo_server.toy.task import encode, generate  # noqa: E402
+from bench import harness
+from espo_client import EspoClient
+from espo_server.toy.demo import DEMO_BETA
+from espo_server.toy.task import encode, generate
 
 RULES = ("none", "regret_only", "espo")
 GPU_BLOCK = 16
@@ -74,53 +66,13 @@ def block_cache(prefixes: list[list[int]], block: int) -> int:
     return computed
 
 
-def start(name: str, src: str | None, flags: list[str], logs: Path) -> ServerProcess:
-    port = free_port()
-    argv = espo_server_argv(
-        "serve", "--port", str(port), "--gpu-memory-utilization", "0.1",
-        "--critic-gpu-memory-utilization", "0.1", *flags,
-    )  # fmt: skip
-    if src is not None:  # -P: not the working directory's modules first, the other tree's
-        argv = [argv[0], "-P", *argv[1:]]
-    server = ServerProcess(name, argv, port, logs)
-    saved = os.environ.get("PYTHONPATH")
-    if src is not None:  # the other tree's server: its own modules first
-        os.environ["PYTHONPATH"] = f"{src}/client:{src}"
-    try:
-        return server.start()
-    finally:
-        if src is not None:
-            os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
-
-
-def batch_histogram(client: EspoClient) -> tuple[float, float, dict[str, float]]:
-    """(count, sum, cumulative buckets) of espo_critic_batch_size (zeros on servers without it)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(client.base_url + "/metrics", timeout=30).text
-    count = total = 0.0
-    buckets: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "espo_critic_batch_size":
-            continue
-        for s in family.samples:
-            if s.name.endswith("_count"):
-                count = s.value
-            elif s.name.endswith("_sum"):
-                total = s.value
-            elif s.name.endswith("_bucket"):
-                buckets[s.labels["le"]] = s.value
-    return count, total, buckets
-
-
 def run_once(client: EspoClient, body: dict, rule: str, prompt_lens: list[int], old: bool) -> dict:
     """One call; `old`: a server that reports no critic tokens (they are counted from the traces)."""
-    before = batch_histogram(client)
+    before = harness.scrape(client.base_url).histogram("espo_critic_batch_size")
     started = time.perf_counter()
     out = client.rollouts(**body, stop_rule=rule, include=["values"] if rule == "espo" else [])
     wall = time.perf_counter() - started
-    after = batch_histogram(client)
+    after = harness.scrape(client.base_url).histogram("espo_critic_batch_size")
     usage = out.usage.model_dump()
     # Whole-prefix tokens of the answered queries, from the traces: what a server without prefix reuse
     # computed (and the same as critic_prefix_tokens where the server reports it).
@@ -189,9 +141,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--problems", type=int, default=256)
     parser.add_argument("--n", type=int, default=4)
@@ -200,20 +150,26 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"')
     parser.add_argument("--before-src", default=None, help="also run the server of this source tree")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "critic_cost.json"))
+    parser.add_argument("--out", default=str(harness.RESULTS / "critic_cost.json"))
+    harness.add_toy_args(parser)
     args = parser.parse_args()
 
-    from espo_server.toy.train import ensure_toy_models
-
-    ensure_toy_models()
+    task = harness.toy_models(args).task
     variants: list[tuple[str, str | None, list[str]]] = [("after", None, [])]
     for spec in args.variant:
         name, _, flags = spec.partition("=")
         variants.append((name, None, shlex.split(flags)))
     if args.before_src:
         variants.append(("before-src", args.before_src, []))
-    logs = Path(tempfile.mkdtemp(prefix="espo-critic-bench-"))
-    servers = {name: start(name, src, flags, logs) for name, src, flags in variants}
+    logs = harness.logs_dir("critic-bench")
+    memory = ("--gpu-memory-utilization", "0.1", "--critic-gpu-memory-utilization", "0.1")
+    size = ("--toy-size", harness.toy_size(args))  # (another tree may not know the flag: its default)
+    servers = {
+        name: harness.start_espo(
+            name, "serve", *memory, *(size if src is None else ()), *flags, logs=logs, src=src
+        )
+        for name, src, flags in variants
+    }
     started = time.time()
     results: dict = {"config": vars(args), "variants": {n: f for n, _, f in variants}, "rows": {}}
     try:
@@ -221,7 +177,7 @@ def main() -> None:
         for server in servers.values():
             server.wait_ready()
         clients = {name: EspoClient(base_url=s.url, timeout=1800) for name, s in servers.items()}
-        problems = generate(args.problems, "test", seed=10_000)
+        problems = generate(args.problems, "test", seed=10_000, spec=task)
         prompts = [{"token_ids": encode(p.prompt), "answer": p.answer} for p in problems]
         prompt_lens = [len(p["token_ids"]) for p in prompts]
         # The warm state: mu/var from one plain batch, beta where the demo puts it; learner-owned.
@@ -264,8 +220,7 @@ def main() -> None:
                 server.stop()
     results["wall_s"] = round(time.time() - started, 1)
     results["machine"] = f"{os.cpu_count()} CPU cores"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    harness.write_result(args.out, results)
     print_table(results)
     print(f"wrote {args.out}")
 

@@ -29,9 +29,9 @@ Then, in turn:
 
 Prints what happened with the times measured, writes `--out` (JSON); exit status 1 if a check fails.
 
-    .venv/bin/python bench/faults.py             # the full run: 6 clients, a 150 s soak around the outage
-    .venv/bin/python bench/faults.py --quick     # 3 clients, a 75 s soak
-    .venv/bin/python bench/faults.py --steps weights,engine
+    .venv/bin/python -m bench.faults             # the full run: 6 clients, a 150 s soak around the outage
+    .venv/bin/python -m bench.faults --quick     # 3 clients, a 75 s soak
+    .venv/bin/python -m bench.faults --steps weights,engine
 
 tests/test_soak.py calls the weights and engine steps on servers of its own.
     make faults
@@ -53,14 +53,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+import httpx
+import psutil
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-import soak  # noqa: E402
-
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
+from bench import harness, soak
+from espo_server.process import ServerProcess
 
 EAGER = soak.EAGER
 PROMPT = [5, 6, 14, 7, 17]
@@ -117,7 +114,7 @@ def critic_outage(s1: ServerProcess, critic: dict, weights: list[str], args) -> 
         events["killed_at"] = time.monotonic()
 
     def restart() -> None:
-        proc = soak.Servers.start_critic(critic["model"], critic["port"], critic["logs"])
+        proc = harness.start_critic("critic", critic["model"], logs=critic["logs"], port=critic["port"])
         critic["proc"] = proc
         proc.wait_ready()
         events["back_at"] = time.monotonic()
@@ -159,7 +156,7 @@ def critic_outage(s1: ServerProcess, critic: dict, weights: list[str], args) -> 
         clients=args.clients, seconds=args.soak_seconds, push_every=args.push_every, seed=1,
         warmup=10.0, rss_budget_mb=args.rss_budget_mb, max_inflight=64,
     )  # fmt: skip
-    before = soak.scrape(url)
+    before = harness.scrape(url)
     rss = soak.RssWatch(s1.proc.pid).start()
     workload = soak.Workload(url, args.clients, args.soak_seconds, weights, args.push_every, seed=1,
                              rules=("espo", "espo", "regret_only", "none"), on_tick=on_tick)  # fmt: skip
@@ -170,11 +167,10 @@ def critic_outage(s1: ServerProcess, critic: dict, weights: list[str], args) -> 
     for thread in threads:
         thread.join(timeout=600)
     rss.stop()
-    after = soak.scrape(url)
+    after = harness.scrape(url)
     result = soak.check(tally, before, after, rss, duration, soak_args)
     moved = {
-        o: soak.metric_sum(after, "espo_critic_calls_total", {"outcome": o})
-        - soak.metric_sum(before, "espo_critic_calls_total", {"outcome": o})
+        o: after.sum("espo_critic_calls_total", outcome=o) - before.sum("espo_critic_calls_total", outcome=o)
         for o in ("ok", "error", "timeout", "cancelled")
     }
     failed = moved["error"] + moved["timeout"]
@@ -328,16 +324,21 @@ def sigterm(s1: ServerProcess, grace_s: float, bound_s: float) -> dict:
 
 
 def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
+    """S2 is started with `--engine-dead-linger-s` well above the time a client needs to see its 503s.
+    Each step waits for the state it needs (both calls generating, the death noticed), bounded by
+    `bound_s`, never for a fixed time."""
     url = s2.url
     long = {"prompts": [{"token_ids": PROMPT}] * 2, "n": 32, "max_tokens": 480, "ignore_eos": True}
     plain = background(post, url, long)
     stream = background(streamed, url, long)
-    time.sleep(1.0)
+    # every sample of a call counts as in flight from its start to its end (480 engine steps or more)
+    inflight = lambda: harness.scrape(url).sum("espo_inflight_trajectories")  # noqa: E731
+    until(lambda: inflight() == 128, bound_s, "both calls generate")
     cores = [c for c in psutil.Process(s2.proc.pid).children(recursive=True) if is_engine_core(c)]
     assert cores, "no VLLM::EngineCore child found"
     killed = time.monotonic()
     cores[0].kill()
-    time.sleep(0.5)
+    until(lambda: httpx.get(url + "/readyz", timeout=30).status_code == 503, bound_s, "the death noticed")
     after = post(url, long, timeout=30)
     ready = httpx.get(url + "/readyz", timeout=30)
     running = plain.result(timeout=bound_s)
@@ -367,6 +368,15 @@ def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
     }
 
 
+def until(condition, bound_s: float, what: str) -> None:
+    """Poll `condition()` until it holds; AssertionError naming `what` after `bound_s` seconds."""
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {bound_s:g} s: {what}")
+        time.sleep(0.1)
+
+
 def is_engine_core(proc: psutil.Process) -> bool:
     """vLLM's engine process: its title is VLLM::EngineCore (the kernel's name of it, cut at 15
     characters, VLLM::EngineCor)."""
@@ -380,9 +390,7 @@ def is_engine_core(proc: psutil.Process) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="3 clients, a 75 s soak")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--soak-seconds", type=float, default=150.0)
@@ -395,7 +403,7 @@ def main() -> None:
     parser.add_argument("--exit-bound-s", type=float, default=30.0)
     parser.add_argument("--rss-budget-mb", type=float, default=200.0)
     parser.add_argument("--steps", default="critic,weights,sigterm,engine", help="which, in this order")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
+    parser.add_argument("--out", default=str(harness.RESULTS / "faults.json"))
     args = parser.parse_args()
     if args.quick:
         args.clients, args.soak_seconds, args.hang_at, args.hang_s = 3, 75.0, 3.0, 5.0
@@ -411,8 +419,9 @@ def main() -> None:
         logs.mkdir()
         policy, critic_model = make_tiny_models(work / "a", seed=0)
         policy_b, _ = make_tiny_models(work / "b", seed=7)
-        critic = {"model": str(critic_model), "port": free_port(), "logs": logs}
-        critic["proc"] = soak.Servers.start_critic(critic["model"], critic["port"], logs)
+        critic = {"model": str(critic_model), "logs": logs}
+        critic["proc"] = harness.start_critic("critic", critic["model"], logs=logs)
+        critic["port"] = critic["proc"].port  # restarted on the same port
         common = (
             "--model",
             str(policy),
@@ -423,21 +432,20 @@ def main() -> None:
             "--max-num-seqs",
             "64",
         )
-        p1, p2 = free_port(), free_port()
-        s1 = ServerProcess("s1", espo_server_argv(
-            "serve", *common, "--port", str(p1), "--critic", "remote", "--critic-url", critic["proc"].url,
+        s1 = harness.start_espo(
+            "s1", "serve", *common, "--critic", "remote", "--critic-url", critic["proc"].url,
             "--critic-timeout-s", "2", "--weights-dir", str(work), "--shutdown-grace-s", str(args.grace),
-        ), p1, logs).start()  # fmt: skip
-        s2 = ServerProcess(
-            "s2", espo_server_argv("serve", *common, "--port", str(p2), "--critic", "none"), p2, logs
-        )
+            logs=logs,
+        )  # fmt: skip
         wanted = args.steps.split(",")
+        s2 = None
         if "engine" in wanted:  # S2 only serves the engine step
-            s2.start()
+            linger = ("--engine-dead-linger-s", str(args.exit_bound_s / 2))
+            s2 = harness.start_espo("s2", "serve", *common, "--critic", "none", *linger, logs=logs)
         try:
             critic["proc"].wait_ready()
             s1.wait_ready()
-            if s2.proc is not None:
+            if s2 is not None:
                 s2.wait_ready()
             print(f"servers up after {time.monotonic() - started:.0f} s (logs in {logs})", flush=True)
             steps = [
@@ -457,15 +465,16 @@ def main() -> None:
                 report(name, results[name])
         finally:
             for proc in (s1, s2, critic["proc"]):
-                proc.stop(timeout=30)
+                if proc is not None:
+                    proc.stop(timeout=30)
             for proc in (s1, s2):
-                results.setdefault("logs", {})[proc.name] = proc.log_tail(15)
+                if proc is not None:
+                    results.setdefault("logs", {})[proc.name] = proc.log_tail(15)
     results["wall_s"] = round(time.monotonic() - started, 1)
     results["ok"] = all(
         ok for r in results.values() if isinstance(r, dict) for ok in r.get("checks", {}).values()
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    harness.write_result(args.out, results)
     print(f"faults: {'passed' if results['ok'] else 'FAILED'} in {results['wall_s']} s; wrote {args.out}")
     sys.exit(0 if results["ok"] else 1)
 

@@ -12,19 +12,19 @@ the documented model, invalid data is refused. Afterwards: /readyz is 200, a nor
 succeeds, the server process still runs and its log holds no traceback; the uvicorn access log
 gives the answers by status.
 
-    .venv/bin/python bench/fuzz.py                      # 300 cases per operation, fuzzing for 600 s
-    .venv/bin/python bench/fuzz.py --max-time 60        # a quick look
-    .venv/bin/python bench/fuzz.py --url URL --log LOG  # a running server (tests/test_soak.py)
+    .venv/bin/python -m bench.fuzz                      # 300 cases per operation, fuzzing for 600 s
+    .venv/bin/python -m bench.fuzz --max-time 60        # a quick look
+    .venv/bin/python -m bench.fuzz --url URL --log LOG  # a running server (tests/test_soak.py)
 
 `--max-time` bounds the generation: schemathesis' fuzzing phase repeats until it is spent (tens of
-thousands of cases in 300 s on the 2-core box).
+thousands of cases in 300 s on the 2-core box); `--max-time 0`: at most `--max-examples` cases per
+operation and phase, however long they take.
     make fuzz
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import signal
 import subprocess
@@ -34,25 +34,23 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import httpx
 
-import httpx  # noqa: E402
-
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
+from bench import harness
+from espo_server.process import free_port
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 PROBE = {"prompts": [{"token_ids": [5, 6, 7]}], "n": 2, "max_tokens": 8, "stop_rule": "espo", "seed": 1}
 
 
-def server_argv(model: str, port: int, weights_dir: str) -> list[str]:
-    return espo_server_argv(
-        "serve", "--model", model, "--dtype", "float32", "--port", str(port), "--max-model-len", "128",
+def server_flags(model: str, weights_dir: str) -> list[str]:
+    return [
+        "--model", model, "--dtype", "float32", "--max-model-len", "128",
         "--critic", "remote", "--critic-url", f"http://127.0.0.1:{free_port()}", "--critic-timeout-s", "0.5",
         "--max-n", "4", "--max-prompts", "4", "--max-trajectories", "16", "--max-call-seconds", "2",
         "--max-inflight-trajectories", "64", "--weights-dir", weights_dir, "--run-idle-timeout-s", "60",
         "--idempotency-cache-mb", "16",
-    )  # fmt: skip
+    ]  # fmt: skip
 
 
 def fuzz(url: str, args: argparse.Namespace, report_dir: Path) -> dict:
@@ -110,18 +108,15 @@ def read_log(result: dict, log: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--max-examples", type=int, default=300, help="cases per operation and phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--checks", default=CHECKS)
     parser.add_argument("--timeout", type=float, default=3600.0, help="for the whole schemathesis run")
-    parser.add_argument("--url", default=None, help="a running server (default: start one on a tiny model)")
+    harness.add_common_args(parser, "fuzz", url_help="a running server (default: start one on a tiny model)")
     parser.add_argument("--log", default=None, help="with --url: its log (what it writes meanwhile is read)")
     parser.add_argument("--max-time", type=int, default=600, help="seconds of generation (0: none)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fuzz.json"))
     args = parser.parse_args()
     result: dict = {"config": vars(args)}
     with tempfile.TemporaryDirectory(prefix="espo-fuzz-") as tmp:
@@ -138,9 +133,8 @@ def main() -> None:
 
             policy, _ = make_tiny_models(work / "tiny", seed=0)
             (work / "weights").mkdir()
-            port = free_port()
-            server = ServerProcess(
-                "fuzzed", server_argv(str(policy), port, str(work / "weights")), port, work
+            server = harness.start_espo(
+                "fuzzed", "serve", *server_flags(str(policy), str(work / "weights")), logs=work
             )
             with server:
                 server.wait_ready()
@@ -161,7 +155,7 @@ def main() -> None:
     result["ok"] = all(checks.values())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".log").write_text(result.pop("output"))
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    harness.write_result(args.out, result)
     print(result["output_tail"][-3000:])
     print(f"\nFuzz: {result['cases']} cases in {result['schemathesis_s']} s; answers by status "
           f"{result.get('answers_by_status')}")  # fmt: skip

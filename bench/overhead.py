@@ -14,33 +14,28 @@ Runs alternate, the order rotating every repeat (a b c d, b c d a, ...), with `-
 quiet before each, so drift on a shared machine hits all paths alike; each figure is the median of
 `--repeats` runs. Prints a table and writes JSON.
 
-    .venv/bin/python bench/overhead.py                  # CPU defaults (seeded random tiny models)
-    .venv/bin/python bench/overhead.py --concurrency 1 16 64 --repeats 5 --max-tokens 128
-    .venv/bin/python bench/overhead.py --policy DIR --critic DIR --dtype bfloat16 --concurrency 256   # GPU
+    .venv/bin/python -m bench.overhead               # CPU defaults (seeded random tiny models)
+    .venv/bin/python -m bench.overhead --concurrency 1 16 64 --repeats 5 --max-tokens 128
+    .venv/bin/python -m bench.overhead --policy DIR --critic DIR --dtype bfloat16 --concurrency 256   # GPU
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import atexit
 import contextlib
-import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from espo_server.engine import shutdown_engine  # noqa: E402
-from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_serve_argv  # noqa: E402
+from bench import harness
+from espo_server.engine import shutdown_engine
+from espo_server.process import ServerProcess, free_port, vllm_serve_argv
 
 # Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.
 RANDOM_MODELS = {
@@ -105,21 +100,6 @@ async def run_vllm_openai(client: httpx.AsyncClient, model: str, prompts, max_to
     return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
-async def critic_batches(client: httpx.AsyncClient) -> tuple[float, float]:
-    """(count, sum) of the server's espo_critic_batch_size histogram."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = (await client.get("/metrics")).text
-    got = {"count": 0.0, "sum": 0.0}
-    for family in text_string_to_metric_families(text):
-        if family.name == "espo_critic_batch_size":
-            for sample in family.samples:
-                for key in got:
-                    if sample.name.endswith("_" + key):
-                        got[key] = sample.value
-    return got["count"], got["sum"]
-
-
 async def run_espo(
     client: httpx.AsyncClient, prompts, max_tokens: int, seed: int, shadow: bool, name: str = ""
 ) -> int:
@@ -161,43 +141,21 @@ async def main_async(args) -> dict:
     logs = Path(args.out).with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
 
-    espo_port, vllm_port = free_port(), free_port()
+    vllm_port = free_port()
     dtype = args.dtype
 
-    def espo_server(name: str, port: int, *extra: str) -> ServerProcess:
-        return ServerProcess(
-            name,
-            espo_server_argv(
-                "serve",
-                "--model",
-                policy,
-                "--critic-model",
-                critic,
-                "--dtype",
-                dtype,
-                "--port",
-                str(port),
-                "--max-model-len",
-                str(args.max_model_len),
-                "--max-n",
-                "512",
-                "--verifier",
-                "none",
-                "--gpu-memory-utilization",
-                str(args.mem),
-                "--critic-gpu-memory-utilization",
-                str(args.critic_mem),
-                *extra,
-            ),
-            port,
-            logs,
-        ).start()
+    def espo_server(name: str, *extra: str) -> ServerProcess:
+        return harness.start_espo(
+            name, "serve", "--model", policy, "--critic-model", critic, "--dtype", dtype,
+            "--max-model-len", str(args.max_model_len), "--max-n", "512", "--verifier", "none",
+            "--gpu-memory-utilization", str(args.mem),
+            "--critic-gpu-memory-utilization", str(args.critic_mem), *extra, logs=logs,
+        )  # fmt: skip
 
-    espo = espo_server("espo-server", espo_port)
+    espo = espo_server("espo-server")
     interval = None
     if args.stream_interval > 1:
-        interval_port = free_port()
-        interval = espo_server("espo-interval", interval_port, "--stream-interval", str(args.stream_interval))
+        interval = espo_server("espo-interval", "--stream-interval", str(args.stream_interval))
     vllm_srv = ServerProcess(
         "vllm-serve",
         vllm_serve_argv(
@@ -276,7 +234,8 @@ async def main_async(args) -> dict:
                     await fn(prompts[: min(k, 4)], 0)
                 rates: dict[str, list[float]] = {name: [] for name in paths}
                 bench_usage.clear()
-                batches_before = await critic_batches(espo_client)  # only (d) asks the critic there
+                # only (d) asks the critic there
+                batches_before = harness.scrape(espo.url).histogram("espo_critic_batch_size")
                 names = list(paths)
                 for rep in range(args.repeats):
                     # Rotate the order every repeat, and let the last engine's OpenMP threads stop
@@ -294,7 +253,7 @@ async def main_async(args) -> dict:
                         flush=True,
                     )
                 med = {name: statistics.median(r) for name, r in rates.items()}
-                batches_after = await critic_batches(espo_client)
+                batches_after = harness.scrape(espo.url).histogram("espo_critic_batch_size")
                 d_usage = bench_usage["d"]
                 computed = sum(u["generated_tokens"] + u["discarded_tokens"] for u in d_usage)
                 batches = batches_after[0] - batches_before[0]
@@ -369,9 +328,7 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -391,14 +348,13 @@ def main() -> None:
         default=1,
         help="also run (e): (d) on a server with this stream_interval",
     )
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
+    parser.add_argument("--out", default=str(harness.RESULTS / "overhead.json"))
     args = parser.parse_args()
     started = time.time()
     results = asyncio.run(main_async(args))
     results["machine"] = machine()
     results["wall_s"] = round(time.time() - started, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    harness.write_result(args.out, results)
     print_table(results)
     print(f"wrote {args.out} ({results['wall_s']}s)")
 

@@ -31,7 +31,7 @@ critic PPO trains; every run first pushes the starting critic, so each starts fr
 `--no-push-critic` keeps the server's starting critic for the whole run (the stale-critic ablation).
 
     make reproduce                                    # 5 rules x 3 seeds x 40 iterations
-    .venv/bin/python bench/reproduce.py --rules none,espo --seeds 0 --iterations 3   # a smoke run
+    .venv/bin/python -m bench.reproduce --rules none,espo --seeds 0 --iterations 3   # a smoke run
 """
 
 from __future__ import annotations
@@ -41,17 +41,14 @@ import importlib.util
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from espo_client import EspoClient  # noqa: E402
-from espo_client.stop_rule import EspoParams  # noqa: E402
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
-from espo_server.toy.demo import DEMO_BETA  # noqa: E402
+from bench import harness
+from bench.harness import ROOT
+from espo_client import EspoClient
+from espo_client.stop_rule import EspoParams
+from espo_server.toy.demo import DEMO_BETA
 
 RULES = ("none", "espo", "random", "regret_only", "value_only")
 EXAMPLE = ROOT / "examples" / "ppo_toy.py"
@@ -68,9 +65,7 @@ def load_ppo_toy():
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {', '.join(RULES)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated learner seeds")
     parser.add_argument("--iterations", type=int, default=40)
@@ -92,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default=None, help="a running embedded server (default: start one)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reproduce")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "reproduce.png")
+    harness.add_toy_args(parser)
     args = parser.parse_args(argv)
     args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -243,28 +239,14 @@ def plot(runs: list[dict], start: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from espo_server.toy.train import ensure_toy_models
-
-    toy = ensure_toy_models()
+    toy = harness.toy_models(args)
     ppo_toy = load_ppo_toy()
     args.out.mkdir(parents=True, exist_ok=True)
-    server, url = None, args.url
-    if url is None:
-        port = free_port()
-        logs = Path(tempfile.mkdtemp(prefix="espo-reproduce-"))
-        # the learner pushes the supervised start (in the toy cache) and its checkpoints (under --out)
-        weights = ["--weights-dir", str(toy.policy_dir.parent), "--weights-dir", str(args.out.resolve())]
-        server = ServerProcess(
-            "espo-server", espo_server_argv("serve", "--port", str(port), *weights), port, logs
-        )
-        print(f"starting the embedded server (log {server.log_path}) ...", flush=True)
-        server.start()
-        url = server.url
+    # the learner pushes the supervised start (in the toy cache) and its checkpoints (under --out)
+    weights = ["--weights-dir", str(toy.policy_dir.parent), "--weights-dir", str(args.out.resolve())]
     started = time.perf_counter()
     runs: list[dict] = []
-    try:
-        if server is not None:
-            server.wait_ready()
+    with harness.embedded_server(args, *weights) as url:
         # the supervised start, measured once (every run pushes this same policy first)
         with EspoClient(base_url=url, timeout=1800) as client:
             client.load_weights(str(toy.policy_dir), version=client.info().policy_version + 1)
@@ -289,9 +271,6 @@ def main(argv: list[str] | None = None) -> dict:
                     length = mean_length(run)  # none's if it ran (espo's are cut short)
                 runs.append(run)
                 (args.out / "reproduce.json").write_text(json.dumps({"runs": runs}, default=str))
-    finally:
-        if server is not None:
-            server.stop()
 
     summary = summarise(runs, start) | {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

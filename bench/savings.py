@@ -15,81 +15,50 @@ over repeats:
   first wrong token, the limit of any stop rule; espo's savings as a fraction of it; median
   detection delay (tokens from the first wrong token to the stop).
 
-    .venv/bin/python bench/savings.py                   # 3 repeats x 64 problems x n=4 (768 trajectories)
+    .venv/bin/python -m bench.savings           # 3 repeats x 64 problems x n=4 (768 trajectories)
 
-Targets for espo stopping for real: >= 25% fewer tokens than none, <= 3% false
-stops, >= 60% of the oracle's savings; printed as met or missed.
+Targets for espo stopping for real: >= 25% fewer tokens than none, <= 3% false stops, >= 60% of the
+oracle's savings; printed as met or missed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from espo_client import EspoClient  # noqa: E402
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
-from espo_server.toy.demo import DEMO_BETA, TARGETS, run_batches  # noqa: E402
-from espo_server.toy.task import generate  # noqa: E402
+from bench import harness
+from espo_client import EspoClient
+from espo_server.toy.demo import DEMO_BETA, TARGETS, run_batches
+from espo_server.toy.task import generate
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--beta", type=float, default=DEMO_BETA)
-    parser.add_argument("--url", default=None, help="a running embedded server (default: start one)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "savings.json"))
+    harness.add_common_args(parser, "savings", url_help="a running embedded server (default: start one)")
+    harness.add_toy_args(parser)
     args = parser.parse_args()
 
-    from espo_server.toy.train import ensure_toy_models
-
-    models = ensure_toy_models()
-    server = None
-    url = args.url
-    if url is None:
-        port = free_port()
-        server = ServerProcess(
-            "espo-server",
-            espo_server_argv("serve", "--port", str(port)),
-            port,
-            Path(tempfile.mkdtemp(prefix="espo-bench-")),
-        )
-        server.start()
-        url = server.url
+    models = harness.toy_models(args)
     started = time.time()
     runs = []
-    try:
-        if server is not None:
-            print(f"starting the embedded server (log {server.log_path}) ...", flush=True)
-            server.wait_ready()
-        with EspoClient(base_url=url, timeout=1800) as client:
-            for rep in range(args.repeats):
-                problems = generate(args.problems, "test", seed=10_000 + rep)
-                batch_args = argparse.Namespace(
-                    n=args.n, max_tokens=args.max_tokens, seed=rep * 7919, beta=args.beta
-                )
-                print(f"repeat {rep + 1}/{args.repeats}", flush=True)
-                runs.append(run_batches(client, problems, batch_args))
-    finally:
-        if server is not None:
-            server.stop()
+    with harness.embedded_server(args) as url, EspoClient(base_url=url, timeout=1800) as client:
+        for rep in range(args.repeats):
+            problems = generate(args.problems, "test", seed=10_000 + rep, spec=models.task)
+            batch_args = argparse.Namespace(
+                n=args.n, max_tokens=args.max_tokens, seed=rep * 7919, beta=args.beta
+            )
+            print(f"repeat {rep + 1}/{args.repeats}", flush=True)
+            runs.append(run_batches(client, problems, batch_args))
 
     result = summarise(runs) | {"config": vars(args), "models": models.report.get("key"), "wall_s": 0.0}
     result["wall_s"] = round(time.time() - started, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result | {"runs": runs}, indent=2, default=str))
+    harness.write_result(args.out, result | {"runs": runs})
     print_table(result)
     print(f"wrote {args.out}")
 

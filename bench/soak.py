@@ -16,9 +16,11 @@ tiny models (`make-tiny-model`, the fastest engine there is), on loopback only, 
   run         a run (POST /v1/runs): 2-3 calls with return_groups=1 and leftover=carry, then a last
               call that takes back every carried group, then DELETE
 
-(each client runs every scenario once first, in its own order, then draws at random), and a pusher
-loads the two policies' weights in turn every `--push-every` seconds (from the server's
---weights-dir). A 429 is retried after its Retry-After with the same request_id.
+(each client runs every scenario once first, in its own order, even past `--seconds`, then draws at
+random), and a pusher loads the two policies' weights in turn every `--push-every` seconds (from the
+server's --weights-dir), or, with `--push-every-calls N`, the client that finishes every N-th scenario
+pushes. `--seconds 0 --push-every-calls N` is a workload of a fixed size, whatever the machine's speed.
+A 429 is retried after its Retry-After with the same request_id.
 
 Checks (the exit status is 1 if one fails):
   - every trajectory is delivered exactly once: counted by (request_id that started it, prompt
@@ -32,8 +34,8 @@ Checks (the exit status is 1 if one fails):
 
 Prints a summary table and writes `--out` (JSON).
 
-    .venv/bin/python bench/soak.py                                  # 8 clients, 5 minutes
-    .venv/bin/python bench/soak.py --clients 4 --seconds 60         # a quick look
+    .venv/bin/python -m bench.soak                                  # 8 clients, 5 minutes
+    .venv/bin/python -m bench.soak --clients 4 --seconds 60         # a quick look
     make soak
 """
 
@@ -43,7 +45,6 @@ import argparse
 import asyncio
 import dataclasses
 import itertools
-import json
 import random
 import signal
 import sys
@@ -57,15 +58,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "client"))
+import httpx
+import psutil
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from espo_client import (  # noqa: E402
+from bench import harness
+from bench.harness import Metrics
+from espo_client import (
     APIStatusError,
     AsyncEspoClient,
     ConnectError,
@@ -75,7 +73,7 @@ from espo_client import (  # noqa: E402
     RolloutResponse,
     StreamError,
 )
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
+from espo_server.process import ServerProcess
 
 # A learner-owned state that makes espo and regret_only stop readily on the random tiny policy.
 EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
@@ -280,12 +278,16 @@ class Workload:
     weights: list[str]
     push_every_s: float
     seed: int = 0
+    push_every_calls: int = 0
+    """If set: a weight push after every this many scenarios finished (instead of every push_every_s)."""
     api_key: str | None = None
     rules: tuple[str, ...] = RULES
     scenarios: tuple[str, ...] = ("call", "call", "call", "replay", "conflict", "timeout", "abandon", "run")
     tally: Tally = dataclasses.field(default_factory=Tally)
     on_tick: Callable[[float], None] | None = None
     """Called about every second with the seconds elapsed (faults.py injects faults from it)."""
+    _finished: int = dataclasses.field(default=0, init=False)
+    """Scenarios finished, by all clients."""
 
     async def run(self) -> Tally:
         # The sync clients' calls run in worker threads: one each, and the pusher's.
@@ -294,10 +296,12 @@ class Workload:
         apis = [Api(self.url, sync=i % 2 == 0, api_key=self.api_key) for i in range(self.clients)]
         try:
             tasks = [self._client(i, api, stop_at) for i, api in enumerate(apis)]
-            if self.weights and self.push_every_s > 0:
+            if self.weights and self.push_every_s > 0 and not self.push_every_calls:
                 tasks.append(self._pusher(apis[0], stop_at))
             tasks.append(self._ticker(stop_at))
             await asyncio.gather(*tasks)
+            if self.push_every_calls and self.tally.pushes % len(self.weights or [None]):
+                await self._push(apis[0], self.weights[0])  # leave the first weights served
         finally:
             for api in apis:
                 await api.aclose()
@@ -311,30 +315,29 @@ class Workload:
                 self.on_tick(time.monotonic() - started)
 
     async def _pusher(self, api: Api, stop_at: float) -> None:
-        versions = itertools.count(1000)
-        for path in itertools.cycle(self.weights[1:] + self.weights[:1]):
+        for k in itertools.count(1):
             await asyncio.sleep(self.push_every_s)
             if time.monotonic() >= stop_at:
                 break
-            try:
-                await api.load_weights(path, next(versions))
-                with self.tally.lock:
-                    self.tally.pushes += 1
-            except EspoError as exc:
-                self.tally.error(f"push_{error_kind(exc)}", exc)
+            await self._push(api, self.weights[k % len(self.weights)])
         if self.tally.pushes % len(self.weights):  # leave the first weights served, as they were
-            try:
-                await api.load_weights(self.weights[0], next(versions))
-                with self.tally.lock:
-                    self.tally.pushes += 1
-            except EspoError as exc:
-                self.tally.error(f"push_{error_kind(exc)}", exc)
+            await self._push(api, self.weights[0])
+
+    async def _push(self, api: Api, path: str) -> None:
+        with self.tally.lock:
+            version = 1000 + self.tally.pushes
+        try:
+            await api.load_weights(path, version)
+            with self.tally.lock:
+                self.tally.pushes += 1
+        except EspoError as exc:
+            self.tally.error(f"push_{error_kind(exc)}", exc)
 
     async def _client(self, index: int, api: Api, stop_at: float) -> None:
         rng = random.Random(self.seed * 1000 + index)
         distinct = list(dict.fromkeys(self.scenarios))
         first = distinct[index % len(distinct) :] + distinct[: index % len(distinct)]  # each once first
-        while time.monotonic() < stop_at:
+        while first or time.monotonic() < stop_at:
             kind = first.pop(0) if first else rng.choice(self.scenarios)
             with self.tally.lock:
                 self.tally.kinds[kind] += 1
@@ -342,6 +345,10 @@ class Workload:
                 await getattr(self, f"_{kind}")(api, rng)
             except EspoError as exc:  # an unintended failure: counted, the client goes on
                 self.tally.error(error_kind(exc), exc)
+            self._finished += 1  # (the clients' loops share one event loop)
+            every = self.push_every_calls
+            if self.weights and every and self._finished % every == 0:
+                await self._push(api, self.weights[(self._finished // every) % len(self.weights)])
 
     # --- the scenarios ---------------------------------------------------------------------------
 
@@ -463,23 +470,6 @@ def _rid(kind: str) -> str:
 # --------------------------------------------------------------------------------------------- server side
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def metric_sum(samples: dict, name: str, labels: dict[str, str]) -> float:
-    return sum(
-        v
-        for (n, have), v in samples.items()
-        if n == name and all(dict(have).get(k) == x for k, x in labels.items())
-    )
-
-
 class RssWatch:
     """The server process's RSS and its children's (vLLM's engine process), every `interval` s."""
 
@@ -544,23 +534,16 @@ class Servers:
         self.weights = [str(policy), str(policy_b)]
         logs = self.work / "logs"
         logs.mkdir(exist_ok=True)
-        self.critic = self.start_critic(str(critic), free_port(), logs)
-        port = free_port()
-        argv = espo_server_argv(
-            "serve", "--model", str(policy), "--critic", "remote", "--critic-url", self.critic.url,
-            "--dtype", "float32", "--max-model-len", "512", "--port", str(port), "--max-num-seqs", "64",
+        self.critic = harness.start_critic("critic", str(critic), logs=logs)
+        self.server = harness.start_espo(
+            "rollout", "serve", "--model", str(policy), "--critic", "remote", "--critic-url", self.critic.url,
+            "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "64",
             "--weights-dir", str(self.work), "--max-inflight-trajectories", str(self.max_inflight),
-            *self.extra,
+            *self.extra, logs=logs,
         )  # fmt: skip
-        self.server = ServerProcess("rollout", argv, port, logs).start()
         self.critic.wait_ready()
         self.server.wait_ready()
         return self
-
-    @staticmethod
-    def start_critic(model: str, port: int, logs: Path) -> ServerProcess:
-        argv = espo_server_argv("critic", "--model", model, "--port", str(port), "--dtype", "float32")
-        return ServerProcess("critic", argv, port, logs, ready_path="/health").start()
 
     def __exit__(self, *exc: object) -> None:
         for proc in (self.server, self.critic):
@@ -573,9 +556,12 @@ class Servers:
 
 def soak(url: str, pid: int, weights: list[str], args: argparse.Namespace) -> dict:
     """Run the workload against a running server; check and return the figures."""
-    before = scrape(url)
+    before = harness.scrape(url)
     rss = RssWatch(pid).start()
-    workload = Workload(url, args.clients, args.seconds, weights, args.push_every, seed=args.seed)
+    workload = Workload(
+        url, args.clients, args.seconds, weights, args.push_every, seed=args.seed,
+        push_every_calls=args.push_every_calls,
+    )  # fmt: skip
     if args.scenarios:
         workload.scenarios = tuple(args.scenarios.split(","))
     started = time.monotonic()
@@ -585,15 +571,14 @@ def soak(url: str, pid: int, weights: list[str], args: argparse.Namespace) -> di
         duration = time.monotonic() - started
         time.sleep(2.5)  # one more RSS sample after the load
         rss.stop()
-    after = scrape(url)
+    after = harness.scrape(url)
     return check(tally, before, after, rss, duration, args)
 
 
-def check(tally: Tally, before: dict, after: dict, rss: RssWatch, duration: float, args) -> dict:
+def check(tally: Tally, before: Metrics, after: Metrics, rss: RssWatch, duration: float, args) -> dict:
     lost, twice = tally.lost_or_twice()
     moved = {
-        name: metric_sum(after, name, labels) - metric_sum(before, name, labels)
-        for name, (labels, _) in WATCHED.items()
+        name: after.sum(name, **labels) - before.sum(name, **labels) for name, (labels, _) in WATCHED.items()
     }
     seen = {name: getattr(tally, field) for name, (_, field) in WATCHED.items()}
     warm = min(args.warmup, duration / 4)
@@ -635,8 +620,8 @@ def check(tally: Tally, before: dict, after: dict, rss: RssWatch, duration: floa
         "explained": [tally.explain(k) for k in (lost[:5] + twice[:5])],
         "metrics_moved": moved,
         "critic_calls_by_outcome": {
-            dict(labels).get("outcome", ""): after[(name, labels)] - before.get((name, labels), 0.0)
-            for (name, labels) in after
+            dict(labels).get("outcome", ""): value - before.samples.get((name, labels), 0.0)
+            for (name, labels), value in after.samples.items()
             if name == "espo_critic_calls_total"
         },
         "clients_saw": seen,
@@ -692,6 +677,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--push-every", type=float, default=20.0, help="seconds between weight pushes (0: none)"
     )
+    parser.add_argument(
+        "--push-every-calls", type=int, default=0,
+        help="a weight push after every this many scenarios finished (instead of --push-every)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--scenarios", default="", help="comma-separated scenarios to draw from (default: all, calls 3x)"
@@ -704,14 +693,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     add_args(parser)
-    parser.add_argument("--url", default=None, help="a running server (default: start one on tiny models)")
+    harness.add_common_args(parser, "soak", url_help="a running server (default: start one on tiny models)")
     parser.add_argument("--pid", type=int, default=None, help="its process id (for RSS), with --url")
     parser.add_argument("--weights", nargs="*", default=[], help="weight dirs to push in turn, with --url")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     args = parser.parse_args()
     if args.url is not None:
         if args.pid is None:
@@ -728,8 +714,7 @@ def main() -> None:
                 flush=True,
             )
             result = soak(s.server.url, s.server.proc.pid, s.weights, args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    harness.write_result(args.out, result)
     print_summary(result)
     print(f"wrote {args.out}")
     sys.exit(0 if result["ok"] else 1)

@@ -19,37 +19,27 @@ Prints, medians over repeats: wall time, tokens generated, trajectories/s, stop 
 full batch. Targets: espo wall <= 0.8 x none at <= 3% false stops; over-sampling's time to
 B groups <= 0.7 x none's full batch.
 
-    .venv/bin/python bench/throughput.py                       # 256 problems x n=4, 64 slots, 3 repeats
-    .venv/bin/python bench/throughput.py --problems 64 --repeats 1    # a quick look
+    .venv/bin/python -m bench.throughput                    # 256 problems x n=4, 64 slots, 3 repeats
+    .venv/bin/python -m bench.throughput --problems 64 --repeats 1    # a quick look
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from espo_client import EspoClient  # noqa: E402
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
-from espo_server.toy.demo import DEMO_BETA  # noqa: E402
-from espo_server.toy.evaluate import evaluate  # noqa: E402
-from espo_server.toy.task import encode, generate  # noqa: E402
+from bench import harness
+from espo_client import EspoClient
+from espo_server.toy.demo import DEMO_BETA
+from espo_server.toy.evaluate import evaluate
+from espo_server.toy.task import encode, generate
 
 MODES = ("none", "espo", "random", "over:none", "over:espo")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--problems", type=int, default=256, help="prompt groups per batch (B)")
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=160)
@@ -57,60 +47,45 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--over", type=float, default=1.25, help="prompts sent per group wanted")
     parser.add_argument("--beta", type=float, default=DEMO_BETA)
-    parser.add_argument("--url", default=None, help="a running embedded server (default: start one)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
+    harness.add_common_args(parser, "throughput", url_help="a running embedded server (default: start one)")
+    harness.add_toy_args(parser)
     args = parser.parse_args()
 
-    from espo_server.toy.train import ensure_toy_models
-
-    ensure_toy_models()
-    server, url = None, args.url
-    if url is None:
-        port = free_port()
-        argv = espo_server_argv("serve", "--port", str(port), "--max-num-seqs", str(args.max_num_seqs))
-        server = ServerProcess("espo-server", argv, port, Path(tempfile.mkdtemp(prefix="espo-bench-")))
-        print(
-            f"starting the embedded server, {args.max_num_seqs} slots (log {server.log_path}) ...", flush=True
-        )
-        server.start()
-        url = server.url
+    task = harness.toy_models(args).task
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     started = time.time()
-    try:
-        if server is not None:
-            server.wait_ready()
-        with EspoClient(base_url=url, timeout=3600) as client:
-            info = client.info()
-            warmup = generate(args.problems, "train", seed=99)
-            plain = client.rollouts(
-                prompts=[encode(p.prompt) for p in warmup], n=args.n, max_tokens=args.max_tokens, seed=1,
-                stop_rule="none", state={"beta": args.beta}, include=[],
-            )  # fmt: skip
-            state = dataclasses.replace(plain.state_after, warm=True, beta=args.beta)
-            random_rate = None
-            for rep in range(args.repeats):
-                problems = generate(int(args.problems * args.over) + 1, "test", seed=20_000 + rep)
-                for mode in MODES:
-                    if mode == "random" and random_rate is None:
-                        random_rate = matched_random_rate(runs, args)
-                    row = run_mode(client, mode, problems, args, state, rep, random_rate)
-                    runs[mode].append(row)
-                    print(
-                        f"  repeat {rep + 1}/{args.repeats} {mode:<10} {row['wall_s']:6.2f}s "
-                        f"{row['tokens']:>7} tokens  stop rate {row['stop_rate']:.3f}",
-                        flush=True,
-                    )
-                twins = {i: t for i, t in enumerate(runs["none"][-1]["trajectories"])}
-                for mode in ("espo", "random"):
-                    scored = evaluate(problems[: args.problems], runs[mode][-1].pop("trajectories"), twins)
-                    runs[mode][-1]["false_stop_rate"] = scored["false_stop_rate"]
-                    runs[mode][-1]["accuracy"] = scored["accuracy"]
-                runs["none"][-1]["accuracy"] = evaluate(
-                    problems[: args.problems], runs["none"][-1].pop("trajectories")
-                )["accuracy"]
-    finally:
-        if server is not None:
-            server.stop()
+    with (
+        harness.embedded_server(args, "--max-num-seqs", str(args.max_num_seqs)) as url,
+        EspoClient(base_url=url, timeout=3600) as client,
+    ):
+        info = client.info()
+        warmup = generate(args.problems, "train", seed=99, spec=task)
+        plain = client.rollouts(
+            prompts=[encode(p.prompt) for p in warmup], n=args.n, max_tokens=args.max_tokens, seed=1,
+            stop_rule="none", state={"beta": args.beta}, include=[],
+        )  # fmt: skip
+        state = dataclasses.replace(plain.state_after, warm=True, beta=args.beta)
+        random_rate = None
+        for rep in range(args.repeats):
+            problems = generate(int(args.problems * args.over) + 1, "test", seed=20_000 + rep, spec=task)
+            for mode in MODES:
+                if mode == "random" and random_rate is None:
+                    random_rate = matched_random_rate(runs, args)
+                row = run_mode(client, mode, problems, args, state, rep, random_rate)
+                runs[mode].append(row)
+                print(
+                    f"  repeat {rep + 1}/{args.repeats} {mode:<10} {row['wall_s']:6.2f}s "
+                    f"{row['tokens']:>7} tokens  stop rate {row['stop_rate']:.3f}",
+                    flush=True,
+                )
+            twins = {i: t for i, t in enumerate(runs["none"][-1]["trajectories"])}
+            for mode in ("espo", "random"):
+                scored = evaluate(problems[: args.problems], runs[mode][-1].pop("trajectories"), twins)
+                runs[mode][-1]["false_stop_rate"] = scored["false_stop_rate"]
+                runs[mode][-1]["accuracy"] = scored["accuracy"]
+            runs["none"][-1]["accuracy"] = evaluate(
+                problems[: args.problems], runs["none"][-1].pop("trajectories")
+            )["accuracy"]
 
     summary = summarise(runs, args)
     result = {
@@ -119,8 +94,7 @@ def main() -> None:
         "runs": runs,
         "wall_s": round(time.time() - started, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    harness.write_result(args.out, result)
     print_table(summary, args, info.max_num_seqs, random_rate)
     print(f"wrote {args.out}")
 

@@ -110,6 +110,7 @@ class Calls:
             for group in carried:  # their next tokens belong to this batch
                 for sample in group.samples:
                     sample.rebase(plan.state)
+                group.take_over()
             new = [self._start_group(plan, p) for p in range(len(plan.prompt_ids))]
             groups = new + carried
             target = request.return_groups or len(groups)
@@ -138,8 +139,10 @@ class Calls:
                                 break
                 leftovers = [g for g in groups if g not in complete]
                 aborted: list[Group] = []
-                if request.leftover == "carry" and run is not None:
+                if request.leftover != "abort" and run is not None:
                     kept = leftovers
+                    if request.leftover == "hold":
+                        await asyncio.gather(*(group.hold() for group in kept))
                 else:
                     kept, aborted = [], leftovers
                     samples = [s for g in leftovers for s in g.samples]

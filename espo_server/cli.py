@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--beta", type=float, default=None, help="beta of the warm state (default: tuned for the toy)"
     )
     demo.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    demo.add_argument(
+        "--toy-size", choices=["full", "quick"], default=None,
+        help="toy models the server it starts runs on (default: $ESPO_TOY_SIZE, else full)",
+    )  # fmt: skip
     demo.set_defaults(func=_demo)
     return parser
 

@@ -16,9 +16,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from espo_client.protocol import MAX_TOP_K_LOGPROBS, EspoState, RuleParams
 from espo_client.stop_rule import EspoParams, StopRule
 
+ToySize = Literal["full", "quick"]
+
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ESPO_CACHE_DIR", Path.home() / ".cache" / "espo-server"))
+    return Path(os.environ.get("ESPO_CACHE_DIR") or Path.home() / ".cache" / "espo-server")
+
+
+def default_toy_size() -> ToySize:
+    """`ESPO_TOY_SIZE` (also read where no ServerConfig is made: the demo, benchmarks, examples)."""
+    size = os.environ.get("ESPO_TOY_SIZE") or "full"
+    if size not in ("full", "quick"):
+        raise ValueError(f"ESPO_TOY_SIZE={size!r}: expected full or quick")
+    return size  # type: ignore[return-value]
 
 
 class ServerConfig(BaseSettings):
@@ -193,6 +203,12 @@ class ServerConfig(BaseSettings):
         gt=0,
         description="A run (POST /v1/runs) with no call for this long is closed, its samples aborted.",
     )
+    engine_dead_linger_s: float = Field(
+        2.0,
+        ge=0,
+        description="After the policy engine's process died: how long the server still answers (every /v1 "
+        "call 503 engine_dead, /readyz 503) before it exits with status 3.",
+    )
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,
@@ -204,6 +220,12 @@ class ServerConfig(BaseSettings):
     # --- the embedded toy task
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where built toy models live.")
     toy_seed: int = Field(0, description="Seed of the embedded toy models.")
+    toy_size: ToySize = Field(
+        default_factory=default_toy_size,
+        description="Size of the embedded toy models: full (the tuned toy task; training them takes about "
+        "15 minutes on 2 CPU cores, once) or quick (a reduced task and model trained in about a minute, "
+        "with a weaker critic: what the test suite runs on).",
+    )
     verifier: Literal["auto", "toy", "none"] = Field(
         "auto", description="Reward for eos trajectories whose prompt has an answer (auto: toy if embedded)."
     )

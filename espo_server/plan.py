@@ -210,8 +210,9 @@ class Planner:
     def _check_run(self, request: RolloutRequest) -> tuple[int, int]:
         """The run's carried (groups, samples); 400 for an unknown or closed run, 409 for a busy one."""
         if request.run_id is None:
-            if request.leftover == "carry":
-                raise InvalidRequest("leftover=carry needs a run_id (POST /v1/runs opens one)", "run_id")
+            if request.leftover != "abort":
+                message = f"leftover={request.leftover} needs a run_id (POST /v1/runs opens one)"
+                raise InvalidRequest(message, "run_id")
             return 0, 0
         run = self.runs.get(request.run_id)
         if run.busy:

@@ -2,7 +2,8 @@
 
 A learner opens a run (`POST /v1/runs`), names it in its calls (`run_id`), and closes it at the end
 (`DELETE /v1/runs/{run_id}`). A call of the run that returns early (`return_groups`) with
-`leftover: carry` leaves its incomplete groups in the run, still generating. The run's next call
+`leftover: carry` leaves its incomplete groups in the run, still generating (`leftover: hold`: paused
+until the run's next call, which resumes them under the weights served then). The run's next call
 takes them over: they count toward its return target, their next tokens are judged with its
 frozen ESPO state, and they come back, as whole groups, once complete. A weight push suspends the
 samples running between calls and resumes them under the new weights (their trajectories record
@@ -38,6 +39,8 @@ class Group:
     """The call that started the group."""
     prompt_index: int
     samples: list[Sample]
+    held: bool = False
+    """Paused between calls (`leftover: hold`) until the run's next call takes the group over."""
 
     @property
     def done(self) -> bool:
@@ -45,7 +48,21 @@ class Group:
 
     @property
     def running(self) -> int:
+        if self.held:
+            return 0
         return sum(1 for s in self.samples if s.task is not None and not s.task.done())
+
+    async def hold(self) -> None:
+        """Pause the samples still generating; returns once every token they had is accounted for."""
+        self.held = True
+        await asyncio.gather(*(s.suspend() for s in self.samples))
+
+    def take_over(self) -> None:
+        """A call of the run takes the group: held samples continue (a new engine request each)."""
+        if self.held:
+            self.held = False
+            for sample in self.samples:
+                sample.resume()
 
 
 @dataclass
@@ -137,8 +154,10 @@ class RunRegistry:
     # ------------------------------------------------------------------ weight pushes
 
     def background(self) -> list[Sample]:
-        """Samples generating between calls of their run (none while the run has a call)."""
-        return [s for run in self._runs.values() if not run.busy for s in run.samples()]
+        """Samples generating between calls of their run (none while the run has a call; held ones
+        are paused already)."""
+        idle = [g for run in self._runs.values() if not run.busy for g in run.groups]
+        return [s for g in idle if not g.held for s in g.samples]
 
     # ------------------------------------------------------------------ expiry, shutdown
 

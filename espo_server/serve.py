@@ -15,7 +15,7 @@ How `serve` ends (docs/reliability.md):
   that 503 (nothing of them folded in). Then uvicorn closes, the runs' carried samples are aborted,
   the engines shut down, and the process exits 0. A second SIGTERM ends the running calls at once.
 - The policy engine's process dies (vLLM's EngineDeadError): every /v1 call is answered 503
-  `engine_dead` (running calls too), /readyz is 503, and ENGINE_DEAD_LINGER_S later the process
+  `engine_dead` (running calls too), /readyz is 503, and `engine_dead_linger_s` later the process
   exits with ENGINE_DEAD_EXIT_CODE, for its supervisor to restart it.
 - SIGINT (Ctrl-C): uvicorn's own graceful shutdown (vLLM's engine process, in the same process
   group, gets the signal too).
@@ -58,8 +58,6 @@ T = TypeVar("T")
 
 ENGINE_DEAD_EXIT_CODE = 3
 """Exit status of `espo-server serve` after its policy engine's process died."""
-ENGINE_DEAD_LINGER_S = 2.0
-"""After the engine died: how long the server still answers (503 engine_dead) before it exits."""
 WATCHDOG_INTERVAL_S = 0.5
 """How often the engine's liveness is looked at (vLLM's own monitor thread notices a death at once)."""
 UVICORN_GRACE_S = 5.0
@@ -76,8 +74,8 @@ def resolve_models(config: ServerConfig) -> ServerConfig:
         return config
     from .toy.train import ensure_toy_models
 
-    log.info("no model given: using the embedded toy models (cache %s)", config.cache_dir)
-    toy = ensure_toy_models(config.cache_dir, config.toy_seed)
+    log.info("no model given: the embedded toy models (%s; cache %s)", config.toy_size, config.cache_dir)
+    toy = ensure_toy_models(config.cache_dir, config.toy_seed, quick=config.toy_size == "quick")
     return config.model_copy(
         update={
             # vLLM on CPU would run the float32 toy models in bfloat16 under "auto".
@@ -291,7 +289,7 @@ async def serve_rollout_app(app: FastAPI, service: RolloutService, config: Serve
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
         status = ENGINE_DEAD_EXIT_CODE
         log.error("the policy engine process died: /v1 calls get 503 engine_dead; exit status %d", status)
-        await asyncio.sleep(ENGINE_DEAD_LINGER_S)  # running calls fail, new ones hear why; then exit
+        await asyncio.sleep(config.engine_dead_linger_s)  # running calls fail, new ones hear why; then exit
         server.should_exit = True
 
     # The signal handler runs between two bytecodes of the loop's thread: it only schedules.

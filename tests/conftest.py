@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,14 @@ import pytest
 
 from espo_server.process import ServerProcess, espo_server_argv, free_port
 
+# Tests never train the full toy models (about 15 minutes on 2 cores): every embedded server, demo,
+# benchmark and example they start, in this process or another, runs on the quick toy (about a minute).
+os.environ["ESPO_TOY_SIZE"] = "quick"
+
 MAX_MODEL_LEN = 512
+CRITIC_TIMEOUT_S = "60"
+"""The session servers' critic timeout: far above any query's time on a loaded machine, so that no
+test sees a critic error it did not provoke (the default, 5 s, was reached under load)."""
 
 # The client tests' fixtures (connect, replicas, loop) over the fake rollout server.
 pytest_plugins = ["tests.fake_server"]
@@ -24,6 +32,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     policy, critic = make_tiny_models(root / "a", seed=0)
     policy_b, _ = make_tiny_models(root / "b", seed=7)
     return {"policy": policy, "critic": critic, "policy_b": policy_b}
+
+
+@pytest.fixture(scope="session")
+def quick_toy():
+    """The quick toy models (ESPO_TOY_SIZE above), trained once into the toy cache ($ESPO_CACHE_DIR)
+    and shared by every test, in this process or another, that runs the embedded toy."""
+    from espo_server.toy.train import ensure_toy_models
+
+    return ensure_toy_models(quick=True)
 
 
 @pytest.fixture(scope="session")
@@ -58,10 +75,41 @@ def rollout_server(tiny_models, critic_server, server_logs, tmp_path_factory) ->
         "--verifier", "toy",
         "--max-n", "32",
         "--max-num-seqs", "48",
+        "--critic-timeout-s", CRITIC_TIMEOUT_S,
         "--weights-dir", str(tmp_path_factory.getbasetemp()),  # every test's checkpoints live there
     )  # fmt: skip
     with ServerProcess("rollout", argv, port, server_logs) as proc:
         yield proc.wait_ready()
+
+
+@pytest.fixture(scope="session")
+def embedded_server(quick_toy, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
+    """The embedded default (`espo-server serve` naming no model: the toy policy and an in-process
+    critic), on the quick toy, with 8 engine slots; the benchmarks and the reproduction the tests run
+    share it (`--url`). Pushes may come from the toy cache and from every test's directory."""
+    port = free_port()
+    weights = ["--weights-dir", str(quick_toy.policy_dir.parent)]
+    weights += ["--weights-dir", str(tmp_path_factory.getbasetemp())]
+    flags = ["--toy-size", "quick", "--max-num-seqs", "8", "--critic-timeout-s", CRITIC_TIMEOUT_S, *weights]
+    flags += ["--port", str(port)]
+    argv = espo_server_argv("serve", *flags)
+    with ServerProcess("embedded", argv, port, server_logs) as proc:
+        yield proc.wait_ready()
+
+
+@pytest.fixture(scope="session")
+def orphan_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
+    """A rollout server whose remote critic is not there (tests/test_critics.py), and whose engine
+    process tests/test_soak.py kills at the end (it answers 503 engine_dead for 20 s, then exits)."""
+    port, dead = free_port(), free_port()
+    argv = espo_server_argv(
+        "serve", "--model", str(tiny_models["policy"]), "--critic", "remote",
+        "--critic-url", f"http://127.0.0.1:{dead}", "--critic-timeout-s", "1", "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "64", "--port", str(port),
+        "--verifier", "none", "--engine-dead-linger-s", "20",
+    )  # fmt: skip
+    with ServerProcess("orphan", argv, port, server_logs) as proc:
+        yield proc.wait_listening()
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +128,7 @@ def inprocess_server(tiny_models, server_logs, tmp_path_factory) -> Iterator[Ser
         "--grpc-port", str(grpc_port),
         "--served-model-name", "tiny",
         "--verifier", "toy",
+        "--critic-timeout-s", CRITIC_TIMEOUT_S,
         "--weights-dir", str(tmp_path_factory.getbasetemp()),
     )  # fmt: skip
     with ServerProcess("inprocess", argv, port, server_logs) as proc:

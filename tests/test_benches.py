@@ -4,26 +4,22 @@ timings belong to the benchmarks themselves, run on a quiet machine)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from espo_server.process import ENGINE_ENV
+from tests.scripts import run_bench
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_throughput_bench_runs_every_mode(tmp_path):
+@pytest.mark.timeout(1200)  # may train the quick toy and start a server first
+def test_throughput_bench_runs_every_mode(embedded_server, tmp_path):
+    """Against the session's embedded server (quick toy models, 8 engine slots)."""
     out = tmp_path / "throughput.json"
-    argv = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--problems", "8", "--n", "2",
-            "--repeats", "1", "--max-num-seqs", "8", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=1800, env={**os.environ, **ENGINE_ENV}
-    )
+    proc = run_bench(
+        "throughput", "--url", embedded_server.url, "--problems", "8", "--n", "2", "--repeats", "1",
+        "--out", str(out), timeout=1800,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "target espo/none" in proc.stdout and "time to B groups" in proc.stdout
     result = json.loads(out.read_text())

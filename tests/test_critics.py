@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,37 +13,26 @@ import pytest
 from espo_client.protocol import EspoState
 from espo_server.critic import CriticError
 from espo_server.critic_http import EspoValuesCritic, VllmPoolingCritic
-from espo_server.process import ServerProcess, espo_server_argv, free_port, vllm_serve_argv
+from espo_server.process import ServerProcess, free_port, vllm_serve_argv
 from tests.live_server import PREFIXES, hf_values
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def vllm_pooling_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
-    """A stock `vllm serve --runner pooling` on the tiny critic: what a user may host instead of ours."""
+def vllm_pooling_server(quick_toy, server_logs) -> Iterator[ServerProcess]:
+    """A stock `vllm serve --runner pooling` (what a user may host instead of our critic server) on
+    the trained toy critic (the quick toy's: the suite's ESPO_TOY_SIZE). The session's
+    `espo-server critic` serves the tiny critic."""
     port = free_port()
     argv = vllm_serve_argv(
-        str(tiny_models["critic"]), "--runner", "pooling", "--dtype", "float32", "--max-model-len", "512",
+        str(quick_toy.critic_dir), "--runner", "pooling", "--dtype", "float32", "--max-model-len", "512",
         "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "critic",
         # LAST pooling, so that it may reuse cached prefixes (see VllmPoolingCritic)
         "--pooler-config", '{"task": "classify"}', "--block-size", "32",
     )  # fmt: skip
     with ServerProcess("vllm-pooling", argv, port, server_logs, ready_path="/health") as proc:
         yield proc.wait_ready()
-
-
-@pytest.fixture(scope="module")
-def orphan_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
-    """A rollout server whose remote critic is not there."""
-    port, dead = free_port(), free_port()
-    argv = espo_server_argv(
-        "serve", "--model", str(tiny_models["policy"]), "--critic", "remote",
-        "--critic-url", f"http://127.0.0.1:{dead}", "--critic-timeout-s", "1", "--dtype", "float32",
-        "--max-model-len", "512", "--port", str(port), "--verifier", "none",
-    )  # fmt: skip
-    with ServerProcess("orphan", argv, port, server_logs) as proc:
-        yield proc.wait_listening()
 
 
 async def query(critic, prefixes):
@@ -64,9 +52,9 @@ def test_espo_critic_server_matches_hf(critic_server, tiny_models):
     assert r.status_code == 400
 
 
-def test_vllm_pooling_critic_matches_hf(vllm_pooling_server, tiny_models):
+def test_vllm_pooling_critic_matches_hf(vllm_pooling_server, quick_toy):
     got = asyncio.run(query(VllmPoolingCritic(vllm_pooling_server.url, model="critic"), PREFIXES))
-    np.testing.assert_allclose(got, hf_values(tiny_models["critic"], PREFIXES), atol=1e-4)
+    np.testing.assert_allclose(got, hf_values(quick_toy.critic_dir, PREFIXES), atol=1e-4)
 
 
 def test_unreachable_critic_raises_critic_error():
@@ -94,24 +82,12 @@ def test_rollouts_with_a_dead_critic_are_flagged_never_silently_changed(orphan_s
     assert 'espo_critic_calls_total{outcome="error"}' in metrics
 
 
-@pytest.fixture(scope="module")
-def toy_critic_server(server_logs) -> Iterator[tuple[ServerProcess, Path]]:
-    """`espo-server critic` on the trained toy critic (4 layers: the policy's 2 and 2 fresh ones)."""
-    from espo_server.toy.train import ensure_toy_models
-
-    critic_dir = ensure_toy_models().critic_dir
-    port = free_port()
-    argv = espo_server_argv("critic", "--model", str(critic_dir), "--port", str(port), "--dtype", "float32")
-    with ServerProcess("toy-critic", argv, port, server_logs, ready_path="/health") as proc:
-        yield proc.wait_ready(), critic_dir
-
-
-def test_trained_toy_critic_on_vllm_matches_hf(toy_critic_server):
+def test_trained_toy_critic_on_vllm_matches_hf(vllm_pooling_server, quick_toy):
     from transformers import AutoConfig
 
     from espo_server.toy.task import encode
 
-    server, critic_dir = toy_critic_server
+    critic_dir = quick_toy.critic_dir
     config = AutoConfig.from_pretrained(critic_dir)
     assert config.architectures == ["LlamaForTokenClassification"]
     assert config.num_labels == 1 and config.problem_type == "regression" and not config.tie_word_embeddings
@@ -119,5 +95,5 @@ def test_trained_toy_critic_on_vllm_matches_hf(toy_critic_server):
     prefixes = [
         encode("7+5+9+2=" + r) for r in ("", "7+5=12;", "7+5=13;13+9=22", "7+5=12;12+9=21;21+2=23;#23")
     ]
-    got = asyncio.run(query(EspoValuesCritic(server.url), prefixes))
+    got = asyncio.run(query(VllmPoolingCritic(vllm_pooling_server.url, model="critic"), prefixes))
     np.testing.assert_allclose(got, hf_values(critic_dir, prefixes), atol=1e-4)

@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 
 from espo_server.process import ENGINE_ENV, free_port
+from tests.conftest import CRITIC_TIMEOUT_S
 from tests.test_clean_exit import tracebacks
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def test_demo_runs_the_embedded_server_and_reports_savings(tmp_path):
+@pytest.mark.timeout(1200)  # may train the quick toy and start a server first
+def test_demo_runs_the_embedded_server_and_reports_savings(quick_toy, tmp_path):
     out = tmp_path / "demo.json"
     argv = [sys.executable, "-m", "espo_server.cli", "demo", "--port", str(free_port()), "--problems", "64",
             "--n", "4", "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=3000, env={**os.environ, **ENGINE_ENV}
-    )
+    env = {**os.environ, **ENGINE_ENV, "ESPO_CRITIC_TIMEOUT_S": CRITIC_TIMEOUT_S}  # the server it starts
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3000, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "false stops" in proc.stdout and "oracle" in proc.stdout
     # it ends cleanly: no traceback from the demo, nor from the server it started and stopped

@@ -10,7 +10,6 @@ import filecmp
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import grpc
@@ -34,6 +33,7 @@ from espo_client.protocol import (
     Trajectory,
     Usage,
 )
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "client"
@@ -346,49 +346,35 @@ def _drain(call) -> list:
     return out
 
 
+# Greedy, prompt [5, 6, 30, 7] ends with EOS after a few tokens; the twelve others run to max_tokens
+# (tests/test_runs_vllm.py): a call of them sends its first event with ~470 engine steps still to go.
+QUICK_THEN_LONG = [[5, 6, 30, 7]] + [[5, 6, 14 + p, 7] for p in range(12)]
+
+
 @pytest.mark.vllm
 def test_cancelling_the_call_aborts_the_samples(inprocess_server):
-    import time
+    from tests.live_server import metric
 
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
+    def policy(name: str, **labels: str) -> float:
+        return metric(inprocess_server, name, espo_engine="policy", **labels)
 
-    def metric(name: str, **labels: str) -> float:
-        text = httpx.get(inprocess_server.url + "/metrics", timeout=10).text
-        return sum(
-            s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
-
-    def wait_for(condition, timeout: float = 120) -> bool:
-        """Whether `condition` held once within `timeout` (not re-checked after: it may pass)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return True
-            time.sleep(0.2)
-        return False
-
-    cancelled = metric("espo_rollout_requests_total", outcome="cancelled")
-    generated = metric("vllm:generation_tokens_total", espo_engine="policy")
-    # 4 x 64 x 480 tokens: long enough to be caught running on a quiet machine too (32 x 480 ended
-    # within two polls of /metrics on an idle 2-core machine)
-    prompts = [pb.Prompt(token_ids=[5, 6 + i]) for i in range(4)]
-    message = pb.RolloutRequest(prompts=prompts, n=64, max_tokens=480, ignore_eos=True)
+    cancelled = metric(inprocess_server, "espo_rollout_requests_total", outcome="cancelled")
+    generated = policy("vllm:generation_tokens_total")
+    prompts = [pb.Prompt(token_ids=p) for p in QUICK_THEN_LONG]
+    message = pb.RolloutRequest(prompts=prompts, n=3, max_tokens=480, temperature=0.0)
     with grpc.insecure_channel(f"127.0.0.1:{inprocess_server.grpc_port}") as channel:
         call = pb_grpc.RolloutsStub(channel).Rollouts(message, timeout=300)
-        events: list = []
-        reader = threading.Thread(target=lambda: events.extend(_drain(call)), daemon=True)
-        reader.start()  # reads the stream as a client would, until the call ends
-        assert wait_for(lambda: not reader.is_alive() or metric("espo_inflight_trajectories") > 0)
-        assert reader.is_alive(), f"the call ended before it was cancelled: {events[-1:]}"
+        first = next(call)  # the quick group's first trajectory: the long ones are generating
         call.cancel()
-        reader.join(timeout=60)
-        assert events[-1:] == ["CANCELLED"]
-        assert wait_for(lambda: metric("espo_inflight_trajectories") == 0, timeout=60)
-    assert metric("espo_rollout_requests_total", outcome="cancelled") == cancelled + 1
-    cut_short = metric("vllm:generation_tokens_total", espo_engine="policy") - generated < 4 * 64 * 480
-    assert cut_short
-    assert wait_for(lambda: metric("vllm:num_requests_running", espo_engine="policy") == 0, timeout=30)
+        rest = _drain(call)
+    assert first.WhichOneof("event") == "trajectory" and first.trajectory.prompt_index == 0, first
+    assert rest[-1:] == ["CANCELLED"]
+    wait_until(
+        lambda: (
+            metric(inprocess_server, "espo_rollout_requests_total", outcome="cancelled") == cancelled + 1
+            and metric(inprocess_server, "espo_inflight_trajectories") == 0
+            and policy("vllm:num_requests_running") == 0
+        ),
+        "the cancelled call's samples aborted",
+    )
+    assert policy("vllm:generation_tokens_total") - generated < len(QUICK_THEN_LONG) * 3 * 480

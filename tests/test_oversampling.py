@@ -21,6 +21,7 @@ from espo_client.protocol import (
 from espo_server.errors import Conflict, InvalidRequest
 from espo_server.events import CallDone
 from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
+from tests.waiting import until
 
 SHORT, LONG = 6, 300
 # prompt 0 and 1 finish fast, 2 and 3 take LONG tokens (request ids are "<request_id>-<prompt>-<sample>")
@@ -151,8 +152,11 @@ def test_carried_sample_resumes_across_a_weight_push_with_version_spans(tmp_path
     async def go():
         svc.open_run(RunRequest(run_id="r"))
         await svc.rollouts(req("c1", return_groups=2, leftover="carry", run_id="r"))
-        await asyncio.sleep(0.05)
-        pushed = await svc.load_weights(str(weights), 7)  # the carried samples are running meanwhile
+        carried = svc.runs.get("r").samples()
+        grown = {id(s): len(s.token_ids) + 1 for s in carried}
+        # the carried samples generate on between calls (each of LONG tokens is one engine step)
+        await until(lambda: all(len(s.token_ids) >= grown[id(s)] for s in carried), "carried tokens")
+        pushed = await svc.load_weights(str(weights), 7)  # suspends them mid-sample, then resumes
         second = await svc.rollouts(req("c2", prompts=1, run_id="r"))
         return pushed, second
 
@@ -169,6 +173,45 @@ def test_carried_sample_resumes_across_a_weight_push_with_version_spans(tmp_path
         assert resumed == t.carried.prompt_token_ids + t.token_ids[: spans[0].end]
     fresh = [t for t in second.trajectories if not t.carried]
     assert all([s.version for s in t.policy_version_spans] == [7] for t in fresh)
+
+
+def test_held_groups_pause_between_calls_and_continue_under_the_weights_pushed_meanwhile(tmp_path):
+    """leftover=hold: the incomplete groups stop generating when the call returns; a push finds them
+    paused (nothing to suspend); the run's next call resumes them under the new weights, so the
+    span boundary is exactly where the first call left them."""
+    eng = engine()
+    svc = service(eng, FakeCritic(), weights_dir=[tmp_path])
+    weights = tmp_path / "w"
+    weights.mkdir()
+    save_file({"w": np.zeros(2, np.float32)}, str(weights / "model.safetensors"))
+
+    async def go():
+        svc.open_run(RunRequest(run_id="r"))
+        first = await svc.rollouts(req("c1", return_groups=2, leftover="hold", run_id="r"))
+        held = {s.spec.engine_id: len(s.token_ids) for s in svc.runs.get("r").samples()}
+        described = svc.run("r")
+        await svc.rollouts(req("other", prompts=1, stop_rule="none"))  # engine steps pass: none for them
+        after = {s.spec.engine_id: len(s.token_ids) for s in svc.runs.get("r").samples()}
+        pushed = await svc.load_weights(str(weights), 7)
+        second = await svc.rollouts(req("c2", prompts=1, run_id="r"))
+        return first, held, described, after, pushed, second
+
+    first, held, described, after, pushed, second = run(go())
+    assert first.usage.groups_carried == 2 and first.usage.aborted == 0
+    assert described.carried_trajectories == 4 and described.running == 0  # held, not generating
+    assert after == held and all(0 < k < LONG for k in held.values())
+    assert pushed.policy_version == 7
+    carried = [t for t in second.trajectories if t.carried]
+    assert len(carried) == 4 and second.usage.carried_in == 4
+    for t in carried:
+        cut = held[f"c1-{t.prompt_index}-{t.sample_index}"]
+        assert [(s.start, s.end, s.version) for s in t.policy_version_spans] == [(0, cut, 0), (cut, LONG, 7)]
+        assert t.token_ids == [10 + i % 40 for i in range(LONG)]  # continued, not restarted
+        resumed = eng.prompts[f"c1-{t.prompt_index}-{t.sample_index}-r1"]
+        assert resumed == t.carried.prompt_token_ids + t.token_ids[:cut]
+    # every token's regret entered exactly one batch
+    tokens = sum(len(t.token_ids) for t in first.trajectories + second.trajectories)
+    assert first.usage.regret_tokens + second.usage.regret_tokens == tokens
 
 
 def test_streaming_sends_complete_groups_then_their_group_event():
@@ -202,6 +245,7 @@ def test_bad_input_is_refused_naming_the_field_and_nothing_changes():
         cases = [
             (req("b1", return_groups=5), "return_groups"),
             (req("b2", leftover="carry", return_groups=1), "run_id"),
+            (req("b2", leftover="hold", return_groups=1), "run_id"),
             (req("b3", run_id="nobody"), "run_id"),
             (req("b4", prompts=0), "prompts"),
         ]
@@ -211,7 +255,7 @@ def test_bad_input_is_refused_naming_the_field_and_nothing_changes():
             assert info.value.param == param, (request, info.value.message)
         svc.open_run(RunRequest(run_id="r"))
         first = asyncio.create_task(svc.rollouts(req("c1", run_id="r")))
-        await asyncio.sleep(0.02)
+        await until(lambda: svc.runs.get("r").busy, "the first call holds the run")
         with pytest.raises(Conflict):  # one call of a run at a time
             svc.plan(req("b5", run_id="r"))
         await first
@@ -235,7 +279,7 @@ def test_closing_or_idling_a_run_aborts_its_samples():
         await svc.rollouts(req("c1", return_groups=2, leftover="carry", run_id="a"))
         await svc.rollouts(req("c2", return_groups=2, leftover="carry", run_id="b"))
         closed = await svc.close_run("a")
-        await asyncio.sleep(0.5)  # the reaper checks every idle_timeout/4
+        await until(lambda: not svc.run("b").open, "the reaper closes the idle run")
         return closed, svc.run("b")
 
     closed, idle = run(go())

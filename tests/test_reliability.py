@@ -5,8 +5,7 @@ a slow verifier, a dead critic. Each must end in a defined answer with nothing s
 from __future__ import annotations
 
 import asyncio
-import itertools
-import time
+import threading
 
 import httpx
 import numpy as np
@@ -19,6 +18,21 @@ from espo_server.errors import Conflict, Forbidden, InvalidRequest, Overloaded
 from espo_server.events import CallDone
 from espo_server.idempotency import IdempotencyCache, response_size
 from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
+from tests.waiting import BOUND_S, until
+
+ENDLESS = 10**9
+"""A sample of this many tokens (one per engine step, max_tokens=ENDLESS on an engine of that length)
+ends only when it is aborted or cancelled."""
+
+
+def endless_engine(**kw) -> FakeEngine:
+    engine = FakeEngine(delay=0.002, **kw)
+    engine.max_model_len = 2 * ENDLESS
+    return engine
+
+
+DEADLINE_S = 2.0
+"""Deadline of the calls that test deadlines: 200x what their complete groups need (5 steps of 2 ms)."""
 
 
 def req(**kw) -> RolloutRequest:
@@ -140,13 +154,12 @@ def test_too_much_in_flight_is_a_429_with_retry_after():
 
 
 def test_a_deadline_returns_what_is_complete_and_aborts_the_rest():
-    engine = FakeEngine(length=5, delay=0.002, lengths={"d-1-": 10_000})
+    engine = endless_engine(length=5, lengths={"d-1-": ENDLESS})
     svc = service(engine, FakeCritic())
-    started = time.monotonic()
     out = run(svc.rollouts(req(request_id="d", prompts=[Prompt(token_ids=[5]), Prompt(token_ids=[6])],
-                               max_tokens=400, deadline_s=0.3)))  # fmt: skip
-    assert time.monotonic() - started < 5
+                               max_tokens=ENDLESS, deadline_s=DEADLINE_S)))  # fmt: skip
     assert out.usage.deadline_hit and out.usage.groups_returned == 1 and out.usage.aborted == 2
+    assert sorted(engine.aborted) == ["d-1-0", "d-1-1"]  # the endless ones, ended by the deadline
     quick = run(svc.rollouts(req(max_tokens=5, deadline_s=30)))
     assert not quick.usage.deadline_hit
 
@@ -154,12 +167,12 @@ def test_a_deadline_returns_what_is_complete_and_aborts_the_rest():
 def test_a_streamed_call_cut_by_its_deadline_sends_every_trajectory_once():
     """A group cut short by the deadline: its samples that ended before were streamed one by one,
     the aborted rest follow; none twice (found by bench/soak.py)."""
-    engine = FakeEngine(length=5, delay=0.002, lengths={"s-0-1": 10_000, "s-1-": 10_000})
+    engine = endless_engine(length=5, lengths={"s-0-1": ENDLESS, "s-1-": ENDLESS})
     svc = service(engine, FakeCritic())
 
     async def go():
         plan = svc.plan(req(request_id="s", prompts=[Prompt(token_ids=[5]), Prompt(token_ids=[6])],
-                            max_tokens=400, deadline_s=0.3))  # fmt: skip
+                            max_tokens=ENDLESS, deadline_s=DEADLINE_S))  # fmt: skip
         return [event async for event in svc.stream(plan)]
 
     events = run(go())
@@ -173,28 +186,28 @@ def test_a_streamed_call_cut_by_its_deadline_sends_every_trajectory_once():
 
 
 def test_the_verifier_runs_off_the_event_loop():
-    def slow_verifier(prompt, response, answer):
-        time.sleep(0.3)  # a verifier that blocks (a sandbox, a parser)
-        return 1.0
+    """A verifier that blocks (a sandbox, a parser) until the event loop has run a task of its own:
+    on the loop's thread it would wait for ever (bounded here: it then answers 0)."""
+    in_verifier, loop_ran = threading.Event(), threading.Event()
 
-    svc = service(FakeEngine(length=3, finish="stop"), FakeCritic(), verifier=slow_verifier)
-    ticks = []
+    def blocking_verifier(prompt, response, answer):
+        in_verifier.set()
+        return 1.0 if loop_ran.wait(timeout=BOUND_S) else 0.0
+
+    svc = service(FakeEngine(length=3, finish="stop"), FakeCritic(), verifier=blocking_verifier)
 
     async def go():
-        async def ticker():
-            while True:
-                ticks.append(time.monotonic())
-                await asyncio.sleep(0.01)
+        async def other_work():
+            await until(in_verifier.is_set, "the verifier is called")
+            loop_ran.set()
 
-        tick = asyncio.create_task(ticker())
+        other = asyncio.create_task(other_work())
         out = await svc.rollouts(req(prompts=[Prompt(text="ab", answer="x")], n=2))
-        tick.cancel()
+        await other
         return out
 
     out = run(go())
-    assert [t.reward for t in out.trajectories] == [1.0, 1.0]
-    gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    assert max(gaps) < 0.2, max(gaps)  # the loop kept ticking while the verifier slept
+    assert [t.reward for t in out.trajectories] == [1.0, 1.0]  # the loop ran while the verifier blocked
 
 
 def test_readiness_follows_the_engine_not_the_critic():
@@ -353,9 +366,10 @@ def test_critic_queries_cut_short_by_an_abort_are_counted_in_metrics_too():
         outcomes = ("ok", "error", "timeout", "cancelled")
         return sum(metrics.CRITIC_CALLS.labels(outcome=o)._value.get() for o in outcomes)
 
-    svc = service(FakeEngine(length=400, delay=0.002), FakeCritic(value=0.0, delay=5.0), critic_timeout_s=30)
+    engine = endless_engine(length=ENDLESS)
+    svc = service(engine, FakeCritic(value=0.0, delay=BOUND_S), critic_timeout_s=BOUND_S)
     before = counted()
-    out = run(svc.rollouts(req(stop_rule="espo", state=HOT, max_tokens=400, deadline_s=0.3,
+    out = run(svc.rollouts(req(stop_rule="espo", state=HOT, max_tokens=ENDLESS, deadline_s=DEADLINE_S,
                                rule_params={"min_tokens": 4, "critic_stride": 4})))  # fmt: skip
     assert out.usage.aborted == 2 and out.usage.critic_calls == 2  # one query each, pending at the abort
     assert counted() - before == out.usage.critic_calls  # espo_critic_calls_total agrees with usage
@@ -395,7 +409,7 @@ def test_a_cancelled_call_of_a_run_gives_back_every_group_it_took_over():
     reached nobody: the run keeps it for the retry, which gets it once."""
     from espo_client.protocol import RunRequest
 
-    engine = FakeEngine(length=5, delay=0.002, lengths={"a-1-": 60, "b-0-": 10_000})
+    engine = endless_engine(length=5, lengths={"a-1-": 60, "b-0-": ENDLESS})
     svc = service(engine, FakeCritic())
 
     async def go():
@@ -405,8 +419,9 @@ def test_a_cancelled_call_of_a_run_gives_back_every_group_it_took_over():
         body = body.model_copy(update={"leftover": "carry"})
         first = await svc.rollouts(body)
         assert first.usage.groups_carried == 1
-        second = asyncio.create_task(svc.rollouts(req(request_id="b", run_id="r", max_tokens=400)))
-        await asyncio.sleep(0.4)  # the carried group (60 tokens) is complete, b's own (10,000) is not
+        carried = svc.runs.get("r").groups[0]
+        second = asyncio.create_task(svc.rollouts(req(request_id="b", run_id="r", max_tokens=ENDLESS)))
+        await until(lambda: carried.done, "the carried group (60 tokens) completes; b's own never does")
         second.cancel()
         await asyncio.gather(second, return_exceptions=True)
         return await asyncio.wait_for(svc.rollouts(req(request_id="c", run_id="r", prompts=[])), 30)

@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.scripts import script_module
-
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "reproduce.py"
 
 
 @pytest.fixture(scope="module")
 def reproduce():
-    with script_module(BENCH, "reproduce") as module:
-        yield module
-        sys.modules.pop("ppo_toy", None)
+    from bench import reproduce
+
+    yield reproduce
+    sys.modules.pop("ppo_toy", None)  # examples/ppo_toy.py, loaded by reproduce.main
 
 
 def test_argument_checks(reproduce):
@@ -32,9 +29,11 @@ def test_argument_checks(reproduce):
             reproduce.parse_args(bad)
 
 
-def test_reduced_reproduction_writes_table_and_plot(reproduce, tmp_path):
+@pytest.mark.timeout(1200)  # may train the quick toy and start a server first
+def test_reduced_reproduction_writes_table_and_plot(reproduce, embedded_server, tmp_path):
     plot = tmp_path / "docs" / "reproduce.png"
     argv = [
+        "--url", embedded_server.url,
         "--rules", "none,espo", "--seeds", "0", "--iterations", "2", "--problems", "4", "--n", "2",
         "--eval-every", "1", "--eval-problems", "8", "--out", str(tmp_path / "out"), "--plot", str(plot),
     ]  # fmt: skip

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import socket
 from dataclasses import asdict
 
 import httpx
@@ -14,6 +14,7 @@ from espo_client.learner import update_learner_state
 from espo_client.protocol import RolloutResponse
 from espo_client.stop_rule import EspoParams, EspoState, smoothed_regret, threshold
 from tests.live_server import EAGER, PROMPT, hf_logprobs, metric, post, rollouts
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.vllm
 
@@ -148,23 +149,27 @@ def test_shadow_mode_runs_to_the_end(rollout_server):
 
 
 def test_client_disconnect_aborts_engine_requests(rollout_server):
+    """A plain (not streamed) call whose client goes away: its samples are aborted. 12 x 32 samples of
+    480 tokens take 8 waves of the engine's 48 slots, so the call is still running (every one of
+    its samples counted in flight from its start) long after the wait below sees it."""
     cancelled_before = metric(rollout_server, "espo_rollout_requests_total", outcome="cancelled")
-    body = {"prompts": [{"token_ids": PROMPT}], "n": 32, "max_tokens": 480, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(rollout_server.url + "/v1/rollouts", json=body, timeout=httpx.Timeout(10, read=0.8))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if (
+    generated = metric(rollout_server, "vllm:generation_tokens_total")
+    prompts = [{"token_ids": [5, 6, 14 + p, 7]} for p in range(12)]
+    body = json.dumps({"prompts": prompts, "n": 32, "max_tokens": 480, "ignore_eos": True}).encode()
+    head = "POST /v1/rollouts HTTP/1.1\r\nHost: espo\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", rollout_server.port), timeout=60) as client:
+        client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_until(lambda: metric(rollout_server, "espo_inflight_trajectories") == 384, "the call generates")
+    # the client went away: the call is cancelled and its engine requests aborted
+    wait_until(
+        lambda: (
             metric(rollout_server, "espo_rollout_requests_total", outcome="cancelled") > cancelled_before
             and metric(rollout_server, "espo_inflight_trajectories") == 0
             and metric(rollout_server, "vllm:num_requests_running") == 0
-        ):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("engine requests still running after the client went away")
-    # 32 x 480 tokens were asked for; far fewer were generated before the abort
-    assert metric(rollout_server, "espo_inflight_trajectories") == 0
+        ),
+        "the engine requests aborted after the client went away",
+    )
+    assert metric(rollout_server, "vllm:generation_tokens_total") - generated < 384 * 480
     # and the server goes on serving
     assert rollouts(rollout_server, prompts=[{"token_ids": PROMPT}], max_tokens=4)["trajectories"]
 

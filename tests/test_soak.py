@@ -2,8 +2,8 @@
 make soak, make faults, make fuzz; figures in docs/benchmarks.md). The soak and the fuzz run as
 scripts against the session's rollout server and read back their JSON (each script checks what it
 measures and exits non-zero when a check fails); the faults call bench/faults.py's steps: broken
-weight pushes to the session's server, and vLLM's engine process killed under a server of this
-module's own. Timings are not checked here (bench figures are measured under the exclusive lock).
+weight pushes to the session's server, and vLLM's engine process killed under the session's orphan
+server. Timings are not checked here (bench figures are measured under the exclusive lock).
 
 This file runs after every other user of the session's rollout server (it leaves the server-owned
 ESPO state and the policy version moved)."""
@@ -11,53 +11,25 @@ ESPO state and the policy version moved)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from espo_server.process import ENGINE_ENV, ServerProcess, espo_server_argv, free_port
+from bench import faults
+from tests.scripts import run_bench
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import faults  # noqa: E402
-
-
-def run_bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(ROOT / "bench" / script), *args]
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENGINE_ENV}
-    )
-
-
-@pytest.fixture(scope="module")
-def doomed_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
-    """A server of this module's own (no critic), whose engine process gets killed. Started by the
-    first test, not waited for: it starts up while the soak runs."""
-    port = free_port()
-    argv = espo_server_argv(
-        "serve", "--model", str(tiny_models["policy"]), "--critic", "none", "--dtype", "float32",
-        "--max-model-len", "512", "--max-num-seqs", "64", "--port", str(port),
-    )  # fmt: skip
-    proc = ServerProcess("doomed", argv, port, server_logs).start()
-    yield proc
-    proc.stop(timeout=30)
 
 
 def test_soak_delivers_every_trajectory_once_and_metrics_match(
-    rollout_server, tiny_models, tmp_path, doomed_server
+    rollout_server, tiny_models, tmp_path
 ):
-    """3 clients (sync and async) for 20 s, every scenario, weight pushes: bench/soak.py's checks."""
+    """3 clients (sync and async), each running every scenario once (a workload of a fixed size,
+    whatever the machine's speed), a weight push after every 6 scenarios: bench/soak.py's checks."""
     out = tmp_path / "soak.json"
     proc = run_bench(
-        "soak.py", "--url", rollout_server.url, "--pid", str(rollout_server.proc.pid),
+        "soak", "--url", rollout_server.url, "--pid", str(rollout_server.proc.pid),
         "--weights", str(tiny_models["policy"]), str(tiny_models["policy_b"]),
-        "--clients", "3", "--seconds", "20", "--push-every", "6", "--warmup", "5", "--out", str(out),
+        "--clients", "3", "--seconds", "0", "--push-every-calls", "6", "--warmup", "0", "--out", str(out),
         timeout=600,
     )  # fmt: skip
     assert out.exists(), proc.stdout[-5000:] + proc.stderr[-3000:]
@@ -74,11 +46,12 @@ def test_soak_delivers_every_trajectory_once_and_metrics_match(
 
 
 def test_fuzz_finds_no_5xx_and_the_server_keeps_serving(rollout_server, tmp_path):
-    """bench/fuzz.py against the session's server: schemathesis, every operation, 30 s."""
+    """bench/fuzz.py against the session's server: schemathesis, every operation, 15 examples each
+    (no time limit: the number of cases does not depend on the machine's speed)."""
     out = tmp_path / "fuzz.json"
     proc = run_bench(
-        "fuzz.py", "--url", rollout_server.url, "--log", str(rollout_server.log_path),
-        "--max-examples", "15", "--max-time", "30", "--workers", "1", "--out", str(out), timeout=600,
+        "fuzz", "--url", rollout_server.url, "--log", str(rollout_server.log_path),
+        "--max-examples", "15", "--max-time", "0", "--workers", "1", "--out", str(out), timeout=600,
     )  # fmt: skip
     assert out.exists(), proc.stdout[-5000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -98,7 +71,8 @@ def test_broken_weight_pushes_are_refused_and_the_old_weights_still_serve(
     assert result["checks"] and all(result["checks"].values()), result
 
 
-def test_a_killed_engine_process_gives_503_engine_dead_and_exit_status_3(doomed_server):
-    result = faults.engine_kill(doomed_server.wait_ready(), bound_s=60)
+def test_a_killed_engine_process_gives_503_engine_dead_and_exit_status_3(orphan_server):
+    """On the session's orphan server (its last user: this file runs after tests/test_critics.py)."""
+    result = faults.engine_kill(orphan_server.wait_ready(), bound_s=60)
     assert result["checks"] and all(result["checks"].values()), result
     assert result["exit_status"] == 3

@@ -35,8 +35,10 @@ STEP_FORMAT = re.compile(r"^(-?\d+[+-]\d+=-?\d+;)+#-?\d+$")
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return ensure_toy_models(tmp_path_factory.mktemp("cache"), seed=0, quick=True)
+def toy(quick_toy):
+    """The session's quick toy models: trained once for the whole suite (the embedded-toy tests use
+    them too); training itself is checked below on smaller budgets."""
+    return quick_toy
 
 
 def test_trained_policy_beats_random_weights(toy):

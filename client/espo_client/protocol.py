@@ -230,17 +230,19 @@ class RolloutRequest(Sampling):
         "prompt ended by eos, length or espo_stop), counting groups carried over from earlier calls "
         "of the run. Unset: wait for every group.",
     )
-    leftover: Literal["abort", "carry"] = Field(
+    leftover: Literal["abort", "carry", "hold"] = Field(
         "abort",
         description="What happens to the samples of groups that were not complete at an early return: "
-        "`abort` (returned with end_reason abort; the learner drops them) or `carry` (they keep running "
-        "in the server and are handed back, as whole groups, by a later call of the same `run_id`).",
+        "`abort` (returned with end_reason abort; the learner drops them), `carry` (they keep running "
+        "in the server and are handed back, as whole groups, by a later call of the same `run_id`) or "
+        "`hold` (kept like `carry`, but paused until the run's next call: no engine time between calls, "
+        "and every token after the pause comes from the weights served then).",
     )
     run_id: str | None = Field(
         None,
         max_length=200,
         description="The run (POST /v1/runs) this call belongs to: its carried-over groups take part in "
-        "this call, and with leftover=carry this call's unfinished groups are carried for the next.",
+        "this call, and with leftover=carry or hold this call's unfinished groups are kept for the next.",
     )
 
 
@@ -556,7 +558,7 @@ class RunResponse(_Model):
     open: bool = Field(..., description="False once closed (DELETE /v1/runs/{run_id}) or expired.")
     carried_groups: int = Field(0, description="Groups waiting for the next call of the run.")
     carried_trajectories: int = Field(0, description="Their samples (finished or still running).")
-    running: int = Field(0, description="Of those, samples still generating.")
+    running: int = Field(0, description="Of those, samples still generating (held ones are paused).")
     aborted: int = Field(0, description="Samples aborted when the run was closed.")
     calls: int = Field(0, description="Rollout calls of this run so far.")
     idle_timeout_s: float = Field(..., description="A run with no call for this long is closed.")

@@ -35,6 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from espo_client import EspoClient
+from espo_server.config import default_toy_size
 from espo_server.process import ServerProcess, espo_server_argv
 from espo_server.toy.evaluate import evaluate, outcome
 from espo_server.toy.task import Problem, encode, generate
@@ -242,21 +243,22 @@ def print_table(result: dict) -> None:
 
 
 def demo_cli(args: argparse.Namespace) -> int:
+    from espo_server.toy.train import ToyConfig, ensure_toy_models
+
     if getattr(args, "beta", None) is None:
         args.beta = DEMO_BETA
-    problems = generate(args.problems, "test", seed=args.seed + 1000)
+    size = getattr(args, "toy_size", None) or default_toy_size()
+    task = (ToyConfig.quick() if size == "quick" else ToyConfig()).task
+    problems = generate(args.problems, "test", seed=args.seed + 1000, spec=task)
     server = None
     url = args.url
     if url is None:
-        from espo_server.toy.train import ensure_toy_models
-
-        print("toy models (trained on first use, a few minutes on 2 cores; cached afterwards):", flush=True)
-        models = ensure_toy_models()
+        print(f"toy models ({size}; trained on first use, cached afterwards):", flush=True)
+        models = ensure_toy_models(quick=size == "quick")
         print(f"  policy {models.policy_dir}\n  critic {models.critic_dir}", flush=True)
         logs = Path(tempfile.mkdtemp(prefix="espo-demo-"))
-        server = ServerProcess(
-            "espo-server", espo_server_argv("serve", "--port", str(args.port)), args.port, logs
-        )
+        argv = espo_server_argv("serve", "--port", str(args.port), "--toy-size", size)
+        server = ServerProcess("espo-server", argv, args.port, logs)
         print(
             f"starting espo-server on port {args.port} (engines take about a minute; log {server.log_path})",
             flush=True,
