@@ -18,33 +18,27 @@ Medians (and ranges) over the repeats; the ratio upload / path is the figure the
 learner's model is timed too: a learner without a shared volume saves, copies and pushes; one
 with a shared volume still saves before a path push.
 
-    .venv/bin/python bench/push.py                       # ~100M parameters, 5 repeats
-    .venv/bin/python bench/push.py --hidden 128 --layers 2 --vocab 64 --repeats 1   # a smoke run
+    .venv/bin/python -m bench.push                       # ~100M parameters, 5 repeats
+    .venv/bin/python -m bench.push --hidden 128 --layers 2 --vocab 64 --repeats 1   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "client"))
-
-from espo_client import EspoClient  # noqa: E402
-from espo_client._uploads import commit_upload_op, open_upload_op, put_shard_op  # noqa: E402
-from espo_client.checkpoint import DEFAULT_SHARD_BYTES, shards  # noqa: E402
-from espo_server.process import ServerProcess, espo_server_argv, free_port  # noqa: E402
-from espo_server.tiny_model import QWEN2, TinyConfig, build_tokenizer, make_arch_model, save_model  # noqa: E402
+from bench import harness
+from espo_client import EspoClient
+from espo_client._uploads import commit_upload_op, open_upload_op, put_shard_op
+from espo_client.checkpoint import DEFAULT_SHARD_BYTES, shards
+from espo_server.tiny_model import QWEN2, TinyConfig, build_tokenizer, make_arch_model, save_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--hidden", type=int, default=768, help="hidden size (heads of 64)")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers")
     parser.add_argument("--intermediate", type=int, default=None, help="MLP size (default: 8/3 hidden)")
@@ -53,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shard-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20, help="upload shard size"
     )
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--out", default=str(harness.RESULTS / "push.json"), help="the JSON result")
     return parser.parse_args(argv)
 
 
@@ -103,11 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
     size = sum(f.stat().st_size for f in checkpoints[1].glob("*.safetensors"))
     print(f"model: {params / 1e6:.1f}M parameters, {size / 2**20:.0f} MiB of float32 safetensors", flush=True)
 
-    port = free_port()
-    argv = espo_server_argv(
-        "serve", "--model", str(served), "--critic", "none", "--dtype", "float32", "--max-model-len", "256",
-        "--port", str(port), "--weights-dir", str(work / "weights"), "--upload-dir", str(work / "staging"),
+    server = harness.start_espo(
+        "push-bench", "serve", "--model", str(served), "--critic", "none", "--dtype", "float32",
+        "--max-model-len", "256", "--weights-dir", str(work / "weights"),
+        "--upload-dir", str(work / "staging"), logs=work,
     )  # fmt: skip
+    print(f"starting the server (log {server.log_path}) ...", flush=True)
     shard_bytes = int(args.shard_mb * 2**20)
     times: dict[str, list[float]] = {
         "path": [],
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "commit": [],
         "reload_path": [],
     }
-    with ServerProcess("push-bench", argv, port, work) as server:
+    try:
         server.wait_ready()
         with EspoClient(base_url=server.url, timeout=1800) as client:
             version = client.info().policy_version
@@ -134,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
                         times["commit"].append(commit)
                     times[how].append(time.perf_counter() - started)
                     print(f"  {how:6s} push {k + 1}: {times[how][-1]:.2f}s", flush=True)
+    finally:
+        server.stop()
     throughput = [sent / t / 2**20 for t in times["transfer"]]
     ratio = statistics.median(times["upload"]) / statistics.median(times["path"])
     print(f"\npush of {params / 1e6:.0f}M parameters ({size / 2**20:.0f} MiB), {args.repeats} repeats, "
@@ -147,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  learner's save_pretrained (a path push's first step) {spread(saves)}")
     print(f"  upload / path: {ratio:.2f}x (target: within 1.5x)")
     result = {
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
+        "config": vars(args),
         "parameters": params,
         "checkpoint_bytes": size,
         "seconds": times,
@@ -155,8 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
         "upload_mib_per_s": throughput,
         "upload_over_path": ratio,
     }
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2))
+    harness.write_result(args.out, result)
+    print(f"wrote {args.out}")
     return result
 
 

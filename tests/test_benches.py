@@ -32,12 +32,12 @@ def test_throughput_bench_runs_every_mode(embedded_server, tmp_path):
 
 
 def test_push_bench_runs(tmp_path):
+    """A tiny Qwen2-style model, one push each way: the bench runs end to end and writes its figures."""
     out = tmp_path / "push.json"
-    argv = [sys.executable, str(ROOT / "bench" / "push.py"), "--hidden", "128", "--layers", "2",
-            "--vocab", "64", "--repeats", "1", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=1800, env={**os.environ, **ENGINE_ENV}
-    )
+    proc = run_bench(
+        "push", "--hidden", "128", "--layers", "2", "--vocab", "64", "--repeats", "1", "--out", str(out),
+        timeout=1800,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "upload / path:" in proc.stdout
     result = json.loads(out.read_text())
