@@ -108,7 +108,8 @@ class Admin:
             usable = False
         if not usable:
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
-        check_checkpoint(directory, self.engine.model)  # a broken checkpoint would take the engine down
+        # a broken checkpoint would take the engine down (read apart: a tied model's may be compared)
+        await asyncio.to_thread(check_checkpoint, directory, self.engine.model)
         async with self.engine.gate.exclusive(), self._carried_suspended():
             new_version = self.engine.policy_version + 1 if version is None else version
             try:

@@ -39,7 +39,8 @@ from .errors import InvalidRequest, bearer_matches, install_error_handlers
 from .metrics import critic_process_registry
 from .ports import admin_only
 from .upload_routes import upload_router
-from .uploads import LocalUploads, UploadStore
+from .upload_targets import LocalUploads
+from .uploads import UploadStore
 from .weights import allowed_weights_dir
 
 _ERRORS: dict[int | str, dict] = {

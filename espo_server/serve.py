@@ -5,6 +5,7 @@ async context manager *outside* the app, the app is built and handed the running
 serves it in the same event loop, and on exit (SIGTERM, Ctrl-C) the engines are shut down.
 
     run_server(config):  resolve_models -> launch_service (engines, critic, RolloutService)
+                         -> upload_targets (where weight uploads are staged or relayed)
                          -> build_app(config) -> app.state.service = service -> uvicorn
                             (and, with --grpc-port, grpc_server.py's gRPC server in the same loop)
 
@@ -27,8 +28,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -47,8 +47,8 @@ from .plan import Verifier
 from .ports import serve as serve_on_ports
 from .service import RolloutService
 from .tiny_model import CHAT_TEMPLATE
-from .upload_forward import ForwardedUploads
-from .uploads import LocalUploads, UploadStore
+from .upload_targets import staging_root, upload_targets
+from .uploads import UploadStore
 
 EMBEDDED_NAME = "espo-toy"
 """The OpenAI-compatible API's model name of the embedded toy model."""
@@ -182,63 +182,6 @@ async def _serve_rollouts(config: ServerConfig) -> int:
         app.state.uploads = uploads
         async with serve_grpc(service, config, uploads):  # beside uvicorn, in the same loop (--grpc-port)
             return await serve_rollout_app(app, service, config)
-
-
-@contextlib.contextmanager
-def staging_root(base: Path | None) -> Iterator[Path]:
-    """A directory of this process's own for weight uploads (inside `base`), removed on exit."""
-    if base is not None:
-        Path(base).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="espo-uploads-", dir=base) as root:
-        yield Path(root)
-
-
-@contextlib.asynccontextmanager
-async def upload_targets(service: RolloutService, config: ServerConfig) -> AsyncIterator[dict[str, Any]]:
-    """Where weight uploads go: "policy" (staged here, then `serve_weights`), and "critic" if the
-    critic takes pushes (an in-process one: staged here; `--critic remote`: relayed to its server)."""
-    limits = {"max_bytes": config.upload_max_bytes, "idle_timeout_s": config.upload_idle_timeout_s}
-    engine, critic = service.engine, service.critic
-    with staging_root(config.upload_dir) as root:
-        store = UploadStore(
-            root / "policy",
-            what="policy",
-            reference=engine.model,
-            in_use=lambda: engine.weights_path,
-            **limits,
-        )
-        targets: dict[str, Any] = {"policy": LocalUploads(store, service.serve_weights)}
-        if isinstance(critic, InProcessCritic):
-            critic_store = UploadStore(
-                root / "critic",
-                what="critic",
-                reference=critic.model,
-                in_use=lambda: critic.weights_dir,
-                **limits,
-            )
-            targets["critic"] = LocalUploads(
-                critic_store,
-                lambda path, version: service.update_critic(lambda: critic.load_weights(str(path), version)),
-            )
-        elif isinstance(critic, EspoValuesCritic):
-            remote = critic
-
-            async def around_commit(load: Callable[[], Awaitable[tuple[int, float]]]) -> Any:
-                async def load_and_note() -> tuple[int, float]:
-                    remote.version, seconds = await load()
-                    return remote.version, seconds
-
-                return await service.update_critic(load_and_note)
-
-            api_key = config.critic_api_key or config.api_key
-            targets["critic"] = ForwardedUploads(
-                critic.base_url, api_key=api_key, around_commit=around_commit
-            )
-        try:
-            yield targets
-        finally:
-            for target in targets.values():
-                await target.aclose()
 
 
 class DrainingServer(uvicorn.Server):

@@ -8,7 +8,7 @@
     DELETE {prefix}/{upload_id}                  -> UploadResponse (abandoned)
 
 with {prefix} `/v1/weights/uploads` (the policy) or `/v1/critic/weights/uploads`. The handlers only
-translate: an `UploadTarget` does the work (uploads.LocalUploads here, upload_forward for a critic
+translate: an `UploadTarget` does the work (upload_targets.LocalUploads here, upload_forward for a critic
 on another machine), and the gRPC API calls the same targets.
 """
 

@@ -19,7 +19,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from .errors import InvalidRequest, TooLarge
-from .weights import MAX_HEADER, TIED_HINT, TensorSpec, is_output_embedding, parse_header, spec_problem
+from .weights import (
+    MAX_HEADER,
+    TIED_HINT,
+    TensorSpec,
+    is_output_embedding,
+    parse_header,
+    spec_problem,
+    tied_partner,
+)
 
 WRITE_BATCH = 8 << 20
 """Bytes gathered from the body before one write (and hash) on a worker thread."""
@@ -121,11 +129,13 @@ def check_tensors(
 ) -> None:
     """Refuse a shard whose header names a tensor `sent` before, or one the served model (its
     `expected` tensors; None: unknown) does not have or has in another shape or kind of dtype, or
-    whose `size` exceeds the `room` left under the upload's byte limit (TooLarge)."""
+    whose `size` exceeds the `room` left under the upload's byte limit (TooLarge). With `tied`, an
+    output layer is taken as a copy of the input embeddings (its values are checked at commit)."""
     for name, spec in specs.items():
         if name in sent:
             raise InvalidRequest(f"shard {shard}: tensor {name} was already sent in another shard", "shard")
-        want = spec if expected is None else expected.get(name)
+        partner = tied_partner(name, expected) if tied and expected is not None else None
+        want = spec if expected is None else expected.get(partner or name)
         if want is None:
             hint = f": {TIED_HINT.format(name=name)}" if tied and is_output_embedding(name) else ""
             raise InvalidRequest(f"shard {shard}: {name} is not a tensor of the served model{hint}", "shard")

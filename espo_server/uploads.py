@@ -33,13 +33,21 @@ from collections import OrderedDict
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from espo_client.protocol import UploadCommitRequest, UploadRequest, UploadResponse
 
 from .errors import Conflict, InvalidRequest, NotFound, ServiceError
 from .upload_shard import check_tensors, receive_shard
-from .weights import TensorSpec, checkpoint_specs, config_problem, few, served_config, served_tied
+from .weights import (
+    TensorSpec,
+    checkpoint_specs,
+    config_problem,
+    few,
+    served_config,
+    served_tied,
+    tied_values_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,26 +229,34 @@ class UploadStore:
             raise Conflict(
                 f"shards are still arriving ({sorted(upload.arriving)}): commit after them", "upload_id"
             )
-        missing = sorted(set(self.expected) - set(upload.tensors)) if self.expected is not None else []
-        problem = None
-        if not upload.shards:
-            problem = InvalidRequest(f"upload {upload_id} has no shards: nothing to commit", "upload_id")
-        elif missing:
-            what = f"{len(missing)} tensor(s) of the served {self.what} were never sent ({few(missing)})"
-            problem = InvalidRequest(what, "upload_id")
-        if problem is not None:
-            raise self._abandon(upload, problem)
-        upload.state = "committing"
+        upload.state = "committing"  # no shard, delete or second commit gets in from here on
         try:
+            problem = await asyncio.to_thread(self._incomplete, upload)
+            if problem is not None:
+                raise self._abandon(upload, problem)
             result = await push(upload.directory)
         except BaseException as exc:
-            self._end(upload, f"its commit failed: {exc}")
+            self._end(upload, f"its commit failed: {exc}")  # (done already if abandoned)
             raise
         self._end(upload, "committed", keep=True)
         previous, self._serving = self._serving, upload.directory
         if previous is not None:
             _remove(previous)
         return result
+
+    def _incomplete(self, upload: Upload) -> InvalidRequest | None:
+        """Why the upload cannot be served as it stands (no shards, tensors never sent, a tied
+        model's output layer unlike its input embeddings), or None."""
+        if not upload.shards:
+            return InvalidRequest(f"upload {upload.upload_id} has no shards: nothing to commit", "upload_id")
+        if self.expected is None:
+            return None
+        if missing := sorted(set(self.expected) - set(upload.tensors)):
+            what = f"{len(missing)} tensor(s) of the served {self.what} were never sent ({few(missing)})"
+            return InvalidRequest(what, "upload_id")
+        if self.tied and (differs := tied_values_problem(upload.directory, self.expected)):
+            return InvalidRequest(differs, "upload_id")
+        return None
 
     def abandon(self, upload_id: str) -> UploadResponse:
         """Delete an upload (its shards arriving now fail)."""
@@ -347,11 +363,6 @@ def _resolved(path: str | None) -> Path | None:
     return Path(path).resolve() if path else None
 
 
-# ---------------------------------------------------------------------------------------------
-# An upload surface over a local store: what the routes and the gRPC servicer call
-# ---------------------------------------------------------------------------------------------
-
-
 class UploadTarget(Protocol[R_co]):
     """Where the uploads of one model go."""
 
@@ -366,31 +377,3 @@ class UploadTarget(Protocol[R_co]):
     async def abandon(self, upload_id: str) -> UploadResponse: ...
 
     async def commit(self, upload_id: str, request: UploadCommitRequest) -> R_co: ...
-
-
-class LocalUploads(Generic[R]):
-    """Uploads staged here; a commit calls `push(directory, version)`, the push of a path."""
-
-    def __init__(self, store: UploadStore, push: Callable[[Path, int | None], Awaitable[R]]) -> None:
-        self.store = store
-        self._push = push
-
-    async def open(self, request: UploadRequest) -> UploadResponse:
-        return self.store.open(request)
-
-    async def status(self, upload_id: str) -> UploadResponse:
-        return self.store.status(upload_id)
-
-    async def receive(
-        self, upload_id: str, shard: str, body: AsyncIterable[bytes], *, sha256: bytes, length: int | None
-    ) -> UploadResponse:
-        return await self.store.receive(upload_id, shard, body, sha256=sha256, length=length)
-
-    async def abandon(self, upload_id: str) -> UploadResponse:
-        return self.store.abandon(upload_id)
-
-    async def commit(self, upload_id: str, request: UploadCommitRequest) -> R:
-        return await self.store.commit(upload_id, lambda directory: self._push(directory, request.version))
-
-    async def aclose(self) -> None:
-        await self.store.aclose()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import Forbidden, InvalidRequest
@@ -26,10 +27,12 @@ FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 STRUCTURE_KEYS = ("architectures", "tie_word_embeddings", "num_labels")
 """config.json keys that vLLM builds the model from and cannot change in place."""
 TIED_HINT = (
-    "the served model ties its output embeddings to its input ones (tie_word_embeddings), so its "
-    "checkpoint has no separate output layer: leave {name} out (the client does so for a module "
-    "whose state_dict() shares the tensor); a different output layer cannot be served by this model"
+    "the served model ties its output layer to its input embeddings (tie_word_embeddings): one "
+    "tensor serves both, so a checkpoint of a model with a separate output layer cannot be served by "
+    "it (vLLM built it tied); {name} is taken only as a copy of the input embeddings"
 )
+INPUT_EMBEDDINGS = frozenset({"embed_tokens", "wte", "embed_in", "word_embeddings"})
+"""What HF calls a causal LM's input embeddings (Llama, Qwen2, Gemma; GPT-2; GPT-NeoX; Bloom)."""
 
 TensorSpec = tuple[tuple[int, ...], str]
 """(shape, safetensors dtype such as "F32") of one tensor."""
@@ -110,10 +113,17 @@ def spec_problem(name: str, have: TensorSpec, want: TensorSpec) -> str | None:
 
 
 def specs_problem(have: dict[str, TensorSpec], want: dict[str, TensorSpec], tied: bool = False) -> str | None:
-    """Missing, unknown and mismatched tensors, named (the first few of each), or None."""
+    """Missing, unknown and mismatched tensors, named (the first few of each), or None. With `tied`
+    (the served model ties its embeddings), an output layer is compared with the input embeddings
+    it would alias (`tied_partner`); its values are checked by `tied_values_problem`."""
     missing = sorted(set(want) - set(have))
-    unknown = sorted(set(have) - set(want))
-    mismatched = [p for n in sorted(set(have) & set(want)) if (p := spec_problem(n, have[n], want[n]))]
+    partners = {n: p for n in set(have) - set(want) if tied and (p := tied_partner(n, want))}
+    unknown = sorted(set(have) - set(want) - set(partners))
+    mismatched = [
+        p
+        for n in sorted(set(have) & set(want) | set(partners))
+        if (p := spec_problem(n, have[n], want[partners.get(n, n)]))
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensor(s) of the served model missing ({few(missing)})")
@@ -127,7 +137,55 @@ def specs_problem(have: dict[str, TensorSpec], want: dict[str, TensorSpec], tied
 
 
 def is_output_embedding(name: str) -> bool:
-    return name.rsplit(".", 2)[-2:] == ["lm_head", "weight"]
+    return name.split(".")[-2:] == ["lm_head", "weight"]
+
+
+def is_input_embedding(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in INPUT_EMBEDDINGS
+
+
+def tied_partner(name: str, served: Iterable[str]) -> str | None:
+    """The input embeddings a pushed output layer `name` aliases in a tied model whose tensors are
+    `served` (its checkpoint has the input embeddings only), or None.
+
+    A learner's `state_dict()` of a tied model names the one tensor twice, and a weight hook that
+    gathers each parameter apart (FSDP, tensor parallelism) hands over two equal copies. vLLM's
+    loader takes the input embeddings and skips the alias, so the copy is accepted if its values
+    are the input embeddings' (`tied_values_problem`)."""
+    if not is_output_embedding(name):
+        return None
+    found = [n for n in served if is_input_embedding(n)]
+    return found[0] if len(found) == 1 else None
+
+
+def tied_values_problem(directory: Path, served: Iterable[str]) -> str | None:
+    """Where a pushed output layer of a tied model differs from the input embeddings it aliases
+    (each pair read from the directory's safetensors), or None. Such a checkpoint is of a model with
+    a separate output layer: vLLM would silently serve the input embeddings in its place."""
+    from safetensors import safe_open
+
+    files: dict[str, Path] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            files.update((name, file) for name in f.keys())
+    for name in sorted(files):
+        partner = tied_partner(name, served)
+        if partner is None or partner not in files:
+            continue
+        output, embeddings = _tensor(files[name], name), _tensor(files[partner], partner)
+        if output.dtype != embeddings.dtype:
+            output, embeddings = output.double(), embeddings.double()
+        if not output.equal(embeddings):
+            return f"{name} differs from {partner}: {TIED_HINT.format(name=name)}"
+    return None
+
+
+def _tensor(file: Path, name: str):  # -> torch.Tensor
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        return f.get_tensor(name)
 
 
 def few(items: list[str], k: int = 3) -> str:
@@ -190,9 +248,14 @@ def served_config(directory: Path) -> dict | None:
 
 
 def served_tied(served_model: str) -> bool:
-    """Whether the served model (a local directory) ties its embeddings."""
+    """Whether the served model (a local directory) is a causal LM that ties its output layer to
+    its input embeddings (a critic's token-classification head is never tied)."""
     config = served_config(Path(served_model)) if Path(served_model).is_dir() else None
-    return bool(config and _structure(config, "tie_word_embeddings"))
+    if not config or not _structure(config, "tie_word_embeddings"):
+        return False
+    architectures = _structure(config, "architectures") or []
+    heads = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")
+    return not architectures or any(str(a).endswith(heads) for a in architectures)
 
 
 def checkpoint_problem(directory: Path, served_model: str, param: str = "path") -> str | None:
@@ -216,7 +279,12 @@ def checkpoint_problem(directory: Path, served_model: str, param: str = "path") 
         and (problem := config_problem(config, served_config))
     ):
         return problem
-    return specs_problem(pushed, checkpoint_specs(served_dir), tied=served_tied(served_model))
+    served = checkpoint_specs(served_dir)
+    tied = served_tied(served_model)
+    problem = specs_problem(pushed, served, tied=tied)
+    if problem is None and tied and any(tied_partner(name, served) for name in pushed):
+        problem = tied_values_problem(directory, served)
+    return problem
 
 
 def check_checkpoint(directory: Path, served_model: str, param: str = "path") -> None:

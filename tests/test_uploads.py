@@ -34,7 +34,8 @@ from espo_server.critic_server import build_critic_app
 from espo_server.errors import ReloadFailed
 from espo_server.tiny_model import QWEN2, TinyConfig, make_arch_model, make_arch_models
 from espo_server.upload_forward import ForwardedUploads
-from espo_server.uploads import LocalUploads, UploadStore
+from espo_server.upload_targets import LocalUploads
+from espo_server.uploads import UploadStore
 from espo_server.weights import check_checkpoint
 
 KEY = "sesame"
@@ -157,6 +158,19 @@ def test_a_module_a_state_dict_and_an_iterator_upload_sharded(server, qwen):
     assert uploads_on_disk(server.staging) == [Path(server.pushes.path).name] and not Path(first).exists()
 
 
+def test_a_copy_of_the_tied_output_layer_is_taken(server, qwen):
+    """A weight hook that gathers each parameter apart hands over the tied output layer as a copy of
+    the input embeddings (not an alias): taken, and served as the one tensor both layers share."""
+    state = qwen.new_policy.state_dict()
+    copies = ((name, tensor.clone()) for name, tensor in state.items())
+    assert "lm_head.weight" in state
+    with EspoClient(base_url=server.url, api_key=KEY) as client:
+        assert client.upload_weights(copies, shard_bytes=64 << 10).policy_version == 1
+    loaded = server.pushes.loaded[-1]
+    assert torch.equal(loaded.pop("lm_head.weight"), state["model.embed_tokens.weight"])
+    assert_loaded(loaded, expected_tensors(qwen.new_policy))
+
+
 def test_the_async_client_uploads_too(server, qwen):
     async def go() -> WeightsResponse:
         async with AsyncEspoClient(base_url=server.url, api_key=KEY) as client:
@@ -231,7 +245,7 @@ def chunked(data: bytes) -> Iterator[bytes]:
         ("shape", 400, "model.norm.weight has shape [7]", "shard"),
         ("dtype", 400, "model.norm.weight has dtype I64", "shard"),
         ("unknown", 400, "model.extra.weight is not a tensor of the served model", "shard"),
-        ("output layer", 400, "ties its output embeddings", "shard"),
+        ("another output layer", 400, "lm_head.weight differs from model.embed_tokens.weight", "upload_id"),
         ("same shard twice", 409, "sent twice", "shard"),
         ("same tensor twice", 400, "already sent in another shard", "shard"),
         ("checksum", 400, "SHA-256", "sha256"),
@@ -256,12 +270,11 @@ def test_bad_input_is_a_4xx_naming_it_and_leaves_nothing(server, qwen, case, sta
             )
         elif case == "length":
             response = put(http, upload, "model-00001.safetensors", data + b"\0" * 8)
-        elif case in ("shape", "dtype", "unknown", "output layer"):
+        elif case in ("shape", "dtype", "unknown"):
             bad = {
                 "shape": bad_shape,
                 "dtype": bad_dtype,
                 "unknown": lambda t: {"model.extra.weight": torch.zeros(2)},
-                "output layer": lambda t: {"lm_head.weight": t["model.embed_tokens.weight"].clone()},
             }[case](tensors)
             response = put(http, upload, "model-00001.safetensors", shard_bytes(bad))
         elif case == "same shard twice":
@@ -279,8 +292,12 @@ def test_bad_input_is_a_4xx_naming_it_and_leaves_nothing(server, qwen, case, sta
             response = put(http, upload, "model-00001.safetensors", data)
         else:  # commits
             assert put(http, upload, "model-00001.safetensors", data).status_code == 200
-            if case == "commit fails":
+            if case in ("commit fails", "another output layer"):
                 assert put(http, upload, "model-00002.safetensors", shard_bytes(second)).status_code == 200
+            if case == "another output layer":  # a model with a separate output layer: not this one
+                head = {"lm_head.weight": tensors["model.embed_tokens.weight"] + 1}
+                assert put(http, upload, "model-00003.safetensors", shard_bytes(head)).status_code == 200
+            if case == "commit fails":
                 server.pushes.fail = ReloadFailed(
                     "the reload failed; rolled back to version 0, which serves on"
                 )

@@ -93,23 +93,45 @@ def test_a_config_that_says_another_model_is_refused(tmp_path, served, served_co
 
 
 def test_tied_embeddings_pass_and_a_separate_output_layer_is_refused_with_why(tmp_path):
-    """A tied model's checkpoint has no lm_head.weight; sending one is the only tied case that
-    cannot work (the served model has one tensor for both), and the error says so."""
+    """A tied model's checkpoint has no lm_head.weight. One that has it is taken when its values are
+    the input embeddings' (a learner's copy of the tied tensor; vLLM loads the input embeddings
+    only) and refused otherwise: a separate output layer cannot be served by a tied model, and the
+    error says so."""
+    embeddings = np.arange(24, dtype=np.float32).reshape(6, 4)
     served = checkpoint(tmp_path / "served", {"model.embed_tokens.weight": np.zeros((6, 4), np.float32)})
     (served / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
-    pushed = checkpoint(tmp_path / "new", {"model.embed_tokens.weight": np.ones((6, 4), np.float32)})
+    pushed = checkpoint(tmp_path / "new", {"model.embed_tokens.weight": embeddings})
     (pushed / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
     check_checkpoint(pushed, str(served))
-    untied = checkpoint(
-        tmp_path / "untied",
-        {
-            "model.embed_tokens.weight": np.ones((6, 4), np.float32),
-            "lm_head.weight": np.ones((6, 4), np.float32),
-        },
+    both = {"model.embed_tokens.weight": embeddings, "lm_head.weight": embeddings}
+    copy = checkpoint(tmp_path / "copy", both)
+    check_checkpoint(copy, str(served))
+    separate = checkpoint(
+        tmp_path / "separate", {"model.embed_tokens.weight": embeddings, "lm_head.weight": embeddings + 1}
     )
-    with pytest.raises(InvalidRequest, match="ties its output embeddings") as info:
-        check_checkpoint(untied, str(served))
-    assert "lm_head.weight" in info.value.message
+    differs = re.escape("lm_head.weight differs from model.embed_tokens.weight")
+    with pytest.raises(InvalidRequest, match=differs) as info:
+        check_checkpoint(separate, str(served))
+    assert "ties its output layer" in info.value.message and "cannot be served" in info.value.message
+    reshaped = checkpoint(
+        tmp_path / "reshaped", {"model.embed_tokens.weight": embeddings, "lm_head.weight": np.ones((6, 5))}
+    )
+    with pytest.raises(InvalidRequest, match=re.escape("lm_head.weight has shape [6, 5]")):
+        check_checkpoint(reshaped, str(served))
+
+
+def test_a_critic_head_is_never_tied(tmp_path):
+    """A token-classification critic whose config says tie_word_embeddings has no output layer:
+    an lm_head.weight pushed to it is a tensor it does not have, with no word of tying."""
+    embeddings = np.ones((6, 4), np.float32)
+    served = checkpoint(tmp_path / "served", {"model.embed_tokens.weight": embeddings})
+    config = {"tie_word_embeddings": True, "architectures": ["Qwen2ForTokenClassification"]}
+    (served / "config.json").write_text(json.dumps(config))
+    both = {"model.embed_tokens.weight": embeddings, "lm_head.weight": embeddings}
+    pushed = checkpoint(tmp_path / "new", both)
+    with pytest.raises(InvalidRequest, match="does not have") as info:
+        check_checkpoint(pushed, str(served))
+    assert "tie" not in info.value.message
 
 
 class ReloadingLLM:
