@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,9 +79,15 @@ class Pushes:
         self.version, self.path = 0, str(served)
         self.loaded: list[dict[str, torch.Tensor]] = []
         self.fail: Exception | None = None
+        self.hold: tuple[threading.Event, threading.Event] | None = None
+        """(entered, release): the push says it has begun, then waits to be released."""
 
     async def __call__(self, directory: Path, version: int | None):
         check_checkpoint(directory, str(self.served))
+        if self.hold is not None:
+            entered, release = self.hold
+            entered.set()
+            assert await asyncio.to_thread(release.wait, 60), "never released"
         if self.fail is not None:
             raise self.fail
         tensors: dict[str, torch.Tensor] = {}
@@ -338,6 +345,32 @@ def test_one_upload_at_a_time_and_a_delete_frees_the_way(server, qwen):
         assert uploads_on_disk(server.staging) == []
         open_upload(http)
         assert http.post(POLICY, json={}, headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_while_a_commit_runs_another_push_a_second_commit_and_a_delete_are_409(server, qwen):
+    entered, release = threading.Event(), threading.Event()
+    server.pushes.hold = (entered, release)
+    with (
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as other,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        upload = open_upload(http)
+        assert put(http, upload, "model-00001.safetensors", shard_bytes(good(qwen))).status_code == 200
+        committing = pool.submit(http.post, f"{POLICY}/{upload}/commit", json={"version": 9})
+        assert entered.wait(60), "the commit did not begin"
+        for response, words in (
+            (other.post(POLICY, json={}), "upload is in progress"),
+            (other.post(f"{POLICY}/{upload}/commit", json={}), "is committing"),
+            (other.delete(f"{POLICY}/{upload}"), "being committed"),
+        ):
+            assert response.status_code == 409 and words in response.json()["error"]["message"], response.text
+            assert response.json()["error"]["param"] == "upload_id"
+        release.set()
+        assert committing.result(60).json()["policy_version"] == 9
+        assert server.pushes.version == 9
+        assert uploads_on_disk(server.staging) == [Path(server.pushes.path).name]
+        open_upload(http)  # the next push may begin
 
 
 def test_a_config_of_another_model_is_refused_at_open(server, qwen):
