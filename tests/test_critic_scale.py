@@ -214,7 +214,7 @@ def test_critic_pushes_outside_weights_dir_are_403_on_both_servers(rollout_serve
 BAD_PUSHES = [
     ({"path": "MISSING"}, "path", "not a directory"),
     ({"path": "POLICY"}, "path", "architectures"),
-    ({"path": "SMALL"}, "path", "shapes that do not match"),
+    ({"path": "SMALL"}, "path", "of another shape or dtype"),
     ({"path": ""}, "path", ""),
     ({"path": "B", "version": -1}, "version", ""),
     ({"path": "B", "bogus": 1}, "bogus", ""),
