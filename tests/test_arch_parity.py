@@ -2,7 +2,9 @@
 embeddings, grouped-query attention, a chat template; `*ForTokenClassification` critics), made from
 configs with random weights. Each is served (policy and critic in one process, float32), rolled out
 with `espo` on chat-templated prompts, then pushed a new policy and a new critic by upload from
-torch modules in this process; logprobs and critic values match HF before and after the pushes."""
+torch modules in this process, and another policy as (name, tensor) copies (a weight hook's form:
+the tied output layer a copy of the input embeddings); logprobs and critic values match HF before
+and after the pushes."""
 
 from __future__ import annotations
 
@@ -106,14 +108,22 @@ def test_serve_rollout_push_by_upload_and_match_hf(served, tmp_path):
             client.upload_weights(other)
         assert refused.value.status_code == 400 and "has shape" in str(refused.value)
         assert client.info().policy_version == 0
+        # a torch module (its state_dict names the tied tensor twice: sent once)
         new_policy = make_arch_model(ARCHS[arch], TinyConfig(), seed=11).eval()
         new_critic = make_arch_model(ARCHS[arch], TinyConfig(), seed=12, critic=True).eval()
         assert client.upload_weights(new_policy).policy_version == 1
         assert client.upload_critic_weights(new_critic).critic_version == 1
         after = parity(client, prompts, new_policy, new_critic, seed=1)
+        # what a weight hook that gathers each parameter apart hands over: the tied output layer as
+        # a copy of the input embeddings (taken as the one tensor both share)
+        hooked = make_arch_model(ARCHS[arch], TinyConfig(), seed=13).eval()
+        copies = ((name, tensor.clone()) for name, tensor in hooked.state_dict().items())
+        assert client.upload_weights(copies).policy_version == 2
+        after_copies = parity(client, prompts, hooked, new_critic, seed=2)
         stale = parity(client, prompts, policy, critic, seed=1)  # the old models no longer match
-    for phase, (dlogprob, dvalue, values) in (("before push", before), ("after push", after)):
+    phases = (("before pushes", before), ("after upload", after), ("after upload of copies", after_copies))
+    for phase, (dlogprob, dvalue, values) in phases:
         print(f"\nPARITY {arch} {phase}: max|dlogp| {dlogprob:.2e}, max|dV| {dvalue:.2e} ({values} values)")
-    assert before[2] > 0 and after[2] > 0, "the critic was never asked"
-    assert max(before[:2]) < TOLERANCE and max(after[:2]) < TOLERANCE
+    assert all(values > 0 for _, (_, _, values) in phases), "the critic was never asked"
+    assert all(max(diffs[:2]) < TOLERANCE for _, diffs in phases)
     assert stale[0] > 1e-2 and stale[1] > 1e-3  # the pushes really changed what serves
