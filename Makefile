@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools run serve test test-fast lint openapi docs bench throughput reproduce soak faults fuzz clean
+.PHONY: install tools run serve test test-fast lint openapi docs bench throughput vllm-bench reproduce soak faults fuzz clean
 
 install: $(STAMP)
 
@@ -77,6 +77,10 @@ bench: $(STAMP)
 
 throughput: $(STAMP)
 	$(PY) -m bench.throughput
+
+# vLLM's own benchmark client (vllm bench serve) against espo-server and stock vllm serve (docs/vllm-bench.md)
+vllm-bench: $(STAMP)
+	$(PY) -m bench.vllm_bench --num-prompts 128 --input-len 32 --output-len 128 --repeats 3
 
 # The paper's comparison at toy scale (outside CI; about an hour or two on 2 CPU cores): PPO with
 # examples/ppo_toy.py under each stop rule, 3 seeds; writes bench/results/reproduce/ and docs/reproduce.png.

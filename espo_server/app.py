@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -25,7 +25,13 @@ from espo_client.openai_protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
 )
 from espo_client.protocol import (
     CommitRequest,
@@ -50,14 +56,14 @@ from espo_client.protocol import (
     WeightsResponse,
 )
 
+from . import __version__
 from .config import ServerConfig
-from .errors import InvalidRequest, bearer_matches, error_body, install_error_handlers
-from .events import CallDone, encode
+from .errors import bearer_matches, error_body, install_error_handlers
+from .events import CallDone, TokenDelta, encode
 from .openai_api import OpenAIServing
 from .ports import admin_only
 from .service import RolloutService
-from .upload_routes import upload_router
-from .uploads import UploadTarget
+from .upload_routes import state_target, upload_router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -198,24 +204,11 @@ def build_app(config: ServerConfig) -> FastAPI:
     ) -> CriticWeightsResponse:
         return await svc.load_critic_weights(body.path, body.version)
 
-    def uploads_of(what: str) -> Callable[[Request], UploadTarget]:
-        def target(request: Request) -> UploadTarget:
-            target = getattr(request.app.state, "uploads", {}).get(what)
-            if target is None:
-                raise InvalidRequest(
-                    f"this server takes no {what} uploads (a critic must be in-process or "
-                    "`--critic remote` to take pushes)",
-                    "upload_id",
-                )
-            return target
-
-        return target
-
     for what, prefix, answer in (
         ("policy", "/v1/weights/uploads", WeightsResponse),
         ("critic", "/v1/critic/weights/uploads", CriticWeightsResponse),
     ):
-        app.include_router(upload_router(prefix, what, uploads_of(what), answer, admin, v1_errors))
+        app.include_router(upload_router(prefix, what, state_target(what), answer, admin, v1_errors))
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=v1, responses=v1_errors)
     async def info(svc: RolloutService = Depends(get_service)) -> InfoResponse:
@@ -294,6 +287,44 @@ def build_app(config: ServerConfig) -> FastAPI:
             return StreamingResponse(oai.sse(call), media_type="text/event-stream")
         return await run_until_disconnect(request, oai.respond(call))
 
+    # vLLM's own serving routes that clients of vLLM poll or call (TRL's VLLMClient, vllm bench serve)
+
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={
+            200: {"description": "The policy engine lives (empty body)"},
+            503: {"description": "The policy engine is dead"},
+        },
+    )
+    async def health(svc: RolloutService = Depends(get_service)) -> Response:
+        """vLLM's liveness check: 200 with an empty body while the policy engine lives, else 503."""
+        try:
+            await svc.engine.check_health()
+        except Exception:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        import vllm
+
+        return VersionResponse(version=vllm.__version__, espo_server=__version__)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, dependencies=v1, responses=v1_errors)
+    async def tokenize(
+        body: TokenizeCompletionRequest | TokenizeChatRequest, oai: OpenAIServing = Depends(get_openai)
+    ) -> TokenizeResponse:
+        oai.check_model(body.model)
+        return oai.prompts.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=v1, responses=v1_errors)
+    async def detokenize(
+        body: DetokenizeRequest, oai: OpenAIServing = Depends(get_openai)
+    ) -> DetokenizeResponse:
+        oai.check_model(body.model)
+        return oai.prompts.detokenize(body)
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -339,6 +370,9 @@ class NdjsonLines:
     """A call's events as NDJSON lines (protocol `RolloutStreamEvent`): a TrajectoryEvent per
     trajectory as it ends, a GroupEvent as each prompt group completes, then one DoneEvent, or an
     ErrorEvent if the call fails after the 200 was sent."""
+
+    def tokens(self, delta: TokenDelta) -> None:
+        return None  # the trajectory carries every token (a plan without token_events sends none)
 
     def trajectory(self, trajectory: Trajectory) -> bytes:
         return _line(TrajectoryEvent(trajectory=trajectory))

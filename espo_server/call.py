@@ -5,11 +5,12 @@
 
 A call holds the engine's gate (a weight push waits for it), takes over the groups its run carries,
 starts its own, and yields a trajectory as each sample ends (with `return_groups`: whole groups as
-they complete) and a GroupEvent per complete group. It ends when its groups are complete, at the
-`return_groups` target, at its deadline, or when a shutdown cuts it; groups not complete then are
-aborted, or carried for the run's next call. A call that fails or is cancelled folds nothing and
-gives back what it took. A retry with a known request_id replays the first call's answer (or waits
-for it), never a second batch of samples (idempotency.py).
+they complete) and a GroupEvent per complete group; a plan with `token_events` also gets the final
+tokens of its own samples as they come (TokenDelta: up to each sample's `safe_length`). It ends
+when its groups are complete, at the `return_groups` target, at its deadline, or when a shutdown
+cuts it; groups not complete then are aborted, or carried for the run's next call. A call that
+fails or is cancelled folds nothing and gives back what it took. A retry with a known request_id
+replays the first call's answer (or waits for it), never a second batch of samples (idempotency.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .admission import Admission
 from .config import ServerConfig
 from .engine import Engine
 from .errors import ShuttingDown
-from .events import CallDone, CallEvent, replay
+from .events import CallDone, CallEvent, TokenDelta, replay
 from .idempotency import CallEnded, IdempotencyCache
 from .ledger import StateLedger
 from .plan import CallPlan, Planner, TextCodec
@@ -79,7 +80,8 @@ class Calls:
                     else await asyncio.shield(plan.known)
                 )
             except CallEnded:  # the first call was cancelled or failed and folded nothing: run it now
-                plan = self.planner.plan(request)
+                token_events, plan = plan.token_events, self.planner.plan(request)
+                plan.token_events = token_events
             else:
                 for event in replay(known):
                     yield event
@@ -123,8 +125,16 @@ class Calls:
                 unseen = {id(g): len(g.samples) for g in groups}  # samples of each group not seen ending
                 streamed: set[int] = set()  # samples already yielded one by one (not by group)
                 deadline = plan.deadline(self.config.max_call_seconds)
+                tokens = _TokenFeed([s for g in new for s in g.samples]) if plan.token_events else None
                 if target > 0:
-                    async for group, sample in _endings(groups, deadline, plan.cut):
+                    async for ending in _endings(groups, deadline, plan.cut, tokens):
+                        if ending is None:  # samples made progress: their new final tokens
+                            for delta in tokens.deltas() if tokens else ():
+                                yield delta
+                            continue
+                        group, sample = ending
+                        if tokens is not None:
+                            tokens.forget(sample)
                         if not by_group:
                             streamed.add(id(sample))
                             yield self._event(plan, group, sample)
@@ -280,29 +290,78 @@ class Calls:
         return response
 
 
+class _TokenFeed:
+    """The final tokens of a call's samples not yet sent (events.TokenDelta), and the signal that
+    some may have come (`Sample.progress`)."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.sent = {id(s): 0 for s in samples}
+        self.samples = {id(s): s for s in samples}
+        self.progress = asyncio.Event()
+        for sample in samples:
+            sample.progress = self.progress.set
+
+    def deltas(self) -> list[TokenDelta]:
+        out = []
+        for key, sent in self.sent.items():
+            sample = self.samples[key]
+            safe = sample.safe_length
+            if safe <= sent:
+                continue
+            self.sent[key] = safe
+            top_ids = sample.topk_ids[sent:safe] if "top_logprobs" in sample.spec.include else None
+            top_lps = sample.topk[sent:safe] if "top_logprobs" in sample.spec.include else None
+            spec = sample.spec
+            ids, lps = sample.token_ids[sent:safe], sample.logprobs[sent:safe]
+            out.append(TokenDelta(spec.prompt_index, spec.sample_index, sent, ids, lps, top_ids, top_lps))
+        return out
+
+    def forget(self, sample: Sample) -> None:
+        """The sample ended: its trajectory carries the rest."""
+        self.sent.pop(id(sample), None)
+        sample.progress = None
+
+
 async def _endings(
-    groups: list[Group], deadline: float | None, cut: asyncio.Future[None] | None = None
-) -> AsyncIterator[tuple[Group, Sample]]:
-    """(group, sample) as each sample ends; those that ended already come first. Ends early at
-    `deadline` (time.monotonic); raises ShuttingDown once `cut` is done."""
+    groups: list[Group],
+    deadline: float | None,
+    cut: asyncio.Future[None] | None = None,
+    tokens: _TokenFeed | None = None,
+) -> AsyncIterator[tuple[Group, Sample] | None]:
+    """(group, sample) as each sample ends; those that ended already come first. With `tokens`, None
+    when samples made progress (new final tokens may be there). Ends early at `deadline`
+    (time.monotonic); raises ShuttingDown once `cut` is done."""
     pending = {s.task: (g, s) for g in groups for s in g.samples if s.task is not None}
     ready = [task for task in pending if task.done()]
-    while pending:
-        if not ready:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            waiting = set(pending) if cut is None else {*pending, cut}
-            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if cut is not None and cut.done():
-                raise ShuttingDown(
-                    "this server is shutting down and ended the call before it was complete; nothing "
-                    "of it was kept: retry with the same request_id (on another replica or after the restart)"
-                )
-            if not done:
-                return  # the deadline
-            ready = list(done)
-        for task in ready:
-            yield pending.pop(task)
-        ready = []
+    progressed: asyncio.Future | None = None
+    try:
+        while pending:
+            if not ready:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                waiting: set[asyncio.Future] = set(pending) if cut is None else {*pending, cut}
+                if tokens is not None:
+                    progressed = progressed or asyncio.ensure_future(tokens.progress.wait())
+                    waiting.add(progressed)
+                done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if cut is not None and cut.done():
+                    raise ShuttingDown(
+                        "this server is shutting down and ended the call before it was complete; nothing "
+                        "of it was kept: retry with the same request_id (on another replica or after the "
+                        "restart)"
+                    )
+                if not done:
+                    return  # the deadline
+                if tokens is not None and progressed in done:
+                    tokens.progress.clear()
+                    progressed = None
+                    yield None
+                ready = [task for task in done if task in pending]
+            for task in ready:
+                yield pending.pop(task)
+            ready = []
+    finally:
+        if progressed is not None:
+            progressed.cancel()
 
 
 def _group_event(plan: CallPlan, group: Group) -> GroupEvent:

@@ -209,6 +209,12 @@ class ServerConfig(BaseSettings):
         description="After the policy engine's process died: how long the server still answers (every /v1 "
         "call 503 engine_dead, /readyz 503) before it exits with status 3.",
     )
+    sse_keepalive_s: float = Field(
+        15.0,
+        ge=0,
+        description="OpenAI streams: a `: keep-alive` comment after this many seconds without a chunk, so "
+        "that proxies keep long rollouts open (0: none).",
+    )
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,

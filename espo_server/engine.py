@@ -55,14 +55,29 @@ class GenerationParams:
     """Stop strings (vLLM then detokenizes this sample's output to look for them)."""
     stream_interval: int = 1
     """Tokens per streamed chunk (vLLM's stream_interval; the first and last come at once)."""
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    """vLLM's further sampling settings (protocol `Sampling`): they change what is sampled, not the
+    raw logprobs returned."""
 
     @classmethod
     def of(cls, sampling: Sampling, **engine: Any) -> GenerationParams:
         """A request's sampling settings (`espo_client.protocol.Sampling`, the one definition) as the
         engine's, with the engine's own settings (`top_k_logprobs`, `top_ids`, `stream_interval`)."""
         fields = sampling.model_dump()
-        lists = {name: tuple(fields[name] or ()) for name in ("stop_token_ids", "stop")}
-        return cls(**{**fields, **lists}, **engine)
+        for name in ("stop_token_ids", "stop", "bad_words"):
+            fields[name] = tuple(fields[name] or ())
+        fields["logit_bias"] = tuple(sorted((fields["logit_bias"] or {}).items()))
+        if fields["allowed_token_ids"] is not None:
+            fields["allowed_token_ids"] = tuple(fields["allowed_token_ids"])
+        return cls(**fields, **engine)
 
 
 @dataclass(frozen=True)
@@ -300,17 +315,17 @@ class PolicyEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        settings = {name: getattr(params, name) for name in Sampling.model_fields}  # vLLM's own names
+        for name in ("stop_token_ids", "stop", "bad_words"):
+            settings[name] = list(settings[name]) or None
+        settings["logit_bias"] = dict(params.logit_bias) or None
+        if params.allowed_token_ids is not None:
+            settings["allowed_token_ids"] = list(params.allowed_token_ids)
         sampling = SamplingParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop_token_ids=list(params.stop_token_ids) or None,
-            ignore_eos=params.ignore_eos,
+            **settings,
             logprobs=params.top_k_logprobs,
             output_kind=RequestOutputKind.DELTA,
             detokenize=bool(params.stop),
-            stop=list(params.stop) or None,
             stream_interval=params.stream_interval if params.stream_interval > 1 else None,
         )
         want_topk = params.top_k_logprobs > 1 or params.top_ids

@@ -1,14 +1,21 @@
 """The events of a rollout call: what the service streams, and every transport encodes.
 
+    TokenDelta        tokens of a running sample that are final (only a plan with token_events)
     TrajectoryEvent   a trajectory ended (with return_groups: its whole group did)
     GroupEvent        every trajectory of a prompt group has been sent
     CallDone          the call's answer, the whole RolloutResponse; always the last event
 
 `RolloutService.stream` yields them. The transports write them through an `Encoder` each (HTTP's
-NDJSON lines in app.py, the OpenAI routes' server-sent events in openai_api.py, gRPC's RolloutEvent
-messages in grpc_server.py), and `encode` is the one dispatch. A stream ends with the response
-without its trajectories (`summary`): they were sent one by one. The routes that answer in one
-JSON body take the whole response (`answer`).
+NDJSON lines in app.py, the OpenAI routes' server-sent events in openai_answers.py, gRPC's
+RolloutEvent messages in grpc_server.py), and `encode` is the one dispatch. A stream ends with the
+response without its trajectories (`summary`): they were sent one by one. The routes that answer in
+one JSON body take the whole response (`answer`).
+
+A sample's TokenDeltas come before its TrajectoryEvent, in order and without gaps from token 0;
+every token in them is in the final trajectory at the same position with the same raw logprob
+(`Sample.safe_length`): tokens a stop later discards are never in one. The trajectory may hold
+more tokens than its deltas did (those held back while a critic query was pending, or all of them
+for a replayed call): the encoder sends the rest with the trajectory.
 """
 
 from __future__ import annotations
@@ -34,7 +41,39 @@ class CallDone:
         return summary(self.response)
 
 
-CallEvent = TrajectoryEvent | GroupEvent | CallDone
+@dataclass(frozen=True)
+class TokenDelta:
+    """Tokens `start`, `start + 1`, ... of one sample, final (see the module's docstring); also the
+    tail of a finished trajectory (`tail`), so that one code writes both."""
+
+    prompt_index: int
+    sample_index: int
+    start: int
+    token_ids: list[int]
+    logprobs: list[float]
+    """Raw log-probabilities of the tokens."""
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+    """The top-k at each step, when the call asked for the `top_logprobs` trace."""
+
+    @classmethod
+    def tail(cls, trajectory: Trajectory, start: int = 0) -> TokenDelta:
+        """A trajectory's tokens from `start` on."""
+        traces = trajectory.traces
+        top_ids = traces.top_token_ids if traces is not None else None
+        top_lps = traces.top_logprobs if traces is not None else None
+        return cls(
+            trajectory.prompt_index,
+            trajectory.sample_index,
+            start,
+            trajectory.token_ids[start:],
+            trajectory.logprobs[start:],
+            None if top_ids is None else top_ids[start:],
+            None if top_lps is None else top_lps[start:],
+        )
+
+
+CallEvent = TokenDelta | TrajectoryEvent | GroupEvent | CallDone
 
 
 def summary(response: RolloutResponse) -> RolloutResponse:
@@ -45,6 +84,8 @@ def summary(response: RolloutResponse) -> RolloutResponse:
 
 class Encoder(Protocol[T]):
     """How one transport writes a call's events; None: the event is not sent."""
+
+    def tokens(self, delta: TokenDelta) -> T | None: ...
 
     def trajectory(self, trajectory: Trajectory) -> T | None: ...
 
@@ -67,6 +108,8 @@ async def encode(events: AsyncIterator[CallEvent], encoder: Encoder[T]) -> Async
                     item = encoder.done(event)
                 elif isinstance(event, GroupEvent):
                     item = encoder.group(event)
+                elif isinstance(event, TokenDelta):
+                    item = encoder.tokens(event)
                 else:
                     item = encoder.trajectory(event.trajectory)
                 if item is not None:

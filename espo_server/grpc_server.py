@@ -52,7 +52,7 @@ from espo_client.protocol import (
 
 from .config import ServerConfig
 from .errors import InvalidRequest, bearer_matches, error_body, retry_after_s
-from .events import CallDone, encode
+from .events import CallDone, TokenDelta, encode
 from .service import RolloutService
 from .uploads import UploadTarget
 
@@ -89,6 +89,9 @@ async def abort(context: grpc.aio.ServicerContext, body: ErrorBody, retry_after:
 class RolloutEvents:
     """A call's events as `RolloutEvent` messages; a failure is raised on, to end the call with its
     status."""
+
+    def tokens(self, delta: TokenDelta) -> None:
+        return None  # the trajectory carries every token (a plan without token_events sends none)
 
     def trajectory(self, trajectory: Trajectory) -> pb.RolloutEvent:
         return pb.RolloutEvent(trajectory=to_message(trajectory, pb.Trajectory))

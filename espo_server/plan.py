@@ -80,6 +80,8 @@ class CallPlan:
     """A retry: the first call's answer, or the future of the first call still running."""
     cut: asyncio.Future[None] | None = None
     """Done when a shutdown ends the call before it is complete (`Admission.cut_calls`)."""
+    token_events: bool = False
+    """Stream the call's final tokens as they come (events.TokenDelta): the OpenAI streams."""
 
     @property
     def learner_owned(self) -> bool:
@@ -259,10 +261,7 @@ class Planner:
                 "max_tokens",
             )
         vocab = engine.vocab_size
-        for token in request.stop_token_ids or ():
-            if not 0 <= token < vocab:
-                message = f"stop token id {token} outside the vocabulary [0, {vocab})"
-                raise InvalidRequest(message, "stop_token_ids")
+        _check_sampling(request, vocab)
         prompt_ids = []
         for i, prompt in enumerate(request.prompts):
             if prompt.token_ids is not None:
@@ -312,3 +311,18 @@ class Planner:
         answer = prompt.answer
         prompt_text = prompt.text if prompt.text is not None else text.decode(prompt_ids)
         return lambda token_ids: float(verifier(prompt_text, text.decode(token_ids), answer))
+
+
+def _check_sampling(sampling: Sampling, vocab: int) -> None:
+    """What the protocol's bounds cannot say: token ids inside the vocabulary, min_tokens within
+    max_tokens, top_k within the vocabulary (vLLM would fail the sample: a 503, not a 400)."""
+    for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
+        bad = [t for t in getattr(sampling, name) or () if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}", name)
+    if sampling.min_tokens > sampling.max_tokens:
+        raise InvalidRequest(
+            f"min_tokens={sampling.min_tokens} exceeds max_tokens={sampling.max_tokens}", "min_tokens"
+        )
+    if sampling.top_k > vocab:
+        raise InvalidRequest(f"top_k={sampling.top_k} exceeds the vocabulary size {vocab}", "top_k")

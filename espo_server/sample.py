@@ -129,6 +129,8 @@ class Sample:
         self._segments = 0
         self._aborting = False
         self._started = time.perf_counter()
+        self.progress: Callable[[], None] | None = None
+        """Called when `safe_length` may have grown (set by a call that streams tokens)."""
 
     # ------------------------------------------------------------------ life cycle
 
@@ -190,6 +192,21 @@ class Sample:
         self.counted = max(self.counted, safe)
         return g
 
+    @property
+    def safe_length(self) -> int:
+        """How many tokens so far are final: they stay in the trajectory, at their positions, whatever
+        happens next. A critic query pending for step t may still cut back to t+1 tokens (a decided
+        stop keeps t+1); in shadow mode, or with no query pending, nothing can be cut."""
+        if self.stop_step is not None:
+            return self.stop_step + 1
+        if self._query is not None and self._query_t is not None and not self.spec.shadow:
+            return self._query_t + 1
+        return len(self.token_ids)
+
+    def _progressed(self) -> None:
+        if self.progress is not None:
+            self.progress()
+
     # ------------------------------------------------------------------ generation
 
     async def _run(self) -> SampleResult:
@@ -224,7 +241,12 @@ class Sample:
         params = spec.generation
         if k:  # a continuation: the rest of the budget, under a seed of its own
             seed = None if params.seed is None else sample_seed(params.seed, 7919 * k)
-            params = dataclasses.replace(params, max_tokens=params.max_tokens - done, seed=seed)
+            params = dataclasses.replace(
+                params,
+                max_tokens=params.max_tokens - done,
+                min_tokens=max(0, params.min_tokens - done),
+                seed=seed,
+            )
             if params.max_tokens <= 0:
                 self.finish_reason = "length"
                 return
@@ -300,6 +322,7 @@ class Sample:
             elif decision.query_value:
                 self._query_t = t
                 self._query = asyncio.create_task(self._value(self.spec.prompt_ids + self.token_ids[:t]))
+        self._progressed()
 
     def _decided(self, t: int) -> None:
         if self.spec.shadow:
@@ -313,6 +336,7 @@ class Sample:
         self._query = None
         if self.tracker.resolve(self._query_t, value):
             self._decided(self._query_t)
+        self._progressed()
 
     async def _value(self, prefix: list[int]) -> float | None:
         critic = self.critic

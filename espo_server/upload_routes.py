@@ -67,6 +67,23 @@ def content_digest(digest: bytes) -> str:
     return f"sha-256=:{base64.b64encode(digest).decode()}:"
 
 
+def state_target(what: str) -> Callable[[Request], UploadTarget[Any]]:
+    """The upload target of `what` the serving app holds (`app.state.uploads`, set at start-up);
+    InvalidRequest where there is none (a critic that takes no pushes)."""
+
+    def target(request: Request) -> UploadTarget[Any]:
+        found = getattr(request.app.state, "uploads", {}).get(what)
+        if found is None:
+            raise InvalidRequest(
+                f"this server takes no {what} uploads (a critic must be in-process or "
+                "`--critic remote` to take pushes)",
+                "upload_id",
+            )
+        return found
+
+    return target
+
+
 def upload_router(
     prefix: str,
     what: str,

@@ -118,6 +118,41 @@ class FakeCritic:
             raise CriticError("critic down")
 
 
+class HeldCritic(FakeCritic):
+    """A critic that answers only once `release` is set; `asked` is set by the first query."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        super().__init__(value=value)
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def values(self, prefixes):
+        self.prefixes.extend(list(p) for p in prefixes)
+        self.asked.set()
+        await self.release.wait()
+        return [self.value for _ in prefixes]
+
+
+class PausingEngine(FakeEngine):
+    """FakeEngine whose streams stop after `pause_at` tokens until `resume` is set; `paused` is set
+    once a stream has sent its `pause_at`-th token and its consumer asked for the next."""
+
+    def __init__(self, pause_at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pause_at = pause_at
+        self.paused = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def generate(self, request_id, prompt_token_ids, params):
+        sent = 0
+        async for chunk in super().generate(request_id, prompt_token_ids, params):
+            if sent == self.pause_at:
+                self.paused.set()
+                await self.resume.wait()
+            sent += len(chunk.token_ids)
+            yield chunk
+
+
 class GatedEngine(FakeEngine):
     """FakeEngine whose samples generate only once `release` is set: calls stay running until then."""
 
@@ -129,7 +164,6 @@ class GatedEngine(FakeEngine):
         await self.release.wait()
         async for chunk in super().generate(request_id, prompt_token_ids, params):
             yield chunk
-
 
 
 def service(engine, critic, verifier: Verifier | None = None, **cfg) -> RolloutService:

@@ -13,10 +13,8 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from espo_server.process import ENGINE_ENV, ServerProcess, espo_server_argv, free_port
+from espo_server.process import ServerProcess, espo_server_argv, free_port
+from tests.scripts import run_bench
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,11 +158,8 @@ def test_a_critic_server_on_a_read_only_root_serves_its_metrics_then_exits_clean
 def test_the_overhead_bench_ends_without_a_traceback(tmp_path) -> None:
     """bench/overhead.py runs an AsyncLLM in its own process beside two servers (the tiny models)."""
     out = tmp_path / "overhead.json"
-    argv = [sys.executable, str(ROOT / "bench" / "overhead.py"), "--concurrency", "1", "--repeats", "1",
-            "--max-tokens", "8", "--settle", "0", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=1800, env={**os.environ, **ENGINE_ENV}
-    )
+    proc = run_bench("overhead", "--concurrency", "1", "--repeats", "1", "--max-tokens", "8",
+                     "--settle", "0", "--out", str(out), timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.exists()
     assert tracebacks(proc.stderr) == [], proc.stderr[-5000:]

@@ -23,7 +23,7 @@ from espo_client.protocol import (
 )
 from espo_server.app import NdjsonLines
 from espo_server.critic import CriticError
-from espo_server.events import CallDone, answer, encode, replay
+from espo_server.events import CallDone, TokenDelta, answer, encode, replay
 from espo_server.grpc_server import RolloutEvents
 from espo_server.openai_answers import Answers, OpenAICall, sse_events
 from espo_server.plan import TextCodec
@@ -32,11 +32,13 @@ from tests.fakes import FakeCritic, FakeEngine, FakeTokenizer, run, service
 REQUEST = RolloutRequest(prompts=[Prompt(token_ids=[5, 6]), Prompt(token_ids=[7])], n=2, max_tokens=6)
 
 
-def events() -> list:
+def events(token_events: bool = False) -> list:
     svc = service(FakeEngine(length=6), FakeCritic())
 
     async def go():
-        return [event async for event in svc.stream(svc.plan(REQUEST))]
+        plan = svc.plan(REQUEST)
+        plan.token_events = token_events
+        return [event async for event in svc.stream(plan)]
 
     return run(go())
 
@@ -78,6 +80,22 @@ def test_a_call_streams_its_trajectories_and_groups_then_its_whole_answer():
         "CallDone",
     ]
     assert replayed[-1].response is done.response
+
+
+def test_a_plan_with_token_events_gets_each_samples_final_tokens_before_its_trajectory():
+    stream = events(token_events=True)
+    assert not any(isinstance(e, TokenDelta) for e in events())  # only when asked
+    for t in [e.trajectory for e in stream if isinstance(e, TrajectoryEvent)]:
+        key = (t.prompt_index, t.sample_index)
+        mine = [e for e in stream if isinstance(e, TokenDelta) and (e.prompt_index, e.sample_index) == key]
+        starts = [sum(len(d.token_ids) for d in mine[:i]) for i in range(len(mine))]
+        assert mine and [d.start for d in mine] == starts  # in order, no gaps
+        assert [tok for d in mine for tok in d.token_ids] == t.token_ids  # rule none: nothing held back
+        assert [lp for d in mine for lp in d.logprobs] == t.logprobs
+        ended = next(i for i, e in enumerate(stream) if isinstance(e, TrajectoryEvent) and e.trajectory is t)
+        assert all(stream.index(d) < ended for d in mine)
+    # NDJSON and gRPC send the trajectories, not the deltas
+    assert len(encoded(stream, NdjsonLines())) == len(encoded(stream, RolloutEvents())) == 4 + 2 + 1
 
 
 def test_ndjson_lines_are_the_protocols_stream_events():

@@ -94,8 +94,10 @@ def test_carried_groups_come_back_whole_once_and_every_token_counts_once():
 def test_a_carried_trajectory_records_every_sampling_setting_of_its_call():
     svc = service(engine(), FakeCritic())
     sampling = dict(
-        max_tokens=LONG, temperature=0.7, top_p=0.9, seed=11, stop_token_ids=[3], stop=["@"], ignore_eos=True
-    )
+        max_tokens=LONG, temperature=0.7, top_p=0.9, seed=11, stop_token_ids=[3], stop=["@"], ignore_eos=True,
+        top_k=7, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=-0.5,
+        min_tokens=3, logit_bias={9: 2.0}, allowed_token_ids=[5, 6, 9], bad_words=["ab"],
+    )  # fmt: skip
     assert set(sampling) == set(Sampling.model_fields)  # every setting differs from its default here
 
     async def go():

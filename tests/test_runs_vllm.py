@@ -76,7 +76,9 @@ def test_held_samples_span_a_weight_push_and_each_span_matches_its_weights(rollo
     collects them: each has a span of each version, each matching HF of its weights."""
     url = rollout_server.url
     prompts = [{"token_ids": [5, 6, 30, 7]}, *PROMPTS]  # 13 x 3 samples: within the 48 engine slots
-    greedy = {"n": 3, "max_tokens": 500, "temperature": 0.0}
+    # top_k and min_p keep the most likely token: greedy decoding is the same with them; the carried
+    # trajectories record them (and logprobs stay raw: the HF parity below)
+    greedy = {"n": 3, "max_tokens": 500, "temperature": 0.0, "top_k": 5, "min_p": 0.05}
     run_id = httpx.post(url + "/v1/runs", json={"run_id": "hold-push"}, timeout=10).json()["run_id"]
     body = {"prompts": prompts, "return_groups": 1, "leftover": "hold", "run_id": run_id, **greedy}
     try:
@@ -100,6 +102,7 @@ def test_held_samples_span_a_weight_push_and_each_span_matches_its_weights(rollo
     for k, t in enumerate(second["trajectories"]):
         assert t["carried"]["request_id"] == first["request_id"] and 1 <= t["prompt_index"] <= 12
         assert t["carried"]["prompt_token_ids"] == prompts[t["prompt_index"]]["token_ids"]
+        assert (t["carried"]["top_k"], t["carried"]["min_p"], t["carried"]["max_tokens"]) == (5, 0.05, 500)
         old, new = t["policy_version_spans"]  # sampled partly before, partly after the push
         assert old["version"] == first["policy_version"] and new["version"] == 100 and old["start"] == 0
         assert 0 < old["end"] == new["start"] < new["end"] == len(t["token_ids"]) == 500

@@ -6,7 +6,8 @@ field), and a model is dumped to JSON and parsed into the message. Messages mirr
 field for field; where proto3 has no direct form, the mapping here bridges it:
 
 * scalars are `optional` in the proto (presence), so an unset field takes the model's default;
-* an empty repeated field is "unset" where the model's default is None (`Prompt.token_ids`, traces);
+* an empty repeated field or map is "unset" where the model's default is None (`Prompt.token_ids`,
+  traces, `logit_bias`);
 * lists of lists (`prompt_token_ids`, `top_token_ids`, `top_logprobs`) are repeated wrapper
   messages with one field, `items`;
 * null entries of maps (`rule_params`) are left out, and their numbers come back as the rule
@@ -89,8 +90,8 @@ def _incoming(data: Any, model: Any) -> Any:
         annotation, default_none = fields.get(key, (None, False))
         if key in WRAPPED_LISTS and isinstance(value, list):
             value = [item.get("items", []) for item in value]
-        if value == [] and default_none:
-            continue  # unset: the model's None
+        if default_none and (value == [] or (value == {} and _submodel(annotation) is None)):
+            continue  # an empty repeated field or map: unset, the model's None
         if key in PARAM_MAPS and isinstance(value, dict):
             value = {k: _PARAM_TYPES.get(k, float)(v) for k, v in value.items()}
         sub = _submodel(annotation)

@@ -131,9 +131,17 @@ class RuleParams(_Model):
 
 
 class Sampling(_Model):
-    """The sampling settings of a call: the one definition, shared by the request (`RolloutRequest`)
-    and the record of a carried-over trajectory (`Carried`); the server turns them into the
-    engine's parameters in one place."""
+    """The sampling settings of a call: the one definition, shared by the request (`RolloutRequest`),
+    the record of a carried-over trajectory (`Carried`) and the OpenAI requests; the server turns
+    them into the engine's parameters in one place.
+
+    Beyond max_tokens, temperature, top_p, seed and the stops, they are vLLM's settings with vLLM's
+    names, defaults and meaning (its `SamplingParams`). They change which token is sampled, never the
+    log-probabilities returned: those stay raw (the log-softmax of the model's logits, before
+    temperature, penalties, logit bias, token masks, min_tokens, top-k, top-p and min-p), which is
+    what the ESPO regret and a learner's importance ratio against the policy's own forward pass need.
+    A raw logprob equals the one the token was sampled from only at temperature 1 with all of these
+    at their defaults."""
 
     max_tokens: int = Field(256, ge=1, description="Response token limit; ends with `length` when hit.")
     temperature: float = Field(
@@ -154,6 +162,37 @@ class Sampling(_Model):
         "to and including the one that completed it are kept.",
     )
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks: fixed lengths).")
+    top_k: int = Field(0, ge=-1, description="Sample among the k most likely tokens only (0 or -1: all).")
+    min_p: float = Field(
+        0.0, ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one."
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0,
+        description="Divide positive logits (multiply negative ones) of tokens already in the prompt or "
+        "response by this (1: off).",
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Subtract from the logit of each token already in the response."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Subtract this times its count so far from each token's logit."
+    )
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        description="EOS and stop_token_ids cannot end a response before this many tokens (vLLM's; not "
+        "the stop rule's rule_params.min_tokens).",
+    )
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Token id -> value added to its logit before sampling (-100 to 100)."
+    )
+    allowed_token_ids: list[int] | None = Field(
+        None, min_length=1, description="Sample only among these token ids."
+    )
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="Words whose token sequences are never completed."
+    )
 
     def sampling(self) -> Sampling:
         """Just the sampling settings (of a request, say)."""
@@ -319,7 +358,7 @@ class Trajectory(_Model):
         None, description="Set when an earlier call of the run started this trajectory (carried over)."
     )
     text: str | None = Field(
-        None, description="The decoded response (special tokens skipped), with `include: [\"text\"]`."
+        None, description='The decoded response (special tokens skipped), with `include: ["text"]`.'
     )
 
 
