@@ -10,7 +10,7 @@ trajectories caught, false-stop rate and the share of the oracle's savings.
 Choice rule (the demo's): the beta whose espo shadow stop rate is closest to the controller's target
 tau = 0.25, i.e. where the paper's beta controller settles during training.
 
-    .venv/bin/python -m bench.beta_sweep --betas 0.5,0.7,1,1.5,2,3
+    .venv/bin/python -m bench.beta_sweep --betas 5,7,10,15,20,30
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ TAU = 0.25
 
 def main() -> None:
     parser = harness.parser(__doc__)
-    parser.add_argument("--betas", default="0.5,0.7,1,1.5,2,3")
+    parser.add_argument("--betas", default="5,7,10,15,20,30")
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=160)

@@ -35,7 +35,7 @@ import httpx
 
 from bench import harness
 from espo_server.engine import shutdown_engine
-from espo_server.process import ServerProcess, free_port, vllm_serve_argv
+from espo_server.process import ServerProcess, eager_from_env, free_port, vllm_serve_argv
 
 # Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.
 RANDOM_MODELS = {
@@ -50,7 +50,7 @@ RANDOM_MODELS = {
 }
 
 # A warm state under which the rule is busy: the critic is asked often, so (d) pays the full price.
-WARM = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+WARM = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 
 
 def prompts_for(k: int, vocab: int, seed: int) -> list[list[int]]:
@@ -197,6 +197,7 @@ async def main_async(args) -> dict:
             max_logprobs=20,
             enable_prefix_caching=True,
             gpu_memory_utilization=args.mem,
+            enforce_eager=eager_from_env(),
         )
     )
     timeout = httpx.Timeout(10, read=1800)

@@ -1,61 +1,72 @@
-"""The paper's comparison at toy scale: PPO from the same supervised start under each stop rule.
+"""The paper's comparison at toy scale, with paired seeds: a learner from each seed's supervised start
+under each stop rule, and the difference each rule makes against plain PPO on the same seed.
 
-Starts the embedded server (toy policy + in-process critic) unless `--url` names one, then for each
-seed and each rule trains with `examples/ppo_toy.py` (imported, run in this process) for the same
-number of iterations, from the same supervised policy (each run pushes the starting policy first):
+A cell is (learner, learning rate, rule, seed); each runs `examples/ppo_toy.py` for the same
+iterations from the seed's own toy policy and critic (`espo-server train-toy --seed S`, cached):
 
-  none         plain PPO
-  espo         the full rule (regret gated by the critic's V(s_t))
-  random       stops at a uniformly drawn step, at espo's measured stop rate (of the same seed): the
-               server's random rule draws the step in [min_tokens, max_tokens), so a draw past a
-               trajectory's end stops nothing; its `random_rate` is scaled up by
-               (max_tokens - min_tokens) / (mean length - min_tokens), the mean length that of the
-               same seed's `none` run, and the table reports the stop rate it really had
-  regret_only  the rule with a constant in place of V(s_t)
-  value_only   stop when V(s_t) < v_min
+  learners   gae    PPO with GAE from the critic it trains (espo_stop absorbing, length bootstrapped)
+             group  the group-relative, critic-free advantage (the outcome minus its prompt group's
+                    mean, over the group's std); it trains the critic all the same: the rule asks it
+  rules      none         plain PPO
+             espo         the full rule (regret, gated by the learner's critic: pushed every iteration)
+             regret_only  the rule with a constant in place of V(s_t)
+             random       stops at a uniformly drawn step, at espo's measured stop rate of the same
+                          learner, learning rate and seed (scaled for trajectories that end first)
+             espo_rfail0  espo with r_fail = 0: a stopped trajectory earns what a failed one does
+             value_only   stop when V(s_t) < v_min (not in the default grid)
 
-Every rule that steers beta starts from `--beta0` (the demo's beta: the paper's 7 stops nothing on
-the toy policy) and runs the paper's controller (tau 0.25). The learner owns the ESPO state and sets
-it warm after its first iteration. Each iteration prints ppo_toy's progress line; every
-`--eval-every` iterations the policy's held-out accuracy (the same 128 test problems for every run,
-one sample at T=1 and one greedy) is measured through the server, apart from the rollout tokens.
+Every rule that steers beta starts, on each seed, from the beta that stops tau = 0.25 of a shadow
+batch of the starting policy (its own beta: espo's with the starting critic, regret_only's without),
+and the controller (eta_beta 0.1, tau 0.25) keeps it there: the rules stop about the same share.
+The learner owns the state and sets it warm after its first iteration. Held-out accuracy at T=1 on
+`--eval-problems` test problems (the same for every cell; one sample each) before training and every
+`--eval-every` iterations; engine tokens (kept + thrown away past a stop) and critic tokens per cell.
 
-Writes `--out`/reproduce.json (every run's per-iteration records), `--out`/reproduce.md (the table:
-held-out accuracy at T=1 and greedy after the last iteration, cumulative rollout tokens, wall time;
-mean, standard deviation and range over seeds) and the plot `--plot` (held-out accuracy against
-cumulative rollout tokens, one colour per rule, the mean over seeds bold).
+The backend: `local` (default) samples in this process with the stop rule's own code
+(`espo_server.toy.local_rollouts`: the server's trackers and protocol on a torch sampler, the
+critic answering `--critic-latency` tokens after it is asked), `--workers` cells at a time;
+`server` starts the embedded server (vLLM) for each seed and runs the cells through it one by one.
 
-The learner trains its critic (for GAE) alongside the policy and pushes it to the server every
-iteration (ppo_toy `--push-critic`, `POST /v1/critic/weights`), so the stop rule judges with the
-critic PPO trains; every run first pushes the starting critic, so each starts from the same one.
-`--no-push-critic` keeps the server's starting critic for the whole run (the stale-critic ablation).
+Writes `--out`/reproduce.json (every cell's per-iteration records) and reproduce.md (the tables),
+`--json` (docs/reproduce.json: per seed, rule, learner and learning rate, and the paired
+differences) and `--plot` (held-out accuracy against cumulative engine tokens).
 
-    make reproduce                                    # 5 rules x 3 seeds x 40 iterations
-    .venv/bin/python -m bench.reproduce --rules none,espo --seeds 0 --iterations 3   # a smoke run
+    make reproduce
+    .venv/bin/python -m bench.reproduce --seeds 0 --rules none,espo --learners gae --lrs 3e-5 --iterations 3
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
+import math
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from bench import harness
+from bench import ceiling, harness
 from bench.harness import ROOT
-from espo_client import EspoClient
-from espo_client.stop_rule import EspoParams
-from espo_server.toy.demo import DEMO_BETA
 
-RULES = ("none", "espo", "random", "regret_only", "value_only")
+RULES = ("none", "espo", "regret_only", "random", "espo_rfail0", "value_only")
+DEFAULT_RULES = "none,espo,regret_only,random,espo_rfail0"
+RULE_OF = {"espo_rfail0": "espo"}
+EXTRA_PARAMS = {"espo_rfail0": {"r_fail": 0.0}}
 EXAMPLE = ROOT / "examples" / "ppo_toy.py"
+TAU = 0.25
+# two-sided 95% quantiles of Student's t (df 1..30); beyond: the normal's
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]  # fmt: skip
 
 
 def load_ppo_toy():
     """examples/ppo_toy.py as a module (examples/ is not a package)."""
+    if "ppo_toy" in sys.modules:
+        return sys.modules["ppo_toy"]
     spec = importlib.util.spec_from_file_location("ppo_toy", EXAMPLE)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -66,47 +77,171 @@ def load_ppo_toy():
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = harness.parser(__doc__)
-    parser.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {', '.join(RULES)}")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated learner seeds")
-    parser.add_argument("--iterations", type=int, default=40)
-    parser.add_argument("--problems", type=int, default=16, help="problems per iteration")
+    parser.add_argument("--rules", default=DEFAULT_RULES, help=f"comma-separated, of {', '.join(RULES)}")
+    parser.add_argument(
+        "--seeds", default="0,1,2,3,4", help="each: its own toy models, problems and sampling"
+    )
+    parser.add_argument("--learners", default="gae,group", help="gae, group or both")
+    parser.add_argument(
+        "--lrs", default="3e-5,1e-4", help="the policy learning rates, each run for every learner"
+    )
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--problems", type=int, default=32, help="problems per iteration")
     parser.add_argument("--n", type=int, default=8, help="samples per problem")
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--eval-problems", type=int, default=128)
-    parser.add_argument("--beta0", type=float, default=DEMO_BETA, help="starting beta of every rule")
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-problems", type=int, default=2000)
+    parser.add_argument("--eval-greedy", action="store_true", help="evaluate greedy decoding too")
+    parser.add_argument("--backend", choices=("local", "server"), default="local")
     parser.add_argument(
-        "--random-rate", type=float, default=None, help="random's stop rate (default: espo's measured one)"
+        "--url", default=None, help="server backend: a running espo-server (default: start one per seed)"
     )
+    parser.add_argument("--workers", type=int, default=2, help="local backend: cells run at once")
     parser.add_argument(
-        "--push-critic",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="push the learner's critic every iteration (ppo_toy --push-critic; default: on)",
+        "--critic-latency", type=int, default=0, help="local backend: tokens per critic answer"
     )
-    parser.add_argument("--url", default=None, help="a running embedded server (default: start one)")
+    parser.add_argument("--quick-models", action="store_true", help="the reduced toy models (tests)")
+    parser.add_argument("--learner-flags", default="", help="more ppo_toy flags for every cell (one string)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reproduce")
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "reproduce.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "reproduce.png")
-    harness.add_toy_args(parser)
     args = parser.parse_args(argv)
     args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.learners = [x.strip() for x in args.learners.split(",") if x.strip()]
+    args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     unknown = sorted(set(args.rules) - set(RULES))
     if unknown:
         parser.error(f"--rules: unknown {unknown}; choose from {list(RULES)}")
-    if not args.rules or not args.seeds:
-        parser.error("--rules and --seeds need at least one entry each")
-    if "random" in args.rules and args.random_rate is None and "espo" not in args.rules:
-        parser.error("--rules random needs espo in --rules (its stop rate) or --random-rate")
-    # random takes espo's measured stop rate: run espo first
-    args.rules.sort(key=lambda r: (r == "random", RULES.index(r)))
+    if sorted(set(args.learners) - {"gae", "group"}):
+        parser.error("--learners: gae and/or group")
+    if not args.rules or not args.seeds or not args.learners or not args.lrs:
+        parser.error("--rules, --seeds, --learners and --lrs need at least one entry each")
+    if "random" in args.rules and "espo" not in args.rules:
+        parser.error("--rules random needs espo in --rules (random takes espo's stop rate)")
+    args.rules.sort(key=lambda r: (r == "random", RULES.index(r)))  # random after espo
     return args
 
 
-def measured_stop_rate(records: list[dict]) -> float:
-    """Mean stop rate over the iterations in which stopping was enabled (state warm)."""
+# --- per seed: the starting models, their accuracy, each rule's starting beta --------------------
+
+
+def toy_models(seed: int, quick: bool):
+    from espo_server.toy.train import ensure_toy_models
+
+    return ensure_toy_models(seed=seed, quick=quick)
+
+
+def seed_setup(job: tuple[int, argparse.Namespace]) -> dict:
+    """The start's held-out accuracy and the beta at which each rule stops tau of a shadow batch."""
+    seed, args = job
+    import torch
+    from transformers import LlamaForCausalLM, LlamaForTokenClassification
+
+    from espo_client.stop_rule import EspoParams, EspoState, update_state
+    from espo_server.toy.local_rollouts import LocalClient
+    from espo_server.toy.task import encode, generate
+
+    torch.set_num_threads(1)
+    ppo_toy = load_ppo_toy()
+    toy = toy_models(seed, args.quick_models)
+    policy = LlamaForCausalLM.from_pretrained(toy.policy_dir, dtype=torch.float32).eval()
+    critic = LlamaForTokenClassification.from_pretrained(toy.critic_dir, dtype=torch.float32).eval()
+    client = LocalClient(policy, critic)
+    heldout = ppo_toy.generate(args.eval_problems, "test", seed=ppo_toy.HELDOUT_SEED, spec=toy.task)
+    start = ppo_toy.evaluate_heldout(client, heldout, args.max_tokens, ppo_toy.HELDOUT_SEED, args.eval_greedy)
+    # a shadow batch of the training distribution (problems no run trains on), as the first batch
+    # of a run would see it: its own statistics set mu and var
+    params = EspoParams()
+    problems = generate(args.problems * 2, "train", seed=50_000 + seed, spec=toy.task)
+    first = client.rollouts([{"token_ids": encode(p.prompt)} for p in problems], n=args.n, seed=seed)
+    state = dataclasses.replace(update_state(EspoState.fresh(params), first.batch_stats(), params), warm=True)
+    logs = ceiling.log_batch(client, problems, args.n, args.max_tokens, seed=50_000 + seed)
+    values = ceiling.critic_values(critic, logs)
+    zeros = [[0.0] * (log.length + 1) for log in logs]
+    target = round(TAU * len(logs))
+    beta0 = {}
+    for rule in ("espo", "regret_only"):
+        found = ceiling.matched(logs, rule, state, params, values, zeros, 0, target, "beta")
+        beta0[rule] = round(found["beta"], 4)
+    return {"seed": seed, "start": start, "beta0": beta0, "models": toy.report.get("key")}
+
+
+# --- one cell ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    learner: str
+    lr: float
+    rule: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.learner}/{self.lr:g}/{self.rule}/{self.seed}"
+
+
+def cell_argv(cell: Cell, args: argparse.Namespace, setup: dict, url: str | None, random_rate: float | None):
+    toy = toy_models(cell.seed, args.quick_models)
+    rule = RULE_OF.get(cell.rule, cell.rule)
+    params: dict = dict(EXTRA_PARAMS.get(cell.rule, {}))
+    if rule in ("espo", "regret_only"):
+        params["beta0"] = setup["beta0"][rule]
+    if rule == "random":
+        params["random_rate"] = round(random_rate or 0.0, 4)
+    argv = [
+        "--stop-rule", rule, "--advantage", cell.learner, "--learning-rate", str(cell.lr),
+        "--seed", str(cell.seed), "--policy", str(toy.policy_dir), "--critic", str(toy.critic_dir),
+        "--iterations", str(args.iterations), "--problems", str(args.problems), "--n", str(args.n),
+        "--max-tokens", str(args.max_tokens), "--eval-every", str(args.eval_every),
+        "--eval-problems", str(args.eval_problems), "--rule-params", json.dumps(params), "--push-critic",
+        "--threads", "1", "--out", str(args.out / "runs"),
+    ]  # fmt: skip
+    argv.append("--eval-greedy" if args.eval_greedy else "--no-eval-greedy")
+    if url is None:
+        argv += ["--backend", "local", "--critic-latency", str(args.critic_latency), "--no-save-critic"]
+    else:
+        argv += ["--backend", "server", "--url", url]
+    return argv + args.learner_flags.split(), params
+
+
+def run_cell(cell: Cell, args, setup: dict, url: str | None, random_rate: float | None = None) -> dict:
+    ppo_toy = load_ppo_toy()
+    argv, params = cell_argv(cell, args, setup, url, random_rate)
+    started, cpu = time.perf_counter(), _cpu_s()
+    records = ppo_toy.main(argv)
+    wall, cpu = time.perf_counter() - started, _cpu_s() - cpu
+    evals = [r for r in records if "heldout_acc_t1" in r]
     warm = [r["stop_rate"] for r in records if r["state"]["warm"]]
-    return statistics.fmean(warm) if warm else 0.0
+    return dataclasses.asdict(cell) | {
+        "rule_params": params,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "heldout_acc_t1": evals[-1]["heldout_acc_t1"] if evals else None,
+        "heldout_acc_greedy": evals[-1].get("heldout_acc_greedy") if evals else None,
+        "curve": [[0, 0, setup["start"]["heldout_acc_t1"]]]
+        + [[r["iteration"], r["cumulative_tokens"], r["heldout_acc_t1"]] for r in evals],
+        "engine_tokens": records[-1]["cumulative_tokens"],
+        "kept_tokens": sum(r["tokens_generated"] for r in records),
+        "discarded_tokens": sum(r["tokens_discarded"] for r in records),
+        "critic_tokens": records[-1]["cumulative_critic_tokens"],
+        "critic_calls": sum(r["critic_calls"] for r in records),
+        "stop_rate": statistics.fmean(warm) if warm else 0.0,
+        "final_beta": records[-1]["state"]["beta"],
+        "mean_length": sum(r["tokens_generated"] for r in records)
+        / max(1, len(records) * args.problems * args.n),
+        "records": records,
+    }
+
+
+def _cpu_s() -> float:
+    """CPU seconds this process has used (user + system): on a busy machine, a better guide than the
+    wall clock to what a quiet one would take."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def random_rate_for(stop_rate: float, mean_length: float, max_tokens: int, min_tokens: int) -> float:
@@ -116,176 +251,255 @@ def random_rate_for(stop_rate: float, mean_length: float, max_tokens: int, min_t
     return min(1.0, stop_rate / min(1.0, reach))
 
 
-def mean_length(run: dict) -> float:
-    """Mean tokens per trajectory of a run."""
-    return run["cumulative_tokens"] / max(1, len(run["records"]) * run["per_iteration"])
+def run_chain(job: tuple[list[Cell], argparse.Namespace, dict, str | None]) -> list[dict]:
+    """The cells of one (learner, lr, seed) in order: random last, at espo's measured stop rate."""
+    cells, args, setup, url = job
+    from espo_client.stop_rule import EspoParams
+
+    out: list[dict] = []
+    for cell in cells:
+        rate = None
+        if cell.rule == "random":
+            espo = next(r for r in out if r["rule"] == "espo")
+            none = next((r for r in out if r["rule"] == "none"), espo)
+            rate = random_rate_for(
+                espo["stop_rate"], none["mean_length"], args.max_tokens, EspoParams().min_tokens
+            )
+        print(f"=== {cell.key}", flush=True)
+        out.append(run_cell(cell, args, setup, url, rate))
+    return out
 
 
-def run_one(ppo_toy, args: argparse.Namespace, url: str, rule: str, seed: int, random_rate: float | None):
-    rule_params: dict = {"beta0": args.beta0}
-    if rule == "random":
-        rule_params["random_rate"] = round(random_rate or 0.0, 4)
-    argv = [
-        "--url", url, "--stop-rule", rule, "--seed", str(seed), "--iterations", str(args.iterations),
-        "--problems", str(args.problems), "--n", str(args.n), "--max-tokens", str(args.max_tokens),
-        "--eval-every", str(args.eval_every), "--eval-problems", str(args.eval_problems),
-        "--rule-params", json.dumps(rule_params), "--out", str(args.out / "runs"), "--threads", "1",
-    ]  # fmt: skip
-    if args.push_critic:
-        argv.append("--push-critic")
-    started = time.perf_counter()
-    records = ppo_toy.main(argv)
-    wall = time.perf_counter() - started
-    last = next((r for r in reversed(records) if "heldout_acc_t1" in r), {})
-    return {
-        "rule": rule,
-        "seed": seed,
-        "rule_params": rule_params,
-        "wall_s": wall,
-        "cumulative_tokens": records[-1]["cumulative_tokens"] if records else 0,
-        "heldout_acc_t1": last.get("heldout_acc_t1"),
-        "heldout_acc_greedy": last.get("heldout_acc_greedy"),
-        "stop_rate": measured_stop_rate(records),
-        "per_iteration": args.problems * args.n,
-        "records": records,
-    }
+# --- statistics and output -----------------------------------------------------------------------
 
 
-def spread(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
+def paired(diffs: list[float]) -> dict:
+    """Mean of paired differences with a 95% t interval."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n}
+    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * statistics.stdev(diffs) / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
-METRICS = ("heldout_acc_t1", "heldout_acc_greedy", "cumulative_tokens", "wall_s", "stop_rate")
+def summarise(cells: list[dict], setups: dict[int, dict], args) -> dict:
+    groups = []
+    for learner in args.learners:
+        for lr in args.lrs:
+            mine = [c for c in cells if c["learner"] == learner and c["lr"] == lr]
+            none = {c["seed"]: c for c in mine if c["rule"] == "none"}
+            rows = {}
+            for rule in args.rules:
+                rs = [c for c in mine if c["rule"] == rule]
+                if not rs:
+                    continue
+                row = {
+                    "seeds": [c["seed"] for c in rs],
+                    "heldout_acc_t1": [c["heldout_acc_t1"] for c in rs],
+                    "gain": [c["heldout_acc_t1"] - setups[c["seed"]]["start"]["heldout_acc_t1"] for c in rs],
+                    "engine_tokens": [c["engine_tokens"] for c in rs],
+                    "critic_tokens": [c["critic_tokens"] for c in rs],
+                    "stop_rate": [c["stop_rate"] for c in rs],
+                    "wall_s": [c["wall_s"] for c in rs],
+                    "cpu_s": [c["cpu_s"] for c in rs],
+                }
+                twins = [(c, none[c["seed"]]) for c in rs if c["seed"] in none]
+                if rule != "none" and twins:
+                    row["acc_minus_none"] = paired(
+                        [c["heldout_acc_t1"] - n["heldout_acc_t1"] for c, n in twins]
+                    )
+                    row["tokens_vs_none"] = paired(
+                        [c["engine_tokens"] / n["engine_tokens"] - 1 for c, n in twins]
+                    )
+                rows[rule] = row
+            groups.append({"learner": learner, "lr": lr, "rules": rows})
+    return {"groups": groups}
 
 
-def summarise(runs: list[dict], start: dict) -> dict:
-    rules = list(dict.fromkeys(r["rule"] for r in runs))
-    table = {rule: {m: spread([r[m] for r in runs if r["rule"] == rule]) for m in METRICS} for rule in rules}
-    return {"start": start, "table": table}
+def _mean_range(values: list[float], spec: str) -> str:
+    text = format(statistics.fmean(values), spec)
+    return text + (f" [{format(min(values), spec)}, {format(max(values), spec)}]" if len(values) > 1 else "")
 
 
-def _cell(s: dict, spec: str) -> str:
-    if s["mean"] is None:
+def _interval(p: dict | None, spec: str) -> str:
+    if not p:
         return "-"
-    text = f"{format(s['mean'], spec)} ± {format(s['std'], spec)}"
-    return text + (f" [{format(s['min'], spec)}, {format(s['max'], spec)}]" if s["n"] > 1 else "")
+    if p["low"] is None:
+        return format(p["mean"], "+" + spec)
+    return (
+        f"{format(p['mean'], '+' + spec)} [{format(p['low'], '+' + spec)}, {format(p['high'], '+' + spec)}]"
+    )
 
 
-def markdown_table(summary: dict, args: argparse.Namespace) -> str:
-    start = summary["start"]
+def markdown(summary: dict, setups: dict[int, dict], args) -> str:
+    starts = [s["start"]["heldout_acc_t1"] for s in setups.values()]
     lines = [
-        f"PPO on the toy task: {args.iterations} iterations x {args.problems} problems x n={args.n}, "
-        f"seeds {','.join(map(str, args.seeds))}; held-out accuracy on {args.eval_problems} test problems "
-        f"(start: T=1 {start['heldout_acc_t1']:.3f}, greedy {start['heldout_acc_greedy']:.3f}); "
-        "mean ± std [min, max] over seeds",
+        f"{args.iterations} iterations x {args.problems} problems x n={args.n}, seeds "
+        f"{','.join(map(str, args.seeds))} (each its own starting models); held-out accuracy at T=1 on "
+        f"{args.eval_problems} test problems (start {_mean_range(starts, '.3f')}); values: mean [min, max] "
+        "over seeds; differences against none: mean of the paired differences [95% t interval]",
         "",
-        "| rule | held-out acc T=1 | held-out acc greedy | rollout tokens | wall s | stop rate |",
-        "|---|---|---|---|---|---|",
     ]
-    for rule, t in summary["table"].items():
-        lines.append(
-            f"| {rule} | {_cell(t['heldout_acc_t1'], '.3f')} | {_cell(t['heldout_acc_greedy'], '.3f')} | "
-            f"{_cell(t['cumulative_tokens'], '.0f')} | {_cell(t['wall_s'], '.0f')} | "
-            f"{_cell(t['stop_rate'], '.3f')} |"
-        )
-    return "\n".join(lines) + "\n"
+    for group in summary["groups"]:
+        lines += [
+            f"**{group['learner']}, learning rate {group['lr']:g}**",
+            "",
+            "| rule | held-out acc T=1 | gain over start | minus none | engine tokens | vs none "
+            "| critic tokens | stop rate | wall s | CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for rule, row in group["rules"].items():
+            cells = [
+                _mean_range(row["heldout_acc_t1"], ".3f"),
+                _mean_range(row["gain"], "+.3f"),
+                _interval(row.get("acc_minus_none"), ".3f"),
+                _mean_range(row["engine_tokens"], ".0f"),
+                _interval(row.get("tokens_vs_none"), ".1%"),
+                _mean_range(row["critic_tokens"], ".0f"),
+                _mean_range(row["stop_rate"], ".3f"),
+                _mean_range(row["wall_s"], ".0f"),
+                _mean_range(row["cpu_s"], ".0f"),
+            ]
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def plot(runs: list[dict], start: dict, path: Path) -> None:
-    """Held-out accuracy (T=1 left, greedy right) against cumulative rollout tokens, per rule."""
+def plot(cells: list[dict], summary: dict, args, path: Path) -> None:
+    """Held-out accuracy at T=1 against cumulative engine tokens: one panel per learner and learning
+    rate, one colour per rule; thin lines seeds, bold the mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    rules = list(dict.fromkeys(r["rule"] for r in runs))
+    groups = summary["groups"]
+    cols = len(args.lrs)
+    rows = len(args.learners)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False, sharey=True)
     colours = dict(zip(RULES, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for ax, key, title in zip(axes, ("heldout_acc_t1", "heldout_acc_greedy"), ("T=1", "greedy"), strict=True):
-        for rule in rules:
-            curves = []
-            for run in (r for r in runs if r["rule"] == rule):
-                points = [(0, start[key])] + [
-                    (rec["cumulative_tokens"], rec[key]) for rec in run["records"] if key in rec
-                ]
-                curves.append(points)
-                ax.plot(*zip(*points, strict=True), color=colours[rule], alpha=0.25, lw=1)
-            length = min(len(c) for c in curves)
-            mean = [
-                (statistics.fmean(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves))
-                for i in range(length)
+    for group in groups:
+        ax = axes[args.learners.index(group["learner"])][args.lrs.index(group["lr"])]
+        for rule in group["rules"]:
+            curves = [
+                c["curve"]
+                for c in cells
+                if (c["learner"], c["lr"], c["rule"]) == (group["learner"], group["lr"], rule)
             ]
-            ax.plot(*zip(*mean, strict=True), color=colours[rule], lw=2.2, marker="o", ms=3, label=rule)
-        ax.set_title(f"held-out accuracy, {title}")
-        ax.set_xlabel("cumulative rollout tokens")
+            for curve in curves:
+                ax.plot([p[1] for p in curve], [p[2] for p in curve], color=colours[rule], alpha=0.2, lw=0.8)
+            length = min(len(c) for c in curves)
+            xs = [statistics.fmean(c[i][1] for c in curves) for i in range(length)]
+            ys = [statistics.fmean(c[i][2] for c in curves) for i in range(length)]
+            ax.plot(xs, ys, color=colours[rule], lw=2.2, marker="o", ms=3, label=rule)
+        ax.set_title(f"{group['learner']}, lr {group['lr']:g}")
+        ax.set_xlabel("cumulative engine tokens (kept + discarded)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend()
-    fig.suptitle("PPO on the toy task under each stop rule (thin: seeds, bold: mean)")
+    for r in range(rows):
+        axes[r][0].set_ylabel("held-out accuracy, T=1")
+    axes[0][0].legend()
+    fig.suptitle(
+        f"Toy task: held-out accuracy under each stop rule ({len(args.seeds)} seeds; thin: seeds, bold: mean)"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def chains_of(args) -> list[list[Cell]]:
+    chains = [
+        [Cell(learner, lr, rule, seed) for rule in args.rules]
+        for learner in args.learners
+        for lr in args.lrs
+        for seed in args.seeds
+    ]
+    return chains
+
+
+def run_local(args, setups: dict[int, dict]) -> list[dict]:
+    jobs = [(chain, args, setups[chain[0].seed], None) for chain in chains_of(args)]
+    cells: list[dict] = []
+    if args.workers <= 1:
+        for job in jobs:
+            cells += run_chain(job)
+        return cells
+    with ProcessPoolExecutor(args.workers) as pool:
+        for out in pool.map(run_chain, jobs):
+            cells += out
+            print(f"done: {len(cells)} cells", flush=True)
+    return cells
+
+
+def run_server(args, setups: dict[int, dict]) -> list[dict]:
+    """The cells through an espo-server: `--url`, or one started per seed on that seed's models.
+    Every cell pushes its seed's starting policy and critic first, so any server of the toy's
+    vocabulary serves any seed (`--url` must accept pushes from the toy cache and from `--out`)."""
+    cells: list[dict] = []
+    for seed in args.seeds:
+        chains = [c for c in chains_of(args) if c[0].seed == seed]
+        if args.url is not None:
+            for chain in chains:
+                cells += run_chain((chain, args, setups[seed], args.url))
+            continue
+        toy = toy_models(seed, args.quick_models)
+        weights = ["--weights-dir", str(toy.policy_dir.parent), "--weights-dir", str(args.out.resolve())]
+        models = [
+            "--model", str(toy.policy_dir), "--critic-model", str(toy.critic_dir), "--dtype", "float32",
+            "--verifier", "toy",
+        ]  # fmt: skip
+        name = f"reproduce-seed{seed}"
+        server = harness.start_espo(name, "serve", *models, *weights, logs=harness.logs_dir(name))
+        print(f"seed {seed}: starting the server (log {server.log_path}) ...", flush=True)
+        try:
+            server.wait_ready()
+            for chain in chains:
+                cells += run_chain((chain, args, setups[seed], server.url))
+        finally:
+            server.stop()
+    return cells
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    toy = harness.toy_models(args)
-    ppo_toy = load_ppo_toy()
-    args.out.mkdir(parents=True, exist_ok=True)
-    # the learner pushes the supervised start (in the toy cache) and its checkpoints (under --out)
-    weights = ["--weights-dir", str(toy.policy_dir.parent), "--weights-dir", str(args.out.resolve())]
     started = time.perf_counter()
-    runs: list[dict] = []
-    with harness.embedded_server(args, *weights) as url:
-        # the supervised start, measured once (every run pushes this same policy first)
-        with EspoClient(base_url=url, timeout=1800) as client:
-            client.load_weights(str(toy.policy_dir), version=client.info().policy_version + 1)
-            heldout = ppo_toy.generate(args.eval_problems, "test", seed=ppo_toy.HELDOUT_SEED, spec=toy.task)
-            start = ppo_toy.evaluate_heldout(client, heldout, args.max_tokens, seed=ppo_toy.HELDOUT_SEED)
-        print(f"supervised start: held-out T=1 {start['heldout_acc_t1']:.3f}, greedy "
-              f"{start['heldout_acc_greedy']:.3f}", flush=True)  # fmt: skip
-        total = len(args.rules) * len(args.seeds)
-        min_tokens = EspoParams().min_tokens
-        for seed in args.seeds:
-            rate, length, espo_stop_rate = args.random_rate, None, 0.0  # espo runs before random
-            for rule in args.rules:
-                print(f"=== run {len(runs) + 1}/{total}: rule {rule}, seed {seed} "
-                      f"({time.perf_counter() - started:.0f}s so far)", flush=True)  # fmt: skip
-                if rule == "random" and args.random_rate is None:
-                    rate = random_rate_for(espo_stop_rate, length, args.max_tokens, min_tokens)
-                    print(f"random_rate {rate:.3f} for espo's stop rate {espo_stop_rate:.3f}", flush=True)
-                run = run_one(ppo_toy, args, url, rule, seed, rate)
-                if rule == "espo":
-                    espo_stop_rate = run["stop_rate"]
-                if rule == "none" or (rule == "espo" and length is None):
-                    length = mean_length(run)  # none's if it ran (espo's are cut short)
-                runs.append(run)
-                (args.out / "reproduce.json").write_text(json.dumps({"runs": runs}, default=str))
-
-    summary = summarise(runs, start) | {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "models": toy.report.get("key"),
-        "wall_s": time.perf_counter() - started,
-    }
-    (args.out / "reproduce.json").write_text(json.dumps(summary | {"runs": runs}, indent=1, default=str))
-    table = markdown_table(summary, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:  # train (or find) every seed's models first
+        toy_models(seed, args.quick_models)
+    jobs = [(seed, args) for seed in args.seeds]
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers) as pool:
+            setups = {s["seed"]: s for s in pool.map(seed_setup, jobs)}
+    else:
+        setups = {s["seed"]: s for s in map(seed_setup, jobs)}
+    for s in setups.values():
+        print(
+            f"seed {s['seed']}: start T=1 {s['start']['heldout_acc_t1']:.3f}, beta0 {s['beta0']}", flush=True
+        )
+    cells = run_local(args, setups) if args.backend == "local" else run_server(args, setups)
+    summary = summarise(cells, setups, args)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    wall = time.perf_counter() - started
+    (args.out / "reproduce.json").write_text(
+        json.dumps({"config": config, "setups": setups, "cells": cells, "wall_s": wall}, default=str)
+    )
+    compact = [{k: v for k, v in c.items() if k != "records"} for c in cells]
+    doc = {"config": config, "setups": setups, "summary": summary, "cells": compact, "wall_s": wall}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=1, default=str))
+    table = markdown(summary, setups, args)
     (args.out / "reproduce.md").write_text(table)
-    plot(runs, start, args.plot)
-    print()
+    plot(cells, summary, args, args.plot)
     print(table)
-    print(f"wrote {args.out / 'reproduce.json'}, {args.out / 'reproduce.md'} and {args.plot} "
-          f"in {summary['wall_s']:.0f}s")  # fmt: skip
-    return summary
+    print(
+        f"wrote {args.out / 'reproduce.json'}, {args.out / 'reproduce.md'}, {args.json} and {args.plot} "
+        f"in {wall:.0f}s"
+    )
+    return doc
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ from espo_client import (
 from espo_server.process import ServerProcess
 
 # A learner-owned state that makes espo and regret_only stop readily on the random tiny policy.
-EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+EAGER = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 RULES = ("none", "espo", "regret_only", "random")
 INTENDED = {"429", "409", "client_timeout", "abandoned"}
 """Error kinds the workload provokes on purpose."""

@@ -117,7 +117,6 @@ class Calls:
             groups = new + carried
             target = request.return_groups or len(groups)
             by_group = request.return_groups is not None
-            metrics.REQUESTS.labels(outcome="started").inc()
             complete: list[Group] = []
             kept: list[Group] = list(carried)  # what the run keeps if this call fails
             folded = False
@@ -376,8 +375,9 @@ def _count(rule: StopRule, trajectories: list[Trajectory], usage: Usage) -> None
         metrics.TRAJECTORIES.labels(end_reason=t.end_reason, rule=rule.value).inc()
     metrics.GENERATED_TOKENS.labels(rule=rule.value).inc(usage.generated_tokens)
     metrics.DISCARDED_TOKENS.inc(usage.discarded_tokens)
+    metrics.ENGINE_TOKENS.labels(rule=rule.value).inc(usage.engine_tokens)
     metrics.STOPPED.labels(rule=rule.value).inc(usage.stopped)
     metrics.SHADOW_STOPPED.labels(rule=rule.value).inc(usage.shadow_stopped)
-    metrics.TOKENS_SAVED.labels(kind="estimate").inc(usage.tokens_saved_estimate)
-    metrics.TOKENS_SAVED.labels(kind="upper_bound").inc(usage.tokens_saved_upper_bound)
-    metrics.TOKENS_SAVED.labels(kind="shadow").inc(usage.tokens_saved_shadow)
+    metrics.TOKENS_SAVED_ESTIMATE.inc(usage.tokens_saved_estimate)
+    metrics.TOKENS_SAVED_UPPER_BOUND.inc(usage.tokens_saved_upper_bound)
+    metrics.TOKENS_SAVED_SHADOW.inc(usage.tokens_saved_shadow)

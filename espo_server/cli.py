@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from .config import ServerConfig
 from .config_docs import flag_name as _flag
 from .config_docs import help_text
+from .process import eager_from_env
 
 
 def _base_type(annotation: object) -> object:
@@ -102,6 +103,7 @@ def _critic(args: argparse.Namespace) -> int:
         upload_dir=args.upload_dir,
         upload_max_bytes=args.upload_max_bytes,
         upload_idle_timeout_s=args.upload_idle_timeout_s,
+        enforce_eager=args.enforce_eager,
     )
     return 0
 
@@ -159,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the KV of cached prefixes (default: on)",
     )
     critic.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=eager_from_env(),
+        help="no torch.compile and no CUDA graphs: starts about 20 s sooner, decodes slower on GPU "
+        "(env ESPO_ENFORCE_EAGER)",
+    )
+    critic.add_argument(
         "--block-size", type=int, default=None, help="KV block size (default: 32 on CPU, vLLM's on GPU)"
     )
     critic.add_argument(
@@ -202,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--beta", type=float, default=None, help="beta of the warm state (default: tuned for the toy)"
     )
-    demo.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    demo.add_argument(
+        "--json", type=Path, default=None, help="also write the table it prints (and its figures) here"
+    )
     demo.add_argument(
         "--toy-size", choices=["full", "quick"], default=None,
         help="toy models the server it starts runs on (default: $ESPO_TOY_SIZE, else full)",

@@ -66,6 +66,7 @@ class InProcessCritic(ValuesFromScore):
         dtype: str = "auto",
         prefix_caching: bool = True,
         block_size: int | None = None,
+        enforce_eager: bool = False,
     ) -> AsyncIterator[InProcessCritic]:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -80,6 +81,7 @@ class InProcessCritic(ValuesFromScore):
             dtype=dtype,
             enable_prefix_caching=prefix_caching,
             block_size=block_size,
+            enforce_eager=enforce_eager,
             worker_extension_cls="espo_server.critic_worker.CriticWorker",
         )
         async with running_async_llm(args, "critic") as llm:

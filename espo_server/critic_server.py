@@ -36,7 +36,7 @@ from espo_client.protocol import (
 from .critic import push_weights
 from .critic_engine import InProcessCritic
 from .errors import InvalidRequest, bearer_matches, install_error_handlers
-from .metrics import critic_process_registry
+from .metrics import critic_process_registry, timed_push
 from .ports import admin_only
 from .upload_routes import upload_router
 from .upload_targets import LocalUploads
@@ -86,6 +86,7 @@ def build_critic_app(
     @app.post(
         "/v1/critic/weights", response_model=CriticWeightsResponse, responses=_ERRORS, dependencies=admin
     )
+    @timed_push("critic", "path")
     async def weights(body: CriticWeightsRequest) -> CriticWeightsResponse:
         allowed_weights_dir(body.path, roots)  # 403 outside --weights-dir
         return await load(body.path, body.version)

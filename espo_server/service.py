@@ -27,6 +27,7 @@ from espo_client.protocol import (
 )
 from espo_client.stop_rule import EspoState
 
+from . import metrics
 from .admin import Admin
 from .admission import Admission
 from .call import Calls
@@ -140,9 +141,11 @@ class RolloutService:
     def commit(self, batch_id: str | None) -> StateResponse:
         return self.admin.commit(batch_id)
 
+    @metrics.timed_push("policy", "path")
     async def load_weights(self, path: str, version: int | None) -> WeightsResponse:
         return await self.admin.load_weights(path, version)
 
+    @metrics.timed_push("critic", "path")
     async def load_critic_weights(self, path: str, version: int | None) -> CriticWeightsResponse:
         return await self.admin.load_critic_weights(path, version)
 

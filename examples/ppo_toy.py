@@ -72,6 +72,7 @@ from transformers.utils import logging as hf_logging
 
 from espo_client import EspoClient, protocol
 from espo_client.learner import compute_gae, trajectories_to_tensors, update_learner_state
+from espo_server.toy.local_rollouts import LocalClient
 from espo_server.toy.task import TaskSpec, decode, encode, generate, verify
 
 
@@ -79,6 +80,12 @@ from espo_server.toy.task import TaskSpec, decode, encode, generate, verify
 class Args:
     url: str = "http://127.0.0.1:8000"
     """base URL of a running espo-server"""
+    backend: Literal["server", "local"] = "server"
+    """server: rollouts from the espo-server at --url; local: sampled in this process by the same
+    stop-rule code (espo_server.toy.local_rollouts, no HTTP, pushes in memory): for sweeps"""
+    critic_latency: int = 0
+    """local backend: tokens a sample generates while its critic query is answered (discarded if the
+    answer stops it; the server's race, with a fixed delay)"""
     api_key: str | None = None
     """bearer token of the server, if it has one (default: $ESPO_API_KEY)"""
     policy: str | None = None
@@ -105,11 +112,11 @@ class Args:
     """also save each pushed policy under --out (a path push always does)"""
 
     # Rollouts
-    iterations: int = 10
+    iterations: int = 30
     """PPO iterations: rollouts, update, push"""
-    problems: int = 16
+    problems: int = 32
     """toy problems per iteration"""
-    n: int = 4
+    n: int = 8
     """samples per problem"""
     max_tokens: int = 96
     """response token limit (the longest toy solution is about 60 tokens)"""
@@ -125,12 +132,20 @@ class Args:
     """JSON overrides of the rule's parameters (`RuleParams`), e.g. '{"beta0": 2.0, "min_tokens": 4}'"""
 
     # PPO
+    advantage: Literal["gae", "group"] = "gae"
+    """gae: PPO's advantages from the critic (absorbing espo_stop, bootstrapped length); group: the
+    group-relative, critic-free estimate (each trajectory's outcome reward minus its prompt group's
+    mean, over the group's std, on every token; a stop's outcome is r_fail, a length cut's 0). Its
+    critic is trained (and pushed) only for a stop rule that asks it: espo, value_only"""
     epochs: int = 2
     """passes over each batch"""
-    minibatch_size: int = 16
+    minibatch_size: int = 64
     """trajectories per gradient step"""
-    learning_rate: float = 1e-5
+    learning_rate: float = 1e-4
     """Adam learning rate of the policy"""
+    target_kl: float | None = 0.02
+    """stop the iteration's remaining policy steps once a minibatch's approximate KL to the sampling
+    policy exceeds 1.5 x this (None: never)"""
     critic_learning_rate: float = 1e-4
     """Adam learning rate of the critic"""
     gamma: float = 1.0
@@ -151,8 +166,11 @@ class Args:
     """push the saved critic to the server each iteration (POST /v1/critic/weights)"""
     eval_every: int = 0
     """held-out accuracy (T=1 and greedy) every this many iterations and after the last (0: never)"""
-    eval_problems: int = 128
-    """test-split problems of each evaluation (one sample each, per temperature)"""
+    eval_problems: int = 2000
+    """test-split problems of each evaluation (one sample each, per temperature): 2,000 put the
+    standard error of an accuracy near 0.5 at 0.011"""
+    eval_greedy: bool = True
+    """evaluate greedy decoding too, besides T=1"""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -211,7 +229,7 @@ def critic_values(critic: LlamaForTokenClassification, batch: dict[str, torch.Te
 
 
 def push_policy(
-    client: EspoClient,
+    client: "EspoClient | LocalClient",
     policy: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
     directory: Path | None,
@@ -220,7 +238,9 @@ def push_policy(
 ) -> int:
     """Make the server serve the policy as `version`; return the version it serves. `upload`: its
     tensors streamed from memory; `path`: loaded by the server from `directory`. The policy is saved
-    into `directory` (safetensors) if one is given."""
+    into `directory` (safetensors) if one is given. The local backend takes the weights in memory."""
+    if isinstance(client, LocalClient):
+        return client.set_policy_weights(policy.state_dict(), version)
     if directory is not None:
         policy.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
@@ -246,7 +266,7 @@ HELDOUT_SEED = 10_000  # of the evaluation problems (test split) and their sampl
 
 
 def push_critic(
-    client: EspoClient,
+    client: "EspoClient | LocalClient",
     critic: LlamaForTokenClassification,
     tokenizer: PreTrainedTokenizerBase,
     directory: Path | None,
@@ -255,33 +275,57 @@ def push_critic(
 ) -> int:
     """Make the server's stop rule judge with the critic as `version` (uploaded, or loaded from
     `directory` by path); return the critic version the server serves. It is saved into
-    `directory` if one is given."""
+    `directory` if one is given. The local backend takes the weights in memory."""
     if directory is not None:
         save_critic(critic, tokenizer, directory)
+    if isinstance(client, LocalClient):
+        return client.set_critic_weights(critic.state_dict(), version)
     if how == "upload":
         return client.upload_critic_weights(critic, version=version).critic_version
     return client.load_critic_weights(str(directory), version=version).critic_version
 
 
-def evaluate_heldout(client: EspoClient, problems: list, max_tokens: int, seed: int) -> dict:
-    """Accuracy on held-out problems at T=1 and greedy, sampled by the server with no stop rule and
+EVAL_CALL_PROMPTS = 1000  # prompts per evaluation call (the server takes at most 1,024 by default)
+
+
+def evaluate_heldout(
+    client: "EspoClient | LocalClient", problems: list, max_tokens: int, seed: int, greedy: bool = True
+) -> dict:
+    """Accuracy on held-out problems at T=1 (and greedy), sampled by the server with no stop rule and
     without touching its ESPO state; returns the accuracies and the tokens it generated."""
     out: dict = {"eval_tokens": 0}
-    prompts = [{"token_ids": encode(p.prompt), "answer": p.answer} for p in problems]
-    for name, temperature in (("heldout_acc_t1", 1.0), ("heldout_acc_greedy", 0.0)):
-        response = client.rollouts(
-            prompts=prompts, n=1, max_tokens=max_tokens, temperature=temperature, seed=seed,
-            stop_rule="none", update_state=False,
-        )  # fmt: skip
+    runs = (("heldout_acc_t1", 1.0), ("heldout_acc_greedy", 0.0))[: 2 if greedy else 1]
+    for name, temperature in runs:
         correct = 0
-        for t in response.trajectories:
-            if t.end_reason == "eos":
-                problem = problems[t.prompt_index]
-                text, finished = decode(t.token_ids)
-                correct += verify(problem.prompt, text, problem.answer, finished=finished).correct
+        for start in range(0, len(problems), EVAL_CALL_PROMPTS):
+            chunk = problems[start : start + EVAL_CALL_PROMPTS]
+            prompts = [{"token_ids": encode(p.prompt), "answer": p.answer} for p in chunk]
+            response = client.rollouts(
+                prompts=prompts, n=1, max_tokens=max_tokens, temperature=temperature, seed=seed + start,
+                stop_rule="none", update_state=False,
+            )  # fmt: skip
+            for t in response.trajectories:
+                if t.end_reason == "eos":
+                    problem = chunk[t.prompt_index]
+                    text, finished = decode(t.token_ids)
+                    correct += verify(problem.prompt, text, problem.answer, finished=finished).correct
+            out["eval_tokens"] += response.usage.generated_tokens
         out[name] = correct / len(problems)
-        out["eval_tokens"] += response.usage.generated_tokens
     return out
+
+
+def group_advantages(trajectories: list, rewards: list[float | None], mask: torch.Tensor) -> torch.Tensor:
+    """The group-relative (critic-free) advantage on every response token: a trajectory's outcome
+    reward (the verifier's for eos, r_fail for espo_stop, 0 for a length cut) minus its prompt
+    group's mean, over the group's standard deviation (0 when the group's outcomes are all equal)."""
+    outcome = torch.tensor([0.0 if r is None else float(r) for r in rewards])
+    groups = torch.tensor([t.prompt_index for t in trajectories])
+    adv = torch.zeros_like(outcome)
+    for g in groups.unique():
+        rows = groups == g
+        spread = outcome[rows].std(unbiased=False) if int(rows.sum()) > 1 else torch.tensor(0.0)
+        adv[rows] = (outcome[rows] - outcome[rows].mean()) / (spread + 1e-6) if spread > 0 else 0.0
+    return adv[:, None] * mask
 
 
 def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = None) -> list[dict]:
@@ -322,7 +366,16 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
     heldout = generate(args.eval_problems, "test", seed=HELDOUT_SEED, spec=task) if args.eval_every else []
     rule_params = protocol.RuleParams.model_validate_json(args.rule_params)
 
-    client = EspoClient(base_url=args.url, api_key=args.api_key, transport=transport)
+    if args.backend == "local":
+        if args.state_owner != "learner":
+            raise SystemExit("--backend local: the learner owns the state (--state-owner learner)")
+        client: EspoClient | LocalClient = LocalClient(
+            LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
+            LlamaForTokenClassification.from_pretrained(critic_dir, dtype=torch.float32),
+            critic_latency=args.critic_latency,
+        )
+    else:
+        client = EspoClient(base_url=args.url, api_key=args.api_key, transport=transport)
     client.wait_ready(timeout=args.ready_timeout)
     info = client.info()
     version = info.policy_version  # pushes continue from the server's version, never go back
@@ -333,6 +386,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
     print(f"{run_name}: {args.iterations} iterations of {args.problems} problems x {args.n} samples")
     print(f"server {args.url}: {info.model} (v{version}), critic {info.critic}; writing {run_dir}")
     critic_version = info.critic_version or 0
+
     def saved(name: str, wanted: bool) -> Path | None:  # where a checkpoint is saved, if it is
         return (run_dir / name).resolve() if wanted or args.push == "path" else None
 
@@ -343,8 +397,10 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             start = saved("critic-0000", args.save_critic)
             critic_version = push_critic(client, critic, tokenizer, start, critic_version + 1, args.push)
 
+    # The critic: for GAE, and for a stop rule that asks it (a group-relative learner needs no other).
+    trains_critic = args.advantage == "gae" or protocol.StopRule(args.stop_rule).needs_critic
     records: list[dict] = []
-    cumulative_tokens, started = 0, time.perf_counter()
+    cumulative_tokens, cumulative_critic_tokens, started = 0, 0, time.perf_counter()
     for iteration in range(args.iterations):
         t_start = time.perf_counter()
 
@@ -399,7 +455,9 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
         prompt_width = batch["input_ids"].shape[1] - batch["responses"].shape[1]
         with torch.no_grad():
             local_logprobs = response_logprobs(policy, batch)
-            values_all = critic_values(critic, batch)
+            values_all = (
+                critic_values(critic, batch) if trains_critic else torch.zeros(batch["input_ids"].shape)
+            )
         values = values_all[:, prompt_width - 1 : -1]  # V(s_t) before each response token
         rows = torch.arange(len(trajectories))
         bootstrap = values_all[rows, prompt_width + batch["response_lengths"] - 1]  # V(s_L), for `length`
@@ -411,8 +469,10 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             bootstrap_values=bootstrap,
             gamma=args.gamma,
             lam=args.gae_lambda,
-        )
-        if args.norm_adv:
+        )  # the critic regresses on these returns whichever advantage the policy takes
+        if args.advantage == "group":
+            advantages = group_advantages(trajectories, rewards, mask)
+        elif args.norm_adv:
             adv_mean = masked_mean(advantages, mask)
             adv_std = masked_mean((advantages - adv_mean) ** 2, mask).sqrt()
             advantages = (advantages - adv_mean) / (adv_std + 1e-8) * mask
@@ -422,8 +482,10 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
         if logprob_gap > 1e-3:
             print(f"warning: local and server logprobs differ by up to {logprob_gap:.2e}: other weights?")
 
-        # 4. PPO epochs over minibatches of trajectories.
+        # 4. PPO epochs over minibatches of trajectories; the policy stops stepping for this
+        # iteration once it has moved too far from the sampling policy (target_kl), the critic not.
         pg_losses, v_losses, approx_kls, clipfracs = [], [], [], []
+        policy_steps, kl_stop = 0, False
         for _epoch in range(args.epochs):
             order = torch.randperm(len(trajectories))
             for start in range(0, len(trajectories), args.minibatch_size):
@@ -431,49 +493,58 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
                 mb_batch = {name: tensor[mb] for name, tensor in batch.items()}
                 mb_mask = mask[mb]
 
-                newlogprob = response_logprobs(policy, mb_batch)
-                logratio = newlogprob - batch["old_logprobs"][mb]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    approx_kls.append(masked_mean((ratio - 1) - logratio, mb_mask).item())
-                    clipped = ((ratio - 1.0).abs() > args.clip_coef).float()
-                    clipfracs.append(masked_mean(clipped, mb_mask).item())
-                mb_advantages = advantages[mb]
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mb_mask)
-                policy_optimizer.zero_grad()
-                pg_loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                policy_optimizer.step()
+                if not kl_stop:
+                    newlogprob = response_logprobs(policy, mb_batch)
+                    logratio = newlogprob - batch["old_logprobs"][mb]
+                    ratio = logratio.exp()
+                    with torch.no_grad():
+                        approx_kls.append(masked_mean((ratio - 1) - logratio, mb_mask).item())
+                        clipped = ((ratio - 1.0).abs() > args.clip_coef).float()
+                        clipfracs.append(masked_mean(clipped, mb_mask).item())
+                    kl_stop = args.target_kl is not None and approx_kls[-1] > 1.5 * args.target_kl
+                if not kl_stop:
+                    mb_advantages = advantages[mb]
+                    pg_loss1 = -mb_advantages * ratio
+                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mb_mask)
+                    policy_optimizer.zero_grad()
+                    pg_loss.backward()
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                    policy_optimizer.step()
+                    pg_losses.append(pg_loss.item())
+                    policy_steps += 1
 
-                newvalue = critic_values(critic, mb_batch)[:, prompt_width - 1 : -1]
-                v_loss = 0.5 * masked_mean((newvalue - returns[mb]) ** 2, mb_mask)
-                critic_optimizer.zero_grad()
-                v_loss.backward()
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                critic_optimizer.step()
-                pg_losses.append(pg_loss.item())
-                v_losses.append(v_loss.item())
+                if trains_critic:
+                    newvalue = critic_values(critic, mb_batch)[:, prompt_width - 1 : -1]
+                    v_loss = 0.5 * masked_mean((newvalue - returns[mb]) ** 2, mb_mask)
+                    critic_optimizer.zero_grad()
+                    v_loss.backward()
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                    critic_optimizer.step()
+                    v_losses.append(v_loss.item())
         t_update = time.perf_counter()
 
         # 5. Push the policy (and save it, in a fresh directory): the next rollouts sample from it.
         checkpoint = saved(f"iter-{iteration + 1:04d}", args.save_policy)
         version = push_policy(client, policy, tokenizer, checkpoint, version + 1, args.push)
         critic_checkpoint = saved(f"critic-{iteration + 1:04d}", args.save_critic)
-        if args.push_critic:
+        if args.push_critic and trains_critic:
             critic_version = push_critic(
                 client, critic, tokenizer, critic_checkpoint, critic_version + 1, args.push
             )
-        elif critic_checkpoint is not None:
+        elif args.save_critic:
             save_critic(critic, tokenizer, critic_checkpoint)
         t_end = time.perf_counter()
 
         # 7. Held-out accuracy of the new policy (not rollout tokens: counted apart).
         evaluation = {}
         if args.eval_every and ((iteration + 1) % args.eval_every == 0 or iteration + 1 == args.iterations):
-            evaluation = evaluate_heldout(client, heldout, args.max_tokens, seed=HELDOUT_SEED)
-        cumulative_tokens += usage.generated_tokens
+            evaluation = evaluate_heldout(
+                client, heldout, args.max_tokens, seed=HELDOUT_SEED, greedy=args.eval_greedy
+            )
+        engine_tokens = usage.generated_tokens + usage.discarded_tokens  # what the engine computed
+        cumulative_tokens += engine_tokens
+        cumulative_critic_tokens += usage.critic_tokens
 
         n_traj = max(usage.trajectories, 1)
         ends = [t.end_reason for t in trajectories]
@@ -484,15 +555,18 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             "accuracy": correct / n_traj,
             "tokens_generated": usage.generated_tokens,
             "tokens_discarded": usage.discarded_tokens,
+            "engine_tokens": engine_tokens,
             "tokens_saved_estimate": usage.tokens_saved_estimate,
             "tokens_saved_upper_bound": usage.tokens_saved_upper_bound,
             "stop_rate": usage.stopped / n_traj,
             "eos_rate": ends.count("eos") / n_traj,
             "length_rate": ends.count("length") / n_traj,
             "critic_calls": usage.critic_calls,
+            "critic_tokens": usage.critic_tokens,
             "state": asdict(state),
-            "pg_loss": float(np.mean(pg_losses)),
-            "v_loss": float(np.mean(v_losses)),
+            "pg_loss": float(np.mean(pg_losses)) if pg_losses else 0.0,
+            "policy_steps": policy_steps,
+            "v_loss": float(np.mean(v_losses)) if v_losses else 0.0,
             "approx_kl": float(np.mean(approx_kls)),
             "clipfrac": float(np.mean(clipfracs)),
             "logprob_gap": logprob_gap,
@@ -500,6 +574,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             "critic_checkpoint": None if critic_checkpoint is None else str(critic_checkpoint),
             "critic_version": critic_version if args.push_critic else None,
             "cumulative_tokens": cumulative_tokens,
+            "cumulative_critic_tokens": cumulative_critic_tokens,
             "elapsed_s": time.perf_counter() - started,
             **evaluation,
             "rollout_s": t_rollout - t_start,
@@ -514,16 +589,16 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             f"iter {iteration + 1}/{args.iterations} v{response.policy_version}->v{version}"
             f" | acc {record['accuracy']:.3f} stop {record['stop_rate']:.2f} eos {record['eos_rate']:.2f}"
             f" len {record['length_rate']:.2f}"
-            f" | tokens {usage.generated_tokens} saved ~{usage.tokens_saved_estimate}"
-            f" (<={usage.tokens_saved_upper_bound})"
+            f" | engine tokens {engine_tokens} (discarded {usage.discarded_tokens})"
+            f" saved ~{usage.tokens_saved_estimate} (<={usage.tokens_saved_upper_bound})"
             f" | pg {record['pg_loss']:+.4f} v {record['v_loss']:.4f} kl {record['approx_kl']:.4f}"
-            f" clip {record['clipfrac']:.2f} gap {logprob_gap:.1e}"
+            f" clip {record['clipfrac']:.2f} steps {policy_steps} gap {logprob_gap:.1e}"
             f" | beta {state.beta:.2f}{' warm' if state.warm else ''}"
             f" | {record['wall_s']:.1f}s (rollout {record['rollout_s']:.1f} update {record['update_s']:.1f}"
             f" push {record['push_s']:.1f})"
             + (
                 f" | held-out T=1 {evaluation['heldout_acc_t1']:.3f}"
-                f" greedy {evaluation['heldout_acc_greedy']:.3f}"
+                + (f" greedy {evaluation['heldout_acc_greedy']:.3f}" if args.eval_greedy else "")
                 if evaluation
                 else ""
             ),

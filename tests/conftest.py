@@ -13,6 +13,8 @@ from espo_server.process import ServerProcess, espo_server_argv, free_port
 # Tests never train the full toy models (about 15 minutes on 2 cores): every embedded server, demo,
 # benchmark and example they start, in this process or another, runs on the quick toy (about a minute).
 os.environ["ESPO_TOY_SIZE"] = "quick"
+# Every engine the tests start runs eagerly: no torch.compile warm-up, about 20 s less per start.
+os.environ["ESPO_ENFORCE_EAGER"] = "true"
 
 MAX_MODEL_LEN = 512
 CRITIC_TIMEOUT_S = "60"

@@ -19,7 +19,7 @@ from espo_server.service import RolloutService
 
 # Every token has regret 9 (sampled -9, top 0): with this state gn = clip((9-1)/1, -5, 5) = 5,
 # z_t = 5 * (1 - 0.9^(t+1)): z > beta*eps = 0.5 from t = 0 on.
-HOT = EspoState(mu=1.0, var=1.0, beta=2.5, warm=True, initialised=True, batches=3)
+HOT = EspoState(mu=1.0, var=1.0, beta=25.0, warm=True, initialised=True, batches=3)
 
 
 class FakeTokenizer:

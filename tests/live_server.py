@@ -10,7 +10,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 # A state that makes `espo` stop readily on the random tiny policy: its regret is around 0.5 +- 0.5.
-EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+EAGER = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 
 
 def post(server, body: dict, **kwargs) -> httpx.Response:

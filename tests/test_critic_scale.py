@@ -42,7 +42,9 @@ def test_inprocess_critic_batches_caches_and_takes_pushes(critics, monkeypatch):
     ref_a, ref_b = hf_values(a, [*PREFIXES, long]), hf_values(b, [*PREFIXES, long])
 
     async def main() -> None:
-        async with InProcessCritic.launch(str(a), gpu_memory_utilization=0.1, dtype="float32") as critic:
+        async with InProcessCritic.launch(
+            str(a), gpu_memory_utilization=0.1, dtype="float32", enforce_eager=True
+        ) as critic:
             assert critic.block_size == 32 and critic.version == 0
             # batched == single == HF
             batched = await critic.score(PREFIXES)

@@ -173,7 +173,7 @@ def test_rules_name_only_exported_metrics_and_labels():
         check_metric_refs(text, "rules.yaml", samples)
         for record in RECORD_REF.findall(text):
             assert record in records, f"rules.yaml uses {record}, which no rule records"
-    assert any("espo_tokens_saved_total" in e for e in exprs)
+    assert any("espo_tokens_saved_estimate_total" in e for e in exprs)
 
 
 def test_dashboard_names_only_exported_metrics_and_labels():
@@ -184,11 +184,15 @@ def test_dashboard_names_only_exported_metrics_and_labels():
     used = {m.group(1) for e in exprs for m in METRIC_REF.finditer(e)}
     for name in (
         "espo_generated_tokens_total",
-        "espo_tokens_saved_total",
+        "espo_tokens_saved_estimate_total",
         "espo_trajectories_total",
         "espo_critic_latency_seconds_bucket",
-        "espo_state",
+        "espo_state_beta",
+        "espo_state_mu",
         "espo_policy_version",
+        "espo_weight_push_seconds_bucket",
+        "espo_critic_tokens_total",
+        "espo_critic_prefix_tokens_total",
         "espo_inflight_trajectories",
         "vllm:generation_tokens_total",
         "vllm:num_requests_waiting",

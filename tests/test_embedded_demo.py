@@ -49,3 +49,22 @@ def test_demo_runs_the_embedded_server_and_reports_savings(quick_toy, tmp_path):
     assert shadow["tokens_saved"] > 0
     # stopping for real generates fewer tokens
     assert real["stop_rate"] > 0 and real["tokens_generated"] < none["tokens_generated"]
+    # engine tokens: kept plus thrown away past stops, in the usage of every mode
+    for r in rows.values():
+        assert r["engine_tokens"] == r["tokens_generated"] + r["discarded_tokens"]
+    # same seeds, so a stopped sample generated at most what its none twin did (equal when the critic
+    # answered only after the sample's end: then every token past the stop was thrown away)
+    assert real["engine_tokens"] <= none["engine_tokens"] and shadow["discarded_tokens"] == 0
+    # --json writes the table the demo printed, whose savings count engine tokens
+    table = result["table"]
+    lines = proc.stdout.splitlines()
+    for row in table["rows"]:
+        r = dict(zip(table["columns"], row, strict=True))
+        line = next(x for x in lines if x.startswith(f"{r['mode']:<18} {r['traj']:>5} "))
+        columns = ("engine tokens", "kept", "discarded", "critic tokens")
+        assert line[18:].split()[2:6] == [str(r[c]) for c in columns]
+        assert r["engine tokens"] == r["kept"] + r["discarded"]
+    espo = dict(zip(table["columns"], next(r for r in table["rows"] if r[0] == "espo"), strict=True))
+    assert espo["saved"] == none["engine_tokens"] - real["engine_tokens"]
+    assert table["gate"]["espo"]["oracle_share"] == espo["saved"] / result["oracle_tokens_saved"]
+    assert all(line in proc.stdout for line in table["lines"])

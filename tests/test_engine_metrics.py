@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from espo_server.metrics import ENGINE_LABEL, EngineSeries
 
-EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+EAGER = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 
 
 def samples(text: str) -> list[tuple[str, dict[str, str], float]]:

@@ -73,6 +73,19 @@ def test_tokens_saved_are_estimated_against_the_unstopped_and_bounded_by_max_tok
     assert u.generated_tokens == 10 + 14 + 4 + 2 and u.prompt_tokens == 4 * 3
 
 
+def test_engine_tokens_count_what_the_engine_generated_kept_and_discarded():
+    items = [
+        returned(trajectory(0, 0, 10, "eos")),
+        returned(trajectory(0, 1, 4, "espo_stop", stop_step=3, discarded_tokens=2), full_length=6),
+        returned(trajectory(0, 2, 5, "espo_stop", stop_step=4, discarded_tokens=3), full_length=8),
+    ]
+    u = usage(items)
+    assert (u.generated_tokens, u.discarded_tokens, u.engine_tokens) == (10 + 4 + 5, 2 + 3, 19 + 5)
+    # a Usage from anyone who leaves it out (an older server, a fake) derives it the same way
+    assert Usage(prompt_tokens=0, generated_tokens=7, discarded_tokens=2, trajectories=1).engine_tokens == 9
+    assert Usage.model_validate(u.model_dump()).engine_tokens == 24
+
+
 def test_without_unstopped_trajectories_the_estimate_uses_max_tokens():
     u = usage([returned(trajectory(0, 0, 5, "espo_stop", stop_step=4))])
     assert u.tokens_saved_estimate == u.tokens_saved_upper_bound == MAX_TOKENS - 5

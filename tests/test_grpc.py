@@ -38,7 +38,7 @@ from tests.waiting import wait_until
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "client"
 PROTO = CLIENT / "espo_client" / "proto"
-EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+EAGER = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 
 MIRRORED = [
     "Prompt",
@@ -106,7 +106,7 @@ def test_codec_round_trips_requests_and_responses():
         stop=["\n"],
         stop_rule="espo",
         rule_params=RuleParams(tau=0.0, min_tokens=0),
-        state=EspoState(mu=0.0, var=0.5, beta=1.0, warm=True, initialised=True, batches=3),
+        state=EspoState(mu=0.0, var=0.5, beta=10.0, warm=True, initialised=True, batches=3),
         include=["regret", "values", "top_logprobs", "text"],
         top_logprobs=2,
         request_id="r-1",

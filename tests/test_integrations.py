@@ -23,7 +23,7 @@ from espo_client.integrations.verl import agent_output, espo_request
 from espo_client.protocol import Trajectory
 from espo_server.process import ServerProcess, espo_server_argv, free_port
 
-EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+EAGER = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 """A state under which regret_only stops the random tiny policy readily."""
 
 

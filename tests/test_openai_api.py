@@ -18,7 +18,7 @@ from espo_server.tiny_model import build_tokenizer
 pytestmark = pytest.mark.vllm
 
 MODEL = "tiny"  # --served-model-name of the fixture
-EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+EAGER = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 STOPPING = {"stop_rule": "regret_only", "state": EAGER, "rule_params": {"min_tokens": 2}}
 """ESPO extras that make the random tiny policy stop readily (no critic needed)."""
 

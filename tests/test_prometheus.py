@@ -24,7 +24,7 @@ from espo_server.process import free_port
 pytestmark = pytest.mark.vllm
 
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "rules.yaml"
-EAGER = {"mu": 0.3, "var": 0.2, "beta": 1.0, "warm": True, "initialised": True, "batches": 5}
+EAGER = {"mu": 0.3, "var": 0.2, "beta": 10.0, "warm": True, "initialised": True, "batches": 5}
 
 
 def tool(name: str) -> str:
@@ -169,10 +169,8 @@ def test_promql_over_a_real_scrape_matches_what_responses_reported(prometheus, i
 
     assert total("stopped") > 0 and total("critic_calls") > 0, "the check needs stops and critic queries"
     # tokens saved
-    assert moved('espo_tokens_saved_total{job="espo-server", kind="estimate"}') == total(
-        "tokens_saved_estimate"
-    )
-    assert moved('espo_tokens_saved_total{kind="upper_bound"}') == total("tokens_saved_upper_bound")
+    assert moved('espo_tokens_saved_estimate_total{job="espo-server"}') == total("tokens_saved_estimate")
+    assert moved("espo_tokens_saved_upper_bound_total") == total("tokens_saved_upper_bound")
     assert moved('espo_generated_tokens_total{rule="espo"}') == total("generated_tokens")
 
     # stop rate, as one PromQL expression
@@ -212,3 +210,8 @@ def test_promql_over_a_real_scrape_matches_what_responses_reported(prometheus, i
     rate = float(recorded("espo:stop_rate:ratio_rate5m", ', rule="espo"')[0]["value"][1])
     assert 0 < rate <= 1
     assert recorded("espo:critic_latency_seconds:p95_5m") and recorded("espo:token_savings:ratio_rate5m")
+    cost = "espo:critic_tokens_per_generated_token:ratio_rate5m"
+    hits = "espo:critic_prefix_cache_hits:ratio_rate5m"
+    wait_for(lambda: recorded(cost) != [] and recorded(hits) != [], 30, "the critic cost rules")
+    assert float(recorded(cost)[0]["value"][1]) > 0  # the critic computed tokens
+    assert 0 <= float(recorded(hits)[0]["value"][1]) < 1

@@ -269,7 +269,7 @@ def test_server_owned_state_batches_and_commit(rollout_server):
     assert committed["state"]["mu"] == pytest.approx(0.99 * s1["mu"] + 0.01 * g_mean)
     r = httpx.post(url + "/v1/espo/commit", json={"batch_id": "nope"}, timeout=10)
     assert r.status_code == 200  # nothing open: a no-op
-    assert metric(rollout_server, "espo_state", field="batches") == 2
+    assert metric(rollout_server, "espo_state_batches") == 2
 
 
 def test_streaming_ndjson_and_idempotent_retry(rollout_server):
@@ -318,7 +318,8 @@ def test_metrics_move_by_what_the_responses_report(rollout_server):
         "espo_generated_tokens_total": {"rule": "espo"},
         "espo_stopped_trajectories_total": {"rule": "espo"},
         "espo_discarded_tokens_total": {},
-        "espo_tokens_saved_total": {"kind": "estimate"},
+        "espo_engine_tokens_total": {"rule": "espo"},
+        "espo_tokens_saved_estimate_total": {},
         "espo_critic_calls_total": {},
         "espo_critic_latency_seconds_count": {},
         "espo_trajectories_total": {"rule": "espo"},
@@ -334,7 +335,9 @@ def test_metrics_move_by_what_the_responses_report(rollout_server):
     assert moved["espo_generated_tokens_total"] == usage["generated_tokens"]
     assert moved["espo_stopped_trajectories_total"] == usage["stopped"]
     assert moved["espo_discarded_tokens_total"] == usage["discarded_tokens"]
-    assert moved["espo_tokens_saved_total"] == usage["tokens_saved_estimate"]
+    assert moved["espo_engine_tokens_total"] == usage["engine_tokens"]
+    assert usage["engine_tokens"] == usage["generated_tokens"] + usage["discarded_tokens"]
+    assert moved["espo_tokens_saved_estimate_total"] == usage["tokens_saved_estimate"]
     assert moved["espo_critic_calls_total"] == usage["critic_calls"]
     assert moved["espo_critic_latency_seconds_count"] == usage["critic_calls"] - usage["critic_errors"]
     assert moved["espo_trajectories_total"] == 12
@@ -343,7 +346,7 @@ def test_metrics_move_by_what_the_responses_report(rollout_server):
         count = sum(t["end_reason"] == reason for t in out["trajectories"])
         assert metric(rollout_server, "espo_trajectories_total", rule="espo", end_reason=reason) >= count
     # vLLM's own counter saw at least the kept tokens, and the discarded ones too
-    assert moved["vllm:generation_tokens_total"] >= usage["generated_tokens"] + usage["discarded_tokens"]
+    assert moved["vllm:generation_tokens_total"] >= usage["engine_tokens"]
 
 
 def test_toy_verifier_rewards_eos_trajectories_with_an_answer(rollout_server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -25,7 +26,7 @@ from espo_client.stop_rule import (
 )
 
 P = EspoParams(min_tokens=0, critic_stride=1)
-WARM = EspoState(mu=1.0, var=4.0, beta=2.0, warm=True, initialised=True, batches=3)
+WARM = EspoState(mu=1.0, var=4.0, beta=20.0, warm=True, initialised=True, batches=3)
 
 
 def test_formulas_by_hand():
@@ -36,17 +37,21 @@ def test_formulas_by_hand():
     assert normalise(5.0, 1.0, 4.0, 0.0 + 1e-12, 5.0) == pytest.approx(2.0)
     assert normalise(100.0, 1.0, 4.0, 1e-12, 5.0) == 5.0
     assert normalise(-100.0, 1.0, 4.0, 1e-12, 5.0) == -5.0
-    assert smooth(0.0, 2.0, 0.9) == pytest.approx(0.2)
-    assert smooth(0.2, 2.0, 0.9) == pytest.approx(0.38)
+    assert smooth(0.0, 2.0, 0.9) == pytest.approx(2.0)  # cumulative: alpha_s*z + gn
+    assert smooth(2.0, 2.0, 0.9) == pytest.approx(3.8)
+    assert smooth(0.0, 2.0, 0.9, cumulative=False) == pytest.approx(0.2)  # average form
+    assert smooth(0.2, 2.0, 0.9, cumulative=False) == pytest.approx(0.38)
     assert threshold(7.0, 0.05, 0.2) == pytest.approx(1.4)  # V below eps: the floor applies
     assert threshold(7.0, 0.5, 0.2) == pytest.approx(3.5)
 
 
 def test_smoothed_regret_sequence_by_hand():
     # g = [5, 5, 1, 9] with mu=1, var=4 -> gn = [2, 2, 0, 4]
-    # z = [0.2, 0.38, 0.342, 0.7078]
+    # z = [2, 3.8, 3.42, 7.078] (cumulative); the average form is 0.1 of it
     params = EspoParams(delta=1e-12)
     z = smoothed_regret([5.0, 5.0, 1.0, 9.0], WARM, params)
+    np.testing.assert_allclose(z, [2.0, 3.8, 3.42, 7.078], atol=1e-9)
+    z = smoothed_regret([5.0, 5.0, 1.0, 9.0], WARM, dataclasses.replace(params, cumulative=False))
     np.testing.assert_allclose(z, [0.2, 0.38, 0.342, 0.7078], atol=1e-9)
 
 
@@ -69,17 +74,17 @@ def feed(tracker, gs):
 
 
 def test_espo_queries_only_above_lowest_threshold_and_stops_by_value():
-    # beta*eps = 0.4. g=[9,9,9]: gn = 4 each; z = 0.4, 0.76, 1.084.
+    # beta*eps = 4. g=[9,9,9]: gn = 4 each; z = 4, 7.6, 10.84.
     tracker = make_tracker("espo", WARM, P)
     d = feed(tracker, [9.0])
-    assert not d[0].query_value  # z_0 = 0.4 is not > 0.4
+    assert not d[0].query_value  # z_0 = 4 is not > 4
     d = feed(tracker, [9.0])
     assert d[0].query_value and tracker.pending == 1
-    # V(s_1) = 0.5: threshold 2*0.5 = 1.0 > z_1 = 0.76: go on.
+    # V(s_1) = 0.5: threshold 20*0.5 = 10 > z_1 = 7.6: go on.
     assert tracker.resolve(1, 0.5) is False
     d = feed(tracker, [9.0])
     assert d[0].query_value  # stride 1
-    # V(s_2) = 0.3: threshold 0.6 < z_2 = 1.084: stop at 2.
+    # V(s_2) = 0.3: threshold 6 < z_2 = 10.84: stop at 2.
     assert tracker.resolve(2, 0.3) is True
     assert tracker.stop_step == 2
     assert tracker.values == {1: 0.5, 2: 0.3}
@@ -108,22 +113,66 @@ def test_cold_or_uninitialised_state_never_stops():
 
 
 def test_regret_only_uses_constant_value():
-    # threshold = beta * max(v_const, eps) = 2 * max(0.3, 0.2) = 0.6; z = 0.4, 0.76 -> stop at 1.
+    # threshold = beta * max(v_const, eps) = 20 * max(0.3, 0.2) = 6; z = 4, 7.6 -> stop at 1.
     tracker = make_tracker("regret_only", WARM, EspoParams(min_tokens=0, v_const=0.3))
     d = feed(tracker, [9.0, 9.0, 9.0])
     assert [x.stop for x in d] == [False, True, False]
     assert tracker.stop_step == 1
 
 
-def test_value_only_queries_every_stride_and_stops_below_v_min():
+def test_value_only_queries_on_espos_schedule_and_stops_below_v_min():
+    """value_only asks on the schedule espo asks on: at most once per critic_stride tokens, never
+    with a query pending (so a slow answer delays the next query exactly as it would espo's)."""
     params = EspoParams(min_tokens=2, critic_stride=3, v_min=0.1)
     tracker = make_tracker("value_only", WARM, params)
     d = feed(tracker, [0.0] * 6)
-    assert [t for t, x in enumerate(d) if x.query_value] == [2]
+    assert [t for t, x in enumerate(d) if x.query_value] == [2]  # pending until resolved below
     assert tracker.resolve(2, 0.5) is False
     d = feed(tracker, [0.0] * 3)
-    assert [6 + t for t, x in enumerate(d) if x.query_value] == [8]
-    assert tracker.resolve(8, 0.05) is True and tracker.stop_step == 8
+    assert [6 + t for t, x in enumerate(d) if x.query_value] == [6]  # 4 tokens since the last query
+    assert tracker.resolve(6, 0.5) is False
+    d = feed(tracker, [0.0] * 3)
+    assert [9 + t for t, x in enumerate(d) if x.query_value] == [9]
+    assert tracker.resolve(9, 0.05) is True and tracker.stop_step == 9
+    # answered at once and never stopping, both ask at the same steps (espo's z is high throughout)
+    asked = {}
+    for rule in ("espo", "value_only"):
+        tracker, asked[rule] = make_tracker(rule, WARM, params), []
+        for t in range(14):
+            if tracker.step(-50.0, 0.0).query_value:
+                asked[rule].append(t)
+                assert tracker.resolve(t, 100.0) is False
+    assert asked["espo"] == asked["value_only"] == [2, 5, 8, 11]
+
+
+def test_average_smoothing_is_the_cumulative_scaled_by_one_minus_alpha():
+    g = [0.0, 3.0, 9.0, 1.0, 0.5, 7.0]
+    cumulative = EspoParams(alpha_s=0.8)  # the default form: z_t = alpha_s*z_{t-1} + gn_t
+    average = EspoParams(alpha_s=0.8, cumulative=False)
+    z_cum = smoothed_regret(g, WARM, cumulative)
+    z_avg = smoothed_regret(g, WARM, average)
+    gn = [normalise(x, WARM.mu, WARM.var, cumulative.delta, cumulative.clip_c) for x in g]
+    assert np.allclose(z_cum, [sum(0.8 ** (t - k) * gn[k] for k in range(t + 1)) for t in range(len(g))])
+    assert np.allclose(z_avg, (1 - 0.8) * z_cum)
+    # the same stops with beta scaled by (1 - alpha_s)
+    scaled = dataclasses.replace(WARM, beta=WARM.beta * (1 - 0.8))
+    stops = set()
+    for z_scale in (0.3, 1.0, 3.0):
+        c = make_tracker("regret_only", WARM, dataclasses.replace(cumulative, min_tokens=0))
+        a = make_tracker("regret_only", scaled, dataclasses.replace(average, min_tokens=0))
+        feed(c, [x * z_scale for x in g])
+        feed(a, [x * z_scale for x in g])
+        assert a.stop_step == c.stop_step
+        stops.add(c.stop_step)
+    assert len(stops) > 1  # the scales tried reach different verdicts
+
+
+def test_the_paper_defaults_read_the_smoothing_as_cumulative():
+    p = EspoParams()
+    assert (p.cumulative, p.alpha_s, p.beta0, p.eta_beta, p.tau, p.eps) == (True, 0.9, 7.0, 0.1, 0.25, 0.2)
+    assert smooth(2.0, 1.0, 0.9) == pytest.approx(2.8)
+    # beta_max * eps lies above the largest cumulative z, c / (1 - alpha_s): at the clip nothing stops
+    assert p.beta_max * p.eps > p.clip_c / (1 - p.alpha_s)
 
 
 def test_random_rule_stops_at_drawn_step():
@@ -148,7 +197,7 @@ def test_critic_failure_fallbacks():
     assert tracker.resolve(1, None) is False and tracker.values[1] is None
     tracker = make_tracker("espo", WARM, P, critic_fallback="regret_only")
     feed(tracker, [9.0, 9.0])
-    # regret-only fallback: z_1 = 0.76 > beta*max(v_const=0, eps) = 0.4
+    # regret-only fallback: z_1 = 7.6 > beta*max(v_const=0, eps) = 4
     assert tracker.resolve(1, None) is True
 
 

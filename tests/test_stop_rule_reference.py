@@ -43,19 +43,20 @@ def reference(rule, g, values, state, p, latency, fallback, random_stop_at):
 
     for t, g_t in enumerate(g):
         gn = min(p.clip_c, max(-p.clip_c, (g_t - state.mu) / math.sqrt(state.var + p.delta)))
-        z = p.alpha_s * z + (1 - p.alpha_s) * gn
+        z = p.alpha_s * z + (gn if p.cumulative else (1 - p.alpha_s) * gn)
         zs.append(z)
         if rule == "random" and state.warm and t == random_stop_at:
             return t, zs, queried
         if rule == "regret_only" and armed and t >= p.min_tokens and z > state.beta * max(p.v_const, p.eps):
             return t, zs, queried
         if pending is None:
+            # one critic schedule for every rule that asks: at most once per critic_stride tokens
+            stride_ok = last_query is None or t - last_query >= p.critic_stride
             ask = False
             if rule == "espo":
-                stride_ok = last_query is None or t - last_query >= p.critic_stride
                 ask = armed and t >= p.min_tokens and z > state.beta * p.eps and stride_ok
             elif rule == "value_only":
-                ask = state.warm and t >= p.min_tokens and (t - p.min_tokens) % p.critic_stride == 0
+                ask = state.warm and t >= p.min_tokens and stride_ok
             if ask:
                 pending = last_query = t
                 queried.append(t)
@@ -105,6 +106,7 @@ states = st.builds(
 params = st.builds(
     EspoParams,
     alpha_s=st.floats(0.0, 1.0),
+    cumulative=st.booleans(),
     eps=st.one_of(st.sampled_from(ROUND[1:]), st.floats(0.0, 1.0)),
     clip_c=st.floats(0.5, 8.0),
     delta=st.floats(1e-9, 1e-2),

@@ -11,7 +11,8 @@ field for field; where proto3 has no direct form, the mapping here bridges it:
 * lists of lists (`prompt_token_ids`, `top_token_ids`, `top_logprobs`) are repeated wrapper
   messages with one field, `items`;
 * null entries of maps (`rule_params`) are left out, and their numbers come back as the rule
-  parameter's own type (`map<string, double>` would turn `min_tokens` 8 into 8.0);
+  parameter's own type (`map<string, double>` would turn `min_tokens` 8 into 8.0, and the flag
+  `cumulative` travels as 0 or 1);
   `Traces.values` uses google.protobuf.Value.
 
 Needs the `grpc` extra (grpcio, protobuf).
@@ -25,6 +26,7 @@ import typing
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from pydantic import BaseModel, TypeAdapter
 
@@ -42,8 +44,11 @@ T = TypeVar("T")
 
 
 def _param_types() -> dict[str, type]:
-    hints = typing.get_type_hints(EspoParams)
-    return {name: int if int in (hint, *typing.get_args(hint)) else float for name, hint in hints.items()}
+    def kind(hint: Any) -> type:
+        args = (hint, *typing.get_args(hint))
+        return bool if bool in args else int if int in args else float
+
+    return {name: kind(hint) for name, hint in typing.get_type_hints(EspoParams).items()}
 
 
 _PARAM_TYPES = _param_types()
@@ -63,19 +68,31 @@ def to_message(value: Any, message_type: type[Message]) -> Message:
         data = value.model_dump(mode="json", exclude_none=True)
     else:
         data = TypeAdapter(type(value)).dump_python(value, mode="json")
-    return json_format.ParseDict(_outgoing(data), message_type())
+    return json_format.ParseDict(_outgoing(data, parent=message_type.DESCRIPTOR), message_type())
 
 
-def _outgoing(value: Any, key: str | None = None) -> Any:
+def _outgoing(value: Any, key: str | None = None, parent: Descriptor | None = None) -> Any:
+    """Model JSON -> the JSON form of the message `parent` (None: `value` is a top-level message)."""
+    field = parent.fields_by_name.get(key) if parent is not None and key is not None else None
     if isinstance(value, dict):
-        return {k: _outgoing(v, k) for k, v in value.items() if v is not None}
+        if field is not None and _is_map(field):
+            if key in PARAM_MAPS:  # map<string, double>: a flag travels as 0 or 1
+                return {k: float(v) for k, v in value.items() if v is not None}
+            return {k: v for k, v in value.items() if v is not None}
+        descriptor = parent if key is None else (field.message_type if field is not None else None)
+        return {k: _outgoing(v, k, descriptor) for k, v in value.items() if v is not None}
     if isinstance(value, list):
         if key in WRAPPED_LISTS:
             return [{"items": item} for item in value]
         if key == "values":  # Traces.values: google.protobuf.Value keeps the nulls
             return value
-        return [_outgoing(item) for item in value]
+        descriptor = field.message_type if field is not None else None
+        return [_outgoing(item, None, descriptor) if isinstance(item, dict) else item for item in value]
     return value
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
 def _incoming(data: Any, model: Any) -> Any:

@@ -101,6 +101,12 @@ class RuleParams(_Model):
 
     a_ema: float | None = Field(None, ge=0, le=1, description="a_ema: EMA weight of mu/var (paper 0.99).")
     alpha_s: float | None = Field(None, ge=0, le=1, description="alpha_s: smoothing of z (paper 0.9).")
+    cumulative: bool | None = Field(
+        None,
+        description="true (default): the smoothed cumulative regret z_t = alpha_s*z_{t-1} + gn_t; "
+        "false: the average alpha_s*z_{t-1} + (1-alpha_s)*gn_t, (1-alpha_s) times it, so beta0, "
+        "eta_beta, beta_min and beta_max must be (1-alpha_s) times as large for the same rule.",
+    )
     beta0: float | None = Field(None, gt=0, description="beta_0: initial threshold scale (paper 7.0).")
     eta_beta: float | None = Field(None, ge=0, description="eta_beta: beta controller step (paper 0.1).")
     tau: float | None = Field(None, ge=0, le=1, description="tau: target stop rate (paper 0.25).")
@@ -366,6 +372,12 @@ class Usage(_Model):
     prompt_tokens: int
     generated_tokens: int = Field(..., description="Tokens returned in trajectories.")
     discarded_tokens: int = Field(0, description="Tokens generated after a stop step and thrown away.")
+    engine_tokens: int = Field(
+        0,
+        ge=0,
+        description="Tokens the engine generated: generated_tokens (kept) plus discarded_tokens, what "
+        "the call cost in engine work; left out, it is that sum.",
+    )
     trajectories: int
     stopped: int = Field(0, description="Trajectories ended by the rule (espo_stop).")
     shadow_stopped: int = Field(0, description="Trajectories the rule would have stopped (shadow mode).")
@@ -402,6 +414,15 @@ class Usage(_Model):
     regret_sum: float = 0.0
     regret_sumsq: float = 0.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_tokens(cls, data: object) -> object:
+        # Derived, so every producer of a Usage (the fold, fakes, an older server) reports it alike.
+        if isinstance(data, dict) and data.get("engine_tokens") is None:
+            kept, discarded = data.get("generated_tokens", 0), data.get("discarded_tokens", 0)
+            data = {**data, "engine_tokens": kept + discarded}
+        return data
+
     def batch_stats(self, *, shadow: bool = False, steers_beta: bool = True) -> BatchStats:
         """This call's contribution to the ESPO state update: the same sums the server folds in.
 
@@ -424,7 +445,7 @@ class RolloutResponse(_Model):
     usage: Usage
     stop_rule: StopRule
     shadow: bool
-    rule_params: dict[str, float | int | None] = Field(..., description="The parameters in effect.")
+    rule_params: dict[str, float | int | bool | None] = Field(..., description="The parameters in effect.")
     state_used: EspoState = Field(..., description="The state the rule ran with (frozen for the call).")
     state_after: EspoState | None = Field(
         None, description="The state after folding this call in (null while its batch is still open)."
@@ -516,7 +537,7 @@ class InfoResponse(_Model):
     critic: str
     critic_fallback: str
     default_stop_rule: StopRule
-    rule_defaults: dict[str, float | int | None]
+    rule_defaults: dict[str, float | int | bool | None]
     entropy_top_k: int
     state: EspoState
     verifier: str | None = None

@@ -5,8 +5,13 @@ the ESPO state. Symbols follow the paper's Algorithm 1 (see docs/algorithm.md):
 
     g_t  = max_a log pi(a|s_t) - log pi(a_t|s_t)              surrogate regret, >= 0
     gn_t = clip((g_t - mu) / sqrt(var + delta), -c, c)         normalised regret
-    z_t  = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t,  z_{-1} = 0   smoothed regret
+    z_t  = alpha_s * z_{t-1} + gn_t,  z_{-1} = 0               smoothed cumulative regret
     stop at the first t with  warm  and  t >= min_tokens  and  z_t > beta * max(V(s_t), eps)
+
+With `cumulative=False` the new term is weighted, z_t = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t
+(an average): exactly (1 - alpha_s) times the sum above, so the same rule needs beta (beta0,
+eta_beta, beta_min, beta_max) multiplied by (1 - alpha_s) (docs/algorithm.md, "Two readings of the
+smoothing").
 
 The state (mu, var, beta, warm) is frozen inside a batch and updated at batch boundaries only:
 
@@ -95,7 +100,11 @@ class EspoParams:
     a_ema: float = 0.99
     """a_ema (paper 0.99): EMA weight of the old mu/var at each batch boundary."""
     alpha_s: float = 0.9
-    """alpha_s (paper 0.9): smoothing of the normalised regret, z_t = alpha_s*z_{t-1} + (1-alpha_s)*gn_t."""
+    """alpha_s (paper 0.9): smoothing of the normalised regret, z_t = alpha_s*z_{t-1} + gn_t."""
+    cumulative: bool = True
+    """The smoothed cumulative regret z_t = alpha_s*z_{t-1} + gn_t, the scale beta0 and eta_beta are
+    read on; False: the average alpha_s*z_{t-1} + (1-alpha_s)*gn_t, (1-alpha_s) times it, so beta0,
+    eta_beta, beta_min and beta_max must be (1-alpha_s) times as large to give the same rule."""
     beta0: float = 7.0
     """beta_0 (paper 7.0): the threshold scale a fresh state starts from."""
     eta_beta: float = 0.1
@@ -111,9 +120,11 @@ class EspoParams:
     delta: float = 1e-6
     """delta (ours): added to var before the square root."""
     beta_min: float = 0.5
-    """beta_min (ours): lower clip of the beta controller."""
-    beta_max: float = 50.0
-    """beta_max (ours): upper clip of the beta controller."""
+    """beta_min (ours): lower clip of the beta controller (threshold beta_min*eps = 0.1 stops at
+    almost any positive z, so the controller can always reach a beta that stops tau of a batch)."""
+    beta_max: float = 500.0
+    """beta_max (ours): upper clip of the beta controller (beta_max*eps = 100 is above the largest
+    cumulative z, c/(1-alpha_s) = 50, so at the clip nothing stops even if the critic says 0)."""
     min_tokens: int = 8
     """(ours) no stop before response token index min_tokens."""
     critic_stride: int = 8
@@ -243,9 +254,9 @@ def normalise(g: float, mu: float, var: float, delta: float, clip_c: float) -> f
     return min(clip_c, max(-clip_c, x))
 
 
-def smooth(z_prev: float, gn: float, alpha_s: float) -> float:
-    """z_t = alpha_s * z_{t-1} + (1 - alpha_s) * gn_t."""
-    return alpha_s * z_prev + (1.0 - alpha_s) * gn
+def smooth(z_prev: float, gn: float, alpha_s: float, cumulative: bool = True) -> float:
+    """z_t = alpha_s * z_{t-1} + gn_t; not `cumulative`: alpha_s * z_{t-1} + (1 - alpha_s) * gn_t."""
+    return alpha_s * z_prev + (gn if cumulative else (1.0 - alpha_s) * gn)
 
 
 def threshold(beta: float, value: float, eps: float) -> float:
@@ -258,9 +269,8 @@ def smoothed_regret(g: Sequence[float], state: EspoState, params: EspoParams) ->
     z = np.zeros(len(g), dtype=np.float64)
     z_prev = 0.0
     for t, g_t in enumerate(g):
-        z_prev = smooth(
-            z_prev, normalise(g_t, state.mu, state.var, params.delta, params.clip_c), params.alpha_s
-        )
+        gn_t = normalise(g_t, state.mu, state.var, params.delta, params.clip_c)
+        z_prev = smooth(z_prev, gn_t, params.alpha_s, params.cumulative)
         z[t] = z_prev
     return z
 
@@ -329,7 +339,7 @@ class TrajectoryTracker:
         self.g.append(g_t)
         z_prev = self.z[-1] if self.z else 0.0
         gn_t = normalise(g_t, self.state.mu, self.state.var, self.params.delta, self.params.clip_c)
-        self.z.append(smooth(z_prev, gn_t, self.params.alpha_s))
+        self.z.append(smooth(z_prev, gn_t, self.params.alpha_s, self.params.cumulative))
         if self.stop_step is not None:
             return _CONTINUE
         decision = self._decide(self.t)
@@ -356,6 +366,8 @@ class TrajectoryTracker:
         return stop
 
     def _may_query(self, t: int) -> bool:
+        """The critic schedule every rule that asks for V shares: never with a query pending, and at
+        most one query per `critic_stride` tokens."""
         if self.pending is not None:
             return False
         return self.last_query is None or t - self.last_query >= self.params.critic_stride
@@ -400,13 +412,13 @@ class RegretOnlyTracker(TrajectoryTracker):
 
 
 class ValueOnlyTracker(TrajectoryTracker):
-    """Rule `value_only`: V(s_t) every `critic_stride` tokens from min_tokens on; stop if V < v_min."""
+    """Rule `value_only`: V(s_t) from min_tokens on, on espo's critic schedule (`_may_query`: at most
+    every `critic_stride` tokens, none while one is pending); stop if V < v_min."""
 
     def _decide(self, t: int) -> Decision:
-        p = self.params
-        if not self.state.warm or t < p.min_tokens or (t - p.min_tokens) % p.critic_stride:
+        if not self.state.warm or t < self.params.min_tokens:
             return _CONTINUE
-        return _QUERY if self.pending is None else _CONTINUE
+        return _QUERY if self._may_query(t) else _CONTINUE
 
     def _stop_with_value(self, t: int, value: float) -> bool:
         return value < self.params.v_min

@@ -40,11 +40,11 @@ from espo_server.process import ServerProcess, espo_server_argv
 from espo_server.toy.evaluate import evaluate, outcome
 from espo_server.toy.task import Problem, encode, generate
 
-# The toy policy's regret is small and spiky; the paper's beta0 = 7 (tuned for a 7B model on long
-# math) stops nothing here. bench/beta_sweep.py (a shadow sweep on other problems than the demo's and
-# bench/savings.py's) picks the beta whose espo shadow stop rate is closest to the controller's target
-# tau = 0.25, i.e. where the beta controller settles: 0.7 for the seed-0 toy models (stop rate 0.23).
-DEMO_BETA = 0.7
+# bench/beta_sweep.py (a shadow sweep on other problems than the demo's and bench/savings.py's) picks
+# the beta whose espo shadow stop rate is closest to the controller's target tau = 0.25, i.e. where
+# the beta controller settles: 7 for the seed-0 toy models (stop rate 0.23), the paper's beta0 on the
+# cumulative scale of z (measured as 0.7 in the average form, the same rule).
+DEMO_BETA = 7.0
 
 
 def matched_regret_beta(trajectories, stops: int, min_tokens: int) -> float:
@@ -70,52 +70,43 @@ def run_batches(client: EspoClient, problems: list[Problem], args: argparse.Name
         print(f"  {name:<18} {len(out.trajectories)} trajectories in {wall:.1f}s", flush=True)
         return out, wall
 
+    def costs(out, wall: float) -> dict:
+        # what the engine and the critic computed, whatever was kept; what stopping saved
+        u = out.usage
+        row = {"wall_s": wall, "engine_tokens": u.engine_tokens, "discarded_tokens": u.discarded_tokens,
+               "critic_tokens": u.critic_tokens, "critic_calls": u.critic_calls}  # fmt: skip
+        if out.shadow:
+            return row | {"tokens_saved": u.tokens_saved_shadow}
+        return row | {
+            "tokens_saved": u.tokens_saved_estimate,
+            "tokens_saved_upper_bound": u.tokens_saved_upper_bound,
+            "critic_time_s": u.critic_time_s,
+            "trajectory_time_s": u.trajectory_time_s,
+        }
+
     fresh = {"mu": 0.0, "var": 1.0, "beta": args.beta, "warm": False, "initialised": False, "batches": 0}
     client.set_state(fresh)
     plain, wall = timed("none", stop_rule="none")
-    rows["none"] = evaluate(problems, plain.trajectories) | {"wall_s": wall}
+    rows["none"] = evaluate(problems, plain.trajectories) | costs(plain, wall)
 
     warm = dataclasses.replace(plain.state_after, warm=True, beta=args.beta)
     client.set_state(warm)
     shadow, wall = timed("espo shadow", stop_rule="espo", shadow=True, update_state=False, include=["z"])
-    rows["espo shadow"] = evaluate(problems, shadow.trajectories) | {
-        "wall_s": wall,
-        "tokens_saved": shadow.usage.tokens_saved_shadow,
-        "critic_calls": shadow.usage.critic_calls,
-    }
+    rows["espo shadow"] = evaluate(problems, shadow.trajectories) | costs(shadow, wall)
 
     real, wall = timed("espo", stop_rule="espo", update_state=False)
     twins = dict(enumerate(shadow.trajectories))  # same prompt, sample and seed, run to the end
-    rows["espo"] = evaluate(problems, real.trajectories, twins) | {
-        "wall_s": wall,
-        "tokens_saved": real.usage.tokens_saved_estimate,
-        "critic_time_s": real.usage.critic_time_s,
-        "trajectory_time_s": real.usage.trajectory_time_s,
-        "tokens_saved_upper_bound": real.usage.tokens_saved_upper_bound,
-        "critic_calls": real.usage.critic_calls,
-        "discarded_tokens": real.usage.discarded_tokens,
-    }
+    rows["espo"] = evaluate(problems, real.trajectories, twins) | costs(real, wall)
     # regret_only at espo's shadow stop rate (one trace suffices: z is the same under both rules)
     min_tokens = int(shadow.rule_params["min_tokens"])
     regret_beta = matched_regret_beta(shadow.trajectories, shadow.usage.shadow_stopped, min_tokens)
     client.set_state(dataclasses.replace(warm, beta=regret_beta))
     regret_rule = dict(stop_rule="regret_only", rule_params={"v_const": 1.0}, update_state=False)
     r_shadow, wall = timed("regret_only shadow", shadow=True, **regret_rule)
-    rows["regret_only shadow"] = evaluate(problems, r_shadow.trajectories) | {
-        "wall_s": wall,
-        "tokens_saved": r_shadow.usage.tokens_saved_shadow,
-        "critic_calls": r_shadow.usage.critic_calls,
-    }
+    rows["regret_only shadow"] = evaluate(problems, r_shadow.trajectories) | costs(r_shadow, wall)
     r_real, wall = timed("regret_only", **regret_rule)
-    rows["regret_only"] = evaluate(problems, r_real.trajectories, dict(enumerate(r_shadow.trajectories))) | {
-        "wall_s": wall,
-        "tokens_saved": r_real.usage.tokens_saved_estimate,
-        "critic_time_s": r_real.usage.critic_time_s,
-        "trajectory_time_s": r_real.usage.trajectory_time_s,
-        "tokens_saved_upper_bound": r_real.usage.tokens_saved_upper_bound,
-        "critic_calls": r_real.usage.critic_calls,
-        "discarded_tokens": r_real.usage.discarded_tokens,
-    }
+    r_twins = dict(enumerate(r_shadow.trajectories))
+    rows["regret_only"] = evaluate(problems, r_real.trajectories, r_twins) | costs(r_real, wall)
     client.set_state(warm)
 
     # The server scores eos trajectories itself (the embedded default's toy verifier): its rewards
@@ -147,14 +138,15 @@ TARGETS = {"fewer_tokens": (">=", 0.25), "false_stop_rate": ("<=", 0.03), "oracl
 
 
 def gate_summary(result: dict) -> dict:
-    """espo and regret_only (at espo's stop rate) side by side: fewer tokens than none, false-stop
-    rate and the share of the oracle's savings, real runs; plus the shadow runs' exact figures."""
+    """espo and regret_only (at espo's stop rate) side by side: fewer engine tokens than none (kept +
+    discarded past stops: what the engine computed), false-stop rate and the share of the oracle's
+    savings on the same basis, real runs; plus the shadow runs' exact figures."""
     rows, oracle = result["rows"], result["oracle_tokens_saved"]
-    none_tokens = rows["none"]["tokens_generated"]
+    none_tokens = rows["none"]["engine_tokens"]
     out = {}
     for rule in ("espo", "regret_only"):
         real, shadow = rows[rule], rows[f"{rule} shadow"]
-        saved = none_tokens - real["tokens_generated"]
+        saved = none_tokens - real["engine_tokens"]
         out[rule] = {
             "stop_rate": real["stop_rate"],
             "fewer_tokens": saved / max(1, none_tokens),
@@ -176,70 +168,86 @@ def target_verdicts(espo: dict) -> dict[str, bool]:
     }
 
 
-def print_table(result: dict) -> None:
-    rows = result["rows"]
-    print()
-    print(
-        f"{'mode':<18} {'traj':>5} {'acc':>6} {'tokens':>7} {'saved':>7} {'stop rate':>9} "
-        f"{'false stops':>11} {'delay':>6} {'wall s':>7}"
-    )
+COLUMNS = ("mode", "traj", "acc", "engine tokens", "kept", "discarded", "critic tokens", "saved",
+           "fewer", "stop rate", "false stops", "delay", "wall s")  # fmt: skip
+
+
+def table(result: dict) -> dict:
+    """The table the demo prints, as data (what `--json` writes under "table"): one row per mode in
+    COLUMNS order, then the summary lines. Engine tokens are what the engine generated, kept plus
+    discarded past stops; `saved` and `fewer` compare them with none's (shadow rows: the exact
+    saving had the rule stopped), and the oracle's saving is on the same basis."""
+    rows, oracle = result["rows"], result["oracle_tokens_saved"]
+    none_engine = rows["none"]["engine_tokens"]
+    body = []
     for name, r in rows.items():
-        stop_rate = r["shadow_stop_rate"] if name.endswith("shadow") else r["stop_rate"]
-        print(
-            f"{name:<18} {r['n']:>5} {_fmt(r['accuracy'], '.3f'):>6} {r['tokens_generated']:>7} "
-            f"{_fmt(r.get('tokens_saved'), 'd'):>7} {_fmt(stop_rate if name != 'none' else None, '.3f'):>9} "
-            f"{_fmt(r['false_stop_rate'], '.3f'):>11} {_fmt(r['median_detection_delay'], '.1f'):>6} "
-            f"{r['wall_s']:>7.1f}"
-        )
-    none, shadow, real = rows["none"], rows["espo shadow"], rows["espo"]
-    oracle = result["oracle_tokens_saved"]
-    print(
-        f"{'oracle':<18} {'':>20} {oracle:>7}   (every failing trajectory stopped at its first wrong token)"
-    )
-    saved, generated = shadow["tokens_saved"], shadow["tokens_generated"]
+        shadow = name.endswith("shadow")
+        saved = r["tokens_saved"] if shadow else none_engine - r["engine_tokens"] if name != "none" else None
+        fewer = None if saved is None else saved / max(1, r["engine_tokens"] if shadow else none_engine)
+        stop_rate = r["shadow_stop_rate"] if shadow else r["stop_rate"] if name != "none" else None
+        body.append([
+            name, r["n"], r["accuracy"], r["engine_tokens"], r["tokens_generated"], r["discarded_tokens"],
+            r["critic_tokens"], saved, fewer, stop_rate, r["false_stop_rate"], r["median_detection_delay"],
+            round(r["wall_s"], 1),
+        ])  # fmt: skip
+    shadow, real, none = rows["espo shadow"], rows["espo"], rows["none"]
     caught = shadow["failing_stopped"] / max(1, shadow["failing_ran_to_end"])
-    print()
-    print(f"shadow: would stop {caught:.1%} of the {shadow['failing_ran_to_end']} failing trajectories.")
-    print(
-        f"shadow: would stop {shadow['shadow_stop_rate']:.1%} of trajectories, saving {saved} tokens exactly "
-        f"({saved / max(1, generated):.1%} of those generated, {saved / max(1, oracle):.1%} of the oracle's)."
-    )
-    fewer = 1 - real["tokens_generated"] / max(1, none["tokens_generated"])
-    print(
-        f"espo:   generated {real['tokens_generated']} tokens instead of {none['tokens_generated']} "
-        f"({fewer:.1%} fewer); {real['discarded_tokens']} more were generated past a stop while the critic "
-        f"answered. {none['failing_ran_to_end']} of {none['n']} trajectories failed in the none run."
-    )
+    saved = shadow["tokens_saved"]
     gate = gate_summary(result)
     e, r = gate["espo"], gate["regret_only"]
-    print(
+    verdicts = target_verdicts(e)
+    lines = [
+        f"shadow: would stop {caught:.1%} of the {shadow['failing_ran_to_end']} failing trajectories.",
+        f"shadow: would stop {shadow['shadow_stop_rate']:.1%} of trajectories, saving {saved} engine tokens "
+        f"exactly ({saved / max(1, shadow['engine_tokens']):.1%} of those generated, "
+        f"{saved / max(1, oracle):.1%} of the oracle's).",
+        f"espo:   the engine generated {real['engine_tokens']} tokens ({real['tokens_generated']} kept, "
+        f"{real['discarded_tokens']} generated past a stop while the critic answered and thrown away) "
+        f"instead of none's {none['engine_tokens']}: {e['fewer_tokens']:.1%} fewer; the critic computed "
+        f"{real['critic_tokens']} tokens. {none['failing_ran_to_end']} of {none['n']} trajectories failed "
+        "in the none run.",
         f"value gate, at the same stop rate (shadow {e['shadow_stop_rate']:.3f} vs "
-        f"{r['shadow_stop_rate']:.3f}; regret_only beta {result['regret_only_beta']:.3f} with v_const 1):"
-    )
-    print(
+        f"{r['shadow_stop_rate']:.3f}; regret_only beta {result['regret_only_beta']:.3f} with v_const 1):",
         f"  false stops  espo {_fmt(e['false_stop_rate'], '.3f')}  "
         f"regret_only {_fmt(r['false_stop_rate'], '.3f')}   (shadow "
-        f"{_fmt(e['shadow_false_stop_rate'], '.3f')} vs {_fmt(r['shadow_false_stop_rate'], '.3f')})"
-    )
-    print(
+        f"{_fmt(e['shadow_false_stop_rate'], '.3f')} vs {_fmt(r['shadow_false_stop_rate'], '.3f')})",
         f"  oracle share espo {e['oracle_share']:.3f}  regret_only {r['oracle_share']:.3f}"
         f"   (shadow {e['shadow_oracle_share']:.3f} vs {r['shadow_oracle_share']:.3f}); failing caught "
-        f"(shadow) {e['shadow_failing_caught']:.3f} vs {r['shadow_failing_caught']:.3f}"
-    )
-    verdicts = target_verdicts(e)
-    print(
+        f"(shadow) {e['shadow_failing_caught']:.3f} vs {r['shadow_failing_caught']:.3f}",
         "  targets (espo): "
         + ", ".join(
             f"{name} {e[name]:.3f} {op} {bound} {'met' if verdicts[name] else 'MISSED'}"
             for name, (op, bound) in TARGETS.items()
             if e[name] is not None
-        )
-    )
-    print(
-        "saved: shadow = exact; espo = estimate (mean unstopped length minus kept length); "
-        "false stops: stops of trajectories that were in fact correct; delay: median tokens from the "
-        "first wrong token to the stop."
-    )
+        ),
+        "engine tokens = kept + discarded (what the engine computed); saved, fewer: none's engine tokens "
+        "minus the row's (shadow: exact, had the rule stopped); oracle: every failing trajectory stopped "
+        "at its first wrong token; false stops: stops of trajectories that were in fact correct; delay: "
+        "median tokens from the first wrong token to the stop.",
+    ]
+    return {"columns": list(COLUMNS), "rows": body, "oracle_tokens_saved": oracle, "gate": gate,
+            "targets": verdicts, "lines": lines}  # fmt: skip
+
+
+_SPECS = ("<18", ">5", ">6.3f", ">13", ">6", ">9", ">13", ">7", ">6.1%", ">9.3f", ">11.3f", ">6.1f", ">7.1f")
+
+
+def print_table(table: dict) -> None:
+    """Print `table(result)`."""
+    width = [s.lstrip("<>").split(".")[0] for s in _SPECS]
+    print()
+    aligns = ["<"] + [">"] * (len(width) - 1)
+    print(" ".join(format(c, a + w) for c, a, w in zip(table["columns"], aligns, width, strict=True)))
+    for row in table["rows"]:
+        print(" ".join(
+            format("-", (s[0] if s[0] in "<>" else ">") + w) if v is None else format(v, s)
+            for v, s, w in zip(row, _SPECS, width, strict=True)
+        ))  # fmt: skip
+    print(f"{'oracle':<18} {table['oracle_tokens_saved']:>{sum(int(w) + 1 for w in width[1:8]) - 1}}   "
+          "(saved: every failing trajectory stopped at its first wrong token)")  # fmt: skip
+    print()
+    for line in table["lines"]:
+        print(line)
 
 
 def demo_cli(args: argparse.Namespace) -> int:
@@ -278,8 +286,9 @@ def demo_cli(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
-    print_table(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    printed = table(result)
+    print_table(printed)
+    if args.json:  # the table as printed, and the figures behind it
+        args.json.write_text(json.dumps({"table": printed} | result, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0

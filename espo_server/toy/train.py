@@ -168,6 +168,18 @@ def log_likelihood(model, problems: list[Problem]) -> float:
     return float((tok_logp * mask[:, 1:]).sum() / mask[:, 1:].sum())
 
 
+def decode_step(model, ids, attn, pos, past, temperature: float, generator: torch.Generator):
+    """One step of KV-cached decoding: (past, last logits as float32, the next token per row; greedy at
+    temperature 0)."""
+    o = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+    logits = o.logits[:, -1].float()
+    if temperature > 0:
+        nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+    else:
+        nxt = logits.argmax(-1)
+    return o.past_key_values, logits, nxt
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -193,14 +205,7 @@ def sample(
         done = torch.zeros(len(enc), dtype=torch.bool)
         tokens, past = [], None
         for _ in range(max_new_tokens):
-            o = model(
-                input_ids=x, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True
-            )
-            past, logits = o.past_key_values, o.logits[:, -1].float()
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
+            past, _, nxt = decode_step(model, x, attn, pos, past, temperature, gen)
             tokens.append(nxt)
             done |= nxt == EOS_ID
             if done.all():
@@ -361,7 +366,11 @@ def critic_quality(critic, samples: list[Sample]) -> dict:
       constant (the held-out success rate; computed with hindsight, so the stricter comparison).
     - drop_after_mistake: mean over failing samples of V(s_f) - V(s_{min(f+8, R)}).
     Also AUCs of success at fractions of each response and mean V around the first mistake."""
-    values = critic_values(critic, samples)
+    return value_quality(critic_values(critic, samples), samples)
+
+
+def value_quality(values: list[np.ndarray], samples: list[Sample]) -> dict:
+    """`critic_quality`'s figures for any V(s_0..s_R) of each sample (a critic's, an oracle's, ...)."""
     rewards = np.array([s.reward for s in samples])
     report = {"samples": len(samples), "success_rate": round(float(rewards.mean()), 4)}
     flat_v = np.concatenate(values)

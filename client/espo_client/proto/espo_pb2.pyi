@@ -31,7 +31,7 @@ class Prompt(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class RuleParams(_message.Message):
-    __slots__ = ("a_ema", "alpha_s", "beta0", "eta_beta", "tau", "eps", "r_fail", "clip_c", "delta", "beta_min", "beta_max", "min_tokens", "critic_stride", "warm_after_batches", "random_rate", "v_const", "v_min")
+    __slots__ = ("a_ema", "alpha_s", "beta0", "eta_beta", "tau", "eps", "r_fail", "clip_c", "delta", "beta_min", "beta_max", "min_tokens", "critic_stride", "warm_after_batches", "random_rate", "v_const", "v_min", "cumulative")
     A_EMA_FIELD_NUMBER: _ClassVar[int]
     ALPHA_S_FIELD_NUMBER: _ClassVar[int]
     BETA0_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class RuleParams(_message.Message):
     RANDOM_RATE_FIELD_NUMBER: _ClassVar[int]
     V_CONST_FIELD_NUMBER: _ClassVar[int]
     V_MIN_FIELD_NUMBER: _ClassVar[int]
+    CUMULATIVE_FIELD_NUMBER: _ClassVar[int]
     a_ema: float
     alpha_s: float
     beta0: float
@@ -66,7 +67,8 @@ class RuleParams(_message.Message):
     random_rate: float
     v_const: float
     v_min: float
-    def __init__(self, a_ema: _Optional[float] = ..., alpha_s: _Optional[float] = ..., beta0: _Optional[float] = ..., eta_beta: _Optional[float] = ..., tau: _Optional[float] = ..., eps: _Optional[float] = ..., r_fail: _Optional[float] = ..., clip_c: _Optional[float] = ..., delta: _Optional[float] = ..., beta_min: _Optional[float] = ..., beta_max: _Optional[float] = ..., min_tokens: _Optional[int] = ..., critic_stride: _Optional[int] = ..., warm_after_batches: _Optional[int] = ..., random_rate: _Optional[float] = ..., v_const: _Optional[float] = ..., v_min: _Optional[float] = ...) -> None: ...
+    cumulative: bool
+    def __init__(self, a_ema: _Optional[float] = ..., alpha_s: _Optional[float] = ..., beta0: _Optional[float] = ..., eta_beta: _Optional[float] = ..., tau: _Optional[float] = ..., eps: _Optional[float] = ..., r_fail: _Optional[float] = ..., clip_c: _Optional[float] = ..., delta: _Optional[float] = ..., beta_min: _Optional[float] = ..., beta_max: _Optional[float] = ..., min_tokens: _Optional[int] = ..., critic_stride: _Optional[int] = ..., warm_after_batches: _Optional[int] = ..., random_rate: _Optional[float] = ..., v_const: _Optional[float] = ..., v_min: _Optional[float] = ..., cumulative: _Optional[bool] = ...) -> None: ...
 
 class EspoState(_message.Message):
     __slots__ = ("mu", "var", "beta", "warm", "initialised", "batches")
@@ -273,7 +275,7 @@ class Trajectory(_message.Message):
     def __init__(self, prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., end_reason: _Optional[str] = ..., stop_step: _Optional[int] = ..., reward: _Optional[float] = ..., shadow_stop_step: _Optional[int] = ..., policy_version: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., critic_error: _Optional[bool] = ..., traces: _Optional[_Union[Traces, _Mapping]] = ..., text: _Optional[str] = ..., policy_version_spans: _Optional[_Iterable[_Union[VersionSpan, _Mapping]]] = ..., carried: _Optional[_Union[Carried, _Mapping]] = ..., critic_version: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "discarded_tokens", "trajectories", "stopped", "shadow_stopped", "tokens_saved_estimate", "tokens_saved_upper_bound", "tokens_saved_shadow", "critic_calls", "critic_errors", "critic_time_s", "trajectory_time_s", "wall_time_s", "regret_tokens", "regret_sum", "regret_sumsq", "groups_returned", "groups_carried", "carried_in", "aborted", "deadline_hit", "critic_tokens", "critic_prefix_tokens")
+    __slots__ = ("prompt_tokens", "generated_tokens", "discarded_tokens", "trajectories", "stopped", "shadow_stopped", "tokens_saved_estimate", "tokens_saved_upper_bound", "tokens_saved_shadow", "critic_calls", "critic_errors", "critic_time_s", "trajectory_time_s", "wall_time_s", "regret_tokens", "regret_sum", "regret_sumsq", "groups_returned", "groups_carried", "carried_in", "aborted", "deadline_hit", "critic_tokens", "critic_prefix_tokens", "engine_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +300,7 @@ class Usage(_message.Message):
     DEADLINE_HIT_FIELD_NUMBER: _ClassVar[int]
     CRITIC_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CRITIC_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     discarded_tokens: int
@@ -322,7 +325,8 @@ class Usage(_message.Message):
     deadline_hit: bool
     critic_tokens: int
     critic_prefix_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., trajectories: _Optional[int] = ..., stopped: _Optional[int] = ..., shadow_stopped: _Optional[int] = ..., tokens_saved_estimate: _Optional[int] = ..., tokens_saved_upper_bound: _Optional[int] = ..., tokens_saved_shadow: _Optional[int] = ..., critic_calls: _Optional[int] = ..., critic_errors: _Optional[int] = ..., critic_time_s: _Optional[float] = ..., trajectory_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., regret_tokens: _Optional[int] = ..., regret_sum: _Optional[float] = ..., regret_sumsq: _Optional[float] = ..., groups_returned: _Optional[int] = ..., groups_carried: _Optional[int] = ..., carried_in: _Optional[int] = ..., aborted: _Optional[int] = ..., deadline_hit: _Optional[bool] = ..., critic_tokens: _Optional[int] = ..., critic_prefix_tokens: _Optional[int] = ...) -> None: ...
+    engine_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., trajectories: _Optional[int] = ..., stopped: _Optional[int] = ..., shadow_stopped: _Optional[int] = ..., tokens_saved_estimate: _Optional[int] = ..., tokens_saved_upper_bound: _Optional[int] = ..., tokens_saved_shadow: _Optional[int] = ..., critic_calls: _Optional[int] = ..., critic_errors: _Optional[int] = ..., critic_time_s: _Optional[float] = ..., trajectory_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., regret_tokens: _Optional[int] = ..., regret_sum: _Optional[float] = ..., regret_sumsq: _Optional[float] = ..., groups_returned: _Optional[int] = ..., groups_carried: _Optional[int] = ..., carried_in: _Optional[int] = ..., aborted: _Optional[int] = ..., deadline_hit: _Optional[bool] = ..., critic_tokens: _Optional[int] = ..., critic_prefix_tokens: _Optional[int] = ..., engine_tokens: _Optional[int] = ...) -> None: ...
 
 class RolloutResponse(_message.Message):
     __slots__ = ("request_id", "trajectories", "usage", "stop_rule", "shadow", "rule_params", "state_used", "state_after", "policy_version", "prompt_token_ids", "run_id")
