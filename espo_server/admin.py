@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from espo_client.protocol import (
     CriticWeightsResponse,
@@ -27,7 +28,7 @@ from espo_client.stop_rule import EspoState
 from . import metrics
 from .admission import Admission
 from .config import ServerConfig
-from .critic import CriticClient, CriticError, push_weights
+from .critic import CriticClient, CriticError, counted_critic_load
 from .critic_engine import InProcessCritic
 from .engine import Engine
 from .errors import InvalidRequest
@@ -89,18 +90,26 @@ class Admin:
     # ------------------------------------------------------------------ weights
 
     async def load_weights(self, path: str, version: int | None) -> WeightsResponse:
-        """Reload the policy in place once the running calls have ended (new calls wait). Samples
-        that runs carry between calls are suspended meanwhile and resume under the new weights."""
+        """A push by path: `serve_weights` of a directory inside --weights-dir."""
         self.admission.check_new_work()
-        directory = allowed_weights_dir(path, self.config.weights_dir)
+        allowed_weights_dir(path, self.config.weights_dir)
+        return await self.serve_weights(path, version)
+
+    async def serve_weights(self, path: str | Path, version: int | None) -> WeightsResponse:
+        """Reload the policy in place from a directory of this server's (--weights-dir, or an
+        upload's staging) once the running calls have ended (new calls wait). Samples that runs
+        carry between calls are suspended meanwhile and resume under the new weights."""
+        self.admission.check_new_work()
+        path = str(path)
+        directory = Path(path)
         try:
             usable = directory.is_dir() and any(directory.glob("*.safetensors"))
         except OSError:  # a name too long, a directory it may not read
             usable = False
         if not usable:
             raise InvalidRequest(f"{path} is not a directory with *.safetensors files on the server", "path")
-        # a broken checkpoint would take the engine down; tied embeddings would diverge from HF
-        check_checkpoint(directory, self.engine.model, self.engine.tied_embeddings)
+        # a broken checkpoint would take the engine down (read apart: a tied model's may be compared)
+        await asyncio.to_thread(check_checkpoint, directory, self.engine.model)
         async with self.engine.gate.exclusive(), self._carried_suspended():
             new_version = self.engine.policy_version + 1 if version is None else version
             try:
@@ -113,18 +122,27 @@ class Admin:
         return WeightsResponse(policy_version=new_version, load_time_s=round(seconds, 4))
 
     async def load_critic_weights(self, path: str, version: int | None) -> CriticWeightsResponse:
-        """Serve new critic weights: like a policy push, it waits for the running calls and holds
-        new ones back, so every query of a call is judged by one critic version; the samples runs
-        carry are suspended meanwhile. An in-process critic loads only from --weights-dir; a remote
+        """A critic push by path. An in-process critic loads only from --weights-dir; a remote
         critic (`espo-server critic`) gets the push forwarded and checks the directory itself."""
-        if self.critic is None:
-            raise InvalidRequest("this server runs without a critic (--critic none): nothing to push", "path")
-        if isinstance(self.critic, InProcessCritic):
+        critic = self._pushable_critic()
+        if isinstance(critic, InProcessCritic):
             allowed_weights_dir(path, self.config.weights_dir)
+        return await self.update_critic(lambda: critic.load_weights(path, version))
+
+    async def update_critic(self, load: Callable[[], Awaitable[tuple[int, float]]]) -> CriticWeightsResponse:
+        """Serve new critic weights, `load()` (which returns the version and the seconds it took):
+        like a policy push, it waits for the running calls and holds new ones back, so every query
+        of a call is judged by one critic version; the samples runs carry are suspended meanwhile."""
+        self._pushable_critic()
         async with self.engine.gate.exclusive(), self._carried_suspended():
-            new_version, seconds = await push_weights(self.critic, path, version)
+            new_version, seconds = await counted_critic_load(load())
         self.publish()
         return CriticWeightsResponse(critic_version=new_version, load_time_s=round(seconds, 4))
+
+    def _pushable_critic(self) -> CriticClient:
+        if self.critic is None:
+            raise InvalidRequest("this server runs without a critic (--critic none): nothing to push", "path")
+        return self.critic
 
     @contextlib.asynccontextmanager
     async def _carried_suspended(self) -> AsyncIterator[None]:

@@ -63,6 +63,7 @@ from .events import CallDone, TokenDelta, encode
 from .openai_api import OpenAIServing
 from .ports import admin_only
 from .service import RolloutService
+from .upload_routes import state_target, upload_router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,9 +73,10 @@ _ERROR_RESPONSES: dict[int | str, dict] = {
     "4XX": {
         "model": ErrorResponse,
         "description": "Invalid request (400, error.param names the field), missing/wrong bearer "
-        "token (401), weights outside --weights-dir or an admin route off the admin port (403), a "
-        "conflict (409: a request_id reused with "
-        "another body, a busy run or batch), too much in flight (429, with Retry-After)",
+        "token (401), weights outside --weights-dir or an admin route off the admin port (403), an "
+        "unknown upload (404), a conflict (409: a request_id reused with another body, a busy run or "
+        "batch, an upload in progress), an upload over its limit (413), too much in flight (429, with "
+        "Retry-After)",
     },
     503: {"model": ErrorResponse, "description": "Engine or critic not available"},
 }
@@ -201,6 +203,12 @@ def build_app(config: ServerConfig) -> FastAPI:
         body: CriticWeightsRequest, svc: RolloutService = Depends(get_service)
     ) -> CriticWeightsResponse:
         return await svc.load_critic_weights(body.path, body.version)
+
+    for what, prefix, answer in (
+        ("policy", "/v1/weights/uploads", WeightsResponse),
+        ("critic", "/v1/critic/weights/uploads", CriticWeightsResponse),
+    ):
+        app.include_router(upload_router(prefix, what, state_target(what), answer, admin, v1_errors))
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=v1, responses=v1_errors)
     async def info(svc: RolloutService = Depends(get_service)) -> InfoResponse:

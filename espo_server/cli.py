@@ -100,6 +100,9 @@ def _critic(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         weights_dir=[Path(d) for d in args.weights_dir],
         admin_port=args.admin_port,
+        upload_dir=args.upload_dir,
+        upload_max_bytes=args.upload_max_bytes,
+        upload_idle_timeout_s=args.upload_idle_timeout_s,
         enforce_eager=args.enforce_eager,
     )
     return 0
@@ -178,8 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=_env_dirs("ESPO_WEIGHTS_DIR"),
         help="a directory critic pushes may load from, repeatable (env ESPO_WEIGHTS_DIR, a JSON list); "
-        "none: pushes are refused (403)",
+        "none: pushes by path are refused (403); uploads need none",
     )
+    for name in ("upload_dir", "upload_max_bytes", "upload_idle_timeout_s"):  # as `serve` has them
+        field = ServerConfig.model_fields[name]
+        critic.add_argument(
+            _flag(name), type=_base_type(field.annotation), default=field.default, help=field.description
+        )
     critic.set_defaults(func=_critic)
 
     tiny = sub.add_parser("make-tiny-model", help="write a random-weight tiny policy + critic (for tests)")

@@ -45,6 +45,22 @@ class ServerConfig(BaseSettings):
         description="Directories that POST /v1/weights may load from (repeat the flag; env: a JSON list). "
         "Empty: weight pushes are refused.",
     )
+    upload_dir: Path | None = Field(
+        None,
+        description="Where weight uploads (POST /v1/weights/uploads) are staged: the server makes a "
+        "directory of its own inside, removed at exit (default: the system's temporary directory). "
+        "Room for two checkpoints per model: the one serving and the one arriving.",
+    )
+    upload_max_bytes: int | None = Field(
+        None, ge=1, description="Most bytes one upload may hold (default: twice the served model's "
+        "safetensors plus 64 MiB).",
+    )  # fmt: skip
+    upload_idle_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="An upload with no request (or a shard with no bytes) for this long is abandoned and "
+        "deleted; until then another upload of the same model is refused (409).",
+    )
     grpc_port: int | None = Field(
         None,
         ge=0,

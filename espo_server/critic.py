@@ -15,7 +15,7 @@ Weights: the critic follows the learner (`load_weights`, through `push_weights`,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,10 +74,16 @@ async def score_with(client: CriticClient, prefixes: Sequence[Sequence[int]]) ->
 
 
 async def push_weights(critic: CriticClient, path: str, version: int | None) -> tuple[int, float]:
-    """`critic.load_weights`, counted in `espo_critic_weight_loads_total{outcome}` (ok, rejected: the
-    directory did not fit and nothing changed, error: the critic failed) and `espo_critic_version`."""
+    """`critic.load_weights`, counted (`counted_critic_load`)."""
+    return await counted_critic_load(critic.load_weights(path, version))
+
+
+async def counted_critic_load(load: Awaitable[tuple[int, float]]) -> tuple[int, float]:
+    """A critic load (version, seconds), counted in `espo_critic_weight_loads_total{outcome}` (ok,
+    rejected: the checkpoint did not fit and nothing changed, error: the critic failed) and
+    `espo_critic_version`."""
     try:
-        new_version, seconds = await critic.load_weights(path, version)
+        new_version, seconds = await load
     except InvalidRequest:
         metrics.CRITIC_WEIGHT_LOADS.labels(outcome="rejected").inc()
         raise

@@ -3,6 +3,8 @@
     POST /v1/values          {"token_ids": [[...], ...]} -> values, critic_version, computed_tokens
     POST /v1/critic/weights  {"path", "version"}: load new critic weights in place (the same route
                              as the rollout server's, which forwards it here with `--critic remote`)
+    /v1/critic/weights/uploads/...  the same weights streamed over HTTP (upload_routes; the rollout
+                             server relays its critic uploads here with `--critic remote`)
     GET  /v1/info            model, critic version, limits, prefix caching
     GET  /health, /metrics
 
@@ -36,6 +38,9 @@ from .critic_engine import InProcessCritic
 from .errors import InvalidRequest, bearer_matches, install_error_handlers
 from .metrics import critic_process_registry, timed_push
 from .ports import admin_only
+from .upload_routes import upload_router
+from .upload_targets import LocalUploads
+from .uploads import UploadStore
 from .weights import allowed_weights_dir
 
 _ERRORS: dict[int | str, dict] = {
@@ -50,6 +55,7 @@ def build_critic_app(
     api_key: str | None = None,
     weights_dir: list[Path] | None = None,
     admin_port: int | None = None,
+    upload_store: UploadStore | None = None,
 ) -> FastAPI:
     app = FastAPI(title="espo-server critic", version="0.1.0")
     install_error_handlers(app)
@@ -83,8 +89,16 @@ def build_critic_app(
     @timed_push("critic", "path")
     async def weights(body: CriticWeightsRequest) -> CriticWeightsResponse:
         allowed_weights_dir(body.path, roots)  # 403 outside --weights-dir
-        version, seconds = await push_weights(critic, body.path, body.version)
+        return await load(body.path, body.version)
+
+    async def load(path: str | Path, version: int | None) -> CriticWeightsResponse:
+        version, seconds = await push_weights(critic, str(path), version)
         return CriticWeightsResponse(critic_version=version, load_time_s=round(seconds, 4))
+
+    if upload_store is not None:
+        uploads = LocalUploads(upload_store, load)
+        prefix, answer = "/v1/critic/weights/uploads", CriticWeightsResponse
+        app.include_router(upload_router(prefix, "critic", lambda _: uploads, answer, admin, _ERRORS))
 
     @app.get("/v1/info", response_model=CriticInfoResponse, dependencies=v1)
     async def info() -> CriticInfoResponse:

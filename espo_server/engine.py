@@ -171,7 +171,6 @@ class Engine(Protocol):
     """Why the weights are unusable (a failed reload whose roll-back failed too); None: fine."""
     gate: ReadWriteGate
     """Calls hold it shared, a weight push exclusive."""
-    tied_embeddings: bool
     vocab_size: int
     max_model_len: int
     eos_token_id: int | None
@@ -258,8 +257,6 @@ class PolicyEngine:
         """Why the weights are unusable (a failed reload whose roll-back failed too); None: fine."""
         self.gate = ReadWriteGate()
         model_config = llm.model_config
-        hf_config = getattr(model_config, "hf_text_config", None) or model_config.hf_config
-        self.tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.vocab_size: int = model_config.get_vocab_size()
         self.max_model_len: int = model_config.max_model_len
         self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
@@ -307,6 +304,7 @@ class PolicyEngine:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             disable_log_stats=False,
+            worker_extension_cls="espo_server.policy_worker.PolicyWorker",
             **(parallel or Parallelism()).engine_kwargs(),
         )
 
@@ -403,7 +401,9 @@ class PolicyEngine:
         return time.perf_counter() - started
 
     async def _reload(self, path: str) -> None:
-        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        """vLLM's in-place reload in every worker (policy_worker: tied embeddings too), then drop the
+        KV cached under the old weights."""
+        await self.llm.collective_rpc("espo_reload_policy", args=(path,))
         await self.llm.reset_prefix_cache()
 
     async def check_health(self) -> None:

@@ -10,7 +10,9 @@ streams send the same body as their last event; gRPC turns its `code` into a sta
     +-- InvalidRequest           400 invalid_request_error, `param` names the field
     |   +-- ModelNotFound        404 not_found_error (OpenAI API: `model` is not the served one)
     +-- Forbidden                403 permission_error (e.g. weights outside --weights-dir)
+    +-- NotFound                 404 not_found_error (an upload id this server does not hold)
     +-- Conflict                 409 conflict (a request_id reused with another body, a busy run, ...)
+    +-- TooLarge                 413 payload_too_large (an upload over --upload-max-bytes)
     +-- Overloaded               429 overloaded, with Retry-After
     +-- EngineDead               503 engine_dead (the vLLM engine process died: the server exits)
     +-- ShuttingDown             503 shutting_down, with Retry-After (SIGTERM: draining)
@@ -68,6 +70,20 @@ class Conflict(ServiceError):
 
     status = 409
     type = "conflict"
+
+
+class NotFound(ServiceError):
+    """The request names something this server does not hold (404), e.g. an upload id."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class TooLarge(ServiceError):
+    """The request is bigger than this server takes (413), e.g. an upload over its byte limit."""
+
+    status = 413
+    type = "payload_too_large"
 
 
 class Forbidden(ServiceError):

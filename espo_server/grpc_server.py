@@ -17,7 +17,9 @@ with the field also in the trailing metadata `espo-error-param`, the error type 
 and, for errors to retry later (overloaded, shutting_down), the seconds to wait in
 `espo-retry-after-s` (what HTTP sends as Retry-After). The mapping is errors.error_body, the
 HTTP API's own. A cancelled call (the client went away, or cancelled it) cancels the rollout, which
-aborts its engine requests. Started by serve.py beside uvicorn when `--grpc-port` is set.
+aborts its engine requests, or abandons the upload. Weight uploads (UploadWeights,
+UploadCriticWeights) are client-streaming calls over the same upload targets as the HTTP routes
+(upload_routes.py). Started by serve.py beside uvicorn when `--grpc-port` is set.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
@@ -42,6 +45,8 @@ from espo_client.protocol import (
     RolloutRequest,
     RunRequest,
     Trajectory,
+    UploadCommitRequest,
+    UploadRequest,
     WeightsRequest,
 )
 
@@ -49,6 +54,7 @@ from .config import ServerConfig
 from .errors import InvalidRequest, bearer_matches, error_body, retry_after_s
 from .events import CallDone, TokenDelta, encode
 from .service import RolloutService
+from .uploads import UploadTarget
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +109,12 @@ class RolloutEvents:
 class RolloutsServicer(pb_grpc.RolloutsServicer):
     """espo.v1.Rollouts over a RolloutService."""
 
-    def __init__(self, service: RolloutService, config: ServerConfig) -> None:
+    def __init__(
+        self, service: RolloutService, config: ServerConfig, uploads: dict[str, UploadTarget] | None = None
+    ) -> None:
         self.service = service
         self.api_key = config.api_key
+        self.uploads = uploads or {}
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         if not self.api_key:
@@ -184,6 +193,25 @@ class RolloutsServicer(pb_grpc.RolloutsServicer):
 
         return await self._unary(context, work)
 
+    async def UploadWeights(self, requests: AsyncIterator[pb.UploadChunk], context) -> pb.WeightsResponse:
+        return await self._upload("policy", requests, context, pb.WeightsResponse)
+
+    async def UploadCriticWeights(
+        self, requests: AsyncIterator[pb.UploadChunk], context
+    ) -> pb.CriticWeightsResponse:
+        return await self._upload("critic", requests, context, pb.CriticWeightsResponse)
+
+    async def _upload(
+        self, what: str, requests: AsyncIterator[pb.UploadChunk], context, answer: type
+    ) -> Message:
+        async def work() -> Message:
+            target = self.uploads.get(what)
+            if target is None:
+                raise InvalidRequest(f"this server takes no {what} uploads", "open")
+            return to_message(await upload_from_messages(target, requests), answer)
+
+        return await self._unary(context, work)
+
     async def Info(self, request: empty_pb2.Empty, context) -> pb.InfoResponse:
         async def work():
             return to_message(self.service.info(), pb.InfoResponse)
@@ -210,6 +238,44 @@ class RolloutsServicer(pb_grpc.RolloutsServicer):
         return await self._unary(context, work)
 
 
+async def upload_from_messages(target: UploadTarget, requests: AsyncIterator[pb.UploadChunk]) -> Any:
+    """An upload from its stream of messages (espo.proto, UploadWeights): open, the shards, commit.
+    Whatever fails, the upload is abandoned (it may be already)."""
+    messages = aiter(requests)
+    first = await anext(messages, None)
+    if first is None or first.WhichOneof("part") != "open":
+        raise InvalidRequest("an upload's first message is `open`", "open")
+    upload_id = (await target.open(from_message(first.open, UploadRequest))).upload_id
+    try:
+        message = await anext(messages, None)
+        while message is not None and message.WhichOneof("part") == "shard":
+            shard, following = message.shard, []
+
+            async def body(shard: pb.ShardChunk = shard, following: list = following) -> AsyncIterator[bytes]:
+                yield shard.data
+                async for part in messages:
+                    if part.WhichOneof("part") != "shard" or part.shard.name not in ("", shard.name):
+                        following.append(part)  # the next shard, or the commit
+                        return
+                    yield part.shard.data
+                following.append(None)
+
+            try:
+                digest = bytes.fromhex(shard.sha256)
+            except ValueError:
+                raise InvalidRequest(f"shard {shard.name}: sha256 must be 64 hex digits", "sha256") from None
+            size = shard.size if shard.HasField("size") else None
+            await target.receive(upload_id, shard.name, body(), sha256=digest, length=size)
+            message = following[0] if following else await anext(messages, None)
+        if message is None or message.WhichOneof("part") != "commit":
+            raise InvalidRequest("the upload's stream ended without `commit`: nothing was loaded", "commit")
+        return await target.commit(upload_id, from_message(message.commit, UploadCommitRequest))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await target.abandon(upload_id)
+        raise
+
+
 def _run_id(body: RunRequest) -> str:
     if body.run_id is None:
         raise InvalidRequest("run_id: which run?", "run_id")
@@ -217,7 +283,9 @@ def _run_id(body: RunRequest) -> str:
 
 
 @contextlib.asynccontextmanager
-async def grpc_server(service: RolloutService, config: ServerConfig) -> AsyncIterator[int | None]:
+async def grpc_server(
+    service: RolloutService, config: ServerConfig, uploads: dict[str, UploadTarget] | None = None
+) -> AsyncIterator[int | None]:
     """Serve gRPC on `config.grpc_port` (same host) in this event loop while inside; yields the bound
     port (None when gRPC is off). Stops with a grace period for running calls on exit."""
     if config.grpc_port is None:
@@ -226,7 +294,7 @@ async def grpc_server(service: RolloutService, config: ServerConfig) -> AsyncIte
     server = grpc.aio.server(
         options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     )
-    pb_grpc.add_RolloutsServicer_to_server(RolloutsServicer(service, config), server)
+    pb_grpc.add_RolloutsServicer_to_server(RolloutsServicer(service, config, uploads), server)
     host = f"[{config.host}]" if ":" in config.host else config.host
     port = server.add_insecure_port(f"{host}:{config.grpc_port}")
     if port == 0:

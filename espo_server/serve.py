@@ -5,6 +5,7 @@ async context manager *outside* the app, the app is built and handed the running
 serves it in the same event loop, and on exit (SIGTERM, Ctrl-C) the engines are shut down.
 
     run_server(config):  resolve_models -> launch_service (engines, critic, RolloutService)
+                         -> upload_targets (where weight uploads are staged or relayed)
                          -> build_app(config) -> app.state.service = service -> uvicorn
                             (and, with --grpc-port, grpc_server.py's gRPC server in the same loop)
 
@@ -46,6 +47,8 @@ from .plan import Verifier
 from .ports import serve as serve_on_ports
 from .service import RolloutService
 from .tiny_model import CHAT_TEMPLATE
+from .upload_targets import staging_root, upload_targets
+from .uploads import UploadStore
 
 EMBEDDED_NAME = "espo-toy"
 """The OpenAI-compatible API's model name of the embedded toy model."""
@@ -174,10 +177,11 @@ def run_server(config: ServerConfig) -> int:
 
 
 async def _serve_rollouts(config: ServerConfig) -> int:
-    async with launch_service(config) as service:
+    async with launch_service(config) as service, upload_targets(service, config) as uploads:
         app = build_app(config)
         app.state.service = service
-        async with serve_grpc(service, config):  # beside uvicorn, in the same loop, when --grpc-port
+        app.state.uploads = uploads
+        async with serve_grpc(service, config, uploads):  # beside uvicorn, in the same loop (--grpc-port)
             return await serve_rollout_app(app, service, config)
 
 
@@ -245,14 +249,16 @@ async def serve_rollout_app(app: FastAPI, service: RolloutService, config: Serve
 
 
 @contextlib.asynccontextmanager
-async def serve_grpc(service: RolloutService, config: ServerConfig) -> AsyncIterator[int | None]:
+async def serve_grpc(
+    service: RolloutService, config: ServerConfig, uploads: dict[str, Any] | None = None
+) -> AsyncIterator[int | None]:
     """The gRPC API while inside, if `config.grpc_port` is set (grpcio is imported only then)."""
     if config.grpc_port is None:
         yield None
         return
     from .grpc_server import grpc_server
 
-    async with grpc_server(service, config) as port:
+    async with grpc_server(service, config, uploads or {}) as port:
         yield port
 
 
@@ -269,10 +275,13 @@ def run_critic_server(
     api_key: str | None = None,
     weights_dir: list[Path] | None = None,
     admin_port: int | None = None,
+    upload_dir: Path | None = None,
+    upload_max_bytes: int | None = None,
+    upload_idle_timeout_s: float = 120.0,
     enforce_eager: bool = False,
 ) -> None:
-    """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights;
-    the push on `admin_port` only, when set)."""
+    """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights,
+    the uploads under /v1/critic/weights/uploads; the pushes on `admin_port` only, when set)."""
 
     async def main() -> None:
         async with InProcessCritic.launch(
@@ -284,8 +293,19 @@ def run_critic_server(
             block_size=block_size,
             enforce_eager=enforce_eager,
         ) as critic:
-            app = build_critic_app(critic, api_key=api_key, weights_dir=weights_dir, admin_port=admin_port)
-            await serve_app(app, host, port, "info", admin_port)
+            with staging_root(upload_dir) as root:
+                store = UploadStore(
+                    root, what="critic", reference=critic.model, max_bytes=upload_max_bytes,
+                    idle_timeout_s=upload_idle_timeout_s, in_use=lambda: critic.weights_dir,
+                )  # fmt: skip
+                app = build_critic_app(
+                    critic, api_key=api_key, weights_dir=weights_dir, admin_port=admin_port,
+                    upload_store=store,
+                )  # fmt: skip
+                try:
+                    await serve_app(app, host, port, "info", admin_port)
+                finally:
+                    await store.aclose()
 
     _run(main())
 

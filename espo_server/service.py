@@ -12,7 +12,8 @@ HTTP: errors are `errors.ServiceError`s, answers are protocol models.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from espo_client.protocol import (
     CriticWeightsResponse,
@@ -147,6 +148,14 @@ class RolloutService:
     @metrics.timed_push("critic", "path")
     async def load_critic_weights(self, path: str, version: int | None) -> CriticWeightsResponse:
         return await self.admin.load_critic_weights(path, version)
+
+    async def serve_weights(self, path: str | Path, version: int | None) -> WeightsResponse:
+        """The policy weights in a directory of this server's (an upload's staging): `Admin`."""
+        return await self.admin.serve_weights(path, version)
+
+    async def update_critic(self, load: Callable[[], Awaitable[tuple[int, float]]]) -> CriticWeightsResponse:
+        """New critic weights by `load()`, under the push gate: `Admin`."""
+        return await self.admin.update_critic(load)
 
     def open_run(self, body: RunRequest) -> RunResponse:
         return self.admin.open_run(body)

@@ -10,9 +10,11 @@ One file that reads top to bottom, in the manner of CleanRL's ppo.py. Each itera
    advantages with `compute_gae`: `espo_stop` is an absorbing failure and `eos` is terminal (next
    value 0), a `length` cut is bootstrapped with V(s_L) (T-PPO's extended GAE);
 4. a few epochs of PPO: the clipped surrogate on the policy, MSE on the critic;
-5. save the policy (safetensors, a fresh directory per iteration) and push it to the server
-   (`POST /v1/weights`), so that the next iteration samples from the new weights. (The starting
-   policy is pushed too, before the first iteration, unless `--no-push-initial`.)
+5. push the policy to the server, so that the next iteration samples from the new weights: by
+   default its tensors are uploaded straight from memory (`client.upload_weights(policy)`: streamed
+   over HTTP as safetensors shards, no file written, no shared file system); with `--push path`
+   it is saved (a fresh directory per iteration) and the server loads it (`POST /v1/weights`).
+   (The starting policy is pushed too, before the first iteration, unless `--no-push-initial`.)
 6. save the critic the same way (`critic-0001`, ...: a LlamaForTokenClassification safetensors
    directory, num_labels 1, regression: the format the server's critic loads) and, with
    `--push-critic`, push it so that the stop rule judges with the critic PPO trains;
@@ -26,20 +28,21 @@ runs. With `--state-owner server` the server keeps it: each iteration is one bat
 closed by `POST /v1/espo/commit`. Either way the learner says when its critic is trusted enough to
 stop (`warm`): here simply after `--warm-after` iterations.
 
-    # the embedded toy policy and critic; pushes may come from the toy cache and this script's --out
-    espo-server serve --port 8000 --weights-dir ~/.cache/espo-server --weights-dir /tmp/ppo-toy
+    espo-server serve --port 8000        # the embedded toy policy and critic
     python examples/ppo_toy.py --iterations 20 --out /tmp/ppo-toy
 
+    # pushes by path instead: the server must see the files this script writes
+    espo-server serve --port 8000 --weights-dir ~/.cache/espo-server --weights-dir /tmp/ppo-toy
+    python examples/ppo_toy.py --iterations 20 --out /tmp/ppo-toy --push path
+
 Limits worth knowing:
-* `load_weights` sends a *path*: the server must see the files this script writes (same machine,
-  or a shared volume mounted at the same place).
+* `--push path` sends a *path*: the server must see the files this script writes (same machine,
+  or a shared volume mounted at the same place). The default upload needs neither.
 * The server's critic (the one the stop rule asks) is its own copy. This script trains its critic
-  for GAE and saves it every iteration; with `--push-critic` it pushes it too
-  (`POST /v1/critic/weights`, forwarded to a remote `espo-server critic`), the starting critic
-  first (unless `--no-push-initial`), so the stop rule judges with the critic PPO trains. Without
-  it the stop rule keeps using the critic the server started with.
-* vLLM's weight reload was checked against HF only for untied embeddings (vLLM 0.32; with tied
-  ones the logprobs diverged), so a policy with `tie_word_embeddings=True` is refused.
+  for GAE and saves it every iteration; with `--push-critic` it pushes it too (uploaded, or
+  `POST /v1/critic/weights` with `--push path`; relayed to a remote `espo-server critic`), the
+  starting critic first (unless `--no-push-initial`), so the stop rule judges with the critic PPO
+  trains. Without it the stop rule keeps using the critic the server started with.
 * PPO's ratio uses the server's raw (temperature 1) logprobs: keep `--temperature 1`.
 """
 
@@ -86,7 +89,7 @@ class Args:
     api_key: str | None = None
     """bearer token of the server, if it has one (default: $ESPO_API_KEY)"""
     policy: str | None = None
-    """policy directory (HF LlamaForCausalLM, untied embeddings); default: the trained toy policy"""
+    """policy directory (HF LlamaForCausalLM); default: the trained toy policy"""
     critic: str | None = None
     """critic directory (HF LlamaForTokenClassification, num_labels=1); default: the trained toy critic"""
     toy_cache_dir: str | None = None
@@ -103,6 +106,10 @@ class Args:
     """seconds to wait for the server's /readyz"""
     push_initial: bool = True
     """push the starting policy before the first rollouts (the server may serve another run's weights)"""
+    push: Literal["upload", "path"] = "upload"
+    """upload: weights streamed from memory over HTTP; path: saved under --out, loaded by the server"""
+    save_policy: bool = False
+    """also save each pushed policy under --out (a path push always does)"""
 
     # Rollouts
     iterations: int = 30
@@ -225,16 +232,20 @@ def push_policy(
     client: "EspoClient | LocalClient",
     policy: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    directory: Path,
+    directory: Path | None,
     version: int,
+    how: str = "upload",
 ) -> int:
-    """Save the policy (safetensors, untied embeddings) into `directory` and make the server serve it
-    as `version`; return the version it serves. The local backend takes the weights in memory."""
-    assert not policy.config.tie_word_embeddings  # see the module docstring
+    """Make the server serve the policy as `version`; return the version it serves. `upload`: its
+    tensors streamed from memory; `path`: loaded by the server from `directory`. The policy is saved
+    into `directory` (safetensors) if one is given. The local backend takes the weights in memory."""
     if isinstance(client, LocalClient):
         return client.set_policy_weights(policy.state_dict(), version)
-    policy.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    if directory is not None:
+        policy.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    if how == "upload":
+        return client.upload_weights(policy, version=version).policy_version
     return client.load_weights(str(directory), version=version).policy_version
 
 
@@ -260,15 +271,17 @@ def push_critic(
     tokenizer: PreTrainedTokenizerBase,
     directory: Path | None,
     version: int,
+    how: str = "upload",
 ) -> int:
-    """Save the critic into `directory` and make the server's stop rule judge with it as `version`;
-    return the critic version the server serves. The local backend takes the weights in memory
-    (saved too when `directory` is given)."""
+    """Make the server's stop rule judge with the critic as `version` (uploaded, or loaded from
+    `directory` by path); return the critic version the server serves. It is saved into
+    `directory` if one is given. The local backend takes the weights in memory."""
     if directory is not None:
         save_critic(critic, tokenizer, directory)
     if isinstance(client, LocalClient):
         return client.set_critic_weights(critic.state_dict(), version)
-    assert directory is not None, "the server loads the critic from a directory"
+    if how == "upload":
+        return client.upload_critic_weights(critic, version=version).critic_version
     return client.load_critic_weights(str(directory), version=version).critic_version
 
 
@@ -343,8 +356,6 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
         critic_dir = critic_dir or str(toy.critic_dir)
         task = toy.task
     policy = LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    if policy.config.tie_word_embeddings:
-        raise SystemExit(f"{policy_dir}: tied embeddings; vLLM weight reload is checked only for untied ones")
     critic = LlamaForTokenClassification.from_pretrained(critic_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)  # saved with each pushed policy
     pad_id = policy.config.pad_token_id or 0
@@ -375,11 +386,16 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
     print(f"{run_name}: {args.iterations} iterations of {args.problems} problems x {args.n} samples")
     print(f"server {args.url}: {info.model} (v{version}), critic {info.critic}; writing {run_dir}")
     critic_version = info.critic_version or 0
+
+    def saved(name: str, wanted: bool) -> Path | None:  # where a checkpoint is saved, if it is
+        return (run_dir / name).resolve() if wanted or args.push == "path" else None
+
     if args.push_initial:
-        version = push_policy(client, policy, tokenizer, (run_dir / "iter-0000").resolve(), version + 1)
+        start = saved("iter-0000", args.save_policy)
+        version = push_policy(client, policy, tokenizer, start, version + 1, args.push)
         if args.push_critic:
-            critic_dir = (run_dir / "critic-0000").resolve() if args.save_critic else None
-            critic_version = push_critic(client, critic, tokenizer, critic_dir, critic_version + 1)
+            start = saved("critic-0000", args.save_critic)
+            critic_version = push_critic(client, critic, tokenizer, start, critic_version + 1, args.push)
 
     # The critic: for GAE, and for a stop rule that asks it (a group-relative learner needs no other).
     trains_critic = args.advantage == "gae" or protocol.StopRule(args.stop_rule).needs_critic
@@ -508,14 +524,14 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
                     v_losses.append(v_loss.item())
         t_update = time.perf_counter()
 
-        # 5. Save the policy in a fresh directory and push it: the next rollouts sample from it.
-        checkpoint = (run_dir / f"iter-{iteration + 1:04d}").resolve()
-        version = push_policy(client, policy, tokenizer, checkpoint, version + 1)
-        critic_checkpoint = None
-        if args.save_critic or (args.push_critic and args.backend == "server"):
-            critic_checkpoint = (run_dir / f"critic-{iteration + 1:04d}").resolve()
+        # 5. Push the policy (and save it, in a fresh directory): the next rollouts sample from it.
+        checkpoint = saved(f"iter-{iteration + 1:04d}", args.save_policy)
+        version = push_policy(client, policy, tokenizer, checkpoint, version + 1, args.push)
+        critic_checkpoint = saved(f"critic-{iteration + 1:04d}", args.save_critic)
         if args.push_critic and trains_critic:
-            critic_version = push_critic(client, critic, tokenizer, critic_checkpoint, critic_version + 1)
+            critic_version = push_critic(
+                client, critic, tokenizer, critic_checkpoint, critic_version + 1, args.push
+            )
         elif args.save_critic:
             save_critic(critic, tokenizer, critic_checkpoint)
         t_end = time.perf_counter()
@@ -554,7 +570,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
             "approx_kl": float(np.mean(approx_kls)),
             "clipfrac": float(np.mean(clipfracs)),
             "logprob_gap": logprob_gap,
-            "checkpoint": str(checkpoint),
+            "checkpoint": None if checkpoint is None else str(checkpoint),
             "critic_checkpoint": None if critic_checkpoint is None else str(critic_checkpoint),
             "critic_version": critic_version if args.push_critic else None,
             "cumulative_tokens": cumulative_tokens,

@@ -47,7 +47,6 @@ class FakeEngine:
         self.policy_version = 0
         self.dead = False
         self.broken: str | None = None
-        self.tied_embeddings = False
         self.model = "fake"
         self.gate = ReadWriteGate()
         self.aborted: list[str] = []

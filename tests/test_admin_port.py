@@ -25,6 +25,12 @@ ADMIN_ROUTES = [
     ("POST", "/v1/critic/weights", {"path": "/nowhere"}),
     ("PUT", "/v1/espo/state", {"beta": 3.0}),
     ("POST", "/v1/espo/commit", {}),
+    ("POST", "/v1/weights/uploads", {}),
+    ("GET", "/v1/weights/uploads/u", None),
+    ("PUT", "/v1/weights/uploads/u/shards/model-00001.safetensors", None),
+    ("POST", "/v1/weights/uploads/u/commit", {}),
+    ("DELETE", "/v1/weights/uploads/u", None),
+    ("POST", "/v1/critic/weights/uploads", {}),
 ]
 
 

@@ -29,3 +29,17 @@ def test_throughput_bench_runs_every_mode(embedded_server, tmp_path):
     assert all(row["wall_s"] > 0 and row["tokens"] > 0 for row in summary.values())
     for mode in ("over:none", "over:espo"):  # 11 prompts sent, the first 8 complete groups returned
         assert result["runs"][mode][0]["groups_returned"] == 8
+
+
+def test_push_bench_runs(tmp_path):
+    """A tiny Qwen2-style model, one push each way: the bench runs end to end and writes its figures."""
+    out = tmp_path / "push.json"
+    proc = run_bench(
+        "push", "--hidden", "128", "--layers", "2", "--vocab", "64", "--repeats", "1", "--out", str(out),
+        timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "upload / path:" in proc.stdout
+    result = json.loads(out.read_text())
+    assert len(result["seconds"]["path"]) == len(result["seconds"]["upload"]) == 1
+    assert result["upload_mib_per_s"][0] > 0 and result["upload_over_path"] > 0

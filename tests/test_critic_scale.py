@@ -69,7 +69,7 @@ def test_inprocess_critic_batches_caches_and_takes_pushes(critics, monkeypatch):
             for path, words in (
                 ("/nonexistent/critic", "not a directory"),
                 (str(critics["policy"]), "architectures"),
-                (str(critics["small"]), "shapes that do not match"),
+                (str(critics["small"]), "of another shape or dtype"),
             ):
                 with pytest.raises(InvalidRequest, match=words) as caught:
                     await critic.load_weights(path, None)
@@ -216,7 +216,7 @@ def test_critic_pushes_outside_weights_dir_are_403_on_both_servers(rollout_serve
 BAD_PUSHES = [
     ({"path": "MISSING"}, "path", "not a directory"),
     ({"path": "POLICY"}, "path", "architectures"),
-    ({"path": "SMALL"}, "path", "shapes that do not match"),
+    ({"path": "SMALL"}, "path", "of another shape or dtype"),
     ({"path": ""}, "path", ""),
     ({"path": "B", "version": -1}, "version", ""),
     ({"path": "B", "bogus": 1}, "bogus", ""),

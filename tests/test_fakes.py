@@ -16,8 +16,7 @@ METHODS = ["generate", "abort", "reload_weights", "check_health"]
 
 def stub_llm() -> SimpleNamespace:
     """Just what PolicyEngine reads of vLLM's AsyncLLM when it is built."""
-    hf = SimpleNamespace(tie_word_embeddings=False)
-    config = SimpleNamespace(get_vocab_size=lambda: 64, max_model_len=128, hf_text_config=hf, hf_config=hf)
+    config = SimpleNamespace(get_vocab_size=lambda: 64, max_model_len=128)
     return SimpleNamespace(model_config=config, errored=False)
 
 

@@ -57,6 +57,8 @@ MIRRORED = [
     "CriticWeightsRequest",
     "CriticWeightsResponse",
     "InfoResponse",
+    "UploadRequest",
+    "UploadCommitRequest",
 ]
 
 

@@ -2,12 +2,15 @@
 
 * fast: its pieces (flags from `Args`, logprobs and values on left-padded batches) and its whole
   loop against a fake server (an `httpx.MockTransport`), in both state-ownership modes;
-* vllm: two iterations against the real rollout server, then the pushed weights are what it serves.
+* vllm: two iterations against the real rollout server, pushing by upload (the critic's relayed to
+  its remote critic server), then the pushed weights are what it serves.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import itertools
 import json
 import random
@@ -155,10 +158,13 @@ class FakeServer:
         self.critic_version = 0
         self.state = protocol.EspoState()
         self.calls: list[tuple[str, str, dict | None]] = []
+        self.uploaded: dict[str, dict] = {}
 
     def handle(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content) if request.content else None
         method, path = request.method, request.url.path
+        if "/shards/" in path:  # an upload's shard: a safetensors file, its digest in a header
+            return self.shard(request)
+        body = json.loads(request.content) if request.content else None
         self.calls.append((method, path, body))
         if path == "/readyz":
             return self.reply(protocol.HealthResponse(status="ready"))
@@ -182,6 +188,20 @@ class FakeServer:
             assert any(Path(body["path"]).glob("*.safetensors")), body
             self.critic_version = body["version"]
             return self.reply(protocol.CriticWeightsResponse(critic_version=body["version"], load_time_s=0.0))
+        if path in ("/v1/weights/uploads", "/v1/critic/weights/uploads"):
+            self.uploaded[path] = {}
+            status = protocol.UploadResponse(
+                upload_id="u", state="open", max_bytes=1 << 30, idle_timeout_s=60
+            )
+            return self.reply(status)
+        if path == "/v1/weights/uploads/u/commit":
+            assert "model.embed_tokens.weight" in self.uploaded["/v1/weights/uploads"]
+            self.version = body["version"]
+            return self.reply(protocol.WeightsResponse(policy_version=self.version, load_time_s=0.0))
+        if path == "/v1/critic/weights/uploads/u/commit":
+            assert "score.weight" in self.uploaded["/v1/critic/weights/uploads"]
+            self.critic_version = body["version"]
+            return self.reply(protocol.CriticWeightsResponse(critic_version=body["version"], load_time_s=0.0))
         if path == "/v1/espo/state" and method == "PUT":
             self.state = protocol.EspoState(**body)
             return self.reply(protocol.StateResponse(state=self.state))
@@ -189,6 +209,18 @@ class FakeServer:
             self.state = dataclasses.replace(self.state, batches=self.state.batches + 1)
             return self.reply(protocol.StateResponse(state=self.state))
         return httpx.Response(404, json={"error": {"message": path, "type": "not_found", "code": 404}})
+
+    def shard(self, request: httpx.Request) -> httpx.Response:
+        from safetensors.torch import load
+
+        prefix = request.url.path.split("/u/shards/")[0]
+        digest = base64.b64encode(hashlib.sha256(request.content).digest()).decode()
+        assert request.headers["content-digest"] == f"sha-256=:{digest}:"
+        self.uploaded[prefix].update(load(request.content))
+        self.calls.append((request.method, request.url.path, None))
+        return self.reply(
+            protocol.UploadResponse(upload_id="u", state="open", max_bytes=1 << 30, idle_timeout_s=60)
+        )
 
     @staticmethod
     def reply(model: BaseModel) -> httpx.Response:
@@ -238,9 +270,9 @@ def test_the_loop_against_a_fake_server(ppo_toy, tiny_pair, tmp_path, owner):
     server = FakeServer()
     argv = tiny_args(tmp_path, *tiny_pair, "--url", "http://fake", "--state-owner", owner)
     argv += ["--max-tokens", "64"]  # room for a whole toy solution: the fake's correct answers
-    push_initial = owner == "learner"  # both ways, once each
+    push_initial = owner == "learner"  # both ways, once each; uploads with one, paths with the other
     if not push_initial:
-        argv.append("--no-push-initial")
+        argv += ["--no-push-initial", "--push", "path"]
     records = ppo_toy.main(argv, transport=httpx.MockTransport(server.handle))
 
     first = 1 if push_initial else 0
@@ -251,14 +283,18 @@ def test_the_loop_against_a_fake_server(ppo_toy, tiny_pair, tmp_path, owner):
     for r in records:
         assert np.isfinite([r["pg_loss"], r["v_loss"], r["approx_kl"]]).all()
         assert r["tokens_generated"] > 0 and 0 <= r["stop_rate"] <= 1
-    log = [json.loads(line) for line in (Path(records[0]["checkpoint"]).parent / "log.jsonl").open()]
+    log = [json.loads(line) for line in (Path(records[0]["critic_checkpoint"]).parent / "log.jsonl").open()]
     assert [r["iteration"] for r in log] == [1, 2]
 
-    pushes = [body for method, path, body in server.calls if path == "/v1/weights"]
-    expected = [("iter-0000", 1)] if push_initial else []
-    expected += [("iter-0001", first + 1), ("iter-0002", first + 2)]
-    assert [(Path(b["path"]).name, b["version"]) for b in pushes] == expected
-    assert len({b["path"] for b in pushes}) == len(pushes)  # a fresh directory each time
+    if push_initial:  # uploads: nothing written for them, the versions counted on
+        commits = [body for method, path, body in server.calls if path == "/v1/weights/uploads/u/commit"]
+        assert [b["version"] for b in commits] == [1, 2, 3] and all(r["checkpoint"] is None for r in records)
+        assert not any(path == "/v1/weights" for _, path, _ in server.calls)
+    else:
+        pushes = [body for method, path, body in server.calls if path == "/v1/weights"]
+        expected = [("iter-0001", first + 1), ("iter-0002", first + 2)]
+        assert [(Path(b["path"]).name, b["version"]) for b in pushes] == expected
+        assert len({b["path"] for b in pushes}) == len(pushes)  # a fresh directory each time
     calls = [body for method, path, body in server.calls if path == "/v1/rollouts"]
     assert len(calls) == 2 and all(c["stop_rule"] == "espo" for c in calls)
     if owner == "learner":
@@ -286,7 +322,7 @@ def test_ppo_example_trains_and_pushes_to_the_server(ppo_toy, rollout_server, ti
     start, critic_start = info["policy_version"], info["critic_version"]
     try:
         models = tiny_models["policy"], tiny_models["critic"]
-        argv = tiny_args(tmp_path, *models, "--url", url, "--push-critic")
+        argv = tiny_args(tmp_path, *models, "--url", url, "--push-critic", "--save-policy")
         records = ppo_toy.main(argv)
         # the critic is pushed like the policy (through the rollout server to its remote critic)
         assert [r["critic_version"] for r in records] == [critic_start + 2, critic_start + 3]
@@ -360,20 +396,23 @@ def test_the_critic_is_saved_in_the_servers_format_and_evaluation_is_apart(ppo_t
     assert len(held) == 3  # the same held-out problems every time
 
 
-def test_push_critic_pushes_the_trained_critic_every_iteration(ppo_toy, tiny_pair, tmp_path):
+@pytest.mark.parametrize("push", ["upload", "path"])
+def test_push_critic_pushes_the_trained_critic_every_iteration(ppo_toy, tiny_pair, tmp_path, push):
     server = FakeServer()
-    argv = tiny_args(tmp_path, *tiny_pair, "--url", "http://fake", "--push-critic")
+    argv = tiny_args(tmp_path, *tiny_pair, "--url", "http://fake", "--push-critic", "--push", push)
     records = ppo_toy.main(argv, transport=httpx.MockTransport(server.handle))
-    pushes = [body for method, path, body in server.calls if path == "/v1/critic/weights"]
-    # the starting critic first, then one per iteration, each a fresh directory in the server's format
-    assert [(Path(b["path"]).name, b["version"]) for b in pushes] == [
-        ("critic-0000", 1), ("critic-0001", 2), ("critic-0002", 3)
-    ]  # fmt: skip
     assert [r["critic_version"] for r in records] == [2, 3]
-    for body in pushes:
-        config = json.loads((Path(body["path"]) / "config.json").read_text())
+    route = "/v1/critic/weights" if push == "path" else "/v1/critic/weights/uploads/u/commit"
+    pushes = [body for method, path, body in server.calls if path == route]
+    assert [b["version"] for b in pushes] == [1, 2, 3]  # the starting critic first, then one per iteration
+    # each saved in a fresh directory in the server's format (and pushed from there by path)
+    saved = [tmp_path / next(tmp_path.iterdir()).name / f"critic-{k:04d}" for k in range(3)]
+    if push == "path":
+        assert [Path(b["path"]) for b in pushes] == saved
+    for directory in saved:
+        config = json.loads((directory / "config.json").read_text())
         assert config["architectures"] == ["LlamaForTokenClassification"]
         assert config["problem_type"] == "regression"
     # the critic pushed after iteration 1 comes before the rollouts of iteration 2
-    order = [path for _, path, _ in server.calls if path in ("/v1/critic/weights", "/v1/rollouts")]
-    assert order[:3] == ["/v1/critic/weights", "/v1/rollouts", "/v1/critic/weights"]
+    order = [path for _, path, _ in server.calls if path in (route, "/v1/rollouts")]
+    assert order[:3] == [route, "/v1/rollouts", route]

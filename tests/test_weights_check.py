@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -60,24 +61,77 @@ def test_a_damaged_file_is_a_400_naming_path(tmp_path, served, damage):
     [
         ({"a": np.zeros((4, 8), np.float32)}, "missing"),
         ({"a": np.zeros((4, 8), np.float32), "b": np.ones(3, np.float32), "c": np.ones(1)}, "does not have"),
-        ({"a": np.zeros((8, 4), np.float32), "b": np.ones(3, np.float32)}, "another shape"),
+        ({"a": np.zeros((8, 4), np.float32), "b": np.ones(3, np.float32)}, "a has shape [8, 4]"),
+        ({"a": np.zeros((4, 8), np.int64), "b": np.ones(3, np.float32)}, "a has dtype I64"),
     ],
 )
 def test_another_models_tensors_are_refused(tmp_path, served, tensors, words):
-    with pytest.raises(InvalidRequest, match=words):
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
         check_checkpoint(checkpoint(tmp_path / "other", tensors), str(served))
 
 
-@pytest.mark.parametrize("where", ["pushed", "served"])
-def test_tied_embeddings_are_refused_naming_path(tmp_path, served, where):
-    """vLLM's in-place reload matched HF only for untied embeddings (vLLM 0.32)."""
+@pytest.mark.parametrize(
+    ("served_config", "pushed_config", "words"),
+    [
+        ({"tie_word_embeddings": True}, {"tie_word_embeddings": False}, "tie_word_embeddings=False"),
+        ({"tie_word_embeddings": False}, {"tie_word_embeddings": True}, "tie_word_embeddings=True"),
+        ({"architectures": ["A"]}, {"architectures": ["B"]}, "architectures=['B']"),
+        ({"num_labels": 1}, {"id2label": {"0": "x", "1": "y"}}, "num_labels=2"),
+    ],
+)
+def test_a_config_that_says_another_model_is_refused(tmp_path, served, served_config, pushed_config, words):
+    """What vLLM built the served model from cannot change in place: a pushed config.json that
+    says otherwise is refused with the key named; a key it leaves out is not compared."""
+    (served / "config.json").write_text(json.dumps(served_config))
     pushed = checkpoint(tmp_path / "new", {"a": np.ones((4, 8), np.float32), "b": np.zeros(3, np.float32)})
-    (pushed / "config.json").write_text(json.dumps({"tie_word_embeddings": where == "pushed"}))
-    with pytest.raises(InvalidRequest, match="untied") as info:
-        check_checkpoint(pushed, str(served), served_tied=where == "served")
-    assert info.value.param == "path"
-    (pushed / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
-    check_checkpoint(pushed, str(served))  # untied on both sides: fine
+    (pushed / "config.json").write_text(json.dumps(pushed_config))
+    with pytest.raises(InvalidRequest, match=re.escape(words)) as info:
+        check_checkpoint(pushed, str(served))
+    assert info.value.param == "path" and "cannot change in place" in info.value.message
+    (pushed / "config.json").write_text(json.dumps({"unrelated": 1}))
+    check_checkpoint(pushed, str(served))
+
+
+def test_tied_embeddings_pass_and_a_separate_output_layer_is_refused_with_why(tmp_path):
+    """A tied model's checkpoint has no lm_head.weight. One that has it is taken when its values are
+    the input embeddings' (a learner's copy of the tied tensor; vLLM loads the input embeddings
+    only) and refused otherwise: a separate output layer cannot be served by a tied model, and the
+    error says so."""
+    embeddings = np.arange(24, dtype=np.float32).reshape(6, 4)
+    served = checkpoint(tmp_path / "served", {"model.embed_tokens.weight": np.zeros((6, 4), np.float32)})
+    (served / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    pushed = checkpoint(tmp_path / "new", {"model.embed_tokens.weight": embeddings})
+    (pushed / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    check_checkpoint(pushed, str(served))
+    both = {"model.embed_tokens.weight": embeddings, "lm_head.weight": embeddings}
+    copy = checkpoint(tmp_path / "copy", both)
+    check_checkpoint(copy, str(served))
+    separate = checkpoint(
+        tmp_path / "separate", {"model.embed_tokens.weight": embeddings, "lm_head.weight": embeddings + 1}
+    )
+    differs = re.escape("lm_head.weight differs from model.embed_tokens.weight")
+    with pytest.raises(InvalidRequest, match=differs) as info:
+        check_checkpoint(separate, str(served))
+    assert "ties its output layer" in info.value.message and "cannot be served" in info.value.message
+    reshaped = checkpoint(
+        tmp_path / "reshaped", {"model.embed_tokens.weight": embeddings, "lm_head.weight": np.ones((6, 5))}
+    )
+    with pytest.raises(InvalidRequest, match=re.escape("lm_head.weight has shape [6, 5]")):
+        check_checkpoint(reshaped, str(served))
+
+
+def test_a_critic_head_is_never_tied(tmp_path):
+    """A token-classification critic whose config says tie_word_embeddings has no output layer:
+    an lm_head.weight pushed to it is a tensor it does not have, with no word of tying."""
+    embeddings = np.ones((6, 4), np.float32)
+    served = checkpoint(tmp_path / "served", {"model.embed_tokens.weight": embeddings})
+    config = {"tie_word_embeddings": True, "architectures": ["Qwen2ForTokenClassification"]}
+    (served / "config.json").write_text(json.dumps(config))
+    both = {"model.embed_tokens.weight": embeddings, "lm_head.weight": embeddings}
+    pushed = checkpoint(tmp_path / "new", both)
+    with pytest.raises(InvalidRequest, match="does not have") as info:
+        check_checkpoint(pushed, str(served))
+    assert "tie" not in info.value.message
 
 
 class ReloadingLLM:
@@ -86,16 +140,14 @@ class ReloadingLLM:
 
     def __init__(self, fail: set[str]) -> None:
         self.fail, self.loaded, self.errored = fail, [], False
-        hf = SimpleNamespace(tie_word_embeddings=False)
-        self.model_config = SimpleNamespace(
-            get_vocab_size=lambda: 64, max_model_len=128, hf_text_config=hf, hf_config=hf
-        )
+        self.model_config = SimpleNamespace(get_vocab_size=lambda: 64, max_model_len=128)
 
-    async def collective_rpc(self, method: str, kwargs: dict) -> None:
-        assert method == "reload_weights"
-        if kwargs["weights_path"] in self.fail:
-            raise RuntimeError(f"cannot load {kwargs['weights_path']}")
-        self.loaded.append(kwargs["weights_path"])
+    async def collective_rpc(self, method: str, args: tuple) -> None:
+        assert method == "espo_reload_policy"  # policy_worker: vLLM's reload, then the tied layers
+        (path,) = args
+        if path in self.fail:
+            raise RuntimeError(f"cannot load {path}")
+        self.loaded.append(path)
 
     async def reset_prefix_cache(self) -> None:
         pass

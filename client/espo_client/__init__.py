@@ -4,6 +4,7 @@
 
     with EspoClient(base_url="http://rollouts:8000") as client:
         response = client.rollouts(prompts=[[1, 2, 3]], n=4, stop_rule="espo")
+        client.upload_weights(model)    # new policy weights, streamed from a torch module in memory
 
 Several replicas (prompts sharded over them, state-changing calls broadcast): `Replicas` and
 `AsyncReplicas`, from `espo_client.replicas`.

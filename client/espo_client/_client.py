@@ -54,6 +54,8 @@ from ._core import (
     T,
     rollout_request,
 )
+from ._uploads import upload_op
+from .checkpoint import DEFAULT_SHARD_BYTES
 from .protocol import (
     CriticWeightsResponse,
     EspoState,
@@ -157,6 +159,40 @@ class EspoClient(BaseClient, Closing):
         not fit, the old critic serving on. A remote `espo-server critic` gets the push forwarded:
         `path` is read on the critic's machine."""
         return self._run(self._load_critic_weights_op(path, version))
+
+    def upload_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> WeightsResponse:
+        """Push the policy's weights over HTTP, no shared file system needed; returns once they
+        serve (like `load_weights`).
+
+        `weights`: a torch module (its `state_dict()`), a mapping name -> tensor, or an iterable of
+        (name, tensor) pairs, read lazily (a weight hook's generator). The tensors are sent as
+        safetensors shards of about `shard_bytes`, streamed from their memory: nothing is written
+        to disk and no copy of the model is made. `config`: the checkpoint's HF config, checked
+        against the served architecture (default: `weights.config` of a transformers model)."""
+        return self._run(
+            upload_op(self, "policy", weights, version=version, config=_dict(config), shard_bytes=shard_bytes)
+        )
+
+    def upload_critic_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> CriticWeightsResponse:
+        """`upload_weights` for the critic (`/v1/critic/weights/uploads`; a remote critic gets it
+        relayed by the rollout server)."""
+        return self._run(
+            upload_op(self, "critic", weights, version=version, config=_dict(config), shard_bytes=shard_bytes)
+        )
 
     def info(self) -> InfoResponse:
         """`GET /v1/info`: model, versions, rule defaults, limits."""
@@ -289,6 +325,33 @@ class AsyncEspoClient(BaseClient, AsyncClosing):
     async def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
         return await self._run(self._load_critic_weights_op(path, version))
 
+    async def upload_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> WeightsResponse:
+        """See `EspoClient.upload_weights` (the shards are made in this event loop's thread)."""
+        op = upload_op(
+            self, "policy", weights, version=version, config=_dict(config), shard_bytes=shard_bytes
+        )
+        return await self._run(op)
+
+    async def upload_critic_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> CriticWeightsResponse:
+        op = upload_op(
+            self, "critic", weights, version=version, config=_dict(config), shard_bytes=shard_bytes
+        )
+        return await self._run(op)
+
     async def info(self) -> InfoResponse:
         return await self._run(self._info_op())
 
@@ -346,3 +409,7 @@ class AsyncRolloutStream(ClientStream, AsyncClosing):
     async def aclose(self) -> None:
         self._op.close()
         await self._client._advance(self._op)
+
+
+def _dict(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if config is None else dict(config)

@@ -36,7 +36,7 @@ import random
 import time
 import uuid
 import weakref
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -141,6 +141,24 @@ class Item:
 @dataclass(frozen=True)
 class Done(Generic[T]):
     value: T
+
+
+class UploadBody(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A request body streamed from `chunks()` (byte chunks, made afresh for each attempt), for
+    both drivers, with the headers that describe it."""
+
+    def __init__(
+        self, chunks: Callable[[], Iterable[bytes | memoryview]], headers: Mapping[str, str]
+    ) -> None:
+        self._chunks = chunks
+        self.headers = dict(headers)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._chunks()  # type: ignore[misc]  # bytes-like: h11 copies it into its frame
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks():
+            yield chunk  # type: ignore[misc]
 
 
 Step = Send | Sleep | Read | Lines | NextLine | Close
@@ -370,15 +388,23 @@ class BaseClient:
         params: Mapping[str, str] | None = None,
         stream: bool = False,
         retry: bool = True,
+        upload: UploadBody | None = None,
     ) -> Op[httpx.Response]:
         """Send, retrying connection failures, 429s and 503s; return a 2xx response (open and unread
-        with `stream`) or raise the mapped error. Every attempt sends the same request (same body)."""
+        with `stream`) or raise the mapped error. Every attempt sends the same request (same body; an
+        `upload` body is streamed, and read again for a retry)."""
         headers = {"Content-Type": "application/json"} if body is not None else {}
         if stream:
             headers["Accept"] = "application/x-ndjson"
+        if upload is not None:
+            headers.update(upload.headers)
         request = self._http.build_request(
             method, self.base_url + path, content=_body(body), params=params, headers=headers
         )
+        if upload is not None:  # the same request, its body streamed
+            request = httpx.Request(
+                method, request.url, headers=request.headers, stream=upload, extensions=request.extensions
+            )
         retries = self.max_retries if retry else 0
         for attempt in itertools.count():
             retry_after: float | None = None

@@ -6,6 +6,7 @@
         for item in client.stream_rollouts(prompts=[{"text": "7+5="}], n=4, stop_rule="espo"):
             print(item)                   # Trajectory objects as they finish, then the RolloutResponse
         out = client.rollouts(prompts=[[5, 6, 14]], n=4, max_tokens=64)   # all at once
+        client.upload_weights(model)      # the learner's weights, streamed (no shared file system)
 
 The same protocol models and the same behaviour as `EspoClient` (requests validated here first,
 answers validated on arrival), over grpcio; needs the `grpc` extra (`pip install 'espo-client[grpc]'`):
@@ -28,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -48,6 +49,8 @@ from ._exceptions import (
     retry_after_seconds,
     status_error_class,
 )
+from ._uploads import hf_config
+from .checkpoint import DEFAULT_SHARD_BYTES, shards
 from .grpc_codec import from_message, to_message
 from .proto import espo_pb2 as pb
 from .proto import espo_pb2_grpc as pb_grpc
@@ -64,6 +67,8 @@ from .protocol import (
     RunResponse,
     StateResponse,
     Trajectory,
+    UploadCommitRequest,
+    UploadRequest,
     WeightsRequest,
     WeightsResponse,
 )
@@ -312,6 +317,31 @@ class GrpcEspoClient:
         """CloseRun: close the run; the samples it carries are aborted."""
         return self._run_call(self._stub.CloseRun, run_id)
 
+    def upload_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> WeightsResponse:
+        """UploadWeights: push the policy's weights over one client-streaming call (see
+        `EspoClient.upload_weights`). Not retried: the stream is made as it is sent."""
+        messages = upload_messages(weights, version=version, config=config, shard_bytes=shard_bytes)
+        return self._upload(self._stub.UploadWeights, messages, WeightsResponse)
+
+    def upload_critic_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> CriticWeightsResponse:
+        """UploadCriticWeights: `upload_weights` for the critic."""
+        messages = upload_messages(weights, version=version, config=config, shard_bytes=shard_bytes)
+        return self._upload(self._stub.UploadCriticWeights, messages, CriticWeightsResponse)
+
     def info(self) -> InfoResponse:
         return self._call(self._stub.Info, empty_pb2.Empty(), InfoResponse)
 
@@ -327,6 +357,14 @@ class GrpcEspoClient:
                 continue
             return from_message(answer, model)
         raise AssertionError("not reached")
+
+    def _upload(self, method: Callable[..., Message], messages: Iterator[Message], model: type[_T]) -> _T:
+        """A client-streaming call, once (its messages are made as they are sent)."""
+        try:
+            answer = method(messages, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise grpc_status_error(exc) from exc
+        return from_message(answer, model)
 
     def _run_call(self, method: Callable[..., Message], run_id: str | None) -> RunResponse:
         return self._call(method, to_message(RunRequest(run_id=run_id), pb.RunRequest), RunResponse)
@@ -350,3 +388,28 @@ def _event(event: pb.RolloutEvent) -> Trajectory | GroupEvent | RolloutResponse:
     if event.HasField("group"):
         return from_message(event.group, GroupEvent)
     return from_message(event.done, RolloutResponse)
+
+
+GRPC_CHUNK_BYTES = 4 << 20
+"""Bytes of a shard per message (the server takes messages of up to 64 MiB)."""
+
+
+def upload_messages(
+    weights: Any,
+    *,
+    version: int | None,
+    config: Mapping[str, Any] | None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Iterator[pb.UploadChunk]:
+    """An upload's stream (espo.proto, UploadWeights): open, each shard's bytes, commit; the shards
+    are made as the stream is read (gRPC reads it on its own thread)."""
+    request = UploadRequest(config=hf_config(weights) if config is None else dict(config))
+    yield pb.UploadChunk(open=to_message(request, pb.UploadRequest))
+    for shard in shards(weights, shard_bytes=shard_bytes):
+        first = pb.ShardChunk(name=shard.name, sha256=shard.sha256.hex(), size=shard.size)
+        for k, chunk in enumerate(shard.chunks(GRPC_CHUNK_BYTES)):
+            message = first if k == 0 else pb.ShardChunk(name=shard.name)
+            message.data = bytes(chunk)
+            yield pb.UploadChunk(shard=message)
+    commit = to_message(UploadCommitRequest(version=version), pb.UploadCommitRequest)
+    yield pb.UploadChunk(commit=commit)

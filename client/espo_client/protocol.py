@@ -6,7 +6,7 @@ corrupt RL data without anyone noticing. The server's OpenAPI schema is generate
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,6 +43,9 @@ __all__ = [
     "Traces",
     "Trajectory",
     "TrajectoryEvent",
+    "UploadCommitRequest",
+    "UploadRequest",
+    "UploadResponse",
     "Usage",
     "VersionSpan",
     "WeightsRequest",
@@ -485,6 +488,42 @@ class WeightsRequest(_Model):
 class WeightsResponse(_Model):
     policy_version: int
     load_time_s: float
+
+
+class UploadRequest(_Model):
+    """`POST /v1/weights/uploads` (the policy) or `/v1/critic/weights/uploads`: open an upload, a
+    checkpoint streamed into a staging directory of the server, shard by shard."""
+
+    config: dict[str, Any] | None = Field(
+        None,
+        description="The checkpoint's config.json (an HF config as a dict), if the learner has one: "
+        "checked against the served model's architectures, tie_word_embeddings and num_labels.",
+    )
+
+
+class UploadResponse(_Model):
+    """Where an upload stands."""
+
+    upload_id: str = Field(..., description="Names the upload in its other routes.")
+    state: Literal["open", "committing", "abandoned"] = Field(
+        ..., description="open: takes shards; committing: being loaded; abandoned: deleted, nothing kept."
+    )
+    shards: list[str] = Field(default_factory=list, description="Shards received whole, in order.")
+    tensors: int = Field(0, ge=0, description="Tensors received.")
+    expected_tensors: int | None = Field(
+        None, ge=0, description="Tensors of the served model (null: unknown, not a local directory)."
+    )
+    bytes_received: int = Field(0, ge=0, description="Bytes of the shards received whole.")
+    max_bytes: int = Field(..., ge=0, description="Most bytes one upload may hold (--upload-max-bytes).")
+    idle_timeout_s: float = Field(
+        ..., gt=0, description="An upload idle this long is abandoned (--upload-idle-timeout-s)."
+    )
+
+
+class UploadCommitRequest(_Model):
+    """`POST .../uploads/{upload_id}/commit`: check the whole checkpoint and serve it, like a push by path."""
+
+    version: int | None = Field(None, ge=0, description="New version (default: current + 1).")
 
 
 class InfoResponse(_Model):

@@ -13,10 +13,11 @@ It is a small load balancer over one `AsyncEspoClient` per replica (each with it
   prompt stay on one replica; a call with fewer prompts than replicas uses fewer, starting at a
   replica that rotates from call to call). The shards run concurrently and their answers are merged
   back into prompt order; see `_merge` for exactly how, including learner-owned ESPO state.
-* Calls that change server state (`set_state`, `commit`, `load_weights`, `load_critic_weights`) go
-  to every replica and wait for all of them. If some fail, `BroadcastError` names the replicas where
-  the call took effect and those where it did not: after `load_weights`, which serve the new weights
-  and which are left on the old ones. Replicas on mixed versions are never left silently.
+* Calls that change server state (`set_state`, `commit`, `load_weights`, `load_critic_weights`,
+  `upload_weights`, `upload_critic_weights`: each shard made once, sent to all) go to every
+  replica and wait for all of them. If some fail, `BroadcastError` names the replicas where the call
+  took effect and those where it did not: after `load_weights`, which serve the new weights and
+  which are left on the old ones. Replicas on mixed versions are never left silently.
 * Calls that read (`state`, `info`, `health`, `ready`) ask one replica, `replica=` (default 0).
 * `close()` / `aclose()`, of the client or of a stream, closes every shard stream.
 
@@ -41,6 +42,8 @@ from . import stop_rule
 from ._client import AsyncEspoClient, AsyncRolloutStream
 from ._core import AsyncClosing, BaseStream, Closing, rollout_request
 from ._exceptions import BroadcastError, EspoError, ResponseValidationError
+from ._uploads import abandon_upload_op, commit_upload_op, hf_config, open_upload_op, put_shard_op
+from .checkpoint import DEFAULT_SHARD_BYTES, shards
 from .protocol import (
     CriticWeightsResponse,
     EspoState,
@@ -50,6 +53,7 @@ from .protocol import (
     RolloutResponse,
     StateResponse,
     Trajectory,
+    UploadResponse,
     Usage,
     WeightsResponse,
 )
@@ -58,6 +62,7 @@ __all__ = ["AsyncReplicaStream", "AsyncReplicas", "ReplicaStream", "Replicas"]
 
 _REQUEST_ID_MAX = 200  # RolloutRequest.request_id's max_length
 _T = TypeVar("_T")
+_W = TypeVar("_W", WeightsResponse, CriticWeightsResponse)
 
 
 @dataclass(frozen=True)
@@ -161,18 +166,7 @@ class AsyncReplicas(AsyncClosing):
         responses = await self._broadcast(
             f"load_weights({path!r})", calls, "serve the new weights", "are left on the old version"
         )
-        versions = {
-            url: response.policy_version for url, response in zip(self.base_urls, responses, strict=True)
-        }
-        if len(set(versions.values())) > 1:
-            raise EspoError(
-                f"replicas now serve different policy versions {versions}: call load_weights again "
-                "with an explicit version= to bring them into line"
-            )
-        return WeightsResponse(
-            policy_version=responses[0].policy_version,
-            load_time_s=max(response.load_time_s for response in responses),
-        )
+        return self._policy_answer(responses, "load_weights")
 
     async def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
         """`POST /v1/critic/weights` on every replica (each pushes its own critic; replicas sharing
@@ -183,16 +177,85 @@ class AsyncReplicas(AsyncClosing):
         responses = await self._broadcast(
             f"load_critic_weights({path!r})", calls, "serve the new critic", "keep the old critic"
         )
-        versions = {url: r.critic_version for url, r in zip(self.base_urls, responses, strict=True)}
+        return self._critic_answer(responses, "load_critic_weights")
+
+    async def upload_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> WeightsResponse:
+        """`EspoClient.upload_weights` to every replica: each shard is made once and sent to all
+        replicas at once, then every replica commits. Raises BroadcastError as `load_weights` does
+        (a failure before the commit leaves every replica on its old weights, the uploads deleted)."""
+        responses = await self._upload("policy", weights, version, config, shard_bytes)
+        return self._policy_answer(responses, "upload_weights")
+
+    async def upload_critic_weights(
+        self,
+        weights: Any,
+        *,
+        version: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> CriticWeightsResponse:
+        """`upload_weights` for the critic of every replica."""
+        responses = await self._upload("critic", weights, version, config, shard_bytes)
+        return self._critic_answer(responses, "upload_critic_weights")
+
+    async def _upload(
+        self,
+        target: str,
+        weights: Any,
+        version: int | None,
+        config: Mapping[str, Any] | None,
+        shard_bytes: int,
+    ) -> list[Any]:
+        what = f"upload_{'critic_' if target == 'critic' else ''}weights"
+        body = hf_config(weights) if config is None else dict(config)
+        opens = [client._run(open_upload_op(client, target, body)) for client in self.clients]
+        results = await asyncio.gather(*opens, return_exceptions=True)
+        ids = [r.upload_id if isinstance(r, UploadResponse) else None for r in results]
+        try:
+            await self._broadcast(what, _settled(results), "opened the upload", "did not: nothing loaded")
+            for shard in shards(weights, shard_bytes=shard_bytes):
+                puts = [
+                    c._run(put_shard_op(c, target, i, shard)) for c, i in zip(self.clients, ids, strict=True)
+                ]
+                await self._broadcast(what, puts, f"took {shard.name}", "did not: nothing loaded anywhere")
+        except BaseException:
+            abandons = [
+                c._run(abandon_upload_op(c, target, i)) for c, i in zip(self.clients, ids, strict=True) if i
+            ]
+            await asyncio.gather(*abandons, return_exceptions=True)
+            raise
+        commits = [
+            c._run(commit_upload_op(c, target, i, version)) for c, i in zip(self.clients, ids, strict=True)
+        ]
+        done, not_done = ("serve the new weights", "are left on the old version")
+        if target == "critic":
+            done, not_done = ("serve the new critic", "keep the old critic")
+        return await self._broadcast(what, commits, done, not_done)
+
+    def _policy_answer(self, responses: Sequence[WeightsResponse], what: str) -> WeightsResponse:
+        return self._one_version(responses, "policy_version", what)
+
+    def _critic_answer(self, responses: Sequence[CriticWeightsResponse], what: str) -> CriticWeightsResponse:
+        return self._one_version(responses, "critic_version", what)
+
+    def _one_version(self, responses: Sequence[_W], field: str, what: str) -> _W:
+        """The replicas' answers to a push as one: their version (EspoError if they differ), the
+        slowest load time."""
+        versions = {url: getattr(r, field) for url, r in zip(self.base_urls, responses, strict=True)}
         if len(set(versions.values())) > 1:
             raise EspoError(
-                f"replicas now serve different critic versions {versions}: call load_critic_weights "
+                f"replicas now serve different {field.split('_')[0]} versions {versions}: call {what} "
                 "again with an explicit version= to bring them into line"
             )
-        return CriticWeightsResponse(
-            critic_version=responses[0].critic_version,
-            load_time_s=max(response.load_time_s for response in responses),
-        )
+        load_time_s = max(response.load_time_s for response in responses)
+        return responses[0].model_copy(update={"load_time_s": load_time_s})
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -386,6 +449,13 @@ class Replicas(Closing):
     def load_critic_weights(self, path: str, version: int | None = None) -> CriticWeightsResponse:
         return self._wait(self._replicas.load_critic_weights(path, version))
 
+    def upload_weights(self, weights: Any, **options: Any) -> WeightsResponse:
+        """`AsyncReplicas.upload_weights` (the shards are made on the replicas' loop thread)."""
+        return self._wait(self._replicas.upload_weights(weights, **options))
+
+    def upload_critic_weights(self, weights: Any, **options: Any) -> CriticWeightsResponse:
+        return self._wait(self._replicas.upload_critic_weights(weights, **options))
+
     def _wait(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run `coro` on the loop thread and wait for it (cancelled if the wait is interrupted)."""
         if self.closed:
@@ -530,6 +600,17 @@ def _sum_usage(usages: Sequence[Usage]) -> Usage:
         values = [getattr(usage, name) for usage in usages]
         fields[name] = max(values) if name == "wall_time_s" else sum(values)
     return Usage(**fields)
+
+
+def _settled(results: Sequence[Any]) -> list[Awaitable[Any]]:
+    """Results gathered already, as the awaitables `_broadcast` takes (raising the failures)."""
+    return [_returning(r) for r in results]
+
+
+async def _returning(result: Any) -> Any:
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 async def _gather(calls: Sequence[Awaitable[_T]]) -> list[_T]:

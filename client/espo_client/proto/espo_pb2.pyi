@@ -423,6 +423,40 @@ class CriticWeightsRequest(_message.Message):
     version: int
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
+class UploadRequest(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: _struct_pb2.Struct
+    def __init__(self, config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class UploadCommitRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class ShardChunk(_message.Message):
+    __slots__ = ("name", "sha256", "size", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    size: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadChunk(_message.Message):
+    __slots__ = ("open", "shard", "commit")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    open: UploadRequest
+    shard: ShardChunk
+    commit: UploadCommitRequest
+    def __init__(self, open: _Optional[_Union[UploadRequest, _Mapping]] = ..., shard: _Optional[_Union[ShardChunk, _Mapping]] = ..., commit: _Optional[_Union[UploadCommitRequest, _Mapping]] = ...) -> None: ...
+
 class CriticWeightsResponse(_message.Message):
     __slots__ = ("critic_version", "load_time_s")
     CRITIC_VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,16 @@ class RolloutsStub:
                 request_serializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsRequest.SerializeToString,
                 response_deserializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsResponse.FromString,
                 _registered_method=True)
+        self.UploadWeights = channel.stream_unary(
+                '/espo.v1.Rollouts/UploadWeights',
+                request_serializer=espo__client_dot_proto_dot_espo__pb2.UploadChunk.SerializeToString,
+                response_deserializer=espo__client_dot_proto_dot_espo__pb2.WeightsResponse.FromString,
+                _registered_method=True)
+        self.UploadCriticWeights = channel.stream_unary(
+                '/espo.v1.Rollouts/UploadCriticWeights',
+                request_serializer=espo__client_dot_proto_dot_espo__pb2.UploadChunk.SerializeToString,
+                response_deserializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/espo.v1.Rollouts/Info',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
@@ -130,6 +140,22 @@ class RolloutsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadWeights(self, request_iterator, context):
+        """Push weights with no shared file system: the first message opens the upload (`open`), each
+        shard (a safetensors file) follows as `shard` messages (all with its name; the first with its
+        hex SHA-256 and size), the last message commits (`commit`). The same checks and limits as the
+        HTTP upload; a failure anywhere abandons the upload. Returns once the weights serve.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadCriticWeights(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -186,6 +212,16 @@ def add_RolloutsServicer_to_server(servicer, server):
             'LoadCriticWeights': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadCriticWeights,
                     request_deserializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsRequest.FromString,
+                    response_serializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsResponse.SerializeToString,
+            ),
+            'UploadWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadWeights,
+                    request_deserializer=espo__client_dot_proto_dot_espo__pb2.UploadChunk.FromString,
+                    response_serializer=espo__client_dot_proto_dot_espo__pb2.WeightsResponse.SerializeToString,
+            ),
+            'UploadCriticWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadCriticWeights,
+                    request_deserializer=espo__client_dot_proto_dot_espo__pb2.UploadChunk.FromString,
                     response_serializer=espo__client_dot_proto_dot_espo__pb2.CriticWeightsResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
@@ -370,6 +406,60 @@ class Rollouts:
             target,
             '/espo.v1.Rollouts/LoadCriticWeights',
             espo__client_dot_proto_dot_espo__pb2.CriticWeightsRequest.SerializeToString,
+            espo__client_dot_proto_dot_espo__pb2.CriticWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/espo.v1.Rollouts/UploadWeights',
+            espo__client_dot_proto_dot_espo__pb2.UploadChunk.SerializeToString,
+            espo__client_dot_proto_dot_espo__pb2.WeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadCriticWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/espo.v1.Rollouts/UploadCriticWeights',
+            espo__client_dot_proto_dot_espo__pb2.UploadChunk.SerializeToString,
             espo__client_dot_proto_dot_espo__pb2.CriticWeightsResponse.FromString,
             options,
             channel_credentials,
