@@ -11,7 +11,6 @@ import time
 from argparse import Namespace
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -117,7 +116,7 @@ def test_trl_grpo_trains_with_espo_server_as_its_rollout_backend(trainer_server,
         return rewards
 
     steps = 3
-    push = PushWeights(client, trainer_server.weights_dir)
+    push = PushWeights(client)  # uploads: the trainer shares no disk with the server
     config = GRPOConfig(
         output_dir=str(tmp_path / "grpo"), max_steps=steps, per_device_train_batch_size=4, num_generations=4,
         max_completion_length=24, learning_rate=1e-4, logging_steps=1, report_to=[], use_cpu=True,
@@ -208,8 +207,9 @@ def test_slime_generate_and_post_write_as_slime_calls_them(
     assert "espo_stop" in ends
     assert samples[-1].tokens[:3] == [5, 6, 14]
 
-    # the trainer wrote weight_v000007: the hook closes the batch and pushes them as version 7
-    version_dir = Path(trainer_server.weights_dir) / "weight_v000007"
+    # the trainer wrote weight_v000007 on its own disk (not the server's --weights-dir): the hook
+    # closes the batch and uploads them as version 7
+    version_dir = tmp_path / "weight_v000007"
     shutil.copytree(tiny_models["policy"], version_dir)
     batches = client.state().state.batches
     slime.post_write(args, str(version_dir), [])

@@ -27,14 +27,18 @@ What every adapter does the same way (this module):
   slime, verl).
 * **Logprobs are raw** (`RAW_LOGPROBS_NOTE`): before temperature, top-k, top-p, min-p and penalties.
   They equal the sampling distribution's only at temperature 1 with those off (`raw_is_sampling`).
-* **Weights** are pushed through one function, `push_weights` (a checkpoint directory the server can
-  read, under its --weights-dir), so that another way of pushing replaces it in one place.
+* **Weights** are pushed through one function, `push_weights`: uploaded by default (a model, a state
+  dict, or a checkpoint directory read here), so the trainer needs no disk the server can read; with
+  `by_path=True`, a directory the server reads itself (under its --weights-dir: faster, a shared
+  volume needed).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..protocol import Trajectory, WeightsResponse
@@ -84,18 +88,48 @@ def outcome_reward(trajectory: Trajectory, task_reward: float | None, stop_rewar
     return stop_reward if trajectory.end_reason == "espo_stop" else task_reward
 
 
-def push_weights(client: Any, directory: str, version: int) -> WeightsResponse:
-    """Make the server serve the checkpoint in `directory` as policy `version`; returns once it serves.
+def push_weights(client: Any, weights: Any, version: int, *, by_path: bool = False) -> WeightsResponse:
+    """Make the server serve `weights` as policy `version`; returns once it serves.
 
-    The path push: `directory` must be readable by the server, under its --weights-dir. This is the
-    one place the adapters push weights."""
-    response = client.load_weights(directory, version=version)
-    log.info("pushed %s as policy version %d (%.2fs)", directory, version, response.load_time_s)
+    `weights`: a torch module, a state dict or (name, tensor) pairs, uploaded from memory; or a
+    checkpoint directory (str or Path), whose safetensors files and config.json are read here and
+    uploaded, or, with `by_path`, pushed by path (the server reads it: under its --weights-dir).
+    This is the one place the adapters push weights."""
+    if isinstance(weights, (str, Path)) and by_path:
+        response = client.load_weights(str(weights), version=version)
+    elif isinstance(weights, (str, Path)):
+        directory = Path(weights)
+        config = directory / "config.json"
+        response = client.upload_weights(
+            checkpoint_tensors(directory),
+            version=version,
+            config=json.loads(config.read_text()) if config.exists() else None,
+        )
+    else:
+        response = client.upload_weights(weights, version=version)
+    log.info("pushed %s as policy version %d (%.2fs)", _name(weights), version, response.load_time_s)
     return response
 
 
-def end_step(client: Any, directory: str, version: int) -> WeightsResponse:
+def checkpoint_tensors(directory: Path) -> Iterator[tuple[str, Any]]:
+    """The (name, tensor) pairs of a checkpoint directory's safetensors files, read one at a time."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors files to push")
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _name(weights: Any) -> str:
+    return str(weights) if isinstance(weights, (str, Path)) else type(weights).__name__
+
+
+def end_step(client: Any, weights: Any, version: int, *, by_path: bool = False) -> WeightsResponse:
     """A training step is over: close its ESPO batch (fold its statistics into the state; nothing
-    open: a no-op), then push its weights as policy `version`."""
+    open: a no-op), then push its weights as policy `version` (`push_weights`)."""
     client.commit()
-    return push_weights(client, directory, version)
+    return push_weights(client, weights, version, by_path=by_path)

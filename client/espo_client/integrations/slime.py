@@ -18,7 +18,9 @@
   rollout step; `post_write` commits it when the trainer has written new weights.
 * `post_write(args, version_dir, rollout_engines)` is slime's post-write hook: on rank 0 (it gates
   itself, as slime asks) it commits the open ESPO batch and pushes `version_dir` (slime's
-  `weight_vNNNNNN`) as policy version NNNNNN (`integrations.push_weights`).
+  `weight_vNNNNNN`) as policy version NNNNNN (`integrations.push_weights`): its files are read here
+  and uploaded, or, with `args.espo_push_by_path` or ESPO_PUSH_BY_PATH=1, pushed by path for the
+  server to read (under its --weights-dir).
 
 Not covered: multi-turn and tool rollouts (one generate call, one response), multimodal samples,
 slime's partial rollouts (a sample that comes back ABORTED is generated again from scratch, not
@@ -153,4 +155,5 @@ def post_write(args: Namespace, version_dir: str, rollout_engines: list) -> None
     match = re.search(r"(\d+)$", os.path.basename(os.path.normpath(version_dir)))
     if match is None:
         raise ValueError(f"{version_dir}: expected slime's weight_vNNNNNN directory name")
-    end_step(_client(args), version_dir, int(match.group(1)))
+    by_path = bool(getattr(args, "espo_push_by_path", False)) or os.environ.get("ESPO_PUSH_BY_PATH") == "1"
+    end_step(_client(args), version_dir, int(match.group(1)), by_path=by_path)

@@ -10,7 +10,7 @@
         model=MODEL_DIR, args=GRPOConfig(..., num_generations=8), train_dataset=dataset,
         reward_funcs=[stop_aware(my_reward)],            # a stopped completion scores 0.0
         rollout_func=rollouts,
-        callbacks=[PushWeights(client, "/shared/weights")],   # the server's --weights-dir
+        callbacks=[PushWeights(client)],   # uploads the policy after every step
     )
     trainer.train()
 
@@ -24,10 +24,11 @@
   hands to the reward functions, and it keeps every response in `responses`.
 * `stop_aware(reward_func, stop_reward=0.0)` wraps a reward function: completions the rule stopped
   get `stop_reward`, the others what `reward_func` says (see `espo_client.integrations` for why 0.0).
-* `PushWeights` saves the policy after every `every` optimizer steps into `weights_dir/step-N` and
-  pushes it as policy version N (`integrations.push_weights`), so completions of step N+1 carry
-  `espo_policy_version` N. With several processes, pass `accelerator=trainer.accelerator` so that no
-  process samples before the push has finished.
+* `PushWeights` uploads the policy after every `every` optimizer steps from memory (no disk the
+  server can read is needed) as policy version N (`integrations.push_weights`), so completions of
+  step N+1 carry `espo_policy_version` N; with `weights_dir` (the server's --weights-dir on a shared
+  volume) it saves `weights_dir/step-N` and pushes that by path instead. With several processes,
+  pass `accelerator=trainer.accelerator` so that no process samples before the push has finished.
 
 Not covered: TRL's own vLLM modes (`use_vllm=True`; leave it False: the server is the vLLM),
 TRL's vLLM importance-sampling correction (it is off without `use_vllm`; the logprobs returned are
@@ -195,15 +196,15 @@ class PushWeights(_trainer_callback()):  # type: ignore[misc]
     def __init__(
         self,
         client: Any,
-        weights_dir: str | Path,
+        weights_dir: str | Path | None = None,
         *,
         every: int = 1,
         keep: int = 2,
         accelerator: Any = None,
-        push: Callable[[Any, str, int], Any] = push_weights,
+        push: Callable[..., Any] = push_weights,
     ) -> None:
         self.client = client
-        self.weights_dir = Path(weights_dir)
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.every = every
         self.keep = keep
         self.accelerator = accelerator
@@ -214,13 +215,16 @@ class PushWeights(_trainer_callback()):  # type: ignore[misc]
         if state.global_step % self.every:
             return control
         if state.is_world_process_zero:
-            directory = self.weights_dir / f"step-{state.global_step:06d}"
             unwrapped = self.accelerator.unwrap_model(model) if self.accelerator is not None else model
-            unwrapped.save_pretrained(directory, safe_serialization=True)
-            self.push(self.client, str(directory), state.global_step)
+            if self.weights_dir is None:
+                self.push(self.client, unwrapped, state.global_step)
+            else:
+                directory = self.weights_dir / f"step-{state.global_step:06d}"
+                unwrapped.save_pretrained(directory, safe_serialization=True)
+                self.push(self.client, str(directory), state.global_step, by_path=True)
+                for old in sorted(self.weights_dir.glob("step-*"))[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
             self.pushed.append(state.global_step)
-            for old in sorted(self.weights_dir.glob("step-*"))[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
         return control

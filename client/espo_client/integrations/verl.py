@@ -82,15 +82,15 @@ def agent_output(trajectory: Trajectory, response_length: int) -> dict[str, Any]
     }
 
 
-def push_checkpoint(step_dir: str | Path, client: Any = None) -> Any:
+def push_checkpoint(step_dir: str | Path, client: Any = None, *, by_path: bool = False) -> Any:
     """Close the step's ESPO batch and push verl's `global_step_N` checkpoint (its
-    actor/huggingface weights) as policy version N."""
+    actor/huggingface weights) as policy version N: uploaded, or by path (`by_path`)."""
     from .._client import EspoClient
 
     step_dir = Path(step_dir)
     version = int(step_dir.name.rsplit("_", 1)[-1])
     client = client or EspoClient(base_url=os.environ.get("ESPO_URL", "http://127.0.0.1:8000"))
-    return end_step(client, str(step_dir / "actor" / "huggingface"), version)
+    return end_step(client, str(step_dir / "actor" / "huggingface"), version, by_path=by_path)
 
 
 try:  # the agent loop itself needs verl
