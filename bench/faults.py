@@ -333,7 +333,8 @@ def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
     stream = background(streamed, url, long)
     # every sample of a call counts as in flight from its start to its end (480 engine steps or more)
     inflight = lambda: harness.scrape(url).sum("espo_inflight_trajectories")  # noqa: E731
-    until(lambda: inflight() == 128, bound_s, "both calls generate")
+    seen: list[float] = []
+    until(lambda: seen.append(inflight()) or seen[-1] >= 128, bound_s, "both calls generate", seen)
     cores = [c for c in psutil.Process(s2.proc.pid).children(recursive=True) if is_engine_core(c)]
     assert cores, "no VLLM::EngineCore child found"
     killed = time.monotonic()
@@ -368,12 +369,13 @@ def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
     }
 
 
-def until(condition, bound_s: float, what: str) -> None:
-    """Poll `condition()` until it holds; AssertionError naming `what` after `bound_s` seconds."""
+def until(condition, bound_s: float, what: str, seen: list | None = None) -> None:
+    """Poll `condition()` until it holds; AssertionError naming `what` (and the last values `seen`)
+    after `bound_s` seconds."""
     deadline = time.monotonic() + bound_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {bound_s:g} s: {what}")
+            raise AssertionError(f"not within {bound_s:g} s: {what} (last seen: {(seen or [])[-20:]})")
         time.sleep(0.1)
 
 
