@@ -96,7 +96,7 @@ def build_critic_app(
         return CriticWeightsResponse(critic_version=version, load_time_s=round(seconds, 4))
 
     if upload_store is not None:
-        uploads = LocalUploads(upload_store, load)
+        uploads = LocalUploads(upload_store, timed_push("critic", "upload")(load))
         prefix, answer = "/v1/critic/weights/uploads", CriticWeightsResponse
         app.include_router(upload_router(prefix, "critic", lambda _: uploads, answer, admin, _ERRORS))
 

@@ -149,12 +149,14 @@ class RolloutService:
     async def load_critic_weights(self, path: str, version: int | None) -> CriticWeightsResponse:
         return await self.admin.load_critic_weights(path, version)
 
+    @metrics.timed_push("policy", "upload")
     async def serve_weights(self, path: str | Path, version: int | None) -> WeightsResponse:
         """The policy weights in a directory of this server's (an upload's staging): `Admin`."""
         return await self.admin.serve_weights(path, version)
 
+    @metrics.timed_push("critic", "upload")
     async def update_critic(self, load: Callable[[], Awaitable[tuple[int, float]]]) -> CriticWeightsResponse:
-        """New critic weights by `load()`, under the push gate: `Admin`."""
+        """New critic weights by `load()` (an upload's), under the push gate: `Admin`."""
         return await self.admin.update_critic(load)
 
     def open_run(self, body: RunRequest) -> RunResponse:

@@ -13,6 +13,8 @@ from collections import Counter
 import httpx
 import pytest
 
+from espo_client import EspoClient
+from espo_client.integrations import push_weights
 from espo_client.protocol import Prompt, RolloutRequest
 from espo_server import metrics
 from espo_server.errors import InvalidRequest
@@ -163,6 +165,13 @@ def test_sums_over_labels_equal_what_the_calls_reported(rollout_server, critic_s
         seconds = moved("espo_weight_push_seconds_sum", model=model, source="path")
         assert loads[model] - 1e-3 <= seconds <= walls[model], (model, seconds, loads[model], walls[model])
     assert moved("espo_weight_loads_total", outcome="ok") == 1
+    # The same policy uploaded (read from its directory on this side): timed under source="upload".
+    before = snapshot(rollout_server)
+    with EspoClient(base_url=url) as client:
+        push_weights(client, tiny_models["policy"], info["policy_version"])
+    moved = Moved(before, snapshot(rollout_server))
+    assert moved("espo_weight_push_seconds_count", model="policy", source="upload") == 1
+    assert moved("espo_weight_push_seconds_count", model="policy", source="path") == 0
     assert httpx.get(url + "/v1/info", timeout=10).json()["policy_version"] == info["policy_version"]
     assert critic_version(critic_server) == pushes["critic"][2]
 
