@@ -325,20 +325,23 @@ def sigterm(s1: ServerProcess, grace_s: float, bound_s: float) -> dict:
 
 def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
     """S2 is started with `--engine-dead-linger-s` well above the time a client needs to see its 503s.
-    Each step waits for the state it needs (both calls generating, the death noticed), bounded by
-    `bound_s`, never for a fixed time."""
+    The engine process is stopped (SIGSTOP) before the two calls are sent, so neither can end before
+    it is killed however slow the machine; each step waits for the state it needs (both calls'
+    samples in flight, the death noticed), bounded by `bound_s`, never for a fixed time."""
     url = s2.url
     long = {"prompts": [{"token_ids": PROMPT}] * 2, "n": 32, "max_tokens": 480, "ignore_eos": True}
-    plain = background(post, url, long)
-    stream = background(streamed, url, long)
-    # every sample of a call counts as in flight from its start to its end (480 engine steps or more)
-    inflight = lambda: harness.scrape(url).sum("espo_inflight_trajectories")  # noqa: E731
-    seen: list[float] = []
-    until(lambda: seen.append(inflight()) or seen[-1] >= 128, bound_s, "both calls generate", seen)
     cores = [c for c in psutil.Process(s2.proc.pid).children(recursive=True) if is_engine_core(c)]
     assert cores, "no VLLM::EngineCore child found"
+    cores[0].suspend()
+    plain = background(post, url, long)
+    stream = background(streamed, url, long)
+    # every sample of a call counts as in flight from its start to its end; with the engine stopped
+    # none can end
+    inflight = lambda: harness.scrape(url).sum("espo_inflight_trajectories")  # noqa: E731
+    seen: list[float] = []
+    until(lambda: seen.append(inflight()) or seen[-1] >= 128, bound_s, "both calls in flight", seen)
     killed = time.monotonic()
-    cores[0].kill()
+    cores[0].kill()  # SIGKILL ends a stopped process too
     until(lambda: httpx.get(url + "/readyz", timeout=30).status_code == 503, bound_s, "the death noticed")
     after = post(url, long, timeout=30)
     ready = httpx.get(url + "/readyz", timeout=30)
@@ -362,6 +365,7 @@ def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
     return {
         "exit_after_s": round(exited - killed, 2),
         "exit_status": status,
+        "running_call": {"status": running.status_code, "message": running.text[:300]},
         "new_call": {"status": after.status_code, "message": after.text[:300]},
         "readyz": ready.text[:300],
         "streamed": streamed_out,

@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .engine import ENGINE_DEAD_MESSAGE, Engine
-from .errors import EngineDead, Overloaded, ShuttingDown, WeightsBroken
+from .errors import EngineDead, Overloaded, ServiceError, ShuttingDown, WeightsBroken
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Admission:
         """Calls running now (replays and waiting retries aside)."""
         self.inflight = 0
         """Samples generating now (all calls, and the samples runs carry), for backpressure."""
-        self._cuts: set[asyncio.Future[None]] = set()
+        self._cuts: set[asyncio.Future[ServiceError | None]] = set()
 
     # ------------------------------------------------------------------ checks
 
@@ -79,9 +79,10 @@ class Admission:
         self.inflight -= 1
 
     @contextlib.contextmanager
-    def call(self) -> Iterator[asyncio.Future[None]]:
-        """A call runs while inside; the future is done when a shutdown cuts it (`cut_calls`)."""
-        cut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def call(self) -> Iterator[asyncio.Future[ServiceError | None]]:
+        """A call runs while inside; the future is done when a shutdown cuts it (`cut_calls`: None)
+        or the engine died (`fail_calls`: the error to answer with)."""
+        cut: asyncio.Future[ServiceError | None] = asyncio.get_running_loop().create_future()
         self._cuts.add(cut)
         self.running += 1
         try:
@@ -114,6 +115,14 @@ class Admission:
     def cut_calls(self) -> None:
         """End every running call now with ShuttingDown (the end of a drain, or a second SIGTERM)."""
         self.draining = True
+        self._end_calls(lambda: None)
+
+    def fail_calls(self) -> None:
+        """End every running call now with EngineDead: the engine's process is gone. vLLM's streams
+        do not always say so themselves (requests the killed process had not read yet hang)."""
+        self._end_calls(lambda: EngineDead(ENGINE_DEAD_MESSAGE))
+
+    def _end_calls(self, error: Callable[[], ServiceError | None]) -> None:
         for cut in self._cuts:
             if not cut.done():
-                cut.set_result(None)
+                cut.set_result(error())

@@ -27,7 +27,7 @@ from . import fold, metrics
 from .admission import Admission
 from .config import ServerConfig
 from .engine import Engine
-from .errors import ShuttingDown
+from .errors import ServiceError, ShuttingDown
 from .events import CallDone, CallEvent, TokenDelta, replay
 from .idempotency import CallEnded, IdempotencyCache
 from .ledger import StateLedger
@@ -324,12 +324,12 @@ class _TokenFeed:
 async def _endings(
     groups: list[Group],
     deadline: float | None,
-    cut: asyncio.Future[None] | None = None,
+    cut: asyncio.Future[ServiceError | None] | None = None,
     tokens: _TokenFeed | None = None,
 ) -> AsyncIterator[tuple[Group, Sample] | None]:
     """(group, sample) as each sample ends; those that ended already come first. With `tokens`, None
     when samples made progress (new final tokens may be there). Ends early at `deadline`
-    (time.monotonic); raises ShuttingDown once `cut` is done."""
+    (time.monotonic); raises ShuttingDown once `cut` is done (or the error it holds)."""
     pending = {s.task: (g, s) for g in groups for s in g.samples if s.task is not None}
     ready = [task for task in pending if task.done()]
     progressed: asyncio.Future | None = None
@@ -343,7 +343,7 @@ async def _endings(
                     waiting.add(progressed)
                 done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if cut is not None and cut.done():
-                    raise ShuttingDown(
+                    raise cut.result() or ShuttingDown(
                         "this server is shutting down and ended the call before it was complete; nothing "
                         "of it was kept: retry with the same request_id (on another replica or after the "
                         "restart)"

@@ -30,7 +30,7 @@ from espo_client.stop_rule import (
 from .admission import Admission
 from .config import ServerConfig
 from .engine import Engine, GenerationParams, sample_seed
-from .errors import Conflict, InvalidRequest
+from .errors import Conflict, InvalidRequest, ServiceError
 from .idempotency import IdempotencyCache
 from .ledger import StateLedger
 from .runs import RunRegistry
@@ -78,8 +78,9 @@ class CallPlan:
     deadline_hit: bool = False
     known: RolloutResponse | asyncio.Future[RolloutResponse] | None = None
     """A retry: the first call's answer, or the future of the first call still running."""
-    cut: asyncio.Future[None] | None = None
-    """Done when a shutdown ends the call before it is complete (`Admission.cut_calls`)."""
+    cut: asyncio.Future[ServiceError | None] | None = None
+    """Done when a shutdown ends the call before it is complete (`Admission.cut_calls`), or with
+    the error to answer when the engine died (`Admission.fail_calls`)."""
     token_events: bool = False
     """Stream the call's final tokens as they come (events.TokenDelta): the OpenAI streams."""
 

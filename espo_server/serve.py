@@ -233,6 +233,7 @@ async def serve_rollout_app(app: FastAPI, service: RolloutService, config: Serve
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
         status = ENGINE_DEAD_EXIT_CODE
         log.error("the policy engine process died: /v1 calls get 503 engine_dead; exit status %d", status)
+        service.fail_calls()
         await asyncio.sleep(config.engine_dead_linger_s)  # running calls fail, new ones hear why; then exit
         server.should_exit = True
 

@@ -130,6 +130,9 @@ class RolloutService:
     def cut_calls(self) -> None:
         self.admission.cut_calls()
 
+    def fail_calls(self) -> None:
+        self.admission.fail_calls()
+
     # ------------------------------------------------------------------ admin
 
     def state(self) -> StateResponse:

@@ -13,7 +13,7 @@ import pytest
 from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse, RunRequest
 from espo_server.app import build_app
 from espo_server.errors import EngineDead, ShuttingDown
-from tests.fakes import FakeCritic, FakeEngine, run, service
+from tests.fakes import FakeCritic, FakeEngine, GatedEngine, run, service
 from tests.waiting import until
 
 
@@ -109,6 +109,28 @@ def test_a_dead_engine_answers_every_v1_call_with_a_503_engine_dead():
     assert health.status_code == 200  # alive (the process), not ready
     with pytest.raises(EngineDead):
         svc.plan(req())
+
+
+def test_calls_whose_streams_hang_when_the_engine_dies_are_ended_with_engine_dead():
+    """vLLM leaves the requests its killed engine process had not read yet hanging: no output, no
+    error. fail_calls (serve.py's watchdog, once it sees the death) ends them; a run's call too."""
+    engine = GatedEngine(length=5)  # never released: its streams hang like those requests
+    svc = service(engine, FakeCritic())
+
+    async def go():
+        run_id = svc.open_run(RunRequest()).run_id
+        calls = [
+            asyncio.create_task(svc.rollouts(req(request_id="plain"))),
+            asyncio.create_task(svc.rollouts(req(request_id="in-run", run_id=run_id))),
+        ]
+        await until(lambda: svc.admission.running == 2 and svc.admission.inflight == 4, "both calls run")
+        engine.dead = True
+        svc.fail_calls()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    answers = run(go())
+    assert all(isinstance(a, EngineDead) for a in answers), answers
+    assert svc.admission.running == 0 and svc.ledger.state.batches == 0
 
 
 def test_a_503_shutting_down_carries_retry_after_over_http():
