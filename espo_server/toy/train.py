@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -493,7 +494,16 @@ def ensure_toy_models(
     entry = root / f"toy-seed{seed}-{cfg.key()}"
     if (entry / "report.json").exists() and not force:
         return _load(entry, cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    # One trainer per entry: another process (a second test worker, a second demo) waits, then loads.
+    with open(root / f".{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (entry / "report.json").exists() and not force:
+            return _load(entry, cfg)
+        return _train(entry, root, seed, cfg, num_threads)
 
+
+def _train(entry: Path, root: Path, seed: int, cfg: ToyConfig, num_threads: int | None) -> ToyModels:
     threads = num_threads or 1
     log(
         f"training the toy models for seed {seed} (config {cfg.key()}, {threads} torch thread(s)) "
