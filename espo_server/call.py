@@ -16,6 +16,7 @@ replays the first call's answer (or waits for it), never a second batch of sampl
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -329,38 +330,63 @@ async def _endings(
 ) -> AsyncIterator[tuple[Group, Sample] | None]:
     """(group, sample) as each sample ends; those that ended already come first. With `tokens`, None
     when samples made progress (new final tokens may be there). Ends early at `deadline`
-    (time.monotonic); raises ShuttingDown once `cut` is done (or the error it holds)."""
-    pending = {s.task: (g, s) for g in groups for s in g.samples if s.task is not None}
-    ready = [task for task in pending if task.done()]
+    (time.monotonic); raises ShuttingDown once `cut` is done (or the error it holds).
+
+    Linear in the number of samples: each task reports its end through a done-callback, and the
+    wait is on one event, not on every pending task (that was quadratic over a call of 1,024)."""
+    owner = {s.task: (g, s) for g in groups for s in g.samples if s.task is not None}
+    ended: collections.deque[asyncio.Future] = collections.deque(t for t in owner if t.done())
+    wake = asyncio.Event()
+
+    def on_end(task: asyncio.Future) -> None:
+        ended.append(task)
+        wake.set()
+
+    running = [t for t in owner if not t.done()]
+    for task in running:
+        task.add_done_callback(on_end)
+    if cut is not None:
+        cut.add_done_callback(on_end)  # not a task of `owner`: it only wakes the wait
+    left = len(owner)
+    woken: asyncio.Future | None = None
     progressed: asyncio.Future | None = None
     try:
-        while pending:
-            if not ready:
+        while left:
+            if cut is not None and cut.done():
+                raise cut.result() or ShuttingDown(
+                    "this server is shutting down and ended the call before it was complete; nothing "
+                    "of it was kept: retry with the same request_id (on another replica or after the "
+                    "restart)"
+                )
+            if not ended:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                waiting: set[asyncio.Future] = set(pending) if cut is None else {*pending, cut}
+                wake.clear()
+                woken = woken or asyncio.ensure_future(wake.wait())
+                waiting = {woken}
                 if tokens is not None:
                     progressed = progressed or asyncio.ensure_future(tokens.progress.wait())
                     waiting.add(progressed)
                 done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if cut is not None and cut.done():
-                    raise cut.result() or ShuttingDown(
-                        "this server is shutting down and ended the call before it was complete; nothing "
-                        "of it was kept: retry with the same request_id (on another replica or after the "
-                        "restart)"
-                    )
+                if woken in done:
+                    woken = None
                 if not done:
                     return  # the deadline
                 if tokens is not None and progressed in done:
                     tokens.progress.clear()
                     progressed = None
                     yield None
-                ready = [task for task in done if task in pending]
-            for task in ready:
-                yield pending.pop(task)
-            ready = []
+            while ended:
+                task = ended.popleft()
+                if task in owner:
+                    left -= 1
+                    yield owner[task]
     finally:
-        if progressed is not None:
-            progressed.cancel()
+        for task in (*running, cut):
+            if task is not None:
+                task.remove_done_callback(on_end)
+        for waiter in (woken, progressed):
+            if waiter is not None:
+                waiter.cancel()
 
 
 def _group_event(plan: CallPlan, group: Group) -> GroupEvent:

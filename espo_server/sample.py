@@ -122,6 +122,9 @@ class Sample:
         self.critic_version: int | None = None
         self._query: asyncio.Task[float | None] | None = None
         self._query_t: int | None = None
+        self._reading = False
+        """Waiting for the engine's next chunk (a critic answer that stops may interrupt it)."""
+        self._cut_by_answer = False
         self._engine_id: str | None = None
         self._running = asyncio.Event()
         self._running.set()
@@ -259,31 +262,27 @@ class Sample:
             self._engine_id = None
 
     async def _generate(self, stream: AsyncIterator[TokenChunk]) -> None:
-        next_chunk: asyncio.Future[TokenChunk] | None = None
+        """Read the engine's stream to its end, a stop, an abort or a suspension. The stream is read
+        inline, with no task or wait per chunk: a critic answer is folded in by its query's
+        done-callback (`_answered`) as it comes, and one that stops interrupts the read."""
         try:
             while self.stop_step is None:
-                if self._query is None and next_chunk is None:
-                    try:
-                        chunk = await stream.__anext__()
-                    except StopAsyncIteration:
+                self._reading = True
+                try:
+                    chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self._cut_by_answer and task is not None and task.uncancel() == 0:
+                        break  # the critic's answer stopped the sample: not a cancellation
+                    raise
+                finally:
+                    self._reading = False
+                if self._query is not None and self._query.done():
+                    self._resolve_query()  # answered before this chunk (its callback has not run)
+                    if self.stop_step is not None:
                         break
-                else:
-                    if next_chunk is None:
-                        next_chunk = asyncio.ensure_future(stream.__anext__())
-                    waiting = {next_chunk} if self._query is None else {next_chunk, self._query}
-                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                    if self._query is not None and self._query in done:
-                        self._resolve_query()
-                        if self.stop_step is not None:
-                            break
-                    if next_chunk not in done:
-                        continue
-                    try:
-                        chunk = next_chunk.result()
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        next_chunk = None
                 self._feed(chunk)
                 if chunk.finish_reason is not None:
                     self.finish_reason = chunk.finish_reason
@@ -293,17 +292,25 @@ class Sample:
             if self._query is not None and self.stop_step is None and not self._aborting:
                 # The stream ended while the critic was thinking: the decision for step t still holds.
                 await asyncio.wait({self._query})
-                self._resolve_query()
+                if self._query is not None:  # its callback may have folded it in already
+                    self._resolve_query()
         finally:
-            if next_chunk is not None:
-                next_chunk.cancel()
-                await asyncio.gather(next_chunk, return_exceptions=True)
             if self._query is not None:
                 self._query.cancel()
                 await asyncio.gather(self._query, return_exceptions=True)
                 self._query = None
             with contextlib.suppress(Exception):
                 await stream.aclose()  # type: ignore[attr-defined]  # aborts the engine request if unfinished
+
+    def _answered(self, query: asyncio.Task[float | None]) -> None:
+        """The query's done-callback: fold its answer in now; if it stops the sample while the
+        stream is being read, interrupt the read (the stream is closed, which aborts the request)."""
+        if query is not self._query or query.cancelled() or query.exception() is not None:
+            return  # already folded in by the reader, or cancelled; an error is the reader's to raise
+        self._resolve_query()
+        if self.stop_step is not None and self._reading and self.task is not None:
+            self._cut_by_answer = True
+            self.task.cancel()
 
     def _feed(self, chunk: TokenChunk) -> None:
         for i, token_id in enumerate(chunk.token_ids):
@@ -322,6 +329,7 @@ class Sample:
             elif decision.query_value:
                 self._query_t = t
                 self._query = asyncio.create_task(self._value(self.spec.prompt_ids + self.token_ids[:t]))
+                self._query.add_done_callback(self._answered)
         self._progressed()
 
     def _decided(self, t: int) -> None:

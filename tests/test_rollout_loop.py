@@ -189,3 +189,46 @@ def test_verifier_rewards_eos_trajectories_whose_prompt_has_an_answer():
     )
     out = run(svc.rollouts(request(prompts=prompts[:1], stop_rule="none")))
     assert out.trajectories[0].reward is None  # truncated: no task reward
+
+
+def test_a_pending_query_costs_no_task_per_chunk():
+    """While the critic thinks, the stream is still read inline: the tasks a call creates are its
+    samples and its queries (and the critic's batches), however many chunks come meanwhile."""
+    engine, critic = FakeEngine(length=200, delay=0.001), FakeCritic(value=10.0, delay=0.05)
+    created = 0
+
+    def counting(loop, coro, **kwargs):
+        nonlocal created
+        created += 1
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def go():
+        asyncio.get_running_loop().set_task_factory(counting)
+        return await service(engine, critic).rollouts(request(max_tokens=200))
+
+    t = run(go()).trajectories[0]
+    assert len(t.token_ids) == 200 and t.end_reason != "espo_stop"
+    queries = len(critic.prefixes)
+    assert 2 <= queries <= 10  # each pending for about 50 chunks
+    assert created <= 3 * queries + 5, (created, queries)
+
+
+def test_a_calls_wait_for_its_samples_does_not_grow_with_their_number(monkeypatch):
+    """Each sample reports its end by a done-callback: no wait is on every pending sample (that
+    was quadratic over a call)."""
+    sizes: list[int] = []
+    wait = asyncio.wait
+
+    async def recording(fs, *args, **kwargs):
+        sizes.append(len(fs))
+        return await wait(fs, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "wait", recording)
+    engine = FakeEngine(length=5, delay=0.001)
+    out = run(
+        service(engine, FakeCritic()).rollouts(
+            request(prompts=[Prompt(token_ids=[5, 6, i]) for i in range(10)], n=30, stop_rule="none")
+        )
+    )
+    assert len(out.trajectories) == 300 and sizes
+    assert max(sizes) <= 2, max(sizes)
