@@ -104,6 +104,8 @@ def _critic(args: argparse.Namespace) -> int:
         upload_max_bytes=args.upload_max_bytes,
         upload_idle_timeout_s=args.upload_idle_timeout_s,
         enforce_eager=args.enforce_eager,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
     return 0
 
@@ -169,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     critic.add_argument(
         "--block-size", type=int, default=None, help="KV block size (default: 32 on CPU, vLLM's on GPU)"
+    )
+    critic.add_argument(
+        "--max-num-seqs", type=int, default=None, help="sequences scored at once (default: vLLM's choice)"
+    )
+    critic.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="prefix tokens computed per engine step (default: vLLM's choice)",
     )
     critic.add_argument(
         "--api-key",

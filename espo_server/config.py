@@ -170,6 +170,18 @@ class ServerConfig(BaseSettings):
         description="In-process critic: reuse the KV of cached prefixes (LAST pooling), so a query "
         "computes only the tokens no earlier query filled in, in whole KV blocks.",
     )
+    critic_max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        description="In-process critic: sequences its engine scores at once, its slots (default: "
+        "vLLM's choice). Above critic_max_batch it only costs memory.",
+    )
+    critic_max_num_batched_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="In-process critic: prefix tokens its engine computes per step (default: vLLM's "
+        "choice); a batch of long prefixes takes several steps above it.",
+    )
     critic_block_size: int | None = Field(
         None,
         ge=1,

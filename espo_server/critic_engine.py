@@ -67,13 +67,47 @@ class InProcessCritic(ValuesFromScore):
         prefix_caching: bool = True,
         block_size: int | None = None,
         enforce_eager: bool = False,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
     ) -> AsyncIterator[InProcessCritic]:
+        args = cls.engine_args(
+            model,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            prefix_caching=prefix_caching,
+            block_size=block_size,
+            enforce_eager=enforce_eager,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+        )
+        async with running_async_llm(args, "critic") as llm:
+            critic = cls(llm, model, prefix_caching=prefix_caching)
+            metrics.CRITIC_VERSION.set(0)
+            yield critic
+
+    @staticmethod
+    def engine_args(
+        model: str,
+        *,
+        gpu_memory_utilization: float = 0.15,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        prefix_caching: bool = True,
+        block_size: int | None = None,
+        enforce_eager: bool = False,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+    ):  # -> vllm.engine.arg_utils.AsyncEngineArgs
+        """The critic's vLLM engine arguments (no engine is started). `max_num_seqs` (its slots: the
+        most queries it scores at once) and `max_num_batched_tokens` (prefix tokens per step) are
+        vLLM's choice when None."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
         if block_size is None and prefix_caching and current_platform.is_cpu():
             block_size = CPU_BLOCK_SIZE  # vLLM's CPU default, 128, would cache almost nothing here
-        args = AsyncEngineArgs(
+        return AsyncEngineArgs(
             model=model,
             runner="pooling",
             gpu_memory_utilization=gpu_memory_utilization,
@@ -82,12 +116,10 @@ class InProcessCritic(ValuesFromScore):
             enable_prefix_caching=prefix_caching,
             block_size=block_size,
             enforce_eager=enforce_eager,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
             worker_extension_cls="espo_server.critic_worker.CriticWorker",
         )
-        async with running_async_llm(args, "critic") as llm:
-            critic = cls(llm, model, prefix_caching=prefix_caching)
-            metrics.CRITIC_VERSION.set(0)
-            yield critic
 
     async def _one(self, prefix: Sequence[int]) -> tuple[float, int]:
         from vllm.pooling_params import PoolingParams

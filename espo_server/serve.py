@@ -114,6 +114,8 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             prefix_caching=config.critic_prefix_caching,
             block_size=config.critic_block_size,
             enforce_eager=config.enforce_eager,
+            max_num_seqs=config.critic_max_num_seqs,
+            max_num_batched_tokens=config.critic_max_num_batched_tokens,
         ) as critic:
             yield critic
     else:
@@ -280,6 +282,8 @@ def run_critic_server(
     upload_max_bytes: int | None = None,
     upload_idle_timeout_s: float = 120.0,
     enforce_eager: bool = False,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
 ) -> None:
     """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights,
     the uploads under /v1/critic/weights/uploads; the pushes on `admin_port` only, when set)."""
@@ -293,6 +297,8 @@ def run_critic_server(
             prefix_caching=prefix_caching,
             block_size=block_size,
             enforce_eager=enforce_eager,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
         ) as critic:
             with staging_root(upload_dir) as root:
                 store = UploadStore(

@@ -91,3 +91,43 @@ def test_embedded_model_is_espo_toy_with_a_chat_template(monkeypatch, tmp_path):
     assert config.chat_template == CHAT_TEMPLATE
     named = serve.resolve_models(ServerConfig(model="/m", critic="none"))
     assert named.model_name() == "/m" and named.chat_template is None
+
+
+def test_the_critic_engines_limits_reach_its_engine_arguments(monkeypatch):
+    """--critic-max-num-seqs / --critic-max-num-batched-tokens (serve, in-process critic) and
+    --max-num-seqs / --max-num-batched-tokens (espo-server critic) reach the critic's vLLM engine."""
+    import asyncio
+    import contextlib
+
+    from espo_server import cli, critic_engine
+    from espo_server.serve import launch_critic
+
+    seen = []
+
+    @contextlib.asynccontextmanager
+    async def capture(args, what):
+        seen.append((what, args))
+        raise RuntimeError("no engine in this test")
+        yield
+
+    monkeypatch.setattr(critic_engine, "running_async_llm", capture)
+    serve = ["serve", "--critic", "inprocess", "--critic-model", "/models/critic"]
+    limits = ["--critic-max-num-seqs", "16", "--critic-max-num-batched-tokens", "4096"]
+    config = config_from_args(build_parser().parse_args(serve + limits))
+
+    async def launch() -> None:
+        async with launch_critic(config):
+            pass
+
+    with pytest.raises(RuntimeError, match="no engine"):
+        asyncio.run(launch())
+    critic = ["critic", "--model", "/models/critic", "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]
+    args = build_parser().parse_args(critic)
+    with pytest.raises(RuntimeError, match="no engine"):
+        cli._critic(args)
+    (_, inprocess), (_, server) = seen
+    assert (inprocess.max_num_seqs, inprocess.max_num_batched_tokens) == (16, 4096)
+    assert (server.max_num_seqs, server.max_num_batched_tokens) == (8, 512)
+    assert inprocess.runner == server.runner == "pooling"
+    default = critic_engine.InProcessCritic.engine_args("/models/critic")
+    assert default.max_num_seqs is None and default.max_num_batched_tokens is None  # vLLM's choice
