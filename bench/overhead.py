@@ -7,6 +7,10 @@ tokens) and concurrency through:
   (c) espo-server, stop_rule none                                    -- our HTTP + rollout loop
   (d) espo-server, stop_rule espo in shadow mode, warm state         -- + the rule and the critic
   (e) optional (--stream-interval K): (d) on a server with --stream-interval K
+  (f) vLLM AsyncLLM directly, per-token deltas with logprobs, each token's logprob read
+                                                                     -- the fair floor of a per-token rule
+(a) returns only final outputs, which no rule that watches every token can match; (f) streams what
+such a rule must read, so d/f is the overhead of ours.
 For (d) it also reports the critic's cost: queries per sequence, critic tokens computed per generated
 token (prefix-cache hits excluded) beside the prefix tokens asked about (what re-encoding each whole
 would cost), and the mean critic batch size (queries per critic call, from /metrics).
@@ -78,6 +82,34 @@ async def run_asyncllm(llm, prompts, max_tokens: int, seed: int) -> int:
         async for out in llm.generate({"prompt_token_ids": prompt}, params, f"a-{time.monotonic_ns()}-{i}"):
             final = out
         return len(final.outputs[0].token_ids)
+
+    return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+async def run_asyncllm_stream(llm, prompts, max_tokens: int, seed: int) -> int:
+    """(f): every token's delta as the engine makes it, with its sampled logprob read out, as the
+    rollout loop reads them (and nothing else)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    async def one(i: int, prompt: list[int]) -> int:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0,
+            logprobs=1,
+            seed=seed + i,
+            ignore_eos=True,
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,
+        )
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        async for out in llm.generate({"prompt_token_ids": prompt}, params, f"f-{time.monotonic_ns()}-{i}"):
+            completion = out.outputs[0]
+            for token_id, step in zip(completion.token_ids, completion.logprobs or (), strict=True):
+                tokens.append(token_id)
+                logprobs.append(step[token_id].logprob)
+        return len(tokens)
 
     return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
@@ -221,6 +253,7 @@ async def main_async(args) -> dict:
                 "b_vllm_serve": lambda p, s: run_vllm_openai(vllm_client, "policy", p, args.max_tokens, s),
                 "c_espo_none": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, shadow=False),
                 "d_espo_shadow": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, True, "d"),
+                "f_asyncllm_stream": lambda p, s: run_asyncllm_stream(llm, p, args.max_tokens, s),
             }
             if interval is not None:
                 interval_client = await stack.enter_async_context(
@@ -266,6 +299,9 @@ async def main_async(args) -> dict:
                     "d_over_a": round(med["d_espo_shadow"] / med["a_asyncllm"], 3),
                     "d_over_b": round(med["d_espo_shadow"] / med["b_vllm_serve"], 3),
                     "b_over_a": round(med["b_vllm_serve"] / med["a_asyncllm"], 3),
+                    "f_over_a": round(med["f_asyncllm_stream"] / med["a_asyncllm"], 3),
+                    "c_over_f": round(med["c_espo_none"] / med["f_asyncllm_stream"], 3),
+                    "d_over_f": round(med["d_espo_shadow"] / med["f_asyncllm_stream"], 3),
                     "critic_calls_per_seq_d": round(
                         statistics.mean(u["critic_calls"] for u in d_usage) / k, 2
                     ),
@@ -303,6 +339,13 @@ def print_table(results: dict) -> None:
             f"{r['c_espo_none_tok_s']:>14,.0f} {r['d_espo_shadow_tok_s']:>16,.0f} {r['c_over_a']:>6.3f} "
             f"{r['d_over_a']:>6.3f} {r['d_over_b']:>6.3f} {r['critic_calls_per_seq_d']:>13.2f} "
             f"{r['critic_tokens_per_gen_d']:>15.3f} {r['prefix_tokens_per_gen_d']:>15.3f} {batch:>6}"
+        )
+    print("\nAgainst the fair floor, (f) AsyncLLM streaming per-token deltas with logprobs")
+    print(f"{'conc':>5} {'(f) stream':>11} {'f/a':>6} {'c/f':>6} {'d/f':>6}")
+    for r in results["rows"]:
+        print(
+            f"{r['concurrency']:>5} {r['f_asyncllm_stream_tok_s']:>11,.0f} {r['f_over_a']:>6.3f} "
+            f"{r['c_over_f']:>6.3f} {r['d_over_f']:>6.3f}"
         )
     if any("e_over_a" in r for r in results["rows"]):
         k = results["config"]["stream_interval"]

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import warnings
@@ -166,6 +167,8 @@ def test_the_overhead_bench_ends_without_a_traceback(tmp_path) -> None:
                      "--settle", "0", "--out", str(out), timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.exists()
+    (row,) = json.loads(out.read_text())["rows"]  # the fair floor ran beside the rest
+    assert row["f_asyncllm_stream_tok_s"] > 0 and row["d_over_f"] > 0, row
     assert tracebacks(proc.stderr) == [], proc.stderr[-5000:]
     server_log = out.with_suffix(".logs") / "espo-server.log"
     assert tracebacks(server_log.read_text(errors="replace")) == [], server_log.read_text()[-5000:]
