@@ -1,5 +1,6 @@
 """What the benchmarks share: their common flags, servers started on loopback and waited for, the
-embedded toy models, /metrics scraped and parsed, and the result written.
+embedded toy models, /metrics scraped and parsed, the CPU-seconds ledger of a server's processes, and
+the result written.
 
 Every benchmark is a module of the `bench` package, run from the repository root:
 
@@ -17,12 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from espo_server.config import default_toy_size
-from espo_server.process import ServerProcess, espo_server_argv, free_port
+from espo_server.process import ENGINE_MARK, ServerProcess, espo_server_argv, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -165,6 +168,156 @@ def scrape(url: str) -> Metrics:
             for s in family.samples
         }
     )
+
+
+# ---------------------------------------------------------------------------------- CPU ledger
+
+ROLES = ("policy", "critic", "server")
+
+
+class CpuLedger:
+    """CPU-seconds (user + system, from /proc through psutil) of one server's processes, by role:
+    `policy` (the policy engine's processes: vLLM's EngineCore and its workers), `critic` (the
+    in-process critic engine's), `server` (the server's own process, every thread, and any other
+    helper it started). `measure()` around a call gives what that call cost each of them, so a
+    critic query's cost is counted rather than inferred from wall time.
+
+    An engine's processes are told apart by the ESPO_ENGINE mark in their environment; a server
+    that sets none (an older tree) starts the policy engine first, so the older engine is the policy.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self._roles: dict[int, str] = {}
+
+    @classmethod
+    def of_url(cls, url: str) -> CpuLedger | None:
+        """The ledger of the process listening on `url`'s port on this machine (None: not found)."""
+        port = urlsplit(url).port
+        try:
+            for conn in psutil.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                    return cls(conn.pid)
+        except psutil.Error:
+            pass
+        return None
+
+    def _engines(self) -> list[psutil.Process]:
+        return [c for c in self.root.children() if _is_engine(c)]
+
+    def _classify(self) -> dict[int, tuple[str, psutil.Process]]:
+        engines = sorted(self._engines(), key=lambda p: p.create_time())
+        found: dict[int, tuple[str, psutil.Process]] = {self.root.pid: ("server", self.root)}
+        for order, engine in enumerate(engines):
+            role = self._roles.get(engine.pid) or _mark(engine) or ("policy" if order == 0 else "critic")
+            self._roles[engine.pid] = role
+            for proc in (engine, *engine.children(recursive=True)):
+                found[proc.pid] = (role, proc)
+        for proc in self.root.children(recursive=True):
+            found.setdefault(proc.pid, ("server", proc))
+        return found
+
+    def read(self) -> dict[int, tuple[str, float]]:
+        """pid -> (role, CPU-seconds so far) of every process of the server now."""
+        out = {}
+        for pid, (role, proc) in self._classify().items():
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                out[pid] = (role, times.user + times.system)
+        return out
+
+    @staticmethod
+    def spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+        """CPU-seconds per role between two `read()`s (a process that started between them counts in
+        full; one that ended is lost)."""
+        totals = dict.fromkeys(ROLES, 0.0)
+        for pid, (role, seconds) in after.items():
+            totals[role] = totals.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+        return {role: round(value, 4) for role, value in totals.items()}
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[dict[str, float]]:
+        """`with ledger.measure() as cpu: ...`: afterwards `cpu` holds the CPU-seconds per role."""
+        spent: dict[str, float] = {}
+        before = self.read()
+        try:
+            yield spent
+        finally:
+            spent.update(self.spent(before, self.read()))
+
+    def placement(self) -> dict[str, str]:
+        """Where each engine's worker may run (Cpus_allowed_list), and the server's process."""
+        out = {"server": _allowed(self.root)}
+        for role, proc in self._classify().values():
+            if role in ("policy", "critic") and _is_worker(proc):
+                out[f"{role}_worker"] = _allowed(proc)
+        return out
+
+
+def _is_engine(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "EngineCore" in " ".join(proc.cmdline()) or "EngineCore" in proc.name()
+    return False
+
+
+def _is_worker(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "Worker" in " ".join(proc.cmdline()) or "Worker" in proc.name()
+    return False
+
+
+def _mark(proc: psutil.Process) -> str | None:
+    with contextlib.suppress(psutil.Error):
+        role = proc.environ().get(ENGINE_MARK)
+        return role if role in ("policy", "critic") else None
+    return None
+
+
+def _allowed(proc: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error, OSError):
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages now (benchmarks record them with their figures)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def ledger_summary(runs: list[dict]) -> dict[str, Any] | None:
+    """Medians over runs of the CPU-seconds per role (each run's `cpu`, from `CpuLedger.measure`), and
+    the critic's CPU-seconds per query (each run's `critic_calls`); None where no run was measured."""
+    import statistics
+
+    measured = [r for r in runs if r.get("cpu")]
+    if not measured:
+        return None
+    out: dict[str, Any] = {role: statistics.median(r["cpu"][role] for r in measured) for role in ROLES}
+    out["total"] = statistics.median(sum(r["cpu"][role] for role in ROLES) for r in measured)
+    per_query = [r["cpu"]["critic"] / r["critic_calls"] for r in measured if r.get("critic_calls")]
+    out["critic_per_query"] = statistics.median(per_query) if per_query else None
+    out["critic_per_query_range"] = [min(per_query), max(per_query)] if per_query else None
+    return out
+
+
+def print_ledger(rows: dict[str, dict[str, Any] | None], unit: str = "call") -> None:
+    """The ledger's table: CPU-seconds per `unit` of each role, and the critic's per query."""
+    print(f"\nCPU-seconds per {unit} (user + sys; medians): policy engine, critic engine, server process")
+    print(f"{'':<16} {'policy':>8} {'critic':>8} {'server':>8} {'total':>8} {'critic ms/query':>16}")
+    for name, r in rows.items():
+        if r is None:
+            print(f"{name:<16} {'(not measured)':>8}")
+            continue
+        per_query = "-" if r["critic_per_query"] is None else f"{1000 * r['critic_per_query']:.2f}"
+        if r.get("critic_per_query_range"):
+            low, high = r["critic_per_query_range"]
+            per_query += f" ({1000 * low:.2f}-{1000 * high:.2f})"
+        print(
+            f"{name:<16} {r['policy']:>8.2f} {r['critic']:>8.2f} {r['server']:>8.2f} {r['total']:>8.2f} "
+            f"{per_query:>16}"
+        )
 
 
 # -------------------------------------------------------------------------------------------- result

@@ -16,7 +16,9 @@ the modes on each repeat, with the same problems and seeds per repeat:
 
 Prints, medians over repeats: wall time, tokens generated, trajectories/s, stop and false-stop rates
 (a stop is false when the `none` twin, same prompt and seed, was correct), and the ratios to none's
-full batch. Targets: espo wall <= 0.8 x none at <= 3% false stops; over-sampling's time to
+full batch; then the CPU-seconds ledger: per batch, the CPU time of the policy engine's processes,
+the critic engine's and the server's own process, and the critic's CPU-seconds per query.
+Targets: espo wall <= 0.8 x none at <= 3% false stops; over-sampling's time to
 B groups <= 0.7 x none's full batch.
 
     .venv/bin/python -m bench.throughput                    # 256 problems x n=4, 64 slots, 3 repeats
@@ -25,6 +27,7 @@ B groups <= 0.7 x none's full batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -59,6 +62,9 @@ def main() -> None:
         EspoClient(base_url=url, timeout=3600) as client,
     ):
         info = client.info()
+        ledger = harness.CpuLedger.of_url(url)
+        placement = ledger.placement() if ledger else None
+        print(f"load average {harness.load_average()}; cores allowed {placement}", flush=True)
         warmup = generate(args.problems, "train", seed=99, spec=task)
         plain = client.rollouts(
             prompts=[encode(p.prompt) for p in warmup], n=args.n, max_tokens=args.max_tokens, seed=1,
@@ -71,7 +77,7 @@ def main() -> None:
             for mode in MODES:
                 if mode == "random" and random_rate is None:
                     random_rate = matched_random_rate(runs, args)
-                row = run_mode(client, mode, problems, args, state, rep, random_rate)
+                row = run_mode(client, mode, problems, args, state, rep, random_rate, ledger)
                 runs[mode].append(row)
                 print(
                     f"  repeat {rep + 1}/{args.repeats} {mode:<10} {row['wall_s']:6.2f}s "
@@ -88,14 +94,19 @@ def main() -> None:
             )["accuracy"]
 
     summary = summarise(runs, args)
+    cpu = {mode: harness.ledger_summary(runs[mode]) for mode in MODES}
     result = {
         "config": vars(args) | {"engine_max_num_seqs": info.max_num_seqs, "random_rate": random_rate},
         "summary": summary,
+        "cpu_seconds_per_batch": cpu,
+        "placement": placement,
+        "load_average_end": harness.load_average(),
         "runs": runs,
         "wall_s": round(time.time() - started, 1),
     }
     harness.write_result(args.out, result)
     print_table(summary, args, info.max_num_seqs, random_rate)
+    harness.print_ledger(cpu, unit="batch")
     print(f"wrote {args.out}")
 
 
@@ -110,7 +121,7 @@ def matched_random_rate(runs: dict[str, list[dict]], args) -> float:
     return min(1.0, runs["espo"][0]["stop_rate"] / max(inside, 1e-9))
 
 
-def run_mode(client, mode, problems, args, state, rep, random_rate) -> dict:
+def run_mode(client, mode, problems, args, state, rep, random_rate, ledger=None) -> dict:
     """One batch; the same seeds in every mode of a repeat, so `none` is every stop's twin."""
     over = mode.startswith("over:")
     rule = mode.split(":")[-1]
@@ -124,9 +135,11 @@ def run_mode(client, mode, problems, args, state, rep, random_rate) -> dict:
         body["rule_params"] = {"random_rate": random_rate}
     if over:
         body["return_groups"] = args.problems
-    started = time.perf_counter()
-    out = client.rollouts(**body)
-    wall = time.perf_counter() - started
+    with contextlib.ExitStack() as stack:
+        cpu = stack.enter_context(ledger.measure()) if ledger else None
+        started = time.perf_counter()
+        out = client.rollouts(**body)
+        wall = time.perf_counter() - started
     usage = out.usage
     returned = [t for t in out.trajectories if t.end_reason != "abort"]
     return {
@@ -139,6 +152,7 @@ def run_mode(client, mode, problems, args, state, rep, random_rate) -> dict:
         "stop_rate": usage.stopped / max(1, len(returned)),
         "critic_calls": usage.critic_calls,
         "discarded_tokens": usage.discarded_tokens,
+        "cpu": cpu,
     }
 
 

@@ -19,6 +19,7 @@ from espo_client.protocol import MAX_SEED, Sampling
 
 from . import metrics
 from .errors import EngineDead, ReloadFailed, WeightsBroken
+from .process import engine_mark
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -207,7 +208,8 @@ async def running_async_llm(args, what: str) -> AsyncIterator[AsyncLLM]:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     started = time.perf_counter()
-    llm = AsyncLLM.from_engine_args(args)
+    with engine_mark(what):
+        llm = AsyncLLM.from_engine_args(args)
     # Before any other engine is built: a second engine's stat logger would unregister these series.
     series = metrics.ENGINE_SERIES.adopt(what)
     log.info(

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -148,3 +148,22 @@ def vllm_bench_argv(*args: str) -> list[str]:
     the `vllm` command fails looking up a distribution named "vllm", and the module has no
     `__main__`."""
     return [sys.executable, "-c", _VLLM_BENCH, *args]
+
+
+ENGINE_MARK = "ESPO_ENGINE"
+"""In the environment of each engine's processes: `policy` or `critic` (what tools such as the
+benchmarks' CPU ledger tell them apart by)."""
+
+
+@contextlib.contextmanager
+def engine_mark(what: str) -> Iterator[None]:
+    """ESPO_ENGINE=`what` while an engine's processes are spawned (they inherit the environment)."""
+    before = os.environ.get(ENGINE_MARK)
+    os.environ[ENGINE_MARK] = what
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENGINE_MARK, None)
+        else:
+            os.environ[ENGINE_MARK] = before

@@ -29,6 +29,13 @@ def test_throughput_bench_runs_every_mode(embedded_server, tmp_path):
     assert all(row["wall_s"] > 0 and row["tokens"] > 0 for row in summary.values())
     for mode in ("over:none", "over:espo"):  # 11 prompts sent, the first 8 complete groups returned
         assert result["runs"][mode][0]["groups_returned"] == 8
+    # the CPU-seconds ledger: each engine's processes and the server's, told apart and counted
+    cpu = result["cpu_seconds_per_batch"]
+    assert all(cpu[mode]["policy"] > 0 and cpu[mode]["server"] > 0 for mode in summary), cpu
+    assert cpu["espo"]["critic"] > 0 and cpu["espo"]["critic_per_query"] > 0, cpu
+    assert cpu["none"]["critic"] < cpu["espo"]["critic"], cpu  # none never asks the critic
+    assert {"server", "policy_worker", "critic_worker"} <= set(result["placement"]), result["placement"]
+    assert "CPU-seconds per batch" in proc.stdout
 
 
 def test_push_bench_runs(tmp_path):
