@@ -241,6 +241,7 @@ async def main_async(args) -> dict:
         if interval is not None:
             interval.wait_ready()
         vocab = llm.model_config.get_vocab_size()
+        ledger = harness.CpuLedger(espo.proc.pid)  # the espo server's processes, by role
         async with contextlib.AsyncExitStack() as stack:
             espo_client = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=espo.url, timeout=timeout)
@@ -251,7 +252,7 @@ async def main_async(args) -> dict:
             paths = {
                 "a_asyncllm": lambda p, s: run_asyncllm(llm, p, args.max_tokens, s),
                 "b_vllm_serve": lambda p, s: run_vllm_openai(vllm_client, "policy", p, args.max_tokens, s),
-                "c_espo_none": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, shadow=False),
+                "c_espo_none": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, False, "c"),
                 "d_espo_shadow": lambda p, s: run_espo(espo_client, p, args.max_tokens, s, True, "d"),
                 "f_asyncllm_stream": lambda p, s: run_asyncllm_stream(llm, p, args.max_tokens, s),
             }
@@ -267,6 +268,7 @@ async def main_async(args) -> dict:
                 for fn in paths.values():  # warm-up: compile, caches
                     await fn(prompts[: min(k, 4)], 0)
                 rates: dict[str, list[float]] = {name: [] for name in paths}
+                ledgers: dict[str, list[dict]] = {"c_espo_none": [], "d_espo_shadow": []}
                 bench_usage.clear()
                 # only (d) asks the critic there
                 batches_before = harness.scrape(espo.url).histogram("espo_critic_batch_size")
@@ -276,9 +278,14 @@ async def main_async(args) -> dict:
                     # spinning before the next path starts: otherwise the path after a switch pays.
                     for name in names[rep % len(names) :] + names[: rep % len(names)]:
                         await asyncio.sleep(args.settle)
-                        start = time.perf_counter()
-                        tokens = await paths[name](prompts, 1000 * rep)
-                        seconds = time.perf_counter() - start
+                        with contextlib.ExitStack() as measuring:
+                            cpu = measuring.enter_context(ledger.measure()) if name in ledgers else {}
+                            start = time.perf_counter()
+                            tokens = await paths[name](prompts, 1000 * rep)
+                            seconds = time.perf_counter() - start
+                        if name in ledgers:
+                            calls = bench_usage[name[0]][-1]["critic_calls"]  # this run's usage
+                            ledgers[name].append({"cpu": cpu, "critic_calls": calls})
                         assert tokens == k * args.max_tokens, (name, tokens)
                         rates[name].append(tokens / seconds)
                     print(
@@ -313,6 +320,7 @@ async def main_async(args) -> dict:
                     if batches
                     else None,
                     "runs": {name: [round(x, 1) for x in r] for name, r in rates.items()},
+                    "cpu_seconds_per_run": {name: harness.ledger_summary(r) for name, r in ledgers.items()},
                 }
                 if "e_espo_interval" in med:
                     row["e_over_a"] = round(med["e_espo_interval"] / med["a_asyncllm"], 3)
@@ -347,6 +355,8 @@ def print_table(results: dict) -> None:
             f"{r['concurrency']:>5} {r['f_asyncllm_stream_tok_s']:>11,.0f} {r['f_over_a']:>6.3f} "
             f"{r['c_over_f']:>6.3f} {r['d_over_f']:>6.3f}"
         )
+    for r in results["rows"]:
+        harness.print_ledger(r["cpu_seconds_per_run"], unit=f"run of {r['concurrency']} sequence(s)")
     if any("e_over_a" in r for r in results["rows"]):
         k = results["config"]["stream_interval"]
         print(f"\n(e) (d) with --stream-interval {k}")

@@ -169,6 +169,8 @@ def test_the_overhead_bench_ends_without_a_traceback(tmp_path) -> None:
     assert out.exists()
     (row,) = json.loads(out.read_text())["rows"]  # the fair floor ran beside the rest
     assert row["f_asyncllm_stream_tok_s"] > 0 and row["d_over_f"] > 0, row
+    cpu = row["cpu_seconds_per_run"]  # the CPU ledger of the espo server's processes
+    assert cpu["d_espo_shadow"]["policy"] > 0 and cpu["c_espo_none"]["server"] > 0, cpu
     assert tracebacks(proc.stderr) == [], proc.stderr[-5000:]
     server_log = out.with_suffix(".logs") / "espo-server.log"
     assert tracebacks(server_log.read_text(errors="replace")) == [], server_log.read_text()[-5000:]
