@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .config import ServerConfig
+from .config import CPU_CORES, ServerConfig
 from .config_docs import flag_name as _flag
 from .config_docs import help_text
 from .process import eager_from_env
@@ -106,6 +107,7 @@ def _critic(args: argparse.Namespace) -> int:
         enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        cpu_cores=args.cpu_cores,
     )
     return 0
 
@@ -128,6 +130,13 @@ def _demo(args: argparse.Namespace) -> int:
     from .toy.demo import demo_cli
 
     return demo_cli(args)
+
+
+def cpu_cores(value: str) -> str:
+    """A core list as ServerConfig.cpu_cores takes it (the critic server's --cpu-cores)."""
+    if not re.fullmatch(CPU_CORES, value):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected cores such as 1, 0-3, 1,3, auto or nobind")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="prefix tokens computed per engine step (default: vLLM's choice)",
+    )
+    critic.add_argument(
+        "--cpu-cores",
+        type=cpu_cores,
+        default=None,
+        help="CPU backend only: the cores of the engine's worker threads, as vLLM's "
+        "VLLM_CPU_OMP_THREADS_BIND (e.g. 1, 0-3; default: the environment's, else vLLM's auto)",
     )
     critic.add_argument(
         "--api-key",

@@ -17,6 +17,8 @@ from espo_client.protocol import MAX_TOP_K_LOGPROBS, EspoState, RuleParams
 from espo_client.stop_rule import EspoParams, StopRule
 
 ToySize = Literal["full", "quick"]
+CPU_CORES = r"^(auto|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$"
+"""A core list as vLLM's VLLM_CPU_OMP_THREADS_BIND takes it for one worker (or auto, nobind)."""
 
 
 def default_cache_dir() -> Path:
@@ -96,6 +98,13 @@ class ServerConfig(BaseSettings):
     max_num_seqs: int | None = Field(
         None, ge=1, description="Sequences the engine runs at once, its slots (default: vLLM's choice)."
     )
+    cpu_cores: str | None = Field(
+        None,
+        pattern=CPU_CORES,
+        description="CPU backend only: the cores the policy engine's worker runs its threads on, in "
+        "vLLM's VLLM_CPU_OMP_THREADS_BIND form (`0`, `0-3`, `1,3`, `nobind`, `auto`); unset: the "
+        "environment's, else vLLM's `auto`, which puts every engine of a server on the same cores.",
+    )
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="Tokens the engine schedules per step (default: vLLM's choice)."
     )
@@ -169,6 +178,12 @@ class ServerConfig(BaseSettings):
         True,
         description="In-process critic: reuse the KV of cached prefixes (LAST pooling), so a query "
         "computes only the tokens no earlier query filled in, in whole KV blocks.",
+    )
+    critic_cpu_cores: str | None = Field(
+        None,
+        pattern=CPU_CORES,
+        description="CPU backend only: the cores of the in-process critic engine's worker (as "
+        "--cpu-cores); e.g. the policy on 0 and the critic on 1 keeps their forward passes apart.",
     )
     critic_max_num_seqs: int | None = Field(
         None,

@@ -69,6 +69,7 @@ class InProcessCritic(ValuesFromScore):
         enforce_eager: bool = False,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
+        cpu_cores: str | None = None,
     ) -> AsyncIterator[InProcessCritic]:
         args = cls.engine_args(
             model,
@@ -81,7 +82,7 @@ class InProcessCritic(ValuesFromScore):
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
         )
-        async with running_async_llm(args, "critic") as llm:
+        async with running_async_llm(args, "critic", cpu_cores) as llm:
             critic = cls(llm, model, prefix_caching=prefix_caching)
             metrics.CRITIC_VERSION.set(0)
             yield critic

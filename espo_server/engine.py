@@ -203,12 +203,13 @@ class Engine(Protocol):
 
 
 @contextlib.asynccontextmanager
-async def running_async_llm(args, what: str) -> AsyncIterator[AsyncLLM]:
-    """An AsyncLLM from engine args, shut down on exit whatever happened (policy and critic alike)."""
+async def running_async_llm(args, what: str, cpu_cores: str | None = None) -> AsyncIterator[AsyncLLM]:
+    """An AsyncLLM from engine args, shut down on exit whatever happened (policy and critic alike);
+    on CPU its worker's threads bound to `cpu_cores` when given (vLLM's VLLM_CPU_OMP_THREADS_BIND)."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
     started = time.perf_counter()
-    with engine_mark(what):
+    with engine_mark(what, cpu_cores):
         llm = AsyncLLM.from_engine_args(args)
     # Before any other engine is built: a second engine's stat logger would unregister these series.
     series = metrics.ENGINE_SERIES.adopt(what)
@@ -268,12 +269,14 @@ class PolicyEngine:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def launch(cls, model: str, **settings: Any) -> AsyncIterator[PolicyEngine]:
-        """Start AsyncLLM for `model` with `engine_args`' settings; shut it down on exit, whatever
-        happened."""
+    async def launch(
+        cls, model: str, *, cpu_cores: str | None = None, **settings: Any
+    ) -> AsyncIterator[PolicyEngine]:
+        """Start AsyncLLM for `model` with `engine_args`' settings (on CPU, its worker on
+        `cpu_cores`); shut it down on exit, whatever happened."""
         from transformers import AutoTokenizer
 
-        async with running_async_llm(cls.engine_args(model, **settings), "policy") as llm:
+        async with running_async_llm(cls.engine_args(model, **settings), "policy", cpu_cores) as llm:
             yield cls(llm, model, AutoTokenizer.from_pretrained(model))
 
     @staticmethod

@@ -155,15 +155,22 @@ ENGINE_MARK = "ESPO_ENGINE"
 benchmarks' CPU ledger tell them apart by)."""
 
 
+CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+"""vLLM's (CPU backend) cores for a worker's OpenMP threads, read by the worker when it starts."""
+
+
 @contextlib.contextmanager
-def engine_mark(what: str) -> Iterator[None]:
-    """ESPO_ENGINE=`what` while an engine's processes are spawned (they inherit the environment)."""
-    before = os.environ.get(ENGINE_MARK)
-    os.environ[ENGINE_MARK] = what
+def engine_mark(what: str, cpu_cores: str | None = None) -> Iterator[None]:
+    """ESPO_ENGINE=`what` (and, when given, VLLM_CPU_OMP_THREADS_BIND=`cpu_cores`) while an engine's
+    processes are spawned: they inherit the environment; this process's is restored after."""
+    changes = {ENGINE_MARK: what} | ({CPU_BIND: cpu_cores} if cpu_cores else {})
+    before = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(ENGINE_MARK, None)
-        else:
-            os.environ[ENGINE_MARK] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -116,6 +116,7 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             enforce_eager=config.enforce_eager,
             max_num_seqs=config.critic_max_num_seqs,
             max_num_batched_tokens=config.critic_max_num_batched_tokens,
+            cpu_cores=config.critic_cpu_cores,
         ) as critic:
             yield critic
     else:
@@ -160,6 +161,7 @@ async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             parallel=parallelism(config),
+            cpu_cores=config.cpu_cores,
         ) as engine,
         launch_critic(config) as critic,
     ):
@@ -284,6 +286,7 @@ def run_critic_server(
     enforce_eager: bool = False,
     max_num_seqs: int | None = None,
     max_num_batched_tokens: int | None = None,
+    cpu_cores: str | None = None,
 ) -> None:
     """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights,
     the uploads under /v1/critic/weights/uploads; the pushes on `admin_port` only, when set)."""
@@ -299,6 +302,7 @@ def run_critic_server(
             enforce_eager=enforce_eager,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            cpu_cores=cpu_cores,
         ) as critic:
             with staging_root(upload_dir) as root:
                 store = UploadStore(

@@ -88,12 +88,14 @@ def rollout_server(tiny_models, critic_server, server_logs, tmp_path_factory) ->
 def embedded_server(quick_toy, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
     """The embedded default (`espo-server serve` naming no model: the toy policy and an in-process
     critic), on the quick toy, with 8 engine slots; the benchmarks and the reproduction the tests run
-    share it (`--url`). Pushes may come from the toy cache and from every test's directory."""
+    share it (`--url`). Pushes may come from the toy cache and from every test's directory. Its
+    engines' workers are placed by hand: the policy on the first core, the critic on the last."""
     port = free_port()
+    cores = sorted(os.sched_getaffinity(0))
     weights = ["--weights-dir", str(quick_toy.policy_dir.parent)]
     weights += ["--weights-dir", str(tmp_path_factory.getbasetemp())]
     flags = ["--toy-size", "quick", "--max-num-seqs", "8", "--critic-timeout-s", CRITIC_TIMEOUT_S, *weights]
-    flags += ["--port", str(port)]
+    flags += ["--port", str(port), "--cpu-cores", str(cores[0]), "--critic-cpu-cores", str(cores[-1])]
     argv = espo_server_argv("serve", *flags)
     with ServerProcess("embedded", argv, port, server_logs) as proc:
         yield proc.wait_ready()

@@ -25,7 +25,9 @@ def test_the_protocol_names_every_method_it_declares():
     assert declared == set(METHODS)
 
 
-@pytest.mark.parametrize("engine", [FakeEngine(), PolicyEngine(stub_llm(), "m", FakeTokenizer())], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "engine", [FakeEngine(), PolicyEngine(stub_llm(), "m", FakeTokenizer())], ids=lambda e: type(e).__name__
+)
 def test_the_fake_and_the_real_engine_have_every_member_of_the_protocol(engine):
     assert isinstance(engine, Engine)  # every attribute and method is there
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from espo_server.cli import build_parser, config_from_args
+from espo_server.critic_engine import InProcessCritic
 from espo_server.engine import Parallelism, PolicyEngine
 from espo_server.serve import parallelism
 
@@ -93,41 +94,59 @@ def test_embedded_model_is_espo_toy_with_a_chat_template(monkeypatch, tmp_path):
     assert named.model_name() == "/m" and named.chat_template is None
 
 
-def test_the_critic_engines_limits_reach_its_engine_arguments(monkeypatch):
-    """--critic-max-num-seqs / --critic-max-num-batched-tokens (serve, in-process critic) and
-    --max-num-seqs / --max-num-batched-tokens (espo-server critic) reach the critic's vLLM engine."""
+def test_the_engines_limits_and_cores_reach_their_engine_arguments(monkeypatch):
+    """--critic-max-num-seqs / --critic-max-num-batched-tokens / --critic-cpu-cores and --cpu-cores
+    (serve) and --max-num-seqs / --max-num-batched-tokens / --cpu-cores (espo-server critic) reach
+    each engine: its vLLM arguments, and the environment its processes are spawned with."""
     import asyncio
-    import contextlib
+    import os
 
-    from espo_server import cli, critic_engine
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from espo_server import cli
+    from espo_server.engine import PolicyEngine
     from espo_server.serve import launch_critic
 
     seen = []
 
-    @contextlib.asynccontextmanager
-    async def capture(args, what):
-        seen.append((what, args))
+    def spawn(args, *rest, **kwargs):
+        env = {name: os.environ.get(name) for name in ("ESPO_ENGINE", "VLLM_CPU_OMP_THREADS_BIND")}
+        seen.append((args, env))
         raise RuntimeError("no engine in this test")
-        yield
 
-    monkeypatch.setattr(critic_engine, "running_async_llm", capture)
-    serve = ["serve", "--critic", "inprocess", "--critic-model", "/models/critic"]
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", spawn)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    serve = ["serve", "--critic", "inprocess", "--critic-model", "/models/critic", "--cpu-cores", "0"]
     limits = ["--critic-max-num-seqs", "16", "--critic-max-num-batched-tokens", "4096"]
-    config = config_from_args(build_parser().parse_args(serve + limits))
+    config = config_from_args(build_parser().parse_args([*serve, *limits, "--critic-cpu-cores", "1"]))
 
-    async def launch() -> None:
-        async with launch_critic(config):
-            pass
+    async def launch_both() -> None:
+        with pytest.raises(RuntimeError, match="no engine"):
+            async with PolicyEngine.launch("/models/policy", cpu_cores=config.cpu_cores):
+                pass
+        with pytest.raises(RuntimeError, match="no engine"):
+            async with launch_critic(config):
+                pass
 
-    with pytest.raises(RuntimeError, match="no engine"):
-        asyncio.run(launch())
+    asyncio.run(launch_both())
     critic = ["critic", "--model", "/models/critic", "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]
-    args = build_parser().parse_args(critic)
     with pytest.raises(RuntimeError, match="no engine"):
-        cli._critic(args)
-    (_, inprocess), (_, server) = seen
+        cli._critic(build_parser().parse_args([*critic, "--cpu-cores", "0-1"]))
+    (_, policy_env), (inprocess, critic_env), (server, server_env) = seen
+    assert policy_env == {"ESPO_ENGINE": "policy", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    assert critic_env == {"ESPO_ENGINE": "critic", "VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert server_env == {"ESPO_ENGINE": "critic", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and "ESPO_ENGINE" not in os.environ  # restored
     assert (inprocess.max_num_seqs, inprocess.max_num_batched_tokens) == (16, 4096)
     assert (server.max_num_seqs, server.max_num_batched_tokens) == (8, 512)
     assert inprocess.runner == server.runner == "pooling"
-    default = critic_engine.InProcessCritic.engine_args("/models/critic")
+    default = InProcessCritic.engine_args("/models/critic")
     assert default.max_num_seqs is None and default.max_num_batched_tokens is None  # vLLM's choice
+
+
+@pytest.mark.parametrize("cores", ["core0", "0;1", "-1", ""])
+def test_bad_cores_are_refused_naming_the_setting(cores):
+    with pytest.raises(ValueError, match="cpu_cores"):
+        config_from_args(build_parser().parse_args(["serve", f"--cpu-cores={cores}"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["critic", "--model", "/m", f"--cpu-cores={cores}"])
