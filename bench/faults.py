@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -57,7 +58,7 @@ import httpx
 import psutil
 
 from bench import harness, soak
-from espo_server.process import ServerProcess
+from espo_server.process import ENGINE_MARK, ServerProcess
 
 EAGER = soak.EAGER
 PROMPT = [5, 6, 14, 7, 17]
@@ -330,18 +331,19 @@ def engine_kill(s2: ServerProcess, bound_s: float) -> dict:
     samples in flight, the death noticed), bounded by `bound_s`, never for a fixed time."""
     url = s2.url
     long = {"prompts": [{"token_ids": PROMPT}] * 2, "n": 32, "max_tokens": 480, "ignore_eos": True}
-    cores = [c for c in psutil.Process(s2.proc.pid).children(recursive=True) if is_engine_core(c)]
-    assert cores, "no VLLM::EngineCore child found"
-    cores[0].suspend()
-    plain = background(post, url, long)
-    stream = background(streamed, url, long)
-    # every sample of a call counts as in flight from its start to its end; with the engine stopped
-    # none can end
-    inflight = lambda: harness.scrape(url).sum("espo_inflight_trajectories")  # noqa: E731
-    seen: list[float] = []
-    until(lambda: seen.append(inflight()) or seen[-1] >= 128, bound_s, "both calls in flight", seen)
-    killed = time.monotonic()
-    cores[0].kill()  # SIGKILL ends a stopped process too
+    core = policy_engine_core(s2.proc.pid)
+    core.suspend()
+    try:
+        plain = background(post, url, long)
+        stream = background(streamed, url, long)
+        # every sample of a call counts as in flight from its start to its end; with the engine
+        # stopped none can end
+        inflight = lambda: harness.scrape(url).sum("espo_inflight_trajectories")  # noqa: E731
+        seen: list[float] = []
+        until(lambda: seen.append(inflight()) or seen[-1] >= 128, bound_s, "both calls in flight", seen)
+    finally:
+        killed = time.monotonic()
+        core.kill()  # SIGKILL ends a stopped process too (and one left stopped by a failed wait)
     until(lambda: httpx.get(url + "/readyz", timeout=30).status_code == 503, bound_s, "the death noticed")
     after = post(url, long, timeout=30)
     ready = httpx.get(url + "/readyz", timeout=30)
@@ -381,6 +383,18 @@ def until(condition, bound_s: float, what: str, seen: list | None = None) -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {bound_s:g} s: {what} (last seen: {(seen or [])[-20:]})")
         time.sleep(0.1)
+
+
+def policy_engine_core(pid: int) -> psutil.Process:
+    """The policy engine's process of the server `pid`: the VLLM::EngineCore child marked
+    ESPO_ENGINE=policy (an in-process critic has one too)."""
+    cores = [c for c in psutil.Process(pid).children(recursive=True) if is_engine_core(c)]
+    assert cores, "no VLLM::EngineCore child found"
+    for core in cores:
+        with contextlib.suppress(psutil.Error):
+            if core.environ().get(ENGINE_MARK) == "policy":
+                return core
+    raise AssertionError(f"no EngineCore marked {ENGINE_MARK}=policy among {[c.pid for c in cores]}")
 
 
 def is_engine_core(proc: psutil.Process) -> bool:

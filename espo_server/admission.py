@@ -37,6 +37,7 @@ class Admission:
         self.inflight = 0
         """Samples generating now (all calls, and the samples runs carry), for backpressure."""
         self._cuts: set[asyncio.Future[ServiceError | None]] = set()
+        self._failure: Callable[[], ServiceError] | None = None
 
     # ------------------------------------------------------------------ checks
 
@@ -83,6 +84,8 @@ class Admission:
         """A call runs while inside; the future is done when a shutdown cuts it (`cut_calls`: None)
         or the engine died (`fail_calls`: the error to answer with)."""
         cut: asyncio.Future[ServiceError | None] = asyncio.get_running_loop().create_future()
+        if self._failure is not None:  # planned before the engine died, begun after
+            cut.set_result(self._failure())
         self._cuts.add(cut)
         self.running += 1
         try:
@@ -118,9 +121,12 @@ class Admission:
         self._end_calls(lambda: None)
 
     def fail_calls(self) -> None:
-        """End every running call now with EngineDead: the engine's process is gone. vLLM's streams
-        do not always say so themselves (requests the killed process had not read yet hang)."""
-        self._end_calls(lambda: EngineDead(ENGINE_DEAD_MESSAGE))
+        """The engine's process is gone: end every running call, and any begun later, with
+        EngineDead, and every stream being read (vLLM leaves the requests the killed process had
+        not read yet hanging, so samples would wait on them for ever)."""
+        self._failure = lambda: EngineDead(ENGINE_DEAD_MESSAGE)
+        self.engine.fail_streams()
+        self._end_calls(self._failure)
 
     def _end_calls(self, error: Callable[[], ServiceError | None]) -> None:
         for cut in self._cuts:

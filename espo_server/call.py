@@ -126,27 +126,28 @@ class Calls:
                 streamed: set[int] = set()  # samples already yielded one by one (not by group)
                 deadline = plan.deadline(self.config.max_call_seconds)
                 tokens = _TokenFeed([s for g in new for s in g.samples]) if plan.token_events else None
-                if target > 0:
-                    async for ending in _endings(groups, deadline, plan.cut, tokens):
-                        if ending is None:  # samples made progress: their new final tokens
-                            for delta in tokens.deltas() if tokens else ():
-                                yield delta
-                            continue
-                        group, sample = ending
-                        if tokens is not None:
-                            tokens.forget(sample)
-                        if not by_group:
-                            streamed.add(id(sample))
-                            yield self._event(plan, group, sample)
-                        unseen[id(group)] -= 1
-                        if not unseen[id(group)]:
-                            complete.append(group)
-                            if by_group:
-                                for member in group.samples:
-                                    yield self._event(plan, group, member)
-                            yield _group_event(plan, group)
-                            if len(complete) >= target:
-                                break
+                if target > 0:  # closed at once on break, so that its callbacks go with it
+                    async with contextlib.aclosing(_endings(groups, deadline, plan.cut, tokens)) as endings:
+                        async for ending in endings:
+                            if ending is None:  # samples made progress: their new final tokens
+                                for delta in tokens.deltas() if tokens else ():
+                                    yield delta
+                                continue
+                            group, sample = ending
+                            if tokens is not None:
+                                tokens.forget(sample)
+                            if not by_group:
+                                streamed.add(id(sample))
+                                yield self._event(plan, group, sample)
+                            unseen[id(group)] -= 1
+                            if not unseen[id(group)]:
+                                complete.append(group)
+                                if by_group:
+                                    for member in group.samples:
+                                        yield self._event(plan, group, member)
+                                yield _group_event(plan, group)
+                                if len(complete) >= target:
+                                    break
                 leftovers = [g for g in groups if g not in complete]
                 aborted: list[Group] = []
                 if request.leftover != "abort" and run is not None:

@@ -28,8 +28,9 @@ from collections.abc import AsyncIterator, Sequence
 from . import metrics
 from .critic import CriticAnswer, CriticError, ValuesFromScore
 from .critic_worker import checkpoint_problem
-from .engine import ReadWriteGate, running_async_llm
+from .engine import running_async_llm
 from .errors import InvalidRequest, ServiceError
+from .gate import ReadWriteGate
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ is what the ESPO regret needs), per-request abort, and weight reload from a dire
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -19,7 +18,9 @@ from espo_client.protocol import MAX_SEED, Sampling
 
 from . import metrics
 from .errors import EngineDead, ReloadFailed, WeightsBroken
+from .gate import ReadWriteGate
 from .process import engine_mark
+from .stream_readers import StreamReaders
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -121,44 +122,6 @@ class TokenChunk:
     """None while running; else vLLM's reason: stop, length or abort."""
 
 
-class ReadWriteGate:
-    """Rollouts share the engine; a weight reload waits for them and holds new ones back."""
-
-    def __init__(self) -> None:
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-        self._cond = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        async with self._cond:
-            self._writers_waiting += 1
-            try:
-                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
 @runtime_checkable
 class Engine(Protocol):
     """What the service needs from a policy engine: `PolicyEngine` (vLLM) is it, and so is the test
@@ -199,6 +162,10 @@ class Engine(Protocol):
 
     async def check_health(self) -> None:
         """Raise if the engine cannot serve now."""
+        ...
+
+    def fail_streams(self) -> None:
+        """The engine died: end every stream being read, and every one begun later, with EngineDead."""
         ...
 
 
@@ -259,6 +226,7 @@ class PolicyEngine:
         self.broken: str | None = None
         """Why the weights are unusable (a failed reload whose roll-back failed too); None: fine."""
         self.gate = ReadWriteGate()
+        self.readers = StreamReaders()
         model_config = llm.model_config
         self.vocab_size: int = model_config.get_vocab_size()
         self.max_model_len: int = model_config.max_model_len
@@ -338,24 +306,12 @@ class PolicyEngine:
         try:
             if self.dead:
                 raise EngineDead(ENGINE_DEAD_MESSAGE)
-            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id):
-                completion = out.outputs[0]
-                chunk = TokenChunk(
-                    [], [], [], finish_reason=completion.finish_reason if out.finished else None
-                )
-                for token_id, step in zip(completion.token_ids, completion.logprobs or (), strict=True):
-                    # `step` maps token id -> Logprob for the sampled token and the top-k.
-                    chunk.token_ids.append(token_id)
-                    chunk.logprobs.append(step[token_id].logprob)
-                    chunk.top_logprobs.append(max(lp.logprob for lp in step.values()))
-                    if want_topk:
-                        ranked = sorted(step.items(), key=lambda kv: kv[1].rank or 0)
-                        top = [(t, lp) for t, lp in ranked if lp.rank and lp.rank <= params.top_k_logprobs]
-                        chunk.topk_logprobs.append([lp.logprob for _, lp in top])
-                        if params.top_ids:
-                            chunk.topk_token_ids.append([t for t, _ in top])
-                finished = out.finished
-                yield chunk
+            with self.readers.reading():  # the watchdog's `fail_streams` ends it
+                async for out in self.llm.generate(
+                    {"prompt_token_ids": prompt_token_ids}, sampling, request_id
+                ):
+                    finished = out.finished
+                    yield self._chunk(out, params, want_topk)
         except Exception as exc:
             if self.dead and not isinstance(exc, EngineDead):  # EngineDeadError, or what it caused
                 raise EngineDead(ENGINE_DEAD_MESSAGE) from exc
@@ -364,10 +320,33 @@ class PolicyEngine:
             if not finished and not self.dead:
                 await self.abort(request_id)
 
+    @staticmethod
+    def _chunk(out, params: GenerationParams, want_topk: bool) -> TokenChunk:
+        """One of vLLM's DELTA outputs as a TokenChunk."""
+        completion = out.outputs[0]
+        chunk = TokenChunk([], [], [], finish_reason=completion.finish_reason if out.finished else None)
+        for token_id, step in zip(completion.token_ids, completion.logprobs or (), strict=True):
+            # `step` maps token id -> Logprob for the sampled token and the top-k.
+            chunk.token_ids.append(token_id)
+            chunk.logprobs.append(step[token_id].logprob)
+            chunk.top_logprobs.append(max(lp.logprob for lp in step.values()))
+            if want_topk:
+                ranked = sorted(step.items(), key=lambda kv: kv[1].rank or 0)
+                top = [(t, lp) for t, lp in ranked if lp.rank and lp.rank <= params.top_k_logprobs]
+                chunk.topk_logprobs.append([lp.logprob for _, lp in top])
+                if params.top_ids:
+                    chunk.topk_token_ids.append([t for t, _ in top])
+        return chunk
+
     @property
     def dead(self) -> bool:
         """The engine's process is gone (vLLM noticed: its monitor thread or a failed step)."""
         return bool(self.llm.errored)
+
+    def fail_streams(self) -> None:
+        """The engine's process died: end every stream being read with EngineDead (vLLM leaves the
+        requests the dead process had not read hanging)."""
+        self.readers.fail(lambda: EngineDead(ENGINE_DEAD_MESSAGE))
 
     async def abort(self, request_id: str) -> None:
         with contextlib.suppress(Exception):

@@ -30,6 +30,7 @@ from . import metrics
 from .critic import CriticError
 from .critic_batcher import CriticBatcher
 from .engine import Engine, GenerationParams, TokenChunk, sample_seed
+from .stream_readers import cancel_was_only_ours
 from .trajectory import end_reason, reward, trajectory_traces, version_spans
 
 log = logging.getLogger(__name__)
@@ -273,8 +274,7 @@ class Sample:
                 except StopAsyncIteration:
                     break
                 except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if self._cut_by_answer and task is not None and task.uncancel() == 0:
+                    if self._cut_by_answer and cancel_was_only_ours(asyncio.current_task()):
                         break  # the critic's answer stopped the sample: not a cancellation
                     raise
                 finally:

@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator
 from espo_client.protocol import EspoState
 from espo_server.config import ServerConfig
 from espo_server.critic import CriticError
-from espo_server.engine import GenerationParams, ReadWriteGate, TokenChunk
+from espo_server.engine import ENGINE_DEAD_MESSAGE, GenerationParams, TokenChunk
+from espo_server.errors import EngineDead
+from espo_server.gate import ReadWriteGate
 from espo_server.plan import Verifier
 from espo_server.service import RolloutService
+from espo_server.stream_readers import StreamReaders
 
 # Every token has regret 9 (sampled -9, top 0): with this state gn = clip((9-1)/1, -5, 5) = 5,
 # z_t = 5 * (1 - 0.9^(t+1)): z > beta*eps = 0.5 from t = 0 on.
@@ -49,6 +52,7 @@ class FakeEngine:
         self.broken: str | None = None
         self.model = "fake"
         self.gate = ReadWriteGate()
+        self.readers = StreamReaders()
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.prompts: dict[str, list[int]] = {}
@@ -71,6 +75,9 @@ class FakeEngine:
     async def check_health(self) -> None:
         pass
 
+    def fail_streams(self) -> None:
+        self.readers.fail(lambda: EngineDead(ENGINE_DEAD_MESSAGE))
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
     ) -> AsyncIterator[TokenChunk]:
@@ -82,7 +89,8 @@ class FakeEngine:
         try:
             n = min(self._length(base) - offset, params.max_tokens)
             for i in range(n):
-                await asyncio.sleep(self.delay)
+                with self.readers.reading():
+                    await asyncio.sleep(self.delay)
                 if request_id in self._abort:
                     done = True
                     self.aborted.append(request_id)
@@ -161,7 +169,8 @@ class GatedEngine(FakeEngine):
         self.release = asyncio.Event()
 
     async def generate(self, request_id, prompt_token_ids, params):
-        await self.release.wait()
+        with self.readers.reading():
+            await self.release.wait()
         async for chunk in super().generate(request_id, prompt_token_ids, params):
             yield chunk
 

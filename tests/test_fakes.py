@@ -11,7 +11,7 @@ import pytest
 from espo_server.engine import Engine, PolicyEngine
 from tests.fakes import FakeEngine, FakeTokenizer
 
-METHODS = ["generate", "abort", "reload_weights", "check_health"]
+METHODS = ["generate", "abort", "reload_weights", "check_health", "fail_streams"]
 
 
 def stub_llm() -> SimpleNamespace:
@@ -39,5 +39,7 @@ def test_their_methods_have_the_protocols_signatures(cls, name):
     assert str(inspect.signature(got)) == str(inspect.signature(want))
     if name == "generate":  # an async iterator: both are async generators
         assert inspect.isasyncgenfunction(got)
+    elif name == "fail_streams":  # called from the watchdog, synchronously
+        assert not inspect.iscoroutinefunction(got) and not inspect.iscoroutinefunction(want)
     else:
         assert inspect.iscoroutinefunction(got) and inspect.iscoroutinefunction(want)

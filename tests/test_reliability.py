@@ -446,6 +446,7 @@ def test_the_critic_server_is_behind_the_api_key_and_loads_only_from_weights_dir
     class Critic:
         model, version, weights_dir, prefix_caching, block_size = "c", 0, "/c", True, 16
         llm = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64, get_vocab_size=lambda: 32))
+
         def __init__(self) -> None:
             self.pushed: list[str] = []
 

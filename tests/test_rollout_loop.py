@@ -15,7 +15,7 @@ import pytest
 
 from espo_client.protocol import Prompt, RolloutRequest
 from espo_server.config import ServerConfig
-from espo_server.engine import ReadWriteGate
+from espo_server.gate import ReadWriteGate
 from espo_server.service import RolloutService
 from tests.fakes import HOT, FakeCritic, FakeEngine, run, service
 

@@ -113,7 +113,8 @@ def test_a_dead_engine_answers_every_v1_call_with_a_503_engine_dead():
 
 def test_calls_whose_streams_hang_when_the_engine_dies_are_ended_with_engine_dead():
     """vLLM leaves the requests its killed engine process had not read yet hanging: no output, no
-    error. fail_calls (serve.py's watchdog, once it sees the death) ends them; a run's call too."""
+    error. fail_calls (serve.py's watchdog, once it sees the death) ends the calls, a run's call
+    too, and the samples reading those streams; a call begun after it ends the same way."""
     engine = GatedEngine(length=5)  # never released: its streams hang like those requests
     svc = service(engine, FakeCritic())
 
@@ -126,11 +127,17 @@ def test_calls_whose_streams_hang_when_the_engine_dies_are_ended_with_engine_dea
         await until(lambda: svc.admission.running == 2 and svc.admission.inflight == 4, "both calls run")
         engine.dead = True
         svc.fail_calls()
-        return await asyncio.gather(*calls, return_exceptions=True)
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        await until(lambda: svc.admission.inflight == 0, "the hanging samples end")
+        engine.dead = False  # as if the death were not seen yet when the next call is planned
+        late = await asyncio.gather(svc.rollouts(req(request_id="late")), return_exceptions=True)
+        return answers, late[0]
 
-    answers = run(go())
+    answers, late = run(go())
     assert all(isinstance(a, EngineDead) for a in answers), answers
-    assert svc.admission.running == 0 and svc.ledger.state.batches == 0
+    assert isinstance(late, EngineDead)  # a call begun after the death: no stream was read
+    assert svc.admission.running == 0 and svc.admission.inflight == 0  # every hanging sample ended
+    assert svc.ledger.state.batches == 0
 
 
 def test_a_503_shutting_down_carries_retry_after_over_http():

@@ -20,9 +20,7 @@ from tests.scripts import run_bench
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def test_soak_delivers_every_trajectory_once_and_metrics_match(
-    rollout_server, tiny_models, tmp_path
-):
+def test_soak_delivers_every_trajectory_once_and_metrics_match(rollout_server, tiny_models, tmp_path):
     """3 clients (sync and async), each running every scenario once (a workload of a fixed size,
     whatever the machine's speed), a weight push after every 6 scenarios: bench/soak.py's checks."""
     out = tmp_path / "soak.json"
