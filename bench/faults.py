@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import os
 import shutil
@@ -58,7 +57,7 @@ import httpx
 import psutil
 
 from bench import harness, soak
-from espo_server.process import ENGINE_MARK, ServerProcess
+from espo_server.process import ServerProcess
 
 EAGER = soak.EAGER
 PROMPT = [5, 6, 14, 7, 17]
@@ -386,15 +385,11 @@ def until(condition, bound_s: float, what: str, seen: list | None = None) -> Non
 
 
 def policy_engine_core(pid: int) -> psutil.Process:
-    """The policy engine's process of the server `pid`: the VLLM::EngineCore child marked
-    ESPO_ENGINE=policy (an in-process critic has one too)."""
+    """The policy engine's process of the server `pid`: its oldest VLLM::EngineCore child (the
+    server starts the policy engine before an in-process critic's)."""
     cores = [c for c in psutil.Process(pid).children(recursive=True) if is_engine_core(c)]
     assert cores, "no VLLM::EngineCore child found"
-    for core in cores:
-        with contextlib.suppress(psutil.Error):
-            if core.environ().get(ENGINE_MARK) == "policy":
-                return core
-    raise AssertionError(f"no EngineCore marked {ENGINE_MARK}=policy among {[c.pid for c in cores]}")
+    return min(cores, key=lambda c: c.create_time())
 
 
 def is_engine_core(proc: psutil.Process) -> bool:

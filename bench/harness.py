@@ -25,7 +25,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from espo_server.config import default_toy_size
-from espo_server.process import ENGINE_MARK, ServerProcess, espo_server_argv, free_port
+from espo_server.process import ServerProcess, espo_server_argv, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -182,8 +182,8 @@ class CpuLedger:
     helper it started). `measure()` around a call gives what that call cost each of them, so a
     critic query's cost is counted rather than inferred from wall time.
 
-    An engine's processes are told apart by the ESPO_ENGINE mark in their environment; a server
-    that sets none (an older tree) starts the policy engine first, so the older engine is the policy.
+    The server starts the policy engine before the critic's, so the older engine process is the
+    policy's.
     """
 
     def __init__(self, pid: int) -> None:
@@ -209,7 +209,7 @@ class CpuLedger:
         engines = sorted(self._engines(), key=lambda p: p.create_time())
         found: dict[int, tuple[str, psutil.Process]] = {self.root.pid: ("server", self.root)}
         for order, engine in enumerate(engines):
-            role = self._roles.get(engine.pid) or _mark(engine) or ("policy" if order == 0 else "critic")
+            role = self._roles.get(engine.pid) or ("policy" if order == 0 else "critic")
             self._roles[engine.pid] = role
             for proc in (engine, *engine.children(recursive=True)):
                 found[proc.pid] = (role, proc)
@@ -264,13 +264,6 @@ def _is_worker(proc: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
         return "Worker" in " ".join(proc.cmdline()) or "Worker" in proc.name()
     return False
-
-
-def _mark(proc: psutil.Process) -> str | None:
-    with contextlib.suppress(psutil.Error):
-        role = proc.environ().get(ENGINE_MARK)
-        return role if role in ("policy", "critic") else None
-    return None
 
 
 def _allowed(proc: psutil.Process) -> str:

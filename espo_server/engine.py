@@ -19,7 +19,7 @@ from espo_client.protocol import MAX_SEED, Sampling
 from . import metrics
 from .errors import EngineDead, ReloadFailed, WeightsBroken
 from .gate import ReadWriteGate
-from .process import engine_mark
+from .process import engine_cores
 from .stream_readers import StreamReaders
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ async def running_async_llm(args, what: str, cpu_cores: str | None = None) -> As
     from vllm.v1.engine.async_llm import AsyncLLM
 
     started = time.perf_counter()
-    with engine_mark(what, cpu_cores):
+    with engine_cores(cpu_cores):
         llm = AsyncLLM.from_engine_args(args)
     # Before any other engine is built: a second engine's stat logger would unregister these series.
     series = metrics.ENGINE_SERIES.adopt(what)

@@ -150,27 +150,23 @@ def vllm_bench_argv(*args: str) -> list[str]:
     return [sys.executable, "-c", _VLLM_BENCH, *args]
 
 
-ENGINE_MARK = "ESPO_ENGINE"
-"""In the environment of each engine's processes: `policy` or `critic` (what tools such as the
-benchmarks' CPU ledger tell them apart by)."""
-
-
 CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 """vLLM's (CPU backend) cores for a worker's OpenMP threads, read by the worker when it starts."""
 
 
 @contextlib.contextmanager
-def engine_mark(what: str, cpu_cores: str | None = None) -> Iterator[None]:
-    """ESPO_ENGINE=`what` (and, when given, VLLM_CPU_OMP_THREADS_BIND=`cpu_cores`) while an engine's
-    processes are spawned: they inherit the environment; this process's is restored after."""
-    changes = {ENGINE_MARK: what} | ({CPU_BIND: cpu_cores} if cpu_cores else {})
-    before = {name: os.environ.get(name) for name in changes}
-    os.environ.update(changes)
+def engine_cores(cpu_cores: str | None) -> Iterator[None]:
+    """VLLM_CPU_OMP_THREADS_BIND=`cpu_cores` (when given) while an engine's processes are spawned:
+    they inherit it; this process's environment is restored after."""
+    if not cpu_cores:
+        yield
+        return
+    before = os.environ.get(CPU_BIND)
+    os.environ[CPU_BIND] = cpu_cores
     try:
         yield
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if before is None:
+            os.environ.pop(CPU_BIND, None)
+        else:
+            os.environ[CPU_BIND] = before

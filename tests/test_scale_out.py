@@ -110,7 +110,7 @@ def test_the_engines_limits_and_cores_reach_their_engine_arguments(monkeypatch):
     seen = []
 
     def spawn(args, *rest, **kwargs):
-        env = {name: os.environ.get(name) for name in ("ESPO_ENGINE", "VLLM_CPU_OMP_THREADS_BIND")}
+        env = {name: os.environ.get(name) for name in ("VLLM_CPU_OMP_THREADS_BIND",)}
         seen.append((args, env))
         raise RuntimeError("no engine in this test")
 
@@ -133,10 +133,10 @@ def test_the_engines_limits_and_cores_reach_their_engine_arguments(monkeypatch):
     with pytest.raises(RuntimeError, match="no engine"):
         cli._critic(build_parser().parse_args([*critic, "--cpu-cores", "0-1"]))
     (_, policy_env), (inprocess, critic_env), (server, server_env) = seen
-    assert policy_env == {"ESPO_ENGINE": "policy", "VLLM_CPU_OMP_THREADS_BIND": "0"}
-    assert critic_env == {"ESPO_ENGINE": "critic", "VLLM_CPU_OMP_THREADS_BIND": "1"}
-    assert server_env == {"ESPO_ENGINE": "critic", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and "ESPO_ENGINE" not in os.environ  # restored
+    assert policy_env == {"VLLM_CPU_OMP_THREADS_BIND": "0"}
+    assert critic_env == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert server_env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # restored
     assert (inprocess.max_num_seqs, inprocess.max_num_batched_tokens) == (16, 4096)
     assert (server.max_num_seqs, server.max_num_batched_tokens) == (8, 512)
     assert inprocess.runner == server.runner == "pooling"
