@@ -303,20 +303,25 @@ class PolicyEngine:
         )
         want_topk = params.top_k_logprobs > 1 or params.top_ids
         finished = False
+        stream = self.llm.generate({"prompt_token_ids": prompt_token_ids}, sampling, request_id)
         try:
             if self.dead:
                 raise EngineDead(ENGINE_DEAD_MESSAGE)
-            with self.readers.reading():  # the watchdog's `fail_streams` ends it
-                async for out in self.llm.generate(
-                    {"prompt_token_ids": prompt_token_ids}, sampling, request_id
-                ):
-                    finished = out.finished
-                    yield self._chunk(out, params, want_topk)
+            while True:
+                with self.readers.reading():  # only the wait: the watchdog's `fail_streams` ends it
+                    try:
+                        out = await stream.__anext__()
+                    except StopAsyncIteration:
+                        break
+                finished = out.finished
+                yield self._chunk(out, params, want_topk)
         except Exception as exc:
             if self.dead and not isinstance(exc, EngineDead):  # EngineDeadError, or what it caused
                 raise EngineDead(ENGINE_DEAD_MESSAGE) from exc
             raise
         finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # vLLM aborts an unfinished request as its stream closes
             if not finished and not self.dead:
                 await self.abort(request_id)
 

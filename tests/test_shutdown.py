@@ -14,7 +14,7 @@ from espo_client.protocol import Prompt, RolloutRequest, RolloutResponse, RunReq
 from espo_server.app import build_app
 from espo_server.errors import EngineDead, ShuttingDown
 from tests.fakes import FakeCritic, FakeEngine, GatedEngine, run, service
-from tests.waiting import until
+from tests.waiting import BOUND_S, until
 
 
 def req(**kw) -> RolloutRequest:
@@ -138,6 +138,37 @@ def test_calls_whose_streams_hang_when_the_engine_dies_are_ended_with_engine_dea
     assert isinstance(late, EngineDead)  # a call begun after the death: no stream was read
     assert svc.admission.running == 0 and svc.admission.inflight == 0  # every hanging sample ended
     assert svc.ledger.state.batches == 0
+
+
+class HalfHanging(FakeEngine):
+    """The samples of prompts ending in 8 hang, as requests a dead vLLM engine never read do."""
+
+    async def generate(self, request_id, prompt_token_ids, params):
+        if prompt_token_ids[-1] == 8:
+            with self.readers.reading():
+                await asyncio.Event().wait()
+        async for chunk in super().generate(request_id, prompt_token_ids, params):
+            yield chunk
+
+
+def test_samples_a_call_waits_for_outside_its_endings_are_ended_by_the_engines_death():
+    """A call whose first group is complete aborts the others and waits for their samples, which
+    hang on the dead engine: only failing the engine's streams ends them (503 engine_dead)."""
+    engine = HalfHanging(length=5)
+    svc = service(engine, FakeCritic())
+    prompts = [Prompt(token_ids=[5, 6, 7]), Prompt(token_ids=[5, 6, 8])]
+
+    async def go():
+        call = asyncio.create_task(svc.rollouts(req(prompts=prompts, return_groups=1)))
+        await until(lambda: len(engine.finished) == 2 and svc.admission.inflight == 2, "group 0 done")
+        engine.dead = True
+        svc.fail_calls()
+        answer = (await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), BOUND_S))[0]
+        return answer
+
+    answer = run(go())
+    assert isinstance(answer, EngineDead), answer
+    assert svc.admission.running == 0 and svc.admission.inflight == 0
 
 
 def test_a_503_shutting_down_carries_retry_after_over_http():
