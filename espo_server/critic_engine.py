@@ -24,6 +24,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from . import metrics
 from .critic import CriticAnswer, CriticError, ValuesFromScore
@@ -59,32 +60,13 @@ class InProcessCritic(ValuesFromScore):
     @classmethod
     @contextlib.asynccontextmanager
     async def launch(
-        cls,
-        model: str,
-        *,
-        gpu_memory_utilization: float = 0.15,
-        max_model_len: int | None = None,
-        dtype: str = "auto",
-        prefix_caching: bool = True,
-        block_size: int | None = None,
-        enforce_eager: bool = False,
-        max_num_seqs: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        cpu_cores: str | None = None,
+        cls, model: str, *, cpu_cores: str | None = None, **settings: Any
     ) -> AsyncIterator[InProcessCritic]:
-        args = cls.engine_args(
-            model,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            prefix_caching=prefix_caching,
-            block_size=block_size,
-            enforce_eager=enforce_eager,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-        )
+        """Start the critic's engine with `engine_args`' settings (on CPU, its worker on
+        `cpu_cores`); shut it down on exit, whatever happened."""
+        args = cls.engine_args(model, **settings)
         async with running_async_llm(args, "critic", cpu_cores) as llm:
-            critic = cls(llm, model, prefix_caching=prefix_caching)
+            critic = cls(llm, model, prefix_caching=args.enable_prefix_caching)
             metrics.CRITIC_VERSION.set(0)
             yield critic
 
