@@ -64,20 +64,21 @@ def prompts_for(k: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(4, vocab) for _ in range(12)] for _ in range(k)]
 
 
-async def run_asyncllm(llm, prompts, max_tokens: int, seed: int) -> int:
+def sampling(max_tokens: int, seed: int, kind):
+    """The sampling of (a) and (f): what every path asks for (logprobs=1, EOS ignored)."""
     from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0, logprobs=1, seed=seed, ignore_eos=True,
+        output_kind=kind, detokenize=False,
+    )  # fmt: skip
+
+
+async def run_asyncllm(llm, prompts, max_tokens: int, seed: int) -> int:
     from vllm.sampling_params import RequestOutputKind
 
     async def one(i: int, prompt: list[int]) -> int:
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0,
-            logprobs=1,
-            seed=seed + i,
-            ignore_eos=True,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            detokenize=False,
-        )
+        params = sampling(max_tokens, seed + i, RequestOutputKind.FINAL_ONLY)
         final = None
         async for out in llm.generate({"prompt_token_ids": prompt}, params, f"a-{time.monotonic_ns()}-{i}"):
             final = out
@@ -89,19 +90,10 @@ async def run_asyncllm(llm, prompts, max_tokens: int, seed: int) -> int:
 async def run_asyncllm_stream(llm, prompts, max_tokens: int, seed: int) -> int:
     """(f): every token's delta as the engine makes it, with its sampled logprob read out, as the
     rollout loop reads them (and nothing else)."""
-    from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     async def one(i: int, prompt: list[int]) -> int:
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0,
-            logprobs=1,
-            seed=seed + i,
-            ignore_eos=True,
-            output_kind=RequestOutputKind.DELTA,
-            detokenize=False,
-        )
+        params = sampling(max_tokens, seed + i, RequestOutputKind.DELTA)
         tokens: list[int] = []
         logprobs: list[float] = []
         async for out in llm.generate({"prompt_token_ids": prompt}, params, f"f-{time.monotonic_ns()}-{i}"):
