@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from espo_client.protocol import (
@@ -39,6 +39,14 @@ from .weights import allowed_weights_dir, check_checkpoint
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class JoinStatus:
+    """Where joining a peer stands (`--join`, join.py): the server is not ready until `done`."""
+
+    detail: str
+    done: bool = False
+
+
 class Admin:
     """State, weights, runs, info and readiness of one server."""
 
@@ -58,6 +66,8 @@ class Admin:
         self.ledger = ledger
         self.runs = runs
         self.admission = admission
+        self.join: JoinStatus | None = None
+        """Set while (and after) this server joins a peer (`--join`); None: it joins none."""
 
     def publish(self) -> None:
         """The state and the versions serving, as metrics."""
@@ -212,4 +222,7 @@ class Admin:
                 detail["critic"] = f"down: {exc} (serving with critic_fallback={self.config.critic_fallback})"
         if self.admission.draining:
             detail["server"] = "shutting down (SIGTERM): draining the running calls"
-        return detail["engine"] == "ok" and not self.admission.draining, detail
+        joined = self.join is None or self.join.done
+        if self.join is not None:
+            detail["join"] = self.join.detail
+        return detail["engine"] == "ok" and not self.admission.draining and joined, detail

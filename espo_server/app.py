@@ -64,6 +64,7 @@ from .openai_api import OpenAIServing
 from .ports import admin_only
 from .service import RolloutService
 from .upload_routes import state_target, upload_router
+from .weight_files import critic_source, policy_source, weight_files_router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -204,11 +205,14 @@ def build_app(config: ServerConfig) -> FastAPI:
     ) -> CriticWeightsResponse:
         return await svc.load_critic_weights(body.path, body.version)
 
-    for what, prefix, answer in (
-        ("policy", "/v1/weights/uploads", WeightsResponse),
-        ("critic", "/v1/critic/weights/uploads", CriticWeightsResponse),
+    for what, prefix, answer, source in (
+        ("policy", "/v1/weights", WeightsResponse, policy_source),
+        ("critic", "/v1/critic/weights", CriticWeightsResponse, critic_source),
     ):
-        app.include_router(upload_router(prefix, what, state_target(what), answer, admin, v1_errors))
+        app.include_router(
+            upload_router(f"{prefix}/uploads", what, state_target(what), answer, admin, v1_errors)
+        )
+        app.include_router(weight_files_router(f"{prefix}/files", what, source, admin, v1_errors))  # joins
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=v1, responses=v1_errors)
     async def info(svc: RolloutService = Depends(get_service)) -> InfoResponse:

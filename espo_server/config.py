@@ -78,6 +78,26 @@ class ServerConfig(BaseSettings):
         "are 403. For a NetworkPolicy that lets only the learner reach them (unset: one port, all routes).",
     )
 
+    join: str | None = Field(
+        None,
+        description="Join warm: once the engines are up and before /readyz says ready, copy from the "
+        "server at this URL (a replica's admin port, e.g. the Service's) its policy weights and version, "
+        "its in-process critic's weights and version, and its ESPO state, over HTTP. Until then /readyz "
+        "is 503 with a `join` detail; if the copy fails it stays 503 and says why (unset: start cold).",
+    )
+    join_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="How long --join retries a peer that cannot be reached or answers 503 (a peer that "
+        "is itself starting or joining).",
+    )
+    join_required: bool = Field(
+        True,
+        description="With --join: if no peer answered within --join-timeout-s, stay unready (true) or "
+        "serve as started, version 0 and a cold state (false: when the peer URL is a Service that routes "
+        "to ready replicas only, no answer means no replica is warmer, as for the first of a fleet).",
+    )
+
     # --- the policy
     model: str | None = Field(
         None,

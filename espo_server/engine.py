@@ -131,6 +131,7 @@ class Engine(Protocol):
     tokenizer: Any
     """A Hugging Face tokenizer: encode, decode, apply_chat_template, eos_token_id."""
     policy_version: int
+    weights_path: str  # where the weights serving were loaded from: the model, then each push's directory
     broken: str | None
     """Why the weights are unusable (a failed reload whose roll-back failed too); None: fine."""
     gate: ReadWriteGate

@@ -6,6 +6,7 @@ serves it in the same event loop, and on exit (SIGTERM, Ctrl-C) the engines are 
 
     run_server(config):  resolve_models -> launch_service (engines, critic, RolloutService)
                          -> upload_targets (where weight uploads are staged or relayed)
+                         -> joining (--join: a peer's weights and state copied in the background)
                          -> build_app(config) -> app.state.service = service -> uvicorn
                             (and, with --grpc-port, grpc_server.py's gRPC server in the same loop)
 
@@ -43,6 +44,7 @@ from .critic_engine import InProcessCritic
 from .critic_http import EspoValuesCritic, VllmPoolingCritic
 from .critic_server import build_critic_app
 from .engine import Parallelism, PolicyEngine
+from .join import joining
 from .plan import Verifier
 from .ports import serve as serve_on_ports
 from .service import RolloutService
@@ -181,7 +183,11 @@ def run_server(config: ServerConfig) -> int:
 
 
 async def _serve_rollouts(config: ServerConfig) -> int:
-    async with launch_service(config) as service, upload_targets(service, config) as uploads:
+    async with (
+        launch_service(config) as service,
+        upload_targets(service, config) as uploads,
+        joining(service, config),  # --join: copy a peer's weights and state; unready till then
+    ):
         app = build_app(config)
         app.state.service = service
         app.state.uploads = uploads

@@ -50,7 +50,7 @@ class FakeEngine:
         self.policy_version = 0
         self.dead = False
         self.broken: str | None = None
-        self.model = "fake"
+        self.model = self.weights_path = "fake"
         self.gate = ReadWriteGate()
         self.readers = StreamReaders()
         self.aborted: list[str] = []
@@ -69,7 +69,7 @@ class FakeEngine:
         self._abort.add(request_id)
 
     async def reload_weights(self, path: str, version: int) -> float:
-        self.policy_version = version
+        self.policy_version, self.weights_path = version, path
         return 0.0
 
     async def check_health(self) -> None:

@@ -526,6 +526,22 @@ class UploadCommitRequest(_Model):
     version: int | None = Field(None, ge=0, description="New version (default: current + 1).")
 
 
+class WeightFile(_Model):
+    """One file of the checkpoint a server serves."""
+
+    name: str = Field(..., description="The file's name: a *.safetensors shard or config.json.")
+    size: int = Field(..., ge=0, description="Bytes.")
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="SHA-256 of its bytes, hex.")
+
+
+class WeightFilesResponse(_Model):
+    """`GET /v1/weights/files` (or `/v1/critic/weights/files`): the files of the weights serving now,
+    each downloadable from `.../files/{name}`; what a replica that joins warm copies."""
+
+    version: int = Field(..., ge=0, description="The version these weights serve as.")
+    files: list[WeightFile] = Field(..., description="The checkpoint's files, by name.")
+
+
 class InfoResponse(_Model):
     model: str
     policy_version: int

@@ -1,0 +1,213 @@
+"""Replicas that join warm (`--join`): the join step against peers on loopback without vLLM (the
+real app over a fake engine, or a small fake peer that lies), and end to end between two real
+rollout servers (the session's `rollout_server` as the peer, one new server joining it)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+
+from espo_client.protocol import EspoState
+from espo_server.admin import JoinStatus
+from espo_server.app import build_app
+from espo_server.config import ServerConfig
+from espo_server.join import run_join
+from espo_server.process import ServerProcess, espo_server_argv, free_port
+from espo_server.weight_files import weight_files
+from tests.conftest import CRITIC_TIMEOUT_S, MAX_MODEL_LEN
+from tests.fakes import FakeEngine, service
+from tests.live_server import EAGER, PROMPT, rollouts
+from tests.test_uploads import serving
+
+KEY = "sesame"
+WARM = EspoState(**EAGER)
+
+
+def peer_app(weights: Path, version: int, state: EspoState = WARM, key: str | None = KEY) -> FastAPI:
+    """The real rollout app over a fake engine that serves `weights` as `version`."""
+    engine = FakeEngine()
+    engine.weights_path, engine.policy_version = str(weights), version
+    svc = service(engine, None, api_key=key)
+    svc.set_state(state)
+    app = build_app(ServerConfig(model="fake", api_key=key))
+    app.state.service = svc
+    return app
+
+
+def join_once(url: str, tmp_path: Path, model: str = "fake", **cfg) -> tuple[JoinStatus, object]:
+    """A joiner (a fake engine serving `model`) joins `url`: its join status and its service."""
+    config = ServerConfig(model=model, join=url, api_key=KEY, **cfg)
+    engine = FakeEngine()
+    engine.model = engine.weights_path = model
+    joiner = service(engine, None)
+    status = joiner.admin.join = JoinStatus("joining")
+    asyncio.run(run_join(joiner, config, tmp_path, status))
+    return status, joiner
+
+
+def sha256(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def test_a_replica_joins_a_peer_over_http(tiny_models, tmp_path):
+    with serving(peer_app(tiny_models["policy_b"], 7)) as url:
+        listing = httpx.get(url + "/v1/weights/files", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert httpx.get(url + "/v1/weights/files").status_code == 401  # the weights need the key
+        status, joiner = join_once(url, tmp_path)
+    assert status.done, status.detail
+    assert "policy version 7" in status.detail
+    assert joiner.engine.policy_version == 7
+    assert joiner.state().state == WARM
+    served = {f.name: sha256(f) for f in weight_files(tiny_models["policy_b"])}
+    assert {f["name"]: f["sha256"] for f in listing["files"]} == served
+    assert "model.safetensors" in served and "config.json" in served
+    (copy,) = tmp_path.glob("joined-policy-*")  # one directory of its own, what the peer serves
+    assert {f.name: sha256(f) for f in weight_files(copy)} == served
+    ok, detail = asyncio.run(joiner.readiness())
+    assert ok and detail["join"].startswith(f"joined {url}")
+
+
+def test_a_replica_that_cannot_reach_its_peer_stays_unready(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    status, joiner = join_once(url, tmp_path, join_timeout_s=1.5)
+    assert not status.done
+    assert status.detail.startswith("join failed:") and "no answer within 1.5s" in status.detail
+    ok, detail = asyncio.run(joiner.readiness())
+    assert not ok and detail["join"] == status.detail
+    assert joiner.engine.policy_version == 0
+
+
+def test_join_required_false_serves_as_started_when_no_peer_answers(tmp_path):
+    status, joiner = join_once(
+        f"http://127.0.0.1:{free_port()}", tmp_path, join_timeout_s=1, join_required=False
+    )
+    assert status.done and "serving as started" in status.detail
+    assert asyncio.run(joiner.readiness())[0]
+
+
+def lying_peer(weights: Path, *, sha: str | None = None, state: dict | None = None) -> FastAPI:
+    """A peer that lists `weights` (with a wrong SHA-256 if `sha`) and answers `state`."""
+    app = FastAPI()
+    files = weight_files(weights)
+
+    @app.get("/v1/info")
+    async def info() -> dict:
+        return {"model": "m", "policy_version": 3, "vocab_size": 64, "max_model_len": 64, "eos_token_id": 2}
+
+    @app.get("/v1/weights/files")
+    async def listing() -> dict:
+        return {
+            "version": 3,
+            "files": [{"name": f.name, "size": f.stat().st_size, "sha256": sha or sha256(f)} for f in files],
+        }
+
+    @app.get("/v1/weights/files/{name}")
+    async def download(name: str) -> FileResponse:
+        return FileResponse(weights / name)
+
+    @app.get("/v1/espo/state")
+    async def get_state() -> dict:
+        return {"state": state if state is not None else WARM.__dict__}
+
+    return app
+
+
+def test_a_file_that_fails_its_checksum_keeps_the_replica_unready(tiny_models, tmp_path):
+    with serving(lying_peer(tiny_models["policy_b"], sha="0" * 64)) as url:
+        status, joiner = join_once(url, tmp_path)
+    assert not status.done
+    assert "SHA-256" in status.detail and "its listing says" in status.detail and "0" * 64 in status.detail
+    assert joiner.engine.policy_version == 0
+    assert not list(tmp_path.glob("joined-*"))  # nothing of the failed copies is kept
+    assert not asyncio.run(joiner.readiness())[0]
+
+
+def test_weights_the_replica_cannot_serve_keep_it_unready(tiny_models, tmp_path):
+    with serving(lying_peer(tiny_models["critic"])) as url:  # a critic's checkpoint for a policy
+        status, joiner = join_once(url, tmp_path, model=str(tiny_models["policy"]))
+    assert not status.done
+    assert "the peer's policy weights cannot be served here" in status.detail, status.detail
+    assert "not a checkpoint of the served model" in status.detail
+    assert joiner.engine.policy_version == 0
+
+
+def test_a_state_the_replica_refuses_keeps_it_unready(tiny_models, tmp_path):
+    with serving(lying_peer(tiny_models["policy_b"], state={**WARM.__dict__, "var": "lots"})) as url:
+        status, _ = join_once(url, tmp_path)
+    assert not status.done
+    assert "the peer's ESPO state is not one this server takes: state.var" in status.detail, status.detail
+
+
+def test_a_peer_that_is_joining_itself_is_no_peer_yet(tiny_models, tmp_path):
+    app = peer_app(tiny_models["policy_b"], 4)
+    app.state.service.admin.join = JoinStatus("joining: copying")
+    with serving(app) as url:
+        r = httpx.get(url + "/v1/weights/files", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 503 and "not ready to be joined" in r.json()["error"]["message"]
+        status, _ = join_once(url, tmp_path, join_timeout_s=1)
+    assert not status.done and "503" in status.detail and "no answer within" in status.detail
+
+
+def test_the_file_route_serves_only_the_checkpoints_files(tiny_models):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with serving(peer_app(tiny_models["policy_b"], 1)) as url:
+        r = httpx.get(url + "/v1/weights/files/model.safetensors", headers=auth)
+        assert (
+            r.status_code == 200 and r.content == (tiny_models["policy_b"] / "model.safetensors").read_bytes()
+        )
+        for name in ("tokenizer.json", "..%2Fconfig.json", "missing.safetensors"):
+            r = httpx.get(url + f"/v1/weights/files/{name}", headers=auth)
+            assert r.status_code == 404, (name, r.text)
+        r = httpx.get(url + "/v1/critic/weights/files", headers=auth)  # no in-process critic here
+        assert r.status_code == 400 and "no in-process critic" in r.json()["error"]["message"]
+
+
+@pytest.mark.vllm
+def test_a_second_real_server_joins_warm(rollout_server, critic_server, tiny_models, server_logs):
+    """The peer (the session's rollout server) gets a weight push and a state; a new server started
+    with --join reports ready with its version and state and samples the same tokens."""
+    peer = rollout_server.url
+    original = httpx.get(peer + "/v1/espo/state", timeout=10).json()["state"]
+    push = httpx.post(
+        peer + "/v1/weights", json={"path": str(tiny_models["policy_b"]), "version": 41}, timeout=300
+    )
+    assert push.status_code == 200, push.text
+    assert httpx.put(peer + "/v1/espo/state", json=EAGER, timeout=10).status_code == 200
+    try:
+        port = free_port()
+        argv = espo_server_argv(
+            "serve", "--model", str(tiny_models["policy"]), "--critic", "remote",
+            "--critic-url", critic_server.url, "--critic-timeout-s", CRITIC_TIMEOUT_S,
+            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--port", str(port),
+            "--verifier", "toy", "--join", peer,
+        )  # fmt: skip
+        with ServerProcess("joiner", argv, port, server_logs) as joiner:
+            joiner.wait_ready()
+            ready = httpx.get(joiner.url + "/readyz", timeout=10).json()
+            assert ready["detail"]["join"].startswith(f"joined {peer}: policy version 41"), ready
+            assert httpx.get(joiner.url + "/v1/info", timeout=10).json()["policy_version"] == 41
+            assert httpx.get(joiner.url + "/v1/espo/state", timeout=10).json()["state"] == EAGER
+            call = {
+                "prompts": [{"token_ids": PROMPT}],
+                "n": 2,
+                "max_tokens": 24,
+                "seed": 5,
+                "stop_rule": "none",
+            }
+            theirs, ours = rollouts(rollout_server, **call), rollouts(joiner, **call)
+            for a, b in zip(theirs["trajectories"], ours["trajectories"], strict=True):
+                assert b["policy_version"] == 41 and a["token_ids"] == b["token_ids"]
+                assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)) < 1e-4
+            assert "join: copying the policy weights" in joiner.log_tail(400)
+    finally:  # the peer serves the seed-0 policy and its state again, for the other tests
+        back = httpx.post(
+            peer + "/v1/weights", json={"path": str(tiny_models["policy"]), "version": 42}, timeout=300
+        )
+        assert back.status_code == 200, back.text
+        assert httpx.put(peer + "/v1/espo/state", json=original, timeout=10).status_code == 200
