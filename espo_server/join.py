@@ -42,7 +42,8 @@ from .admin import JoinStatus
 from .config import ServerConfig
 from .critic_engine import InProcessCritic
 from .errors import ServiceError
-from .upload_targets import staging_root
+from .upload_targets import LocalUploads
+from .uploads import UploadStore
 from .weight_files import is_weight_file
 
 if TYPE_CHECKING:
@@ -198,8 +199,12 @@ async def fetch_checkpoint(
     return listing.version, into
 
 
-async def join(service: RolloutService, peer: Peer, root: Path, note: Callable[[str], None]) -> str:
-    """Copy, load and set what the peer serves (the module docstring); a summary of it."""
+async def join(
+    service: RolloutService, peer: Peer, stores: dict[str, UploadStore], note: Callable[[str], None]
+) -> str:
+    """Copy, load and set what the peer serves (the module docstring); a summary of it. The copies
+    go into the upload stores' directories (`stores`: "policy", and "critic" for an in-process one),
+    which delete them, as they do a committed upload, once other weights serve."""
     critic = service.critic if isinstance(service.critic, InProcessCritic) else None
     problem = ""
     for attempt in range(1, ATTEMPTS + 1):
@@ -208,15 +213,22 @@ async def join(service: RolloutService, peer: Peer, root: Path, note: Callable[[
         copies: list[tuple[int, Path]] = []
         try:
             copies.append(
-                await fetch_checkpoint(peer, "/v1/weights/files", _new(root, "policy"), "policy", note)
+                await fetch_checkpoint(
+                    peer, "/v1/weights/files", _new(stores["policy"], "policy"), "policy", note
+                )
             )
             if critic is not None:
                 prefix = "/v1/critic/weights/files"
-                copies.append(await fetch_checkpoint(peer, prefix, _new(root, "critic"), "critic", note))
+                copies.append(
+                    await fetch_checkpoint(peer, prefix, _new(stores["critic"], "critic"), "critic", note)
+                )
             after = await _info(peer)
             if copies[0][0] == after.policy_version and _versions(after) == _versions(before):
                 try:
-                    return await _load(service, critic, copies, peer, note)
+                    summary = await _load(service, critic, copies, peer, note)
+                    for what, (_, directory) in zip(("policy", "critic"), copies, strict=False):
+                        stores[what].adopt(directory)
+                    return summary
                 except BaseException:
                     serving = {service.engine.weights_path, critic.weights_dir if critic else None}
                     for _, directory in copies:
@@ -291,15 +303,17 @@ async def _info(peer: Peer) -> PeerVersions:
         raise JoinError(f"{peer.url}/v1/info: not an espo-server's info ({_first(exc)})") from exc
 
 
-def _new(root: Path, what: str) -> Path:
-    return root / f"joined-{what}-{uuid.uuid4().hex[:12]}"
+def _new(store: UploadStore, what: str) -> Path:
+    return store.root / f"joined-{what}-{uuid.uuid4().hex[:12]}"
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
-async def run_join(service: RolloutService, config: ServerConfig, root: Path, status: JoinStatus) -> None:
+async def run_join(
+    service: RolloutService, config: ServerConfig, stores: dict[str, UploadStore], status: JoinStatus
+) -> None:
     """Join `config.join`, keeping `status` (what /readyz reports) up to date; never raises."""
     assert config.join is not None
     peer = Peer(config.join, api_key=config.api_key, timeout_s=config.join_timeout_s)
@@ -309,7 +323,7 @@ async def run_join(service: RolloutService, config: ServerConfig, root: Path, st
         log.info("join: %s", detail)
 
     try:
-        summary = await join(service, peer, root, note)
+        summary = await join(service, peer, stores, note)
         status.detail, status.done = f"joined {peer.url}: {summary}", True
         log.info("join: %s; ready", status.detail)
     except PeerUnreachable as exc:
@@ -331,19 +345,18 @@ async def run_join(service: RolloutService, config: ServerConfig, root: Path, st
 
 
 @contextlib.asynccontextmanager
-async def joining(service: RolloutService, config: ServerConfig) -> AsyncIterator[None]:
-    """While inside, join `config.join` in the background (nothing without --join)."""
+async def joining(service: RolloutService, config: ServerConfig, uploads: dict) -> AsyncIterator[None]:
+    """While inside, join `config.join` in the background (nothing without --join); the copies are
+    staged beside the uploads (`upload_targets`)."""
     if config.join is None:
         yield
         return
     status = service.admin.join = JoinStatus(f"joining: {config.join} (not started)")
-    with staging_root(config.upload_dir) as root:
-        task = asyncio.get_running_loop().create_task(
-            run_join(service, config, root, status), name="espo-join"
-        )
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    stores = {what: t.store for what, t in uploads.items() if isinstance(t, LocalUploads)}
+    task = asyncio.get_running_loop().create_task(run_join(service, config, stores, status), name="espo-join")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

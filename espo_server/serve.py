@@ -186,7 +186,7 @@ async def _serve_rollouts(config: ServerConfig) -> int:
     async with (
         launch_service(config) as service,
         upload_targets(service, config) as uploads,
-        joining(service, config),  # --join: copy a peer's weights and state; unready till then
+        joining(service, config, uploads),  # --join: copy a peer's weights and state; unready till then
     ):
         app = build_app(config)
         app.state.service = service

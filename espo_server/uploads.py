@@ -244,6 +244,13 @@ class UploadStore:
             _remove(previous)
         return result
 
+    def adopt(self, directory: Path) -> None:
+        """`directory` (inside `root`, not an upload: a join's copy) serves now: it is deleted like
+        a committed upload's once other weights serve."""
+        previous, self._serving = self._serving, Path(directory)
+        if previous is not None and previous != self._serving:
+            _remove(previous)
+
     def _incomplete(self, upload: Upload) -> InvalidRequest | None:
         """Why the upload cannot be served as it stands (no shards, tensors never sent, a tied
         model's output layer unlike its input embeddings), or None."""

@@ -355,6 +355,10 @@ def test_multi_gpu_overlay_renders_replicas_on_vllm_parallelism(monkeypatch):
     pdb = find(docs, "PodDisruptionBudget", "espo-server")["spec"]
     assert pdb == {**pdb, "minAvailable": 1} and "maxUnavailable" not in pdb
     assert find(docs, "Deployment", "espo-critic")["spec"]["replicas"] == 2
+    # replicas join warm, from the Service's admin port (ready replicas only), starting cold when none is
+    assert config.join == f"http://espo-server:{config.admin_port}" and not config.join_required
+    admin = {p["name"]: p for p in find(docs, "Service", "espo-server")["spec"]["ports"]}["admin"]
+    assert admin["port"] == config.admin_port and admin["targetPort"] == "admin"
 
 
 # ---------------------------------------------------------------------------------------- hardening
@@ -396,7 +400,12 @@ def test_network_policies_keep_the_admin_ports_to_the_learner(path, monkeypatch)
     assert set(rules) == set(ports), "every container port has a rule (a port with none is closed)"
     assert rules["http"] == [[]]  # rollouts, reads, /metrics: from anywhere
     learner_only = [[{"namespaceSelector": {"matchLabels": LEARNER_NAMESPACE}}]]
-    assert rules["admin"] == learner_only
+    if config.join is None:
+        assert rules["admin"] == learner_only
+    else:  # replicas that join read a peer's weight files on its admin port: they may reach it too
+        [learner, [peers]] = rules["admin"]
+        assert [learner] == learner_only
+        assert set(peers) == {"podSelector"} and selects(peers["podSelector"], pod["metadata"]["labels"])
     if "grpc" in ports:  # every RPC on one port, weight pushes included
         assert rules["grpc"] == learner_only
 

@@ -19,6 +19,7 @@ from espo_server.app import build_app
 from espo_server.config import ServerConfig
 from espo_server.join import run_join
 from espo_server.process import ServerProcess, espo_server_argv, free_port
+from espo_server.uploads import UploadStore
 from espo_server.weight_files import weight_files
 from tests.conftest import CRITIC_TIMEOUT_S, MAX_MODEL_LEN
 from tests.fakes import FakeEngine, service
@@ -47,7 +48,12 @@ def join_once(url: str, tmp_path: Path, model: str = "fake", **cfg) -> tuple[Joi
     engine.model = engine.weights_path = model
     joiner = service(engine, None)
     status = joiner.admin.join = JoinStatus("joining")
-    asyncio.run(run_join(joiner, config, tmp_path, status))
+
+    async def main() -> None:
+        store = UploadStore(tmp_path, what="policy", reference=None, in_use=lambda: engine.weights_path)
+        await run_join(joiner, config, {"policy": store}, status)
+
+    asyncio.run(main())
     return status, joiner
 
 
