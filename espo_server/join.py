@@ -5,7 +5,7 @@ A replica that restarts or is added mid-training would otherwise serve the weigh
 engines are up and while /readyz answers 503 (detail `join`), it copies from the peer at URL:
 
     1. the policy's files (GET /v1/weights/files, then each file), into a directory of its own
-       under the staging root, each checked against the size and SHA-256 the peer listed;
+       beside its uploads (--upload-dir), each checked against the size and SHA-256 listed;
     2. the in-process critic's the same way (GET /v1/critic/weights/files; a remote critic server
        is shared by the replicas: nothing to copy);
     3. checks that the peer's versions did not change meanwhile (else it copies again, a few times);
@@ -29,9 +29,9 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .service import RolloutService
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ATTEMPTS = 3
 """Copies tried before giving up, when the peer's weights change under the copy or a file fails its
@@ -120,7 +121,7 @@ class Peer:
 
         return await self._retried(path, once)
 
-    async def _retried(self, path: str, call):  # call: () -> Awaitable[T]; returns T
+    async def _retried(self, path: str, call: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + self.timeout_s
         wait = RETRY_WAIT_S[0]
         while True:
@@ -225,16 +226,14 @@ async def join(
             after = await _info(peer)
             if copies[0][0] == after.policy_version and _versions(after) == _versions(before):
                 try:
-                    summary = await _load(service, critic, copies, peer, note)
-                    for what, (_, directory) in zip(("policy", "critic"), copies, strict=False):
-                        stores[what].adopt(directory)
-                    return summary
-                except BaseException:
+                    return await _load(service, critic, copies, peer, note)
+                finally:  # a copy that serves is the store's to delete later; the others go now
                     serving = {service.engine.weights_path, critic.weights_dir if critic else None}
-                    for _, directory in copies:
-                        if str(directory) not in serving:
+                    for what, (_, directory) in zip(("policy", "critic"), copies, strict=False):
+                        if str(directory) in serving:
+                            stores[what].adopt(directory)
+                        else:
                             shutil.rmtree(directory, ignore_errors=True)
-                    raise
             problem = (
                 f"the peer's weights changed during the copy (policy version {before.policy_version} -> "
                 f"{after.policy_version}, critic version {before.critic_version} -> {after.critic_version})"

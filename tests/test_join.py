@@ -19,6 +19,7 @@ from espo_server.app import build_app
 from espo_server.config import ServerConfig
 from espo_server.join import run_join
 from espo_server.process import ServerProcess, espo_server_argv, free_port
+from espo_server.service import RolloutService
 from espo_server.uploads import UploadStore
 from espo_server.weight_files import weight_files
 from tests.conftest import CRITIC_TIMEOUT_S, MAX_MODEL_LEN
@@ -41,8 +42,9 @@ def peer_app(weights: Path, version: int, state: EspoState = WARM, key: str | No
     return app
 
 
-def join_once(url: str, tmp_path: Path, model: str = "fake", **cfg) -> tuple[JoinStatus, object]:
-    """A joiner (a fake engine serving `model`) joins `url`: its join status and its service."""
+def join_once(url: str, tmp_path: Path, model: str = "fake", **cfg) -> tuple[JoinStatus, RolloutService]:
+    """A joiner (a fake engine serving `model`) joins `url`: its join status and its service; the
+    copies are staged in an upload store in `tmp_path`, `joiner.store`."""
     config = ServerConfig(model=model, join=url, api_key=KEY, **cfg)
     engine = FakeEngine()
     engine.model = engine.weights_path = model
@@ -50,8 +52,10 @@ def join_once(url: str, tmp_path: Path, model: str = "fake", **cfg) -> tuple[Joi
     status = joiner.admin.join = JoinStatus("joining")
 
     async def main() -> None:
-        store = UploadStore(tmp_path, what="policy", reference=None, in_use=lambda: engine.weights_path)
-        await run_join(joiner, config, {"policy": store}, status)
+        joiner.store = UploadStore(
+            tmp_path, what="policy", reference=None, in_use=lambda: engine.weights_path
+        )
+        await run_join(joiner, config, {"policy": joiner.store}, status)
 
     asyncio.run(main())
     return status, joiner
@@ -77,6 +81,9 @@ def test_a_replica_joins_a_peer_over_http(tiny_models, tmp_path):
     assert {f.name: sha256(f) for f in weight_files(copy)} == served
     ok, detail = asyncio.run(joiner.readiness())
     assert ok and detail["join"].startswith(f"joined {url}")
+    joiner.engine.weights_path = str(tiny_models["policy"])  # a later push serves other weights:
+    joiner.store.sweep()  # the copy goes, as a committed upload's directory would
+    assert not copy.exists()
 
 
 def test_a_replica_that_cannot_reach_its_peer_stays_unready(tmp_path):
@@ -97,14 +104,19 @@ def test_join_required_false_serves_as_started_when_no_peer_answers(tmp_path):
     assert asyncio.run(joiner.readiness())[0]
 
 
-def lying_peer(weights: Path, *, sha: str | None = None, state: dict | None = None) -> FastAPI:
-    """A peer that lists `weights` (with a wrong SHA-256 if `sha`) and answers `state`."""
+def lying_peer(
+    weights: Path, *, sha: str | None = None, state: dict | None = None, moving: bool = False
+) -> FastAPI:
+    """A peer that lists `weights` (with a wrong SHA-256 if `sha`) and answers `state`; `moving`: a
+    peer whose version goes up at every look (a learner pushing all the time)."""
     app = FastAPI()
     files = weight_files(weights)
+    looks = [0]
 
     @app.get("/v1/info")
     async def info() -> dict:
-        return {"model": "m", "policy_version": 3, "vocab_size": 64, "max_model_len": 64, "eos_token_id": 2}
+        looks[0] += moving
+        return {"policy_version": 3 + looks[0], "critic_version": None}
 
     @app.get("/v1/weights/files")
     async def listing() -> dict:
@@ -132,6 +144,13 @@ def test_a_file_that_fails_its_checksum_keeps_the_replica_unready(tiny_models, t
     assert joiner.engine.policy_version == 0
     assert not list(tmp_path.glob("joined-*"))  # nothing of the failed copies is kept
     assert not asyncio.run(joiner.readiness())[0]
+
+
+def test_a_peer_whose_weights_keep_changing_is_copied_again_then_given_up(tiny_models, tmp_path):
+    with serving(lying_peer(tiny_models["policy_b"], moving=True)) as url:
+        status, joiner = join_once(url, tmp_path)
+    assert not status.done and "the peer's weights changed during the copy" in status.detail
+    assert joiner.engine.policy_version == 0 and not list(tmp_path.glob("joined-*"))
 
 
 def test_weights_the_replica_cannot_serve_keep_it_unready(tiny_models, tmp_path):
