@@ -27,6 +27,9 @@ ROUTES = {
     "/v1/espo/state": {"get", "put"},
     "/v1/espo/commit": {"post"},
     "/v1/weights": {"post"},
+    "/v1/weights/files": {"get"},
+    "/v1/weights/files/{name}": {"get"},
+    "/v1/critic/weights/files": {"get"},
     "/v1/info": {"get"},
     "/healthz": {"get"},
     "/readyz": {"get"},
@@ -55,6 +58,8 @@ PUBLISHED = {
     "GroupEvent",
     "RunRequest",
     "RunResponse",
+    "WeightFile",
+    "WeightFilesResponse",
     "WeightsRequest",
     "WeightsResponse",
 }

@@ -48,6 +48,8 @@ __all__ = [
     "UploadResponse",
     "Usage",
     "VersionSpan",
+    "WeightFile",
+    "WeightFilesResponse",
     "WeightsRequest",
     "WeightsResponse",
 ]
