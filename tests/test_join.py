@@ -218,14 +218,12 @@ def test_a_second_real_server_joins_warm(rollout_server, critic_server, tiny_mod
             assert ready["detail"]["join"].startswith(f"joined {peer}: policy version 41"), ready
             assert httpx.get(joiner.url + "/v1/info", timeout=10).json()["policy_version"] == 41
             assert httpx.get(joiner.url + "/v1/espo/state", timeout=10).json()["state"] == EAGER
-            call = {
-                "prompts": [{"token_ids": PROMPT}],
-                "n": 2,
-                "max_tokens": 24,
-                "seed": 5,
-                "stop_rule": "none",
-            }
-            theirs, ours = rollouts(rollout_server, **call), rollouts(joiner, **call)
+            theirs, ours = (
+                rollouts(
+                    server, prompts=[{"token_ids": PROMPT}], n=2, max_tokens=24, seed=5, stop_rule="none"
+                )
+                for server in (rollout_server, joiner)
+            )
             for a, b in zip(theirs["trajectories"], ours["trajectories"], strict=True):
                 assert b["policy_version"] == 41 and a["token_ids"] == b["token_ids"]
                 assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)) < 1e-4
