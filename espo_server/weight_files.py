@@ -31,6 +31,7 @@ from .uploads import SHARD_NAME
 
 CONFIG_FILE = "config.json"
 _HASH_CHUNK = 1 << 20
+_HASHES_KEPT = 1024
 _hashes: dict[tuple[str, int, int], str] = {}
 """SHA-256 by (file, size, mtime): a checkpoint is hashed once, not on every listing."""
 
@@ -67,6 +68,8 @@ def sha256_of(file: Path) -> str:
     stat = file.stat()
     key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _hashes:
+        if len(_hashes) >= _HASHES_KEPT:  # those of weights long replaced
+            _hashes.clear()
         digest = hashlib.sha256()
         with file.open("rb") as f:
             while chunk := f.read(_HASH_CHUNK):
