@@ -17,6 +17,7 @@ from espo_client.protocol import EspoState
 from espo_server.admin import JoinStatus
 from espo_server.app import build_app
 from espo_server.config import ServerConfig
+from espo_server.critic_engine import InProcessCritic
 from espo_server.join import run_join
 from espo_server.process import ServerProcess, espo_server_argv, free_port
 from espo_server.service import RolloutService
@@ -84,6 +85,53 @@ def test_a_replica_joins_a_peer_over_http(tiny_models, tmp_path):
     joiner.engine.weights_path = str(tiny_models["policy"])  # a later push serves other weights:
     joiner.store.sweep()  # the copy goes, as a committed upload's directory would
     assert not copy.exists()
+
+
+class FakeCriticEngine:
+    """Stands in for the vLLM engine of an `InProcessCritic`: a reload is accepted, and recorded."""
+
+    def __init__(self) -> None:
+        self.reloaded: list[str] = []
+
+    async def collective_rpc(self, method: str, args: tuple) -> list[str | None]:
+        self.reloaded.append(args[0])
+        return [None]
+
+    async def reset_prefix_cache(self) -> None:
+        pass
+
+    async def check_health(self) -> None:
+        pass
+
+
+def test_an_in_process_critic_is_copied_too(tiny_models, tmp_path):
+    critic_dir = str(tiny_models["critic"])
+    engine = FakeEngine()
+    engine.weights_path, engine.policy_version = str(tiny_models["policy_b"]), 7
+    peer = service(engine, InProcessCritic(FakeCriticEngine(), critic_dir, version=3), api_key=KEY)
+    app = build_app(ServerConfig(model="fake", api_key=KEY))
+    app.state.service = peer
+    ours = InProcessCritic(FakeCriticEngine(), critic_dir)  # its load runs the critic's own checks
+    joiner = service(FakeEngine(), ours)
+    status = joiner.admin.join = JoinStatus("joining")
+
+    async def main() -> None:
+        stores = {
+            what: UploadStore(tmp_path / what, what=what, reference=None, in_use=lambda: None)
+            for what in ("policy", "critic")
+        }
+        await run_join(joiner, ServerConfig(model="fake", join=url, api_key=KEY), stores, status)
+
+    with serving(app) as url:
+        asyncio.run(main())
+    assert status.done, status.detail
+    assert "policy version 7, critic version 3" in status.detail
+    assert ours.version == 3 and ours.llm.reloaded == [ours.weights_dir]
+    (copy,) = (tmp_path / "critic").glob("joined-critic-*")
+    assert ours.weights_dir == str(copy)
+    assert {f.name: sha256(f) for f in weight_files(copy)} == {
+        f.name: sha256(f) for f in weight_files(tiny_models["critic"])
+    }
 
 
 def test_a_replica_that_cannot_reach_its_peer_stays_unready(tmp_path):
