@@ -74,8 +74,9 @@ class ServerConfig(BaseSettings):
         ge=1,
         le=65535,
         description="Also listen on this port, same host, and answer the admin routes (POST /v1/weights, "
-        "POST /v1/critic/weights, PUT /v1/espo/state, POST /v1/espo/commit) only there: on --port they "
-        "are 403. For a NetworkPolicy that lets only the learner reach them (unset: one port, all routes).",
+        "POST /v1/critic/weights, their uploads, PUT /v1/espo/state, POST /v1/espo/commit, GET "
+        "/v1/weights/files) only there: on --port they are 403. For a NetworkPolicy that lets only the "
+        "learner reach them (unset: one port, all routes).",
     )
 
     join: str | None = Field(

@@ -1,11 +1,13 @@
 """The ports a server listens on: its port and, optionally, an admin port for the admin routes.
 
-The admin routes change what the server serves: weight pushes (policy and critic) and writes of the
-server-owned ESPO state (`PUT /v1/espo/state`, `POST /v1/espo/commit`). With `--admin-port` set,
-the server listens on both ports; the admin port answers every route, the other port every route
-but those, which it answers 403 `permission_error`. Kubernetes NetworkPolicies work on ports (L4),
-not on paths: this is what lets one keep the admin routes to the learner's namespace while the
-rollout routes, /metrics and the probes stay reachable (deploy/kubernetes/base/networkpolicy.yaml).
+The admin routes change what the server serves, or give its weights away: weight pushes (policy and
+critic), writes of the server-owned ESPO state (`PUT /v1/espo/state`, `POST /v1/espo/commit`), and
+the weight files a replica that joins copies (`GET /v1/weights/files`, weight_files.py). With
+`--admin-port` set, the server listens on both ports; the admin port answers every route, the other
+port every route but those, which it answers 403 `permission_error`. Kubernetes NetworkPolicies work
+on ports (L4), not on paths: this is what lets one keep the admin routes to the learner's namespace
+while the rollout routes, /metrics and the probes stay reachable
+(deploy/kubernetes/base/networkpolicy.yaml).
 The gRPC port is one port for all its RPCs: restrict it like the admin port.
 
 Both HTTP apps use it: the rollout server (`espo-server serve --admin-port`) and the critic server

@@ -1,6 +1,7 @@
-"""`--admin-port`: the admin routes (weight pushes, state writes) answer only on the admin port, every
-other route on both; a real uvicorn listens on both ports (ports.py). The rollout app over the real
-service with the scripted engine of test_rollout_loop, and the critic app over a stand-in critic."""
+"""`--admin-port`: the admin routes (weight pushes, state writes, weight files) answer only on the
+admin port, every other route on both; a real uvicorn listens on both ports (ports.py). The rollout
+app over the real service with the scripted engine of test_rollout_loop, and the critic app over a
+stand-in critic."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ ADMIN_ROUTES = [
     ("POST", "/v1/weights/uploads/u/commit", {}),
     ("DELETE", "/v1/weights/uploads/u", None),
     ("POST", "/v1/critic/weights/uploads", {}),
+    ("GET", "/v1/weights/files", None),  # what a replica that joins copies: the learner's weights
+    ("GET", "/v1/weights/files/model.safetensors", None),
+    ("GET", "/v1/critic/weights/files", None),
 ]
 
 
