@@ -13,6 +13,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 
+from espo_client import EspoClient
 from espo_client.protocol import EspoState
 from espo_server.admin import JoinStatus
 from espo_server.app import build_app
@@ -230,6 +231,9 @@ def test_a_peer_that_is_joining_itself_is_no_peer_yet(tiny_models, tmp_path):
 def test_the_file_route_serves_only_the_checkpoints_files(tiny_models):
     auth = {"Authorization": f"Bearer {KEY}"}
     with serving(peer_app(tiny_models["policy_b"], 1)) as url:
+        with EspoClient(base_url=url, api_key=KEY) as client:
+            listed = client.weight_files()
+        assert listed.version == 1 and {f.name for f in listed.files} == {"config.json", "model.safetensors"}
         r = httpx.get(url + "/v1/weights/files/model.safetensors", headers=auth)
         assert (
             r.status_code == 200 and r.content == (tiny_models["policy_b"] / "model.safetensors").read_bytes()

@@ -66,6 +66,7 @@ from .protocol import (
     RunResponse,
     StateResponse,
     Trajectory,
+    WeightFilesResponse,
     WeightsResponse,
 )
 
@@ -197,6 +198,11 @@ class EspoClient(BaseClient, Closing):
     def info(self) -> InfoResponse:
         """`GET /v1/info`: model, versions, rule defaults, limits."""
         return self._run(self._info_op())
+
+    def weight_files(self, critic: bool = False) -> WeightFilesResponse:
+        """`GET /v1/weights/files` (`critic`: `/v1/critic/weights/files`): the files of the weights
+        serving, with sizes, SHA-256 and the version: what a replica started with `--join` copies."""
+        return self._run(self._weight_files_op(critic))
 
     def health(self) -> HealthResponse:
         """`GET /healthz`: the process is alive."""
@@ -354,6 +360,9 @@ class AsyncEspoClient(BaseClient, AsyncClosing):
 
     async def info(self) -> InfoResponse:
         return await self._run(self._info_op())
+
+    async def weight_files(self, critic: bool = False) -> WeightFilesResponse:
+        return await self._run(self._weight_files_op(critic))
 
     async def health(self) -> HealthResponse:
         return await self._run(self._health_op())

@@ -74,6 +74,7 @@ from .protocol import (
     StateResponse,
     Trajectory,
     TrajectoryEvent,
+    WeightFilesResponse,
     WeightsRequest,
     WeightsResponse,
 )
@@ -356,6 +357,9 @@ class BaseClient:
     def _load_critic_weights_op(self, path: str, version: int | None) -> Op[CriticWeightsResponse]:
         body = CriticWeightsRequest(path=path, version=version)
         return self._call("POST", "/v1/critic/weights", CriticWeightsResponse, body)
+
+    def _weight_files_op(self, critic: bool) -> Op[WeightFilesResponse]:
+        return self._call("GET", f"/v1{'/critic' if critic else ''}/weights/files", WeightFilesResponse)
 
     def _info_op(self) -> Op[InfoResponse]:
         return self._call("GET", "/v1/info", InfoResponse)
