@@ -387,18 +387,9 @@ def until(condition, bound_s: float, what: str, seen: list | None = None) -> Non
 def policy_engine_core(pid: int) -> psutil.Process:
     """The policy engine's process of the server `pid`: its oldest VLLM::EngineCore child (the
     server starts the policy engine before an in-process critic's)."""
-    cores = [c for c in psutil.Process(pid).children(recursive=True) if is_engine_core(c)]
+    cores = [c for c in psutil.Process(pid).children(recursive=True) if harness.is_engine_core(c)]
     assert cores, "no VLLM::EngineCore child found"
     return min(cores, key=lambda c: c.create_time())
-
-
-def is_engine_core(proc: psutil.Process) -> bool:
-    """vLLM's engine process: its title is VLLM::EngineCore (the kernel's name of it, cut at 15
-    characters, VLLM::EngineCor)."""
-    try:
-        return "EngineCor" in proc.name() or any("EngineCore" in part for part in proc.cmdline())
-    except psutil.Error:
-        return False
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -4,7 +4,12 @@ Starts (unless given `--url`) `espo-server serve` on a seeded random tiny model,
 tight limits so that every call the fuzzer makes stays cheap (n <= 4, <= 4 prompts, 16
 trajectories, a 128-token model length, a 2 s deadline per call), a critic URL where nothing
 listens (every critic query fails: the fallback path, flagged; so the critic's pushes,
-`/v1/critic/weights` and its uploads, 503 there by design, are left out) and an empty --weights-dir. Then
+`/v1/critic/weights` and its uploads, 503 there by design, are left out) and an empty --weights-dir.
+The policy's upload routes (`/v1/weights/uploads` and its sub-routes) and the weight-file routes
+(`/v1/weights/files`, `/v1/weights/files/{name}`) are fuzzed like every other operation, bounded:
+uploads are staged in a temporary --upload-dir, each holds at most --upload-max-bytes (8 MiB), and
+one left open is abandoned after 30 s; a check says that both groups of routes were answered (the
+access log). Then
 `schemathesis run` generates requests for every operation of `/openapi.json` (valid ones and
 invalid ones: wrong types, out-of-range numbers, missing fields, odd strings) and checks each
 answer: no 5xx (`not_a_server_error`), the status is one the schema documents, the body matches
@@ -43,13 +48,20 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 PROBE = {"prompts": [{"token_ids": [5, 6, 7]}], "n": 2, "max_tokens": 8, "stop_rule": "espo", "seed": 1}
 
 
-def server_flags(model: str, weights_dir: str) -> list[str]:
+UPLOAD_MAX_BYTES = 8 * 2**20
+"""The fuzzed server's --upload-max-bytes: what one upload the fuzzer opens may take of the disk."""
+FUZZED_ROUTES = re.compile(r'"[A-Z]+ (/v1/weights/(?:uploads|files)[^ "]*) HTTP/1\.[01]" (\d{3})')
+"""An access log line of the policy's upload routes or of the weight-file routes."""
+
+
+def server_flags(model: str, weights_dir: str, upload_dir: str) -> list[str]:
     return [
         "--model", model, "--dtype", "float32", "--max-model-len", "128",
         "--critic", "remote", "--critic-url", f"http://127.0.0.1:{free_port()}", "--critic-timeout-s", "0.5",
         "--max-n", "4", "--max-prompts", "4", "--max-trajectories", "16", "--max-call-seconds", "2",
         "--max-inflight-trajectories", "64", "--weights-dir", weights_dir, "--run-idle-timeout-s", "60",
-        "--idempotency-cache-mb", "16",
+        "--idempotency-cache-mb", "16", "--upload-dir", upload_dir,
+        "--upload-max-bytes", str(UPLOAD_MAX_BYTES), "--upload-idle-timeout-s", "30",
     ]  # fmt: skip
 
 
@@ -101,6 +113,8 @@ def access_log_statuses(log: str) -> Counter:
 def read_log(result: dict, log: str) -> None:
     """The answers by status and the tracebacks of the server's log (what it wrote while fuzzed)."""
     result["answers_by_status"] = dict(sorted(access_log_statuses(log).items()))
+    routes = Counter(m.group(1).split("/")[3] for m in FUZZED_ROUTES.finditer(log))
+    result["weight_upload_and_file_answers"] = dict(sorted(routes.items()))  # uploads / files -> answers
     serving = log.split("INFO:     Shutting down")[0]  # vLLM's __del__ at exit prints one after
     result["tracebacks_in_log"] = serving.count("Traceback (most recent call last)")
     where = serving.find("Traceback")
@@ -133,9 +147,9 @@ def main() -> None:
 
             policy, _ = make_tiny_models(work / "tiny", seed=0)
             (work / "weights").mkdir()
-            server = harness.start_espo(
-                "fuzzed", "serve", *server_flags(str(policy), str(work / "weights")), logs=work
-            )
+            (work / "uploads").mkdir()
+            flags = server_flags(str(policy), str(work / "weights"), str(work / "uploads"))
+            server = harness.start_espo("fuzzed", "serve", *flags, logs=work)
             with server:
                 server.wait_ready()
                 result |= fuzz(server.url, args, work / "report")
@@ -149,6 +163,9 @@ def main() -> None:
     if "answers_by_status" in result:
         checks["no 5xx in the access log"] = not any(s.startswith("5") for s in result["answers_by_status"])
         checks["no traceback in the server log"] = result["tracebacks_in_log"] == 0
+        fuzzed = result["weight_upload_and_file_answers"]
+        both = bool(fuzzed.get("uploads") and fuzzed.get("files"))
+        checks["the upload and weight-file routes were fuzzed"] = both
     if "server_running_after" in result:
         checks["the server still runs"] = result["server_running_after"]
     result["checks"] = checks

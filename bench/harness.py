@@ -320,3 +320,12 @@ def write_result(path: str | Path, result: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
+
+
+def is_engine_core(proc: psutil.Process) -> bool:
+    """vLLM's engine process: its title is VLLM::EngineCore (the kernel's name of it, cut at 15
+    characters, VLLM::EngineCor)."""
+    try:
+        return "EngineCor" in proc.name() or any("EngineCore" in part for part in proc.cmdline())
+    except psutil.Error:
+        return False

@@ -45,8 +45,10 @@ import argparse
 import asyncio
 import dataclasses
 import itertools
+import json
 import random
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -81,13 +83,23 @@ RULES = ("none", "espo", "regret_only", "random")
 INTENDED = {"429", "409", "client_timeout", "abandoned"}
 """Error kinds the workload provokes on purpose."""
 
-WATCHED = {  # /metrics series compared with the clients' sums: name -> (labels, Tally field)
-    "espo_trajectories_total": ({}, "trajectories"),
-    "espo_generated_tokens_total": ({}, "tokens"),
-    "espo_stopped_trajectories_total": ({}, "stopped"),
-    "espo_critic_calls_total": ({}, "critic_calls"),
-    "espo_rollout_requests_total": ({"outcome": "ok"}, "answered"),
-    "espo_weight_loads_total": ({"outcome": "ok"}, "pushes"),
+WATCHED = {  # /metrics series compared with the clients' sums: key -> (series, labels, Tally field)
+    "espo_trajectories_total": ("espo_trajectories_total", {}, "trajectories"),
+    "espo_generated_tokens_total": ("espo_generated_tokens_total", {}, "tokens"),
+    "espo_stopped_trajectories_total": ("espo_stopped_trajectories_total", {}, "stopped"),
+    "espo_critic_calls_total": ("espo_critic_calls_total", {}, "critic_calls"),
+    "espo_rollout_requests_total": ("espo_rollout_requests_total", {"outcome": "ok"}, "answered"),
+    "espo_weight_loads_total": ("espo_weight_loads_total", {"outcome": "ok"}, "pushes"),
+    "espo_weight_push_seconds_count{source=path}": (
+        "espo_weight_push_seconds_count",
+        {"model": "policy", "source": "path"},
+        "pushes_by_path",
+    ),
+    "espo_weight_push_seconds_count{source=upload}": (
+        "espo_weight_push_seconds_count",
+        {"model": "policy", "source": "upload"},
+        "pushes_by_upload",
+    ),
 }
 
 
@@ -122,7 +134,10 @@ class Tally:
     answered: int = 0
     replays: int = 0
     replay_mismatches: int = 0
-    pushes: int = 0
+    pushes_by_path: int = 0
+    pushes_by_upload: int = 0
+    push_tries: int = 0
+    """Pushes begun (each one's version: 1000 + its number)."""
     runs_closed_with_leftovers: int = 0
     calls_given_up: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -155,6 +170,10 @@ class Tally:
             self.stopped += usage.stopped
             self.critic_calls += usage.critic_calls
             self.critic_errors += usage.critic_errors
+
+    @property
+    def pushes(self) -> int:
+        return self.pushes_by_path + self.pushes_by_upload
 
     def error(self, kind: str, exc: BaseException) -> None:
         with self.lock:
@@ -262,6 +281,12 @@ class Api:
     async def load_weights(self, path: str, version: int) -> Any:
         return await self._do(self.client.load_weights, path, version)
 
+    async def upload_weights(self, path: str, version: int) -> Any:
+        """The checkpoint in `path` pushed by upload: its tensors streamed as shards (the upload
+        routes), its config.json sent for the architecture check."""
+        weights, config = _checkpoint(path)
+        return await self._do(self.client.upload_weights, weights, version=version, config=config)
+
     async def aclose(self) -> None:
         for client in (self.client, self.impatient):
             if self.sync:
@@ -281,6 +306,8 @@ class Workload:
     push_every_calls: int = 0
     """If set: a weight push after every this many scenarios finished (instead of every push_every_s)."""
     api_key: str | None = None
+    push_kinds: tuple[str, ...] = ("path",)
+    """How pushes are made, in turn: "path" (POST /v1/weights), "upload" (/v1/weights/uploads)."""
     rules: tuple[str, ...] = RULES
     scenarios: tuple[str, ...] = ("call", "call", "call", "replay", "conflict", "timeout", "abandon", "run")
     tally: Tally = dataclasses.field(default_factory=Tally)
@@ -324,12 +351,21 @@ class Workload:
             await self._push(api, self.weights[0])
 
     async def _push(self, api: Api, path: str) -> None:
+        """A push of `path`'s weights, made as `push_kinds` say in turn."""
         with self.tally.lock:
-            version = 1000 + self.tally.pushes
+            version = 1000 + self.tally.push_tries
+            by_upload = self.push_kinds[self.tally.push_tries % len(self.push_kinds)] == "upload"
+            self.tally.push_tries += 1
         try:
-            await api.load_weights(path, version)
+            if by_upload:
+                await api.upload_weights(path, version)
+            else:
+                await api.load_weights(path, version)
             with self.tally.lock:
-                self.tally.pushes += 1
+                if by_upload:
+                    self.tally.pushes_by_upload += 1
+                else:
+                    self.tally.pushes_by_path += 1
         except EspoError as exc:
             self.tally.error(f"push_{error_kind(exc)}", exc)
 
@@ -463,6 +499,16 @@ class Workload:
                 self.tally.runs_closed_with_leftovers += 1
 
 
+def _checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors (name -> tensor) and the HF config of a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, Any] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        weights |= load_file(file)
+    return weights, json.loads((Path(path) / "config.json").read_text())
+
+
 def _rid(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex[:12]}"
 
@@ -470,31 +516,38 @@ def _rid(kind: str) -> str:
 # --------------------------------------------------------------------------------------------- server side
 
 
-class RssWatch:
-    """The server process's RSS and its children's (vLLM's engine process), every `interval` s."""
+SERIES = ("server", "policy_engine", "critic_engine")
+"""The RSS curve's series: the server process itself, and each engine's whole process tree."""
 
-    def __init__(self, pid: int, interval: float = 2.0) -> None:
+
+class RssWatch:
+    """RSS every `interval` s, in MiB: the server process `pid` itself, and each engine's process
+    tree (a VLLM::EngineCore child and its own children: the CPU worker unless
+    ESPO_CPU_WORKER=inline). The policy engine is the server's oldest EngineCore (it starts before an
+    in-process critic's, the second one); a remote critic's engine is that of `critic_pid`."""
+
+    def __init__(self, pid: int, critic_pid: int | None = None, interval: float = 2.0) -> None:
         self.proc = psutil.Process(pid)
+        self.critic = psutil.Process(critic_pid) if critic_pid is not None else None
         self.interval = interval
-        self.samples: list[tuple[float, int, int]] = []  # (t, server rss, children rss)
+        self.samples: list[dict[str, float]] = []  # {"t": s, "server": MiB, "policy_engine": MiB, ...}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _rss(self) -> tuple[int, int]:
-        main = self.proc.memory_info().rss
-        kids = 0
-        for child in self.proc.children(recursive=True):
-            try:
-                kids += child.memory_info().rss
-            except psutil.Error:
-                pass
-        return main, kids
+    def _sample(self) -> dict[str, float]:
+        sample = {"server": _mib(self.proc.memory_info().rss)}
+        engines = _engine_trees(self.proc)
+        if self.critic is not None:
+            engines = engines[:1] + _engine_trees(self.critic)[:1]
+        for name, tree in zip(SERIES[1:], engines, strict=False):
+            sample[name] = _mib(sum(_rss(p) for p in tree))
+        return sample
 
     def _loop(self) -> None:
         started = time.monotonic()
         while not self._stop.is_set():
             try:
-                self.samples.append((time.monotonic() - started, *self._rss()))
+                self.samples.append({"t": round(time.monotonic() - started, 1)} | self._sample())
             except psutil.Error:
                 return
             self._stop.wait(self.interval)
@@ -507,12 +560,74 @@ class RssWatch:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def at(self, t: float) -> tuple[int, int]:
-        """The first sample at or after `t` seconds."""
-        for when, main, kids in self.samples:
-            if when >= t:
-                return main, kids
-        return self.samples[-1][1:] if self.samples else (0, 0)
+    def at(self, t: float) -> dict[str, float]:
+        """The first sample at or after `t` seconds (the last one if none)."""
+        return next((s for s in self.samples if s["t"] >= t), self.samples[-1] if self.samples else {})
+
+    def summary(self, warm: float) -> dict[str, dict[str, float]]:
+        """Per series: at the end of the warm-up, the plateau (the median of the samples of the
+        last third of the run), the end, the max, the growth from warm-up end to end and over the
+        last half (end minus the sample at half the run's time)."""
+        if not self.samples:
+            return {}
+        last = self.samples[-1]["t"]
+        tail = [s for s in self.samples if s["t"] >= last * 2 / 3]
+        out = {}
+        for name in SERIES:
+            if not any(name in s for s in self.samples):
+                continue
+            values = [s.get(name, 0.0) for s in self.samples]
+            start, half, end = self.at(warm).get(name, 0.0), self.at(last / 2).get(name, 0.0), values[-1]
+            out[name] = {
+                "warmup_end": round(start, 1),
+                "plateau": round(statistics.median(s.get(name, 0.0) for s in tail), 1),
+                "end": round(end, 1),
+                "max": round(max(values), 1),
+                "growth": round(end - start, 1),
+                "growth_last_half": round(end - half, 1),
+            }
+        return out
+
+
+def _engine_trees(proc: psutil.Process) -> list[list[psutil.Process]]:
+    """The process trees of `proc`'s VLLM::EngineCore descendants, oldest first."""
+    cores = sorted((c for c in proc.children(recursive=True) if harness.is_engine_core(c)), key=_created)
+    return [[core, *_children(core)] for core in cores]
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _created(proc: psutil.Process) -> float:
+    try:
+        return proc.create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _rss(proc: psutil.Process) -> int:
+    try:
+        return proc.memory_info().rss
+    except psutil.Error:
+        return 0  # ended meanwhile
+
+
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+def curve(samples: list[dict[str, float]], step: float) -> list[dict[str, float]]:
+    """The samples thinned to about one per `step` seconds (the first, then the first at or after
+    each multiple of `step`, and the last)."""
+    out: list[dict[str, float]] = []
+    for s in samples:
+        if not out or s["t"] >= out[-1]["t"] + step or s is samples[-1]:
+            out.append(s)
+    return out
 
 
 @dataclasses.dataclass
@@ -554,13 +669,15 @@ class Servers:
 # --------------------------------------------------------------------------------------------- the soak
 
 
-def soak(url: str, pid: int, weights: list[str], args: argparse.Namespace) -> dict:
+def soak(
+    url: str, pid: int, weights: list[str], args: argparse.Namespace, critic_pid: int | None = None
+) -> dict:
     """Run the workload against a running server; check and return the figures."""
     before = harness.scrape(url)
-    rss = RssWatch(pid).start()
+    rss = RssWatch(pid, critic_pid, interval=args.rss_every_s).start()
     workload = Workload(
         url, args.clients, args.seconds, weights, args.push_every, seed=args.seed,
-        push_every_calls=args.push_every_calls,
+        push_every_calls=args.push_every_calls, push_kinds=("upload", "path"),
     )  # fmt: skip
     if args.scenarios:
         workload.scenarios = tuple(args.scenarios.split(","))
@@ -569,8 +686,8 @@ def soak(url: str, pid: int, weights: list[str], args: argparse.Namespace) -> di
         tally = asyncio.run(workload.run())
     finally:
         duration = time.monotonic() - started
-        time.sleep(2.5)  # one more RSS sample after the load
         rss.stop()
+        rss.samples.append({"t": round(time.monotonic() - started, 1)} | rss._sample())  # the end
     after = harness.scrape(url)
     return check(tally, before, after, rss, duration, args)
 
@@ -578,15 +695,12 @@ def soak(url: str, pid: int, weights: list[str], args: argparse.Namespace) -> di
 def check(tally: Tally, before: Metrics, after: Metrics, rss: RssWatch, duration: float, args) -> dict:
     lost, twice = tally.lost_or_twice()
     moved = {
-        name: after.sum(name, **labels) - before.sum(name, **labels) for name, (labels, _) in WATCHED.items()
+        key: after.sum(name, **labels) - before.sum(name, **labels)
+        for key, (name, labels, _) in WATCHED.items()
     }
-    seen = {name: getattr(tally, field) for name, (_, field) in WATCHED.items()}
+    seen = {key: getattr(tally, field) for key, (_, _, field) in WATCHED.items()}
     warm = min(args.warmup, duration / 4)
-    rss_start, kids_start = rss.at(warm)
-    rss_end, kids_end = rss.samples[-1][1:] if rss.samples else (0, 0)
-    rss_max = max((m for _, m, _ in rss.samples), default=0)
-    growth_mb = (rss_end - rss_start) / 2**20
-    kids_growth_mb = (kids_end - kids_start) / 2**20
+    memory = rss.summary(warm)
     five_xx = {k: v for k, v in tally.errors.items() if k.startswith("5") or k.startswith("stream_5")}
     unintended = {k: v for k, v in tally.errors.items() if k not in INTENDED}
     checks = {
@@ -596,8 +710,9 @@ def check(tally: Tally, before: Metrics, after: Metrics, rss: RssWatch, duration
         "no 5xx": not five_xx,
         "no unintended errors": not unintended and tally.calls_given_up == 0,
         "runs closed with nothing left": tally.runs_closed_with_leftovers == 0,
-        f"server RSS growth < {args.rss_budget_mb} MiB": growth_mb < args.rss_budget_mb,
-        f"engine RSS growth < {args.rss_budget_mb} MiB": kids_growth_mb < args.rss_budget_mb,
+    } | {
+        f"{name.replace('_', ' ')} RSS growth < {args.rss_budget_mb} MiB": m["growth"] < args.rss_budget_mb
+        for name, m in memory.items()
     }
     return {
         "config": {k: v for k, v in vars(args).items() if k != "func"},
@@ -613,6 +728,8 @@ def check(tally: Tally, before: Metrics, after: Metrics, rss: RssWatch, duration
         "critic_error_trajectories": tally.flagged,
         "end_reasons": dict(tally.end_reasons),
         "weight_pushes": tally.pushes,
+        "weight_pushes_by_path": tally.pushes_by_path,
+        "weight_pushes_by_upload": tally.pushes_by_upload,
         "errors": dict(tally.errors),
         "error_samples": tally.error_samples,
         "lost": [list(k) for k in lost[:20]],
@@ -625,14 +742,8 @@ def check(tally: Tally, before: Metrics, after: Metrics, rss: RssWatch, duration
             if name == "espo_critic_calls_total"
         },
         "clients_saw": seen,
-        "rss_mb": {
-            "server_start": round(rss_start / 2**20, 1),
-            "server_end": round(rss_end / 2**20, 1),
-            "server_max": round(rss_max / 2**20, 1),
-            "engine_start": round(kids_start / 2**20, 1),
-            "engine_end": round(kids_end / 2**20, 1),
-            "after_warmup_s": round(warm, 1),
-        },
+        "rss_mb": memory | {"after_warmup_s": round(warm, 1)},
+        "rss_curve": rss.samples,
         "checks": checks,
         "ok": all(checks.values()),
     }
@@ -651,15 +762,17 @@ def print_summary(result: dict) -> None:
         ("critic calls / errors", f"{result['critic_calls']} / {result['critic_errors']}"),
         ("critic calls by outcome (/metrics)", result["critic_calls_by_outcome"]),
         ("trajectories flagged critic_error", result["critic_error_trajectories"]),
-        ("weight pushes", result["weight_pushes"]),
+        (
+            "weight pushes by path / by upload",
+            f"{result['weight_pushes_by_path']} / {result['weight_pushes_by_upload']}",
+        ),
         ("scenarios", ", ".join(f"{k} {v}" for k, v in sorted(result["scenarios"].items()))),
         ("end reasons", ", ".join(f"{k} {v}" for k, v in sorted(result["end_reasons"].items()))),
         ("errors by kind", ", ".join(f"{k} {v}" for k, v in sorted(result["errors"].items())) or "none"),
-        ("server RSS MiB start/end/max", f"{r['server_start']} / {r['server_end']} / {r['server_max']}"),
-        ("engine RSS MiB start/end", f"{r['engine_start']} / {r['engine_end']}"),
     ]
     for name, value in rows:
         print(f"  {name:<36} {value}")
+    print_memory(result["rss_curve"], r, result["duration_s"])
     print("checks:")
     for name, ok in result["checks"].items():
         print(f"  [{'ok' if ok else 'FAILED'}] {name}")
@@ -669,6 +782,22 @@ def print_summary(result: dict) -> None:
         if kind not in INTENDED:
             print(f"  {kind}: {sample}")
     print(f"soak: {'passed' if result['ok'] else 'FAILED'}")
+
+
+def print_memory(samples: list[dict[str, float]], summary: dict, duration: float) -> None:
+    """The RSS curve (one line per 5 minutes; about 10 lines for a run under 25 minutes) and, per
+    series, warm-up end / plateau / end / growth over the last half."""
+    names = [n for n in SERIES if n in summary]
+    print(f"memory (RSS MiB; warm-up ends at {summary.get('after_warmup_s')} s):")
+    print(f"  {'t s':>7} " + " ".join(f"{n:>14}" for n in names))
+    for s in curve(samples, 300.0 if duration >= 1500 else max(duration / 10, 1.0)):
+        print(f"  {s['t']:>7.0f} " + " ".join(f"{s.get(n, 0.0):>14.1f}" for n in names))
+    for n in names:
+        m = summary[n]
+        print(
+            f"  {n:<14} warm-up end {m['warmup_end']}, plateau {m['plateau']}, end {m['end']}, max "
+            f"{m['max']}; growth {m['growth']:+}, over the last half {m['growth_last_half']:+}"
+        )
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -686,7 +815,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--scenarios", default="", help="comma-separated scenarios to draw from (default: all, calls 3x)"
     )
     parser.add_argument("--warmup", type=float, default=30.0, help="RSS growth is measured from then on")
-    parser.add_argument("--rss-budget-mb", type=float, default=200.0)
+    parser.add_argument(
+        "--rss-budget-mb", type=float, default=200.0,
+        help="most RSS growth (warm-up end to end) allowed, per series: server, each engine",
+    )  # fmt: skip
+    parser.add_argument("--rss-every-s", type=float, default=30.0, help="seconds between RSS samples")
     parser.add_argument(
         "--max-inflight", type=int, default=32, help="the server's --max-inflight-trajectories"
     )
@@ -697,12 +830,15 @@ def main() -> None:
     add_args(parser)
     harness.add_common_args(parser, "soak", url_help="a running server (default: start one on tiny models)")
     parser.add_argument("--pid", type=int, default=None, help="its process id (for RSS), with --url")
+    parser.add_argument(
+        "--critic-pid", type=int, default=None, help="with --url: a remote critic's process id (for RSS)"
+    )
     parser.add_argument("--weights", nargs="*", default=[], help="weight dirs to push in turn, with --url")
     args = parser.parse_args()
     if args.url is not None:
         if args.pid is None:
             parser.error("--url needs --pid (the server's process, for its RSS)")
-        result = soak(args.url, args.pid, args.weights, args)
+        result = soak(args.url, args.pid, args.weights, args, critic_pid=args.critic_pid)
     else:
         with (
             tempfile.TemporaryDirectory(prefix="espo-soak-") as tmp,
@@ -713,7 +849,8 @@ def main() -> None:
                 f"servers up (logs in {tmp}/logs); soaking {args.seconds:g} s, {args.clients} clients",
                 flush=True,
             )
-            result = soak(s.server.url, s.server.proc.pid, s.weights, args)
+            assert s.critic is not None and s.critic.proc is not None
+            result = soak(s.server.url, s.server.proc.pid, s.weights, args, critic_pid=s.critic.proc.pid)
     harness.write_result(args.out, result)
     print_summary(result)
     print(f"wrote {args.out}")

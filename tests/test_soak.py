@@ -20,12 +20,16 @@ from tests.scripts import run_bench
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def test_soak_delivers_every_trajectory_once_and_metrics_match(rollout_server, tiny_models, tmp_path):
+def test_soak_delivers_every_trajectory_once_and_metrics_match(
+    rollout_server, critic_server, tiny_models, tmp_path
+):
     """3 clients (sync and async), each running every scenario once (a workload of a fixed size,
-    whatever the machine's speed), a weight push after every 6 scenarios: bench/soak.py's checks."""
+    whatever the machine's speed), a weight push after every 6 scenarios, by upload and by path in
+    turn, RSS sampled every second: bench/soak.py's checks."""
     out = tmp_path / "soak.json"
     proc = run_bench(
         "soak", "--url", rollout_server.url, "--pid", str(rollout_server.proc.pid),
+        "--critic-pid", str(critic_server.proc.pid), "--rss-every-s", "1",
         "--weights", str(tiny_models["policy"]), str(tiny_models["policy_b"]),
         "--clients", "3", "--seconds", "0", "--push-every-calls", "6", "--warmup", "0", "--out", str(out),
         timeout=600,
@@ -35,12 +39,18 @@ def test_soak_delivers_every_trajectory_once_and_metrics_match(rollout_server, t
     assert proc.returncode == 0 and result["ok"], (result["checks"], result["explained"], result["errors"])
     assert result["calls_answered"] >= 10 and result["trajectories"] >= 40, result
     assert result["replays"] > 0 and result["weight_pushes"] >= 2 and result["stopped"] > 0, result
+    assert result["weight_pushes_by_upload"] >= 1 and result["weight_pushes_by_path"] >= 1, result
     for kind in ("call", "replay", "conflict", "timeout", "abandon", "run"):
         assert result["scenarios"].get(kind, 0) > 0, result["scenarios"]
     assert result["errors"].get("409", 0) >= result["scenarios"]["conflict"] > 0  # each one refused
     assert set(result["errors"]) <= {"409", "429", "client_timeout", "abandoned"}, result["errors"]
     moved, seen = result["metrics_moved"], result["clients_saw"]
     assert moved == seen and moved["espo_trajectories_total"] == result["trajectories"] > 0
+    assert moved["espo_weight_push_seconds_count{source=upload}"] == result["weight_pushes_by_upload"]
+    memory = result["rss_mb"]  # the server and both engines' process trees, sampled
+    assert set(memory) >= {"server", "policy_engine", "critic_engine"}, memory
+    assert all(memory[n]["end"] > 0 and memory[n]["plateau"] > 0 for n in ("policy_engine", "critic_engine"))
+    assert len(result["rss_curve"]) >= 2 and "critic_engine" in result["rss_curve"][-1], result["rss_curve"]
 
 
 def test_fuzz_finds_no_5xx_and_the_server_keeps_serving(rollout_server, tmp_path):
@@ -58,6 +68,8 @@ def test_fuzz_finds_no_5xx_and_the_server_keeps_serving(rollout_server, tmp_path
     statuses = result["answers_by_status"]
     assert sum(statuses.values()) >= 100 and not any(s.startswith("5") for s in statuses), statuses
     assert any(s.startswith("4") for s in statuses), statuses  # hostile bodies were sent and refused
+    fuzzed = result["weight_upload_and_file_answers"]  # the upload and weight-file routes are in
+    assert fuzzed.get("uploads", 0) > 0 and fuzzed.get("files", 0) > 0, fuzzed
 
 
 def test_broken_weight_pushes_are_refused_and_the_old_weights_still_serve(
