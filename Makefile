@@ -89,8 +89,9 @@ reproduce: $(STAMP)
 
 # Reliability (docs/reliability.md): each starts its own servers on tiny models, on loopback,
 # checks what it measures, prints a table and writes bench/results/*.json; a failed check fails.
+# soak: 30 minutes, 8 clients, a weight push every 20 s (by upload and by path in turn), RSS every 30 s.
 soak: $(STAMP)
-	$(PY) -m bench.soak
+	$(PY) -m bench.soak --seconds 1800
 
 faults: $(STAMP)
 	$(PY) -m bench.faults

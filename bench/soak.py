@@ -19,7 +19,9 @@ tiny models (`make-tiny-model`, the fastest engine there is), on loopback only, 
 (each client runs every scenario once first, in its own order, even past `--seconds`, then draws at
 random), and a pusher loads the two policies' weights in turn every `--push-every` seconds (from the
 server's --weights-dir), or, with `--push-every-calls N`, the client that finishes every N-th scenario
-pushes. `--seconds 0 --push-every-calls N` is a workload of a fixed size, whatever the machine's speed.
+pushes. Pushes are made by upload (`upload_weights`: the checkpoint's tensors streamed over
+/v1/weights/uploads, its config.json sent) and by path (POST /v1/weights) in turn, the first by upload.
+`--seconds 0 --push-every-calls N` is a workload of a fixed size, whatever the machine's speed.
 A 429 is retried after its Retry-After with the same request_id.
 
 Checks (the exit status is 1 if one fails):
@@ -27,16 +29,28 @@ Checks (the exit status is 1 if one fails):
     index, sample index) over the distinct answered calls (replays are compared, not counted), and
     every sample of every answered call was delivered (carried ones in a later call of the run)
   - /metrics (parsed with prometheus_client's parser) moved by exactly the sums the clients saw:
-    trajectories, generated tokens, stops, critic calls, calls answered, weight loads
+    trajectories, generated tokens, stops, critic calls, calls answered, weight loads, and the
+    pushes by path and by upload apart (espo_weight_push_seconds_count{model=policy,source})
   - no 5xx answer at all, and no error other than the intended ones (429, 409, client timeouts)
-  - the server's RSS (and its engine process's) grew by less than `--rss-budget-mb` from the end
-    of the warm-up to the end
+  - the RSS of the server process, and of each engine's process tree, grew by less than
+    `--rss-budget-mb` from the end of the warm-up (`--warmup` s, at most a quarter of the run) to
+    the end
+
+The memory curve: every `--rss-every-s` seconds, the RSS (MiB) of the server process itself, of
+the policy engine's process tree (the server's oldest VLLM::EngineCore child and its children: the
+CPU worker, unless ESPO_CPU_WORKER=inline runs it inside the EngineCore) and of the critic
+engine's (an in-process critic's: the server's second EngineCore; a remote one's: that of the
+critic server, `--critic-pid` with `--url`), into the JSON (`rss_curve`). Printed at the end: the
+curve, one line per 5 minutes (about 10 lines for a run under 25 minutes), and per series the RSS
+at the end of the warm-up, the plateau (the median of the samples of the last third of the run),
+the end, the max, and the growth over the last half (end minus the sample at half the run): near
+zero when memory has flattened.
 
 Prints a summary table and writes `--out` (JSON).
 
     .venv/bin/python -m bench.soak                                  # 8 clients, 5 minutes
-    .venv/bin/python -m bench.soak --clients 4 --seconds 60         # a quick look
-    make soak
+    .venv/bin/python -m bench.soak --clients 4 --seconds 90 --rss-every-s 10   # a quick look
+    make soak               # 30 minutes (--seconds 1800), pushes every 20 s, RSS every 30 s
 """
 
 from __future__ import annotations
