@@ -547,6 +547,7 @@ class RssWatch:
         self.samples: list[dict[str, float]] = []  # {"t": s, "server": MiB, "policy_engine": MiB, ...}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._started = time.monotonic()
 
     def _sample(self) -> dict[str, float]:
         sample = {"server": _mib(self.proc.memory_info().rss)}
@@ -558,13 +559,17 @@ class RssWatch:
         return sample
 
     def _loop(self) -> None:
-        started = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                self.samples.append({"t": round(time.monotonic() - started, 1)} | self._sample())
-            except psutil.Error:
-                return
+        self._started = time.monotonic()
+        while not self._stop.is_set() and self.take():
             self._stop.wait(self.interval)
+
+    def take(self) -> bool:
+        """One sample now (False if the server is gone)."""
+        try:
+            self.samples.append({"t": round(time.monotonic() - self._started, 1)} | self._sample())
+        except psutil.Error:
+            return False
+        return True
 
     def start(self) -> RssWatch:
         self._thread.start()
@@ -635,8 +640,8 @@ def _mib(n: int) -> float:
 
 
 def curve(samples: list[dict[str, float]], step: float) -> list[dict[str, float]]:
-    """The samples thinned to about one per `step` seconds (the first, then the first at or after
-    each multiple of `step`, and the last)."""
+    """The samples thinned to about one per `step` seconds (the first, then each first one at least
+    `step` after the one before, and the last)."""
     out: list[dict[str, float]] = []
     for s in samples:
         if not out or s["t"] >= out[-1]["t"] + step or s is samples[-1]:
@@ -701,7 +706,7 @@ def soak(
     finally:
         duration = time.monotonic() - started
         rss.stop()
-        rss.samples.append({"t": round(time.monotonic() - started, 1)} | rss._sample())  # the end
+        rss.take()  # the end
     after = harness.scrape(url)
     return check(tally, before, after, rss, duration, args)
 
