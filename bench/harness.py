@@ -246,10 +246,11 @@ class CpuLedger:
             spent.update(self.spent(before, self.read()))
 
     def placement(self) -> dict[str, str]:
-        """Where each engine's worker may run (Cpus_allowed_list), and the server's process."""
+        """Where each engine's worker may run (Cpus_allowed_list), and the server's process. A worker
+        run inline (--cpu-worker inline) is its engine's process."""
         out = {"server": _allowed(self.root)}
-        for role, proc in self._classify().values():
-            if role in ("policy", "critic") and _is_worker(proc):
+        for role, proc in self._classify().values():  # an engine comes before its worker
+            if role in ("policy", "critic") and (_is_worker(proc) or _is_engine(proc)):
                 out[f"{role}_worker"] = _allowed(proc)
         return out
 

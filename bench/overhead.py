@@ -38,8 +38,8 @@ from pathlib import Path
 import httpx
 
 from bench import harness
-from espo_server.engine import shutdown_engine
-from espo_server.process import ServerProcess, eager_from_env, free_port, vllm_serve_argv
+from espo_server.engine import shutdown_engine, start_async_llm
+from espo_server.process import ServerProcess, cpu_worker_from_env, eager_from_env, free_port, vllm_serve_argv
 
 # Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.
 RANDOM_MODELS = {
@@ -206,13 +206,12 @@ async def main_async(args) -> dict:
     ).start()
 
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     atexit.register(espo.stop)
     atexit.register(vllm_srv.stop)
     if interval is not None:
         atexit.register(interval.stop)
-    llm = AsyncLLM.from_engine_args(
+    llm = start_async_llm(  # its worker laid out as the espo servers' (ESPO_CPU_WORKER)
         AsyncEngineArgs(
             model=policy,
             dtype=dtype,
@@ -222,7 +221,8 @@ async def main_async(args) -> dict:
             enable_prefix_caching=True,
             gpu_memory_utilization=args.mem,
             enforce_eager=eager_from_env(),
-        )
+        ),
+        cpu_worker=cpu_worker_from_env(),
     )
     timeout = httpx.Timeout(10, read=1800)
     results: dict = {"config": vars(args) | {"policy": policy, "critic": critic}, "rows": []}

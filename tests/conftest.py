@@ -15,6 +15,8 @@ from espo_server.process import ServerProcess, espo_server_argv, free_port
 os.environ["ESPO_TOY_SIZE"] = "quick"
 # Every engine the tests start runs eagerly: no torch.compile warm-up, about 20 s less per start.
 os.environ["ESPO_ENFORCE_EAGER"] = "true"
+# ... and runs its worker in the engine process: one Python process fewer to start, about 10-20 s less.
+os.environ["ESPO_CPU_WORKER"] = "inline"
 
 MAX_MODEL_LEN = 512
 CRITIC_TIMEOUT_S = "60"

@@ -43,7 +43,7 @@ def test_inprocess_critic_batches_caches_and_takes_pushes(critics, monkeypatch):
 
     async def main() -> None:
         async with InProcessCritic.launch(
-            str(a), gpu_memory_utilization=0.1, dtype="float32", enforce_eager=True
+            str(a), gpu_memory_utilization=0.1, dtype="float32", enforce_eager=True, cpu_worker="inline"
         ) as critic:
             assert critic.block_size == 32 and critic.version == 0
             # batched == single == HF

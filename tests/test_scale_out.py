@@ -95,9 +95,10 @@ def test_embedded_model_is_espo_toy_with_a_chat_template(monkeypatch, tmp_path):
 
 
 def test_the_engines_limits_and_cores_reach_their_engine_arguments(monkeypatch):
-    """--critic-max-num-seqs / --critic-max-num-batched-tokens / --critic-cpu-cores and --cpu-cores
-    (serve) and --max-num-seqs / --max-num-batched-tokens / --cpu-cores (espo-server critic) reach
-    each engine: its vLLM arguments, and the environment its processes are spawned with."""
+    """--critic-max-num-seqs / --critic-max-num-batched-tokens / --critic-cpu-cores, --cpu-cores and
+    --cpu-worker (serve) and --max-num-seqs / --max-num-batched-tokens / --cpu-cores / --cpu-worker
+    (espo-server critic) reach each engine: its vLLM arguments, and the environment its processes are
+    spawned with (a spawned worker: vLLM's binding; an inline one: OpenMP's, and vLLM's `uni`)."""
     import asyncio
     import os
 
@@ -107,18 +108,20 @@ def test_the_engines_limits_and_cores_reach_their_engine_arguments(monkeypatch):
     from espo_server.engine import PolicyEngine
     from espo_server.serve import launch_critic
 
+    names = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_PLACES", "OMP_NUM_THREADS")
     seen = []
 
     def spawn(args, *rest, **kwargs):
-        env = {name: os.environ.get(name) for name in ("VLLM_CPU_OMP_THREADS_BIND",)}
-        seen.append((args, env))
+        seen.append((args, {name: os.environ[name] for name in names if name in os.environ}))
         raise RuntimeError("no engine in this test")
 
     monkeypatch.setattr(AsyncLLM, "from_engine_args", spawn)
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
     serve = ["serve", "--critic", "inprocess", "--critic-model", "/models/critic", "--cpu-cores", "0"]
     limits = ["--critic-max-num-seqs", "16", "--critic-max-num-batched-tokens", "4096"]
-    config = config_from_args(build_parser().parse_args([*serve, *limits, "--critic-cpu-cores", "1"]))
+    flags = [*serve, *limits, "--critic-cpu-cores", "1", "--cpu-worker", "inline"]
+    config = config_from_args(build_parser().parse_args(flags))
 
     async def launch_both() -> None:
         with pytest.raises(RuntimeError, match="no engine"):
@@ -131,12 +134,13 @@ def test_the_engines_limits_and_cores_reach_their_engine_arguments(monkeypatch):
     asyncio.run(launch_both())
     critic = ["critic", "--model", "/models/critic", "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]
     with pytest.raises(RuntimeError, match="no engine"):
-        cli._critic(build_parser().parse_args([*critic, "--cpu-cores", "0-1"]))
-    (_, policy_env), (inprocess, critic_env), (server, server_env) = seen
-    assert policy_env == {"VLLM_CPU_OMP_THREADS_BIND": "0"}
-    assert critic_env == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
-    assert server_env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # restored
+        cli._critic(build_parser().parse_args([*critic, "--cpu-cores", "0-1", "--cpu-worker", "spawn"]))
+    (policy, policy_env), (inprocess, critic_env), (server, server_env) = seen
+    assert policy_env == {"VLLM_CPU_OMP_THREADS_BIND": "0"} and policy.distributed_executor_backend is None
+    assert critic_env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_PLACES": "{1}", "OMP_NUM_THREADS": "1"}
+    assert inprocess.distributed_executor_backend == "uni"
+    assert server_env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1"} and server.distributed_executor_backend is None
+    assert not any(name in os.environ for name in names)  # restored
     assert (inprocess.max_num_seqs, inprocess.max_num_batched_tokens) == (16, 4096)
     assert (server.max_num_seqs, server.max_num_batched_tokens) == (8, 512)
     assert inprocess.runner == server.runner == "pooling"
