@@ -1,11 +1,12 @@
 """Processes that start engines end cleanly, and run on a read-only root file system.
 
-* A rollout server and a critic server on the tiny models, each started as the Kubernetes pods run
-  them: a read-only root file system (in a mount namespace of their own, when this machine allows
-  one) with only the pods' writable volumes writable ($HOME and TMPDIR for /tmp, the cache
-  directory and XDG_CACHE_HOME for /var/cache/espo-server), and an admin port. They serve, take a
-  weight push on the admin port only, and after SIGTERM exit 0 with no traceback in their output
-  (vLLM's `AsyncLLM.__del__` used to print one at every exit: engine.shutdown_engine).
+* A critic server and a rollout server asking it (the remote-critic layout), on the tiny models,
+  each started as the Kubernetes pods run them: a read-only root file system (in a mount namespace
+  of their own, when this machine allows one) with only the pods' writable volumes writable ($HOME
+  and TMPDIR for /tmp, the cache directory and XDG_CACHE_HOME for /var/cache/espo-server), and an
+  admin port. They serve, take a weight push on the admin port only, and after SIGTERM exit 0 with
+  no traceback in their output (vLLM's `AsyncLLM.__del__` used to print one at every exit:
+  engine.shutdown_engine).
 * bench/overhead.py, which also runs an AsyncLLM in its own process, ends with no traceback.
 * `espo-server demo` (test_embedded_demo.py) checks its own output and its server's log with
   `tracebacks` below.
@@ -108,55 +109,53 @@ def push_on_the_admin_port_only(
     return pushed.json()
 
 
-def test_a_rollout_server_on_a_read_only_root_serves_then_exits_cleanly(tiny_models, pod_volumes) -> None:
-    port, admin = free_port(), free_port()
+def test_a_critic_server_and_a_rollout_server_on_a_read_only_root_serve_then_exit_cleanly(
+    tiny_models, pod_volumes
+) -> None:
+    """The two pods of the remote-critic layout: the critic server, then a rollout server asking it."""
+    critic_port, critic_admin = free_port(), free_port()
     argv = espo_server_argv(
-        "serve", "--model", str(tiny_models["policy"]), "--critic-model", str(tiny_models["critic"]),
-        "--dtype", "float32", "--max-model-len", "512", "--port", str(port), "--admin-port", str(admin),
-        "--weights-dir", str(tiny_models["policy"].parent),
+        "critic", "--model", str(tiny_models["critic"]), "--dtype", "float32", "--port", str(critic_port),
+        "--admin-port", str(critic_admin), "--weights-dir", str(tiny_models["critic"].parent),
     )  # fmt: skip
-    server = start("rollout-ro", argv, port, pod_volumes, "/readyz")
+    critic = start("critic-ro", argv, critic_port, pod_volumes, "/health")
+    rollout = None
     try:
-        server.wait_ready()
-        public, private = server.url, f"http://127.0.0.1:{admin}"
+        critic.wait_ready()
+        values = httpx.post(critic.url + "/v1/values", json={"token_ids": [[5, 6, 7], [5, 6]]}, timeout=120)
+        assert values.status_code == 200 and len(values.json()["values"]) == 2, values.text
+        port, admin = free_port(), free_port()
+        argv = espo_server_argv(
+            "serve", "--model", str(tiny_models["policy"]), "--critic", "remote", "--critic-url", critic.url,
+            "--dtype", "float32", "--max-model-len", "512", "--port", str(port), "--admin-port", str(admin),
+            "--weights-dir", str(tiny_models["policy"].parent),
+        )  # fmt: skip
+        rollout = start("rollout-ro", argv, port, pod_volumes, "/readyz")
+        rollout.wait_ready()
+        public, private = rollout.url, f"http://127.0.0.1:{admin}"
         body = {"prompts": [{"token_ids": [5, 6, 7]}], "n": 2, "max_tokens": 8, "stop_rule": "espo"}
         for url in (public, private):
             answer = httpx.post(url + "/v1/rollouts", json=body, timeout=300)
             assert answer.status_code == 200 and len(answer.json()["trajectories"]) == 2, answer.text
-        pushed = push_on_the_admin_port_only(server, admin, "/v1/weights", tiny_models["policy"], 1)
+        pushed = push_on_the_admin_port_only(rollout, admin, "/v1/weights", tiny_models["policy"], 1)
         assert pushed["policy_version"] == 1
         assert httpx.get(public + "/metrics", timeout=30).status_code == 200
-    except BaseException:
-        server.stop()
-        raise
-    assert_clean(server)
-
-
-def test_a_critic_server_on_a_read_only_root_serves_its_metrics_then_exits_cleanly(
-    tiny_models, pod_volumes
-) -> None:
-    port, admin = free_port(), free_port()
-    argv = espo_server_argv(
-        "critic", "--model", str(tiny_models["critic"]), "--dtype", "float32", "--port", str(port),
-        "--admin-port", str(admin), "--weights-dir", str(tiny_models["critic"].parent),
-    )  # fmt: skip
-    server = start("critic-ro", argv, port, pod_volumes, "/health")
-    try:
-        server.wait_ready()
-        public = server.url
-        values = httpx.post(public + "/v1/values", json={"token_ids": [[5, 6, 7], [5, 6]]}, timeout=120)
-        assert values.status_code == 200 and len(values.json()["values"]) == 2, values.text
-        pushed = push_on_the_admin_port_only(server, admin, "/v1/critic/weights", tiny_models["critic"], 2)
+        pushed = push_on_the_admin_port_only(
+            critic, critic_admin, "/v1/critic/weights", tiny_models["critic"], 2
+        )
         assert pushed["critic_version"] == 2
-        metrics = httpx.get(public + "/metrics", timeout=30).text
+        metrics = httpx.get(critic.url + "/metrics", timeout=30).text
         assert 'espo_engine="critic"' in metrics and "vllm:" in metrics  # its engine, for the scrape
         assert "espo_critic_version 2.0" in metrics
         assert 'espo_critic_weight_loads_total{outcome="ok"} 1.0' in metrics
         assert "espo_policy_version" not in metrics and "espo_inflight_trajectories" not in metrics
     except BaseException:
-        server.stop()
+        if rollout is not None:
+            rollout.stop()
+        critic.stop()
         raise
-    assert_clean(server)
+    assert_clean(rollout)
+    assert_clean(critic)
 
 
 @pytest.mark.slow
