@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 
 from bench import harness
-from espo_server.engine import shutdown_engine, start_async_llm
+from espo_server.async_llm import shutdown_engine, start_async_llm
 from espo_server.process import ServerProcess, cpu_worker_from_env, eager_from_env, free_port, vllm_serve_argv
 
 # Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.

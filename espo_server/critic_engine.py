@@ -27,9 +27,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from . import metrics
+from .async_llm import running_async_llm
 from .critic import CriticAnswer, CriticError, ValuesFromScore
 from .critic_worker import checkpoint_problem
-from .engine import running_async_llm
 from .errors import InvalidRequest, ServiceError
 from .gate import ReadWriteGate
 

@@ -6,7 +6,7 @@
   and TMPDIR for /tmp, the cache directory and XDG_CACHE_HOME for /var/cache/espo-server), and an
   admin port. They serve, take a weight push on the admin port only, and after SIGTERM exit 0 with
   no traceback in their output (vLLM's `AsyncLLM.__del__` used to print one at every exit:
-  engine.shutdown_engine).
+  async_llm.shutdown_engine).
 * bench/overhead.py, which also runs an AsyncLLM in its own process, ends with no traceback.
 * `espo-server demo` (test_embedded_demo.py) checks its own output and its server's log with
   `tracebacks` below.
