@@ -52,38 +52,137 @@ def server_logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
 
 
-@pytest.fixture(scope="session")
-def critic_server(tiny_models, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
-    """`espo-server critic` serving the tiny critic over POST /v1/values."""
-    port = free_port()
-    argv = espo_server_argv(
-        "critic", "--model", str(tiny_models["critic"]), "--port", str(port), "--dtype", "float32",
-        "--weights-dir", str(tmp_path_factory.getbasetemp()),  # every test's checkpoints live there
-    )  # fmt: skip
-    with ServerProcess("critic", argv, port, server_logs, ready_path="/health") as proc:
-        yield proc.wait_ready()
+class SessionServers:
+    """The session's servers on the tiny models. Those the selected tests use are started together
+    before the first test (`session_servers`): their engines load side by side on both cores instead
+    of one after another. Each server's fixture then waits until its own is up."""
+
+    def __init__(self, tiny_models: dict[str, Path], logs: Path, base: Path) -> None:
+        self.tiny, self.logs, self.base = tiny_models, logs, base
+        self.started: dict[str, ServerProcess] = {}
+
+    def get(self, name: str) -> ServerProcess:
+        if name not in self.started:
+            self.started[name] = getattr(self, name)().start()
+        return self.started[name]
+
+    def critic_server(self) -> ServerProcess:
+        """`espo-server critic` serving the tiny critic over POST /v1/values."""
+        port = free_port()
+        argv = espo_server_argv(
+            "critic", "--model", str(self.tiny["critic"]), "--port", str(port), "--dtype", "float32",
+            "--weights-dir", str(self.base),  # every test's checkpoints live there
+        )  # fmt: skip
+        return ServerProcess("critic", argv, port, self.logs, ready_path="/health")
+
+    def rollout_server(self) -> ServerProcess:
+        """The rollout server on the tiny policy, float32 (for HF parity), with the remote critic:
+        started once the critic is up, so that it reads the critic's version when it starts."""
+        critic = self.get("critic_server").wait_ready()
+        port = free_port()
+        argv = espo_server_argv(
+            "serve",
+            "--model", str(self.tiny["policy"]),
+            "--critic", "remote",
+            "--critic-url", critic.url,
+            "--dtype", "float32",
+            "--max-model-len", str(MAX_MODEL_LEN),
+            "--port", str(port),
+            "--verifier", "toy",
+            "--max-n", "32",
+            "--max-num-seqs", "48",
+            "--critic-timeout-s", CRITIC_TIMEOUT_S,
+            "--weights-dir", str(self.base),  # every test's checkpoints live there
+        )  # fmt: skip
+        return ServerProcess("rollout", argv, port, self.logs)
+
+    def orphan_server(self) -> ServerProcess:
+        """A rollout server whose remote critic is not there (tests/test_critics.py), and whose engine
+        process tests/test_soak.py kills at the end (it answers 503 engine_dead for 20 s, then exits)."""
+        port, dead = free_port(), free_port()
+        argv = espo_server_argv(
+            "serve", "--model", str(self.tiny["policy"]), "--critic", "remote",
+            "--critic-url", f"http://127.0.0.1:{dead}", "--critic-timeout-s", "1", "--dtype", "float32",
+            "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "64", "--port", str(port),
+            "--verifier", "none", "--engine-dead-linger-s", "20",
+        )  # fmt: skip
+        return ServerProcess("orphan", argv, port, self.logs)
+
+    def inprocess_server(self) -> ServerProcess:
+        """The embedded default's layout on the tiny models: policy and critic engines in one process
+        (`--critic inprocess`), with the gRPC API on a second port (`server.grpc_port`). The tiny
+        tokenizer has a chat template (tiny_model.CHAT_TEMPLATE)."""
+        port, grpc_port = free_port(), free_port()
+        argv = espo_server_argv(
+            "serve",
+            "--model", str(self.tiny["policy"]),
+            "--critic-model", str(self.tiny["critic"]),
+            "--dtype", "float32",
+            "--max-model-len", str(MAX_MODEL_LEN),
+            "--port", str(port),
+            "--grpc-port", str(grpc_port),
+            "--served-model-name", "tiny",
+            "--verifier", "toy",
+            "--critic-timeout-s", CRITIC_TIMEOUT_S,
+            "--weights-dir", str(self.base),
+        )  # fmt: skip
+        server = ServerProcess("inprocess", argv, port, self.logs)
+        server.grpc_port = grpc_port  # type: ignore[attr-defined]
+        return server
+
+    def stop(self) -> None:
+        for server in reversed(self.started.values()):
+            server.stop()
+
+
+SESSION_SERVERS = ("critic_server", "orphan_server", "inprocess_server", "rollout_server")
+"""In the order they are started: the rollout server last, as it waits for the critic to be up."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    used = {name for item in items for name in getattr(item, "fixturenames", ())}
+    config.stash[_WANTED] = [name for name in SESSION_SERVERS if name in used]
+
+
+_WANTED = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_servers(request, server_logs, tmp_path_factory) -> Iterator[SessionServers | None]:
+    """Starts, before the first test, every session server the selected tests use (none: nothing)."""
+    wanted = request.config.stash.get(_WANTED, [])
+    if not wanted:
+        yield None
+        return
+    servers = SessionServers(
+        request.getfixturevalue("tiny_models"), server_logs, tmp_path_factory.getbasetemp()
+    )
+    try:
+        for name in wanted:
+            servers.get(name)
+        yield servers
+    finally:
+        servers.stop()
 
 
 @pytest.fixture(scope="session")
-def rollout_server(tiny_models, critic_server, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
-    """The rollout server on the tiny policy, float32 (for HF parity), with the remote critic."""
-    port = free_port()
-    argv = espo_server_argv(
-        "serve",
-        "--model", str(tiny_models["policy"]),
-        "--critic", "remote",
-        "--critic-url", critic_server.url,
-        "--dtype", "float32",
-        "--max-model-len", str(MAX_MODEL_LEN),
-        "--port", str(port),
-        "--verifier", "toy",
-        "--max-n", "32",
-        "--max-num-seqs", "48",
-        "--critic-timeout-s", CRITIC_TIMEOUT_S,
-        "--weights-dir", str(tmp_path_factory.getbasetemp()),  # every test's checkpoints live there
-    )  # fmt: skip
-    with ServerProcess("rollout", argv, port, server_logs) as proc:
-        yield proc.wait_ready()
+def critic_server(session_servers: SessionServers) -> ServerProcess:
+    return session_servers.get("critic_server").wait_ready()
+
+
+@pytest.fixture(scope="session")
+def rollout_server(session_servers: SessionServers) -> ServerProcess:
+    return session_servers.get("rollout_server").wait_ready()
+
+
+@pytest.fixture(scope="session")
+def orphan_server(session_servers: SessionServers) -> ServerProcess:
+    return session_servers.get("orphan_server").wait_listening()
+
+
+@pytest.fixture(scope="session")
+def inprocess_server(session_servers: SessionServers) -> ServerProcess:
+    return session_servers.get("inprocess_server").wait_ready()
 
 
 @pytest.fixture(scope="session")
@@ -100,43 +199,4 @@ def embedded_server(quick_toy, server_logs, tmp_path_factory) -> Iterator[Server
     flags += ["--port", str(port), "--cpu-cores", str(cores[0]), "--critic-cpu-cores", str(cores[-1])]
     argv = espo_server_argv("serve", *flags)
     with ServerProcess("embedded", argv, port, server_logs) as proc:
-        yield proc.wait_ready()
-
-
-@pytest.fixture(scope="session")
-def orphan_server(tiny_models, server_logs) -> Iterator[ServerProcess]:
-    """A rollout server whose remote critic is not there (tests/test_critics.py), and whose engine
-    process tests/test_soak.py kills at the end (it answers 503 engine_dead for 20 s, then exits)."""
-    port, dead = free_port(), free_port()
-    argv = espo_server_argv(
-        "serve", "--model", str(tiny_models["policy"]), "--critic", "remote",
-        "--critic-url", f"http://127.0.0.1:{dead}", "--critic-timeout-s", "1", "--dtype", "float32",
-        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "64", "--port", str(port),
-        "--verifier", "none", "--engine-dead-linger-s", "20",
-    )  # fmt: skip
-    with ServerProcess("orphan", argv, port, server_logs) as proc:
-        yield proc.wait_listening()
-
-
-@pytest.fixture(scope="session")
-def inprocess_server(tiny_models, server_logs, tmp_path_factory) -> Iterator[ServerProcess]:
-    """The embedded default's layout on the tiny models: policy and critic engines in one process
-    (`--critic inprocess`), with the gRPC API on a second port (`server.grpc_port`). The tiny
-    tokenizer has a chat template (tiny_model.CHAT_TEMPLATE)."""
-    port, grpc_port = free_port(), free_port()
-    argv = espo_server_argv(
-        "serve",
-        "--model", str(tiny_models["policy"]),
-        "--critic-model", str(tiny_models["critic"]),
-        "--dtype", "float32",
-        "--max-model-len", str(MAX_MODEL_LEN),
-        "--port", str(port),
-        "--grpc-port", str(grpc_port),
-        "--served-model-name", "tiny",
-        "--verifier", "toy",
-        "--critic-timeout-s", CRITIC_TIMEOUT_S,
-        "--weights-dir", str(tmp_path_factory.getbasetemp()),
-    )  # fmt: skip
-    with ServerProcess("inprocess", argv, port, server_logs) as proc:
-        proc.grpc_port = grpc_port  # type: ignore[attr-defined]
         yield proc.wait_ready()

@@ -27,17 +27,30 @@ TOLERANCE = 1e-4
 QUESTIONS = ["7+5=", "(3*4)-2="]
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS))
-def served(request, tmp_path_factory, server_logs) -> Iterator[tuple[str, ServerProcess, Path, Path]]:
+@pytest.fixture(scope="module")
+def arch_servers(tmp_path_factory, server_logs) -> Iterator[dict[str, tuple[ServerProcess, Path, Path]]]:
+    """A server per architecture, started together (their engines load side by side)."""
+    servers: dict[str, tuple[ServerProcess, Path, Path]] = {}
+    try:
+        for arch in sorted(ARCHS):
+            policy, critic = make_arch_models(tmp_path_factory.mktemp(arch), arch, seed=0)
+            port = free_port()
+            argv = espo_server_argv(
+                "serve", "--model", str(policy), "--critic-model", str(critic), "--dtype", "float32",
+                "--max-model-len", "256", "--port", str(port), "--served-model-name", arch,
+            )  # fmt: skip
+            servers[arch] = (ServerProcess(f"arch-{arch}", argv, port, server_logs).start(), policy, critic)
+        yield servers
+    finally:
+        for server, _, _ in servers.values():
+            server.stop()
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def served(request, arch_servers) -> tuple[str, ServerProcess, Path, Path]:
     arch = request.param
-    policy, critic = make_arch_models(tmp_path_factory.mktemp(arch), arch, seed=0)
-    port = free_port()
-    argv = espo_server_argv(
-        "serve", "--model", str(policy), "--critic-model", str(critic), "--dtype", "float32",
-        "--max-model-len", "256", "--port", str(port), "--served-model-name", arch,
-    )  # fmt: skip
-    with ServerProcess(f"arch-{arch}", argv, port, server_logs) as proc:
-        yield arch, proc.wait_ready(), policy, critic
+    server, policy, critic = arch_servers[arch]
+    return arch, server.wait_ready(), policy, critic
 
 
 def chat_prompts(policy_dir: Path) -> list[list[int]]:

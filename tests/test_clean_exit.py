@@ -112,25 +112,24 @@ def push_on_the_admin_port_only(
 def test_a_critic_server_and_a_rollout_server_on_a_read_only_root_serve_then_exit_cleanly(
     tiny_models, pod_volumes
 ) -> None:
-    """The two pods of the remote-critic layout: the critic server, then a rollout server asking it."""
-    critic_port, critic_admin = free_port(), free_port()
+    """The two pods of the remote-critic layout, started together as a Deployment starts them: the
+    critic server, and a rollout server asking it."""
+    critic_port, critic_admin, port, admin = free_port(), free_port(), free_port(), free_port()
     argv = espo_server_argv(
         "critic", "--model", str(tiny_models["critic"]), "--dtype", "float32", "--port", str(critic_port),
         "--admin-port", str(critic_admin), "--weights-dir", str(tiny_models["critic"].parent),
     )  # fmt: skip
     critic = start("critic-ro", argv, critic_port, pod_volumes, "/health")
-    rollout = None
+    argv = espo_server_argv(
+        "serve", "--model", str(tiny_models["policy"]), "--critic", "remote",
+        "--critic-url", f"http://127.0.0.1:{critic_port}", "--dtype", "float32", "--max-model-len", "512",
+        "--port", str(port), "--admin-port", str(admin), "--weights-dir", str(tiny_models["policy"].parent),
+    )  # fmt: skip
+    rollout = start("rollout-ro", argv, port, pod_volumes, "/readyz")
     try:
         critic.wait_ready()
         values = httpx.post(critic.url + "/v1/values", json={"token_ids": [[5, 6, 7], [5, 6]]}, timeout=120)
         assert values.status_code == 200 and len(values.json()["values"]) == 2, values.text
-        port, admin = free_port(), free_port()
-        argv = espo_server_argv(
-            "serve", "--model", str(tiny_models["policy"]), "--critic", "remote", "--critic-url", critic.url,
-            "--dtype", "float32", "--max-model-len", "512", "--port", str(port), "--admin-port", str(admin),
-            "--weights-dir", str(tiny_models["policy"].parent),
-        )  # fmt: skip
-        rollout = start("rollout-ro", argv, port, pod_volumes, "/readyz")
         rollout.wait_ready()
         public, private = rollout.url, f"http://127.0.0.1:{admin}"
         body = {"prompts": [{"token_ids": [5, 6, 7]}], "n": 2, "max_tokens": 8, "stop_rule": "espo"}
@@ -150,8 +149,7 @@ def test_a_critic_server_and_a_rollout_server_on_a_read_only_root_serve_then_exi
         assert 'espo_critic_weight_loads_total{outcome="ok"} 1.0' in metrics
         assert "espo_policy_version" not in metrics and "espo_inflight_trajectories" not in metrics
     except BaseException:
-        if rollout is not None:
-            rollout.stop()
+        rollout.stop()
         critic.stop()
         raise
     assert_clean(rollout)
