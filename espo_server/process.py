@@ -55,6 +55,7 @@ class ServerProcess:
         self.ready_path = ready_path
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
+        self._terminated = False
 
     def start(self) -> ServerProcess:
         log = open(self.log_path, "w")
@@ -100,6 +101,13 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def terminate(self) -> None:
+        """SIGTERM to the server alone, once, without waiting (`stop` waits): several servers then
+        drain and shut their engines down side by side."""
+        if self.proc is not None and self.proc.poll() is None and not self._terminated:
+            self._terminated = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM to the server alone, as an orchestrator sends it (the server drains, shuts its
         engines down and exits), then SIGKILL to whatever is left of its process group. Returns
@@ -107,7 +115,7 @@ class ServerProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

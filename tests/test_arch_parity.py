@@ -43,6 +43,8 @@ def arch_servers(tmp_path_factory, server_logs) -> Iterator[dict[str, tuple[Serv
         yield servers
     finally:
         for server, _, _ in servers.values():
+            server.terminate()
+        for server, _, _ in servers.values():
             server.stop()
 
 

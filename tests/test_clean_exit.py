@@ -152,6 +152,8 @@ def test_a_critic_server_and_a_rollout_server_on_a_read_only_root_serve_then_exi
         rollout.stop()
         critic.stop()
         raise
+    rollout.terminate()
+    critic.terminate()  # both drain and shut down side by side
     assert_clean(rollout)
     assert_clean(critic)
 
