@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from . import metrics
-from .process import engine_spawn_env
+from .process import engine_spawn_env, inline_cores
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @contextlib.asynccontextmanager
 async def running_async_llm(
-    args, what: str, cpu_cores: str | None = None, cpu_worker: str = "spawn"
+    args, what: str, cpu_cores: str | None = None, cpu_worker: str = "inline"
 ) -> AsyncIterator[AsyncLLM]:
     """An AsyncLLM from engine args, shut down on exit whatever happened (policy and critic alike).
     On CPU: its worker's threads bound to `cpu_cores` when given, and with `cpu_worker="inline"` and
@@ -46,7 +46,7 @@ async def running_async_llm(
         shutdown_engine(llm)
 
 
-def start_async_llm(args, cpu_cores: str | None = None, cpu_worker: str = "spawn") -> AsyncLLM:
+def start_async_llm(args, cpu_cores: str | None = None, cpu_worker: str = "inline") -> AsyncLLM:
     """AsyncLLM.from_engine_args, its processes spawned with their cores and worker layout
     (process.engine_spawn_env); `cpu_worker="inline"` applies only to one CPU worker."""
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -54,6 +54,7 @@ def start_async_llm(args, cpu_cores: str | None = None, cpu_worker: str = "spawn
     inline = cpu_worker == "inline" and one_cpu_worker(args)
     if inline:
         args.distributed_executor_backend = "uni"
+        cpu_cores = inline_cores(cpu_cores)
     with engine_spawn_env(cpu_cores, inline=inline):
         return AsyncLLM.from_engine_args(args)
 

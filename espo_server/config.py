@@ -123,17 +123,19 @@ class ServerConfig(BaseSettings):
         None,
         pattern=CPU_CORES,
         description="CPU backend only: the cores the policy engine's worker runs its threads on, in "
-        "vLLM's VLLM_CPU_OMP_THREADS_BIND form (`0`, `0-3`, `1,3`, `nobind`, `auto`); unset: the "
-        "environment's, else vLLM's `auto`, which puts every engine of a server on the same cores.",
+        "vLLM's VLLM_CPU_OMP_THREADS_BIND form (`0`, `0-3`, `1,3`, `nobind`, `auto`); unset: its "
+        "share (--cpu-worker inline), or with --cpu-worker spawn the environment's "
+        "VLLM_CPU_OMP_THREADS_BIND, else vLLM's `auto`, which puts every engine on the same cores.",
     )
-    cpu_worker: Literal["spawn", "inline"] = Field(
-        "spawn",
+    cpu_worker: Literal["inline", "spawn"] = Field(
+        "inline",
         description="CPU backend only, engines with one worker (the policy and the in-process "
-        "critic): `spawn`, vLLM's layout (each engine process spawns a worker process, whose threads "
-        "vLLM binds: by `auto`, every engine's on the same core), or `inline` (the worker runs in "
-        "the engine process, vLLM's `uni` executor: one Python process fewer to start, each engine "
-        "up about 10-20 s sooner on 2 cores; its threads bound to --cpu-cores / --critic-cpu-cores "
-        "when given, else left to the OS).",
+        "critic): `inline` runs the worker in the engine process (vLLM's `uni` executor), its threads "
+        "bound by OpenMP to --cpu-cores / --critic-cpu-cores, or when unset to its share of the "
+        "cores (the policy all but the last, the in-process critic the last), as vLLM's `auto` would; "
+        "`spawn` is vLLM's layout (the engine process spawns a worker process, whose threads vLLM "
+        "binds: by `auto`, every engine's on the same cores). Inline starts each engine about 10 s "
+        "sooner and, on 2 cores, spent half the policy's CPU time of spawn (docs/benchmarks.md).",
     )
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="Tokens the engine schedules per step (default: vLLM's choice)."

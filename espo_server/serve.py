@@ -47,6 +47,7 @@ from .engine import Parallelism, PolicyEngine
 from .join import joining
 from .plan import Verifier
 from .ports import serve as serve_on_ports
+from .process import inline_cores
 from .service import RolloutService
 from .tiny_model import CHAT_TEMPLATE
 from .upload_targets import staging_root, upload_targets
@@ -102,6 +103,17 @@ def make_verifier(name: str | None) -> Verifier | None:
     raise ValueError(f"unknown verifier {name!r}")
 
 
+def engine_cores(config: ServerConfig, engine: str) -> str | None:
+    """The cores of the policy's or the in-process critic's worker: as configured; an inline worker
+    (the default) named none gets its share (process.inline_cores): on 2 cores, the policy the first
+    and the critic the last."""
+    if engine == "policy":
+        cores = config.cpu_cores
+        return inline_cores(cores) if config.cpu_worker == "inline" else cores
+    cores = config.critic_cpu_cores
+    return inline_cores(cores, "last") if config.cpu_worker == "inline" else cores
+
+
 @contextlib.asynccontextmanager
 async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | None]:
     if config.critic == "none":
@@ -118,7 +130,7 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             enforce_eager=config.enforce_eager,
             max_num_seqs=config.critic_max_num_seqs,
             max_num_batched_tokens=config.critic_max_num_batched_tokens,
-            cpu_cores=config.critic_cpu_cores,
+            cpu_cores=engine_cores(config, "critic"),
             cpu_worker=config.cpu_worker,
         ) as critic:
             yield critic
@@ -164,7 +176,7 @@ async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             parallel=parallelism(config),
-            cpu_cores=config.cpu_cores,
+            cpu_cores=engine_cores(config, "policy"),
             cpu_worker=config.cpu_worker,
         ) as engine,
         launch_critic(config) as critic,
@@ -295,7 +307,7 @@ def run_critic_server(
     max_num_seqs: int | None = None,
     max_num_batched_tokens: int | None = None,
     cpu_cores: str | None = None,
-    cpu_worker: str = "spawn",
+    cpu_worker: str = "inline",
 ) -> None:
     """`espo-server critic`: the critic engine, then its app (POST /v1/values, /v1/critic/weights,
     the uploads under /v1/critic/weights/uploads; the pushes on `admin_port` only, when set)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,6 @@ from espo_server.process import ServerProcess, espo_server_argv, free_port
 os.environ["ESPO_TOY_SIZE"] = "quick"
 # Every engine the tests start runs eagerly: no torch.compile warm-up, about 20 s less per start.
 os.environ["ESPO_ENFORCE_EAGER"] = "true"
-# ... and runs its worker in the engine process: one Python process fewer to start, about 10-20 s less.
-os.environ["ESPO_CPU_WORKER"] = "inline"
 
 MAX_MODEL_LEN = 512
 CRITIC_TIMEOUT_S = "60"
@@ -59,12 +58,20 @@ class SessionServers:
 
     def __init__(self, tiny_models: dict[str, Path], logs: Path, base: Path) -> None:
         self.tiny, self.logs, self.base = tiny_models, logs, base
-        self.started: dict[str, ServerProcess] = {}
+        self.started: dict[str, ServerProcess | Exception] = {}
 
     def get(self, name: str) -> ServerProcess:
+        """The server `name`, started now if it was not; a start that failed fails again here, in the
+        fixture of each test that uses it (and only there)."""
         if name not in self.started:
-            self.started[name] = getattr(self, name)().start()
-        return self.started[name]
+            try:
+                self.started[name] = getattr(self, name)().start()
+            except Exception as exc:
+                self.started[name] = exc
+        server = self.started[name]
+        if isinstance(server, Exception):
+            raise RuntimeError(f"{name} could not be started") from server
+        return server
 
     def critic_server(self) -> ServerProcess:
         """`espo-server critic` serving the tiny critic over POST /v1/values."""
@@ -131,9 +138,10 @@ class SessionServers:
         return server
 
     def stop(self) -> None:
-        for server in self.started.values():
+        servers = [s for s in self.started.values() if isinstance(s, ServerProcess)]
+        for server in servers:
             server.terminate()  # all at once: their engines shut down side by side
-        for server in self.started.values():
+        for server in servers:
             server.stop()
 
 
@@ -141,6 +149,7 @@ SESSION_SERVERS = ("critic_server", "orphan_server", "inprocess_server", "rollou
 """In the order they are started: the rollout server last, as it waits for the critic to be up."""
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected what will not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     used = {name for item in items for name in getattr(item, "fixturenames", ())}
     config.stash[_WANTED] = [name for name in SESSION_SERVERS if name in used]
@@ -150,18 +159,16 @@ _WANTED = pytest.StashKey[list]()
 
 
 @pytest.fixture(scope="session", autouse=True)
-def session_servers(request, server_logs, tmp_path_factory) -> Iterator[SessionServers | None]:
-    """Starts, before the first test, every session server the selected tests use (none: nothing)."""
+def session_servers(request, server_logs, tmp_path_factory) -> Iterator[SessionServers]:
+    """Starts, before the first test, every session server the selected tests use (none: nothing,
+    and no tiny models are made)."""
     wanted = request.config.stash.get(_WANTED, [])
-    if not wanted:
-        yield None
-        return
-    servers = SessionServers(
-        request.getfixturevalue("tiny_models"), server_logs, tmp_path_factory.getbasetemp()
-    )
+    tiny = request.getfixturevalue("tiny_models") if wanted else {}
+    servers = SessionServers(tiny, server_logs, tmp_path_factory.getbasetemp())
     try:
-        for name in wanted:
-            servers.get(name)
+        for name in wanted:  # a server that fails to start fails the tests that use it
+            with contextlib.suppress(RuntimeError):
+                servers.get(name)
         yield servers
     finally:
         servers.stop()

@@ -1,12 +1,12 @@
 """Processes that start engines end cleanly, and run on a read-only root file system.
 
-* A critic server and a rollout server asking it (the remote-critic layout), on the tiny models,
-  each started as the Kubernetes pods run them: a read-only root file system (in a mount namespace
-  of their own, when this machine allows one) with only the pods' writable volumes writable ($HOME
-  and TMPDIR for /tmp, the cache directory and XDG_CACHE_HOME for /var/cache/espo-server), and an
-  admin port. They serve, take a weight push on the admin port only, and after SIGTERM exit 0 with
-  no traceback in their output (vLLM's `AsyncLLM.__del__` used to print one at every exit:
-  async_llm.shutdown_engine).
+* A rollout server (policy and critic engines in one process) and a critic server, on the tiny
+  models, each started as the Kubernetes pods run them: a read-only root file system (in a mount
+  namespace of their own, when this machine allows one) with only the pods' writable volumes
+  writable ($HOME and TMPDIR for /tmp, the cache directory and XDG_CACHE_HOME for
+  /var/cache/espo-server), and an admin port. They serve, take a weight push on the admin port
+  only, and after SIGTERM exit 0 with no traceback in their output (vLLM's `AsyncLLM.__del__` used
+  to print one at every exit: async_llm.shutdown_engine).
 * bench/overhead.py, which also runs an AsyncLLM in its own process, ends with no traceback.
 * `espo-server demo` (test_embedded_demo.py) checks its own output and its server's log with
   `tracebacks` below.
@@ -109,11 +109,11 @@ def push_on_the_admin_port_only(
     return pushed.json()
 
 
-def test_a_critic_server_and_a_rollout_server_on_a_read_only_root_serve_then_exit_cleanly(
+def test_a_rollout_server_and_a_critic_server_on_a_read_only_root_serve_then_exit_cleanly(
     tiny_models, pod_volumes
 ) -> None:
-    """The two pods of the remote-critic layout, started together as a Deployment starts them: the
-    critic server, and a rollout server asking it."""
+    """A critic server and a rollout server with an in-process critic (two engines in one process),
+    started together."""
     critic_port, critic_admin, port, admin = free_port(), free_port(), free_port(), free_port()
     argv = espo_server_argv(
         "critic", "--model", str(tiny_models["critic"]), "--dtype", "float32", "--port", str(critic_port),
@@ -121,8 +121,8 @@ def test_a_critic_server_and_a_rollout_server_on_a_read_only_root_serve_then_exi
     )  # fmt: skip
     critic = start("critic-ro", argv, critic_port, pod_volumes, "/health")
     argv = espo_server_argv(
-        "serve", "--model", str(tiny_models["policy"]), "--critic", "remote",
-        "--critic-url", f"http://127.0.0.1:{critic_port}", "--dtype", "float32", "--max-model-len", "512",
+        "serve", "--model", str(tiny_models["policy"]), "--critic-model", str(tiny_models["critic"]),
+        "--dtype", "float32", "--max-model-len", "512",
         "--port", str(port), "--admin-port", str(admin), "--weights-dir", str(tiny_models["policy"].parent),
     )  # fmt: skip
     rollout = start("rollout-ro", argv, port, pod_volumes, "/readyz")

@@ -125,7 +125,7 @@ def test_the_engines_limits_and_cores_reach_their_engine_arguments(monkeypatch):
 
     async def launch_both() -> None:
         with pytest.raises(RuntimeError, match="no engine"):
-            async with PolicyEngine.launch("/models/policy", cpu_cores=config.cpu_cores):
+            async with PolicyEngine.launch("/models/policy", cpu_cores=config.cpu_cores, cpu_worker="spawn"):
                 pass
         with pytest.raises(RuntimeError, match="no engine"):
             async with launch_critic(config):
