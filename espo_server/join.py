@@ -92,6 +92,8 @@ class Peer:
             base_url=self.url, headers=headers, timeout=httpx.Timeout(60.0, connect=5.0)
         )
         self.timeout_s = timeout_s
+        self.answered = False
+        """Whether the peer gave an answer other than 503 (then it is there, and not given up on)."""
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -139,6 +141,7 @@ class Peer:
             wait = min(wait * 2, RETRY_WAIT_S[1])
 
     def _check(self, path: str, response: httpx.Response, body: bytes) -> None:
+        self.answered = self.answered or response.status_code != 503
         if response.status_code < 400:
             return
         try:
@@ -240,10 +243,20 @@ async def join(
             )
         except FileCheckFailed as exc:
             problem = str(exc)
-        for _, directory in copies:
-            shutil.rmtree(directory, ignore_errors=True)
+        except BaseException:  # the join ends here: a copy that does not serve is no one's
+            _discard(copies, service, critic)
+            raise
+        _discard(copies, service, critic)
         log.warning("join: try %d of %d: %s", attempt, ATTEMPTS, problem)
     raise JoinError(problem)
+
+
+def _discard(copies: list[tuple[int, Path]], service: RolloutService, critic: InProcessCritic | None) -> None:
+    """Delete the copies that do not serve (one that serves belongs to its upload store)."""
+    serving = {service.engine.weights_path, critic.weights_dir if critic else None}
+    for _, directory in copies:
+        if str(directory) not in serving:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 class PeerVersions(BaseModel):
@@ -326,7 +339,7 @@ async def run_join(
         status.detail, status.done = f"joined {peer.url}: {summary}", True
         log.info("join: %s; ready", status.detail)
     except PeerUnreachable as exc:
-        if config.join_required:
+        if config.join_required or peer.answered:  # a peer that answered is there: not given up on
             status.detail = f"join failed: {exc}"
             log.error("join: %s; not ready (join_required)", status.detail)
         else:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from espo_client import EspoClient
 from espo_client.protocol import EspoState
@@ -154,7 +154,7 @@ def test_join_required_false_serves_as_started_when_no_peer_answers(tmp_path):
 
 
 def lying_peer(
-    weights: Path, *, sha: str | None = None, state: dict | None = None, moving: bool = False
+    weights: Path, *, sha: str | None = None, state: dict | str | None = None, moving: bool = False
 ) -> FastAPI:
     """A peer that lists `weights` (with a wrong SHA-256 if `sha`) and answers `state`; `moving`: a
     peer whose version goes up at every look (a learner pushing all the time)."""
@@ -179,10 +179,21 @@ def lying_peer(
         return FileResponse(weights / name)
 
     @app.get("/v1/espo/state")
-    async def get_state() -> dict:
+    async def get_state():
+        if state == "busy":  # a peer that went away mid-join (answers 503 from here on)
+            return JSONResponse({"error": {"message": "draining"}}, status_code=503)
         return {"state": state if state is not None else WARM.__dict__}
 
     return app
+
+
+def test_a_peer_that_answered_then_went_away_is_not_given_up_on(tiny_models, tmp_path):
+    """join_required=false gives up only on a peer that never answered: one that served its weights
+    and then answered only 503 leaves the replica unready, not 'serving as started'."""
+    with serving(lying_peer(tiny_models["policy_b"], state="busy")) as url:
+        status, joiner = join_once(url, tmp_path, join_timeout_s=1, join_required=False)
+    assert not status.done and status.detail.startswith("join failed:"), status.detail
+    assert not asyncio.run(joiner.readiness())[0]
 
 
 def test_a_file_that_fails_its_checksum_keeps_the_replica_unready(tiny_models, tmp_path):
