@@ -61,6 +61,7 @@ import dataclasses
 import itertools
 import json
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -859,10 +860,8 @@ def main() -> None:
             parser.error("--url needs --pid (the server's process, for its RSS)")
         result = soak(args.url, args.pid, args.weights, args, critic_pid=args.critic_pid)
     else:
-        with (
-            tempfile.TemporaryDirectory(prefix="espo-soak-") as tmp,
-            Servers(Path(tmp), args.max_inflight) as s,
-        ):
+        tmp = Path(tempfile.mkdtemp(prefix="espo-soak-"))
+        with Servers(tmp, args.max_inflight) as s:
             assert s.server is not None and s.server.proc is not None
             print(
                 f"servers up (logs in {tmp}/logs); soaking {args.seconds:g} s, {args.clients} clients",
@@ -870,6 +869,10 @@ def main() -> None:
             )
             assert s.critic is not None and s.critic.proc is not None
             result = soak(s.server.url, s.server.proc.pid, s.weights, args, critic_pid=s.critic.proc.pid)
+        if result["ok"]:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # what a failed check needs explaining: the servers' logs
+            print(f"kept the servers' logs: {tmp}/logs", flush=True)
     harness.write_result(args.out, result)
     print_summary(result)
     print(f"wrote {args.out}")
