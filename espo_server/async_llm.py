@@ -21,14 +21,15 @@ log = logging.getLogger(__name__)
 
 @contextlib.asynccontextmanager
 async def running_async_llm(
-    args, what: str, cpu_cores: str | None = None, cpu_worker: str = "inline"
+    args, what: str, cpu_cores: str | None = None, cpu_worker: str = "inline", cores_share: str = "first"
 ) -> AsyncIterator[AsyncLLM]:
     """An AsyncLLM from engine args, shut down on exit whatever happened (policy and critic alike).
     On CPU: its worker's threads bound to `cpu_cores` when given, and with `cpu_worker="inline"` and
     one worker, that worker run in the engine process (vLLM's `uni` executor), which saves starting
-    a second Python process (process.engine_spawn_env)."""
+    a second Python process (process.engine_spawn_env); an inline worker named no cores gets its
+    `cores_share` of them (process.inline_cores)."""
     started = time.perf_counter()
-    llm = start_async_llm(args, cpu_cores, cpu_worker)
+    llm = start_async_llm(args, cpu_cores, cpu_worker, cores_share)
     # Before any other engine is built: a second engine's stat logger would unregister these series.
     series = metrics.ENGINE_SERIES.adopt(what)
     log.info(
@@ -46,7 +47,9 @@ async def running_async_llm(
         shutdown_engine(llm)
 
 
-def start_async_llm(args, cpu_cores: str | None = None, cpu_worker: str = "inline") -> AsyncLLM:
+def start_async_llm(
+    args, cpu_cores: str | None = None, cpu_worker: str = "inline", cores_share: str = "first"
+) -> AsyncLLM:
     """AsyncLLM.from_engine_args, its processes spawned with their cores and worker layout
     (process.engine_spawn_env); `cpu_worker="inline"` applies only to one CPU worker."""
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -54,7 +57,7 @@ def start_async_llm(args, cpu_cores: str | None = None, cpu_worker: str = "inlin
     inline = cpu_worker == "inline" and one_cpu_worker(args)
     if inline:
         args.distributed_executor_backend = "uni"
-        cpu_cores = inline_cores(cpu_cores)
+        cpu_cores = inline_cores(cpu_cores, cores_share)
     with engine_spawn_env(cpu_cores, inline=inline):
         return AsyncLLM.from_engine_args(args)
 

@@ -60,12 +60,18 @@ class InProcessCritic(ValuesFromScore):
     @classmethod
     @contextlib.asynccontextmanager
     async def launch(
-        cls, model: str, *, cpu_cores: str | None = None, cpu_worker: str = "inline", **settings: Any
+        cls,
+        model: str,
+        *,
+        cpu_cores: str | None = None,
+        cpu_worker: str = "inline",
+        cores_share: str = "first",
+        **settings: Any,
     ) -> AsyncIterator[InProcessCritic]:
         """Start the critic's engine with `engine_args`' settings (on CPU, its worker on
         `cpu_cores`, spawned or inline: running_async_llm); shut it down on exit, whatever happened."""
         args = cls.engine_args(model, **settings)
-        async with running_async_llm(args, "critic", cpu_cores, cpu_worker) as llm:
+        async with running_async_llm(args, "critic", cpu_cores, cpu_worker, cores_share) as llm:
             critic = cls(llm, model, prefix_caching=args.enable_prefix_caching)
             metrics.CRITIC_VERSION.set(0)
             yield critic

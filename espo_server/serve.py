@@ -47,7 +47,6 @@ from .engine import Parallelism, PolicyEngine
 from .join import joining
 from .plan import Verifier
 from .ports import serve as serve_on_ports
-from .process import inline_cores
 from .service import RolloutService
 from .tiny_model import CHAT_TEMPLATE
 from .upload_targets import staging_root, upload_targets
@@ -103,17 +102,6 @@ def make_verifier(name: str | None) -> Verifier | None:
     raise ValueError(f"unknown verifier {name!r}")
 
 
-def engine_cores(config: ServerConfig, engine: str) -> str | None:
-    """The cores of the policy's or the in-process critic's worker: as configured; an inline worker
-    (the default) named none gets its share (process.inline_cores): on 2 cores, the policy the first
-    and the critic the last."""
-    if engine == "policy":
-        cores = config.cpu_cores
-        return inline_cores(cores) if config.cpu_worker == "inline" else cores
-    cores = config.critic_cpu_cores
-    return inline_cores(cores, "last") if config.cpu_worker == "inline" else cores
-
-
 @contextlib.asynccontextmanager
 async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | None]:
     if config.critic == "none":
@@ -130,8 +118,9 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
             enforce_eager=config.enforce_eager,
             max_num_seqs=config.critic_max_num_seqs,
             max_num_batched_tokens=config.critic_max_num_batched_tokens,
-            cpu_cores=engine_cores(config, "critic"),
+            cpu_cores=config.critic_cpu_cores,
             cpu_worker=config.cpu_worker,
+            cores_share="last",  # beside the policy, which takes all cores but the last
         ) as critic:
             yield critic
     else:
@@ -176,7 +165,7 @@ async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             parallel=parallelism(config),
-            cpu_cores=engine_cores(config, "policy"),
+            cpu_cores=config.cpu_cores,
             cpu_worker=config.cpu_worker,
         ) as engine,
         launch_critic(config) as critic,

@@ -141,6 +141,21 @@ def test_the_engines_limits_and_cores_reach_their_engine_arguments(monkeypatch):
     assert inprocess.distributed_executor_backend == "uni"
     assert server_env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1"} and server.distributed_executor_backend is None
     assert not any(name in os.environ for name in names)  # restored
+    # inline workers named no cores: the policy all but the last core, the in-process critic the last
+    plain = config_from_args(build_parser().parse_args(serve[:5]))
+
+    async def launch_defaults() -> None:
+        with pytest.raises(RuntimeError, match="no engine"):
+            async with PolicyEngine.launch("/models/policy"):
+                pass
+        with pytest.raises(RuntimeError, match="no engine"):
+            async with launch_critic(plain):
+                pass
+
+    asyncio.run(launch_defaults())
+    cores = sorted(os.sched_getaffinity(0))
+    policy_places = "{" + ",".join(map(str, cores[:-1] or cores)) + "}"
+    assert seen[-2][1]["OMP_PLACES"] == policy_places and seen[-1][1]["OMP_PLACES"] == f"{{{cores[-1]}}}"
     assert (inprocess.max_num_seqs, inprocess.max_num_batched_tokens) == (16, 4096)
     assert (server.max_num_seqs, server.max_num_batched_tokens) == (8, 512)
     assert inprocess.runner == server.runner == "pooling"
