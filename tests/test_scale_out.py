@@ -3,6 +3,8 @@ a multi-GPU run needs GPUs this test machine does not have)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from espo_server.cli import build_parser, config_from_args
@@ -169,3 +171,21 @@ def test_bad_cores_are_refused_naming_the_setting(cores):
         config_from_args(build_parser().parse_args(["serve", f"--cpu-cores={cores}"]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["critic", "--model", "/m", f"--cpu-cores={cores}"])
+
+
+def test_on_cpu_model_classes_are_inspected_in_this_process(monkeypatch, tmp_path):
+    """vLLM inspects a model class in a subprocess on a cold cache (to keep CUDA out of the API
+    process); on CPU the engine start does it here, saving an interpreter (async_llm)."""
+    from vllm.model_executor.models import registry
+
+    from espo_server import async_llm
+
+    monkeypatch.setattr(registry, "_run_in_subprocess", registry._run_in_subprocess)  # restored after
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))  # a cold cache
+    async_llm.inspect_models_in_process()
+    assert registry._run_in_subprocess(os.getpid) == os.getpid()
+    info = registry.ModelRegistry._try_inspect_model_cls("Qwen2ForCausalLM")
+    assert info is not None and info.is_text_generation_model
+    assert [p.name for p in (tmp_path / "modelinfos").iterdir()] == [
+        "vllm-model_executor-models-qwen2-Qwen2ForCausalLM.json"
+    ]  # and cached for the next start, as vLLM's own way does
