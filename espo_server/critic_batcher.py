@@ -62,9 +62,10 @@ class CriticBatcher:
         return self.client.name
 
     async def value(self, prefix: Sequence[int]) -> CriticValue:
-        """V of one prefix, batched with whatever else is asked meanwhile. Raises CriticError."""
+        """V of one prefix, batched with whatever else is asked meanwhile. Raises CriticError.
+        A list is kept as it is, not copied (the caller builds one per query and leaves it alone)."""
         loop = asyncio.get_running_loop()
-        query = _Query(list(prefix), loop.create_future())
+        query = _Query(prefix if isinstance(prefix, list) else list(prefix), loop.create_future())
         self._pending.append(query)
         if len(self._pending) >= self.max_batch:
             self._flush()

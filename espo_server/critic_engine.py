@@ -118,7 +118,8 @@ class InProcessCritic(ValuesFromScore):
         params = PoolingParams(task="classify", use_activation=False)
         request_id = f"critic-{next(self._ids)}"
         out = None
-        async for final in self.llm.encode({"prompt_token_ids": list(prefix)}, params, request_id):
+        ids = prefix if isinstance(prefix, list) else list(prefix)  # the query's own list: no copy
+        async for final in self.llm.encode({"prompt_token_ids": ids}, params, request_id):
             out = final
         if out is None:
             raise CriticError("critic engine returned nothing")

@@ -328,6 +328,7 @@ class Sample:
                 self._decided(t)
             elif decision.query_value:
                 self._query_t = t
+                # the prefix's one copy: the batcher and the in-process critic pass this list on as is
                 self._query = asyncio.create_task(self._value(self.spec.prompt_ids + self.token_ids[:t]))
                 self._query.add_done_callback(self._answered)
         self._progressed()

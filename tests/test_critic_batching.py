@@ -28,9 +28,11 @@ class ScriptedCritic:
     def __init__(self, delay: float = 0.0, fail: bool = False, version: int | None = 3, cached: int = 2):
         self.delay, self.fail, self.version, self.cached = delay, fail, version, cached
         self.calls: list[list[list[int]]] = []
+        self.received: list[list[int]] = []  # the prefix objects themselves
 
     async def score(self, prefixes) -> CriticAnswer:
         self.calls.append([list(p) for p in prefixes])
+        self.received += prefixes
         await asyncio.sleep(self.delay)
         if self.fail:
             raise CriticError("critic down")
@@ -64,6 +66,8 @@ def test_concurrent_queries_become_one_call_with_the_same_values_as_single_ones(
     assert [a.value for a in together] == [a.value for a in alone] == [len(p) / 100 for p in prefixes]
     assert {a.batch_size for a in together} == {20} and {a.version for a in together} == {3}
     assert [a.computed_tokens for a in together] == [max(1, len(p) - 2) for p in prefixes]
+    # each query's prefix reaches the critic as the list the caller made, never copied on the way
+    assert all(got is sent for got, sent in zip(critic.received, prefixes + prefixes, strict=True))
 
 
 def test_batches_are_bounded_and_window_zero_gathers_one_event_loop_turn():
