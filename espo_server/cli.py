@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     critic.add_argument(
         "--cpu-worker",
-        choices=["spawn", "inline"],
+        choices=typing.get_args(ServerConfig.model_fields["cpu_worker"].annotation),
         default=cpu_worker_from_env(),
         help="CPU backend only: the engine's worker in a process of its own (spawn, vLLM's layout) or "
         "in the engine process (inline: starts sooner); as `serve --cpu-worker` (env ESPO_CPU_WORKER)",
