@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,7 @@ _HASH_CHUNK = 1 << 20
 _HASHES_KEPT = 1024
 _hashes: dict[tuple[str, int, int], str] = {}
 """SHA-256 by (file, size, mtime): a checkpoint is hashed once, not on every listing."""
+_hashing = threading.Lock()
 
 Source = Callable[[RolloutService], tuple[str, int]]
 """The directory the weights of one model were loaded from, and the version they serve as."""
@@ -65,17 +67,25 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def sha256_of(file: Path) -> str:
+    """The file's SHA-256, computed once per (file, size, mtime). One file is hashed at a time: replicas
+    that list the same new checkpoint together (a scale-up) wait for the first one's digests instead
+    of each reading every shard again (a 7B checkpoint is 15 GB)."""
     stat = file.stat()
     key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _hashes:
-        if len(_hashes) >= _HASHES_KEPT:  # those of weights long replaced
-            _hashes.clear()
-        digest = hashlib.sha256()
-        with file.open("rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-        _hashes[key] = digest.hexdigest()
-    return _hashes[key]
+    with _hashing:
+        if key not in _hashes:
+            if len(_hashes) >= _HASHES_KEPT:  # those of weights long replaced
+                _hashes.clear()
+            _hashes[key] = _digest(file)
+        return _hashes[key]
+
+
+def _digest(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def describe(directory: Path, version: int) -> WeightFilesResponse:

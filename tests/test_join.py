@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from espo_client import EspoClient
 from espo_client.protocol import EspoState
+from espo_server import weight_files as weight_files_module
 from espo_server.admin import JoinStatus
 from espo_server.app import build_app
 from espo_server.config import ServerConfig
@@ -297,3 +299,32 @@ def test_a_second_real_server_joins_warm(rollout_server, critic_server, tiny_mod
         )
         assert back.status_code == 200, back.text
         assert httpx.put(peer + "/v1/espo/state", json=original, timeout=10).status_code == 200
+
+
+def test_replicas_listing_one_new_checkpoint_together_hash_it_once(tmp_path, monkeypatch):
+    """A scale-up: several joiners list the same just-pushed checkpoint at once; each shard is read
+    and hashed once, the others wait for its digest."""
+    shard = tmp_path / "model-00001-of-00001.safetensors"
+    shard.write_bytes(bytes(range(256)) * 40_000)
+    hashed: list[Path] = []
+    digest = weight_files_module._digest
+
+    def counted_digest(file: Path) -> str:
+        hashed.append(file)
+        return digest(file)
+
+    monkeypatch.setattr(weight_files_module, "_digest", counted_digest)
+    start = threading.Barrier(4)
+    digests: list[str] = []
+
+    def listing() -> None:
+        start.wait()
+        digests.append(weight_files_module.sha256_of(shard))
+
+    threads = [threading.Thread(target=listing) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert hashed == [shard]
+    assert digests == [hashlib.new("sha256", shard.read_bytes()).hexdigest()] * 4
