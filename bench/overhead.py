@@ -21,6 +21,12 @@ quiet before each, so drift on a shared machine hits all paths alike; each figur
     .venv/bin/python -m bench.overhead               # CPU defaults (seeded random tiny models)
     .venv/bin/python -m bench.overhead --concurrency 1 16 64 --repeats 5 --max-tokens 128
     .venv/bin/python -m bench.overhead --policy DIR --critic DIR --dtype bfloat16 --concurrency 256   # GPU
+
+`--espo-url URL` measures (c) and (d) on a running espo-server (on this machine, for the CPU ledger)
+started on the same models, instead of starting one. On a GPU the engines start one at a time: vLLM
+sizes an engine's KV cache from the card's free memory before and after its profile run, so engines
+starting side by side on one card count each other's allocations (or fail its check that none was
+freed meanwhile).
 """
 
 from __future__ import annotations
@@ -176,10 +182,16 @@ async def main_async(args) -> dict:
             "--critic-gpu-memory-utilization", str(args.critic_mem), *extra, logs=logs,
         )  # fmt: skip
 
-    espo = espo_server("espo-server")
+    from vllm.platforms import current_platform
+
+    one_by_one = not current_platform.is_cpu()  # see the module's docstring
+    espo = None if args.espo_url else espo_server("espo-server")
     interval = None
     if args.stream_interval > 1:
         interval = espo_server("espo-interval", "--stream-interval", str(args.stream_interval))
+    for server in (espo, interval) if one_by_one else ():
+        if server is not None:
+            server.wait_ready()
     vllm_srv = ServerProcess(
         "vllm-serve",
         vllm_serve_argv(
@@ -204,10 +216,13 @@ async def main_async(args) -> dict:
         logs,
         ready_path="/health",
     ).start()
+    if one_by_one:
+        vllm_srv.wait_ready()
 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    atexit.register(espo.stop)
+    if espo is not None:
+        atexit.register(espo.stop)
     atexit.register(vllm_srv.stop)
     if interval is not None:
         atexit.register(interval.stop)
@@ -228,15 +243,20 @@ async def main_async(args) -> dict:
     results: dict = {"config": vars(args) | {"policy": policy, "critic": critic}, "rows": []}
     try:
         print("waiting for the servers ...", flush=True)
-        espo.wait_ready()
+        if espo is not None:
+            espo.wait_ready()
+        else:
+            harness.wait_ready(args.espo_url)  # (started beside this process's engines, on CPU)
         vllm_srv.wait_ready()
         if interval is not None:
             interval.wait_ready()
         vocab = llm.model_config.get_vocab_size()
-        ledger = harness.CpuLedger(espo.proc.pid)  # the espo server's processes, by role
+        espo_url = args.espo_url or espo.url
+        # the espo server's processes, by role (none when --espo-url is on another machine)
+        ledger = harness.CpuLedger(espo.proc.pid) if espo is not None else harness.CpuLedger.of_url(espo_url)
         async with contextlib.AsyncExitStack() as stack:
             espo_client = await stack.enter_async_context(
-                httpx.AsyncClient(base_url=espo.url, timeout=timeout)
+                httpx.AsyncClient(base_url=espo_url, timeout=timeout)
             )
             vllm_client = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=vllm_srv.url, timeout=timeout)
@@ -263,7 +283,7 @@ async def main_async(args) -> dict:
                 ledgers: dict[str, list[dict]] = {"c_espo_none": [], "d_espo_shadow": []}
                 bench_usage.clear()
                 # only (d) asks the critic there
-                batches_before = harness.scrape(espo.url).histogram("espo_critic_batch_size")
+                batches_before = harness.scrape(espo_url).histogram("espo_critic_batch_size")
                 names = list(paths)
                 for rep in range(args.repeats):
                     # Rotate the order every repeat, and let the last engine's OpenMP threads stop
@@ -271,7 +291,8 @@ async def main_async(args) -> dict:
                     for name in names[rep % len(names) :] + names[: rep % len(names)]:
                         await asyncio.sleep(args.settle)
                         with contextlib.ExitStack() as measuring:
-                            cpu = measuring.enter_context(ledger.measure()) if name in ledgers else {}
+                            measured = ledger is not None and name in ledgers
+                            cpu = measuring.enter_context(ledger.measure()) if measured else {}
                             start = time.perf_counter()
                             tokens = await paths[name](prompts, 1000 * rep)
                             seconds = time.perf_counter() - start
@@ -286,7 +307,7 @@ async def main_async(args) -> dict:
                         flush=True,
                     )
                 med = {name: statistics.median(r) for name, r in rates.items()}
-                batches_after = harness.scrape(espo.url).histogram("espo_critic_batch_size")
+                batches_after = harness.scrape(espo_url).histogram("espo_critic_batch_size")
                 d_usage = bench_usage["d"]
                 computed = sum(u["generated_tokens"] + u["discarded_tokens"] for u in d_usage)
                 batches = batches_after[0] - batches_before[0]
@@ -320,7 +341,8 @@ async def main_async(args) -> dict:
                 results["rows"].append(row)
     finally:
         shutdown_engine(llm)  # once, now: no AsyncLLM.__del__ traceback at exit
-        espo.stop()
+        if espo is not None:
+            espo.stop()
         vllm_srv.stop()
         if interval is not None:
             interval.stop()
@@ -386,6 +408,9 @@ def main() -> None:
     parser.add_argument("--policy", default=None, help="policy dir (default: the seeded random tiny model)")
     parser.add_argument("--critic", default=None, help="critic dir (default: the seeded random tiny critic)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--espo-url", default=None, help="measure (c), (d) on this running espo-server (default: start one)"
+    )
     parser.add_argument("--mem", type=float, default=0.1, help="gpu_memory_utilization of each policy engine")
     parser.add_argument("--critic-mem", type=float, default=0.1)
     parser.add_argument(
