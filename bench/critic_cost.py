@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shlex
 import statistics
 import time
@@ -239,7 +238,7 @@ def main() -> None:
             with contextlib.suppress(Exception):
                 server.stop()
     results["wall_s"] = round(time.time() - started, 1)
-    results["machine"] = f"{os.cpu_count()} CPU cores"
+    results["machine"] = harness.machine()
     harness.write_result(args.out, results)
     print_table(results)
     print(f"wrote {args.out}")

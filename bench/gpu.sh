@@ -14,7 +14,8 @@
 # 5. bench.critic_cost against it: critic queries, tokens and batches per call.
 # 6. bench.gpu_table: one table of all three JSONs.
 # Every step's JSON and the servers' logs go to DIR (default bench/results/gpu). A step still running
-# when the time is up ($GPU_BENCH_SECONDS, default 480) is interrupted and listed as not run.
+# when the time is up ($GPU_BENCH_SECONDS, default 480) is interrupted and listed as not run. With
+# --smoke on CPU the three benches run side by side (it checks the steps work, not their figures).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
         --smoke) SMOKE=1 ;;
         --out) OUT="$2"; shift ;;
         --out=*) OUT="${1#--out=}" ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "gpu.sh: unknown argument $1 (--smoke, --out DIR)" >&2; exit 2 ;;
     esac
     shift
@@ -97,11 +98,8 @@ stop_server() {  # SIGTERM (it drains and stops its engines), SIGKILL to its gro
 }
 trap stop_server EXIT
 
-# On a GPU, engines start one at a time (vLLM sizes each KV cache from the card's free memory before
-# and after its profile run, so engines starting side by side count each other's allocations); on CPU
-# the benches start theirs while this server starts (bench.overhead waits for it).
-if [ "$SMOKE" = 1 ] && ! nvidia-smi -L >/dev/null 2>&1; then ONE_BY_ONE=0; else ONE_BY_ONE=1; fi
-[ "$ONE_BY_ONE" = 0 ] || step server-ready "$PY" - "$URL" "$SERVER" <<'EOF'
+server_ready() {  # until the server answers /readyz (fails if it exits first)
+    step server-ready "$PY" - "$URL" "$SERVER" <<'EOF'
 import os, sys, time
 import httpx
 url, pid = sys.argv[1], int(sys.argv[2])
@@ -117,12 +115,44 @@ while True:
         pass
     time.sleep(1)
 EOF
-if [ $? -ne 0 ]; then tail -n 40 "$OUT/logs/espo-server.log" >&2; exit 1; fi
+    local rc=$?
+    [ "$rc" = 0 ] || tail -n 40 "$OUT/logs/espo-server.log" >&2
+    return "$rc"
+}
 
-step overhead "$PY" -m bench.overhead --espo-url "$URL" --policy "$MODELS/policy" --critic "$MODELS/critic" \
-    --dtype "$DTYPE" --max-model-len "$MAX_LEN" --mem 0.2 --settle 0 "${OVERHEAD[@]}" --out "$OUT/overhead.json"
-step throughput "$PY" -m bench.throughput --url "$URL" "${THROUGHPUT[@]}" --out "$OUT/throughput.json"
-step critic-cost "$PY" -m bench.critic_cost --url "$URL" --settle 0 "${CRITIC[@]}" --out "$OUT/critic_cost.json"
+OVERHEAD_RUN=("$PY" -m bench.overhead --espo-url "$URL" --policy "$MODELS/policy" --critic "$MODELS/critic"
+    --dtype "$DTYPE" --max-model-len "$MAX_LEN" --mem 0.2 --settle 0 "${OVERHEAD[@]}" --out "$OUT/overhead.json")
+THROUGHPUT_RUN=("$PY" -m bench.throughput --url "$URL" "${THROUGHPUT[@]}" --out "$OUT/throughput.json")
+CRITIC_RUN=("$PY" -m bench.critic_cost --url "$URL" --settle 0 "${CRITIC[@]}" --out "$OUT/critic_cost.json")
+if [ "$SMOKE" = 0 ] || nvidia-smi -L >/dev/null 2>&1; then
+    # On a GPU, one engine starts at a time (vLLM sizes each KV cache from the card's free memory
+    # before and after its profile run, so engines starting side by side count each other's
+    # allocations), and one bench runs at a time (what it measures is its own).
+    server_ready || exit 1
+    step overhead "${OVERHEAD_RUN[@]}"
+    step throughput "${THROUGHPUT_RUN[@]}"
+    step critic-cost "${CRITIC_RUN[@]}"
+else
+    # The CPU smoke run checks that every step works, not what it measures: the benches run side by
+    # side (bench.overhead starts its engines while the server starts, and waits for it), each one's
+    # output in logs/NAME.log, printed when all are done.
+    declare -A RUNNING=()
+    step overhead "${OVERHEAD_RUN[@]}" >"$OUT/logs/overhead.log" 2>&1 &
+    RUNNING[overhead]=$!
+    if server_ready; then
+        step throughput "${THROUGHPUT_RUN[@]}" >"$OUT/logs/throughput.log" 2>&1 &
+        RUNNING[throughput]=$!
+        step critic-cost "${CRITIC_RUN[@]}" >"$OUT/logs/critic-cost.log" 2>&1 &
+        RUNNING[critic-cost]=$!
+    else
+        FAILED+=(throughput critic-cost)
+    fi
+    for name in overhead throughput critic-cost; do
+        [ -n "${RUNNING[$name]:-}" ] || continue
+        wait "${RUNNING[$name]}" || FAILED+=("$name")
+        cat "$OUT/logs/$name.log"
+    done
+fi
 
 stop_server
 trap - EXIT

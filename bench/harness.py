@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -293,6 +294,20 @@ def _allowed(proc: psutil.Process) -> str:
             if line.startswith("Cpus_allowed_list:"):
                 return line.split(":", 1)[1].strip()
     return "?"
+
+
+def machine() -> str:
+    """The machine a benchmark ran on, as the results record it: its CPU cores and GPU (nvidia-smi)."""
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        gpu = ""
+    return f"{os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU")
 
 
 def load_average() -> str:

@@ -34,9 +34,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -382,19 +380,6 @@ def print_table(results: dict) -> None:
     print(f"machine: {results['machine']}")
 
 
-def machine() -> str:
-    try:
-        gpu = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        gpu = ""
-    return f"{os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU")
-
-
 def main() -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
@@ -423,7 +408,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     results = asyncio.run(main_async(args))
-    results["machine"] = machine()
+    results["machine"] = harness.machine()
     results["wall_s"] = round(time.time() - started, 1)
     harness.write_result(args.out, results)
     print_table(results)

@@ -102,6 +102,7 @@ def main() -> None:
         "cpu_seconds_per_batch": cpu,
         "placement": placement,
         "load_average_end": harness.load_average(),
+        "machine": harness.machine(),
         "runs": runs,
         "wall_s": round(time.time() - started, 1),
     }
