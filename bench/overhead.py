@@ -338,12 +338,12 @@ async def main_async(args) -> dict:
                     row["e_over_d"] = round(med["e_espo_interval"] / med["d_espo_shadow"], 3)
                 results["rows"].append(row)
     finally:
+        servers = [server for server in (espo, vllm_srv, interval) if server is not None]
+        for server in servers:  # they shut down side by side, and beside this process's engine
+            server.terminate()
         shutdown_engine(llm)  # once, now: no AsyncLLM.__del__ traceback at exit
-        if espo is not None:
-            espo.stop()
-        vllm_srv.stop()
-        if interval is not None:
-            interval.stop()
+        for server in servers:
+            server.stop()
     return results
 
 
