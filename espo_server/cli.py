@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from . import heap_trim
 from .config import CPU_CORES, ServerConfig
 from .config_docs import flag_name as _flag
 from .config_docs import help_text
@@ -89,6 +90,7 @@ def _critic(args: argparse.Namespace) -> int:
     from .serve import run_critic_server
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ[heap_trim.ENV] = str(args.malloc_trim_s)  # read in the engine process it spawns
     run_critic_server(
         args.model,
         host=args.host,
@@ -223,11 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a directory critic pushes may load from, repeatable (env ESPO_WEIGHTS_DIR, a JSON list); "
         "none: pushes by path are refused (403); uploads need none",
     )
-    for name in ("upload_dir", "upload_max_bytes", "upload_idle_timeout_s"):  # as `serve` has them
-        field = ServerConfig.model_fields[name]
-        critic.add_argument(
-            _flag(name), type=_base_type(field.annotation), default=field.default, help=field.description
-        )
+    for name in ("upload_dir", "upload_max_bytes", "upload_idle_timeout_s", "malloc_trim_s"):  # as `serve`
+        field = ServerConfig.model_fields[name]  # and, as there, ESPO_<NAME> in the environment
+        default = os.environ.get(f"ESPO_{name.upper()}", field.default)
+        kind = _base_type(field.annotation)
+        critic.add_argument(_flag(name), type=kind, default=default, help=field.description)
     critic.set_defaults(func=_critic)
 
     tiny = sub.add_parser("make-tiny-model", help="write a random-weight tiny policy + critic (for tests)")

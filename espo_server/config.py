@@ -300,6 +300,13 @@ class ServerConfig(BaseSettings):
         description="After the policy engine's process died: how long the server still answers (every /v1 "
         "call 503 engine_dead, /readyz 503) before it exits with status 3.",
     )
+    malloc_trim_s: float = Field(
+        60.0,
+        ge=0,
+        description="Every this many seconds, each engine process (and the server) gives the C heap's "
+        "free pages back to the system (glibc malloc_trim): without it the engines' memory grew for "
+        "the whole 30-minute soak, memory freed but kept by malloc (espo_server/heap_trim.py). 0: never.",
+    )
     sse_keepalive_s: float = Field(
         15.0,
         ge=0,

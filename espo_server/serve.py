@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import FastAPI
 
+from . import heap_trim
 from .app import build_app
 from .config import ServerConfig
 from .critic import CriticClient
@@ -182,6 +184,7 @@ def run_server(config: ServerConfig) -> int:
     (ENGINE_DEAD_EXIT_CODE)."""
     # Resolve (and if need be train) the toy models before any engine starts, with progress on stdout.
     config = resolve_models(config)
+    os.environ[heap_trim.ENV] = str(config.malloc_trim_s)  # read in the engine processes we spawn
     return _run(_serve_rollouts(config))
 
 

@@ -1,7 +1,7 @@
 """Processes that start engines end cleanly, and run on a read-only root file system.
 
-* A rollout server (policy and critic engines in one process) and a critic server, on the tiny
-  models, each started as the Kubernetes pods run them: a read-only root file system (in a mount
+* A critic server and a rollout server that asks it, on the tiny models, each started as the
+  Kubernetes pods run them (deploy/kubernetes/base): a read-only root file system (in a mount
   namespace of their own, when this machine allows one) with only the pods' writable volumes
   writable ($HOME and TMPDIR for /tmp, the cache directory and XDG_CACHE_HOME for
   /var/cache/espo-server), and an admin port. They serve, take a weight push on the admin port
@@ -111,8 +111,8 @@ def push_on_the_admin_port_only(
 def test_a_rollout_server_and_a_critic_server_on_a_read_only_root_serve_then_exit_cleanly(
     tiny_models, pod_volumes
 ) -> None:
-    """A critic server and a rollout server with an in-process critic (two engines in one process),
-    started together."""
+    """A critic server and a rollout server that uses it (ESPO_CRITIC=remote, as the base deployment's
+    pods run them), started together: the rollout server does not need its critic to start."""
     critic_port, critic_admin, port, admin = free_port(), free_port(), free_port(), free_port()
     argv = espo_server_argv(
         "critic", "--model", str(tiny_models["critic"]), "--dtype", "float32", "--port", str(critic_port),
@@ -120,7 +120,7 @@ def test_a_rollout_server_and_a_critic_server_on_a_read_only_root_serve_then_exi
     )  # fmt: skip
     critic = start("critic-ro", argv, critic_port, pod_volumes, "/health")
     argv = espo_server_argv(
-        "serve", "--model", str(tiny_models["policy"]), "--critic-model", str(tiny_models["critic"]),
+        "serve", "--model", str(tiny_models["policy"]), "--critic", "remote", "--critic-url", critic.url,
         "--dtype", "float32", "--max-model-len", "512",
         "--port", str(port), "--admin-port", str(admin), "--weights-dir", str(tiny_models["policy"].parent),
     )  # fmt: skip

@@ -154,6 +154,7 @@ def test_client_disconnect_aborts_engine_requests(rollout_server):
     its samples counted in flight from its start) long after the wait below sees it."""
     cancelled_before = metric(rollout_server, "espo_rollout_requests_total", outcome="cancelled")
     generated = metric(rollout_server, "vllm:generation_tokens_total")
+    log_start = len(rollout_server.log_path.read_text(errors="replace"))
     prompts = [{"token_ids": [5, 6, 14 + p, 7]} for p in range(12)]
     body = json.dumps({"prompts": prompts, "n": 32, "max_tokens": 480, "ignore_eos": True}).encode()
     head = "POST /v1/rollouts HTTP/1.1\r\nHost: espo\r\nContent-Type: application/json\r\n"
@@ -172,6 +173,9 @@ def test_client_disconnect_aborts_engine_requests(rollout_server):
     assert metric(rollout_server, "vllm:generation_tokens_total") - generated < 384 * 480
     # and the server goes on serving
     assert rollouts(rollout_server, prompts=[{"token_ids": PROMPT}], max_tokens=4)["trajectories"]
+    # an expected event, logged as such: not an "Exception in ASGI application" traceback
+    log = rollout_server.log_path.read_text(errors="replace")[log_start:]
+    assert "client disconnected; rollout cancelled" in log and "Traceback" not in log, log[-3000:]
 
 
 BAD_INPUTS = [
