@@ -9,13 +9,14 @@
 #    made from configs (cached under $ESPO_CACHE_DIR, default ~/.cache/espo-server).
 # 2. One espo-server on them (policy 0.2 and critic 0.1 of the card: the benches' own engines share it).
 # 3. bench.overhead against it (--espo-url), beside stock vllm serve and AsyncLLM: 1, 64, 256 sequences.
-# 4. bench.throughput against it: 512 toy prompts' trajectories of up to 512 tokens (random weights
-#    almost never sample EOS: every response runs long) on 256 slots.
+# 4. bench.throughput against it: 128 toy prompts x n=4 = 512 trajectories of up to 512 tokens on 256
+#    slots (random weights almost never sample EOS: every response runs long).
 # 5. bench.critic_cost against it: critic queries, tokens and batches per call.
 # 6. bench.gpu_table: one table of all three JSONs.
 # Every step's JSON and the servers' logs go to DIR (default bench/results/gpu). A step still running
-# when the time is up ($GPU_BENCH_SECONDS, default 480) is interrupted and listed as not run. With
-# --smoke on CPU the three benches run side by side (it checks the steps work, not their figures).
+# when the time is up ($GPU_BENCH_SECONDS, default 450; the server's stop and the table take the rest
+# of the 8 minutes) is interrupted (SIGINT) and listed as not run. With --smoke on CPU the three
+# benches run side by side (it checks that the steps work, not their figures).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
         --smoke) SMOKE=1 ;;
         --out) OUT="$2"; shift ;;
         --out=*) OUT="${1#--out=}" ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "gpu.sh: unknown argument $1 (--smoke, --out DIR)" >&2; exit 2 ;;
     esac
     shift
@@ -56,7 +57,7 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT/logs"
 rm -f "$OUT"/overhead.json "$OUT"/throughput.json "$OUT"/critic_cost.json
-DEADLINE=$((SECONDS + ${GPU_BENCH_SECONDS:-480}))
+DEADLINE=$((SECONDS + ${GPU_BENCH_SECONDS:-450}))
 FAILED=()
 
 step() {  # NAME COMMAND...: run it in what is left of the time; a failure is noted, not fatal

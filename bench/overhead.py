@@ -184,12 +184,13 @@ async def main_async(args) -> dict:
 
     one_by_one = not current_platform.is_cpu()  # see the module's docstring
     espo = None if args.espo_url else espo_server("espo-server")
+    if one_by_one and espo is not None:
+        espo.wait_ready()
     interval = None
     if args.stream_interval > 1:
         interval = espo_server("espo-interval", "--stream-interval", str(args.stream_interval))
-    for server in (espo, interval) if one_by_one else ():
-        if server is not None:
-            server.wait_ready()
+        if one_by_one:
+            interval.wait_ready()
     vllm_srv = ServerProcess(
         "vllm-serve",
         vllm_serve_argv(
