@@ -24,6 +24,25 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_SH = ROOT / "bench" / "gpu.sh"
 
 
+def test_the_gpu_models_have_the_shapes_of_qwen2_5_0_5b_and_1_5b() -> None:
+    """Built on the meta device (no memory, no time): the parameter counts of the real models, the
+    critic a one-label token classifier."""
+    import torch
+
+    from bench.gpu_models import QWEN_VOCAB, make_model
+
+    with torch.device("meta"):
+        policy = {s: make_model(s, critic=False, seed=0, dtype="bfloat16")[0] for s in ("0.5b", "1.5b")}
+        critic, _ = make_model("0.5b", critic=True, seed=1, dtype="bfloat16")
+    params = {size: sum(p.numel() for p in model.parameters()) for size, model in policy.items()}
+    assert 0.48e9 < params["0.5b"] < 0.51e9 and 1.52e9 < params["1.5b"] < 1.56e9, params
+    config = policy["1.5b"].config
+    assert type(policy["1.5b"]).__name__ == "Qwen2ForCausalLM" and config.vocab_size == QWEN_VOCAB
+    assert config.num_key_value_heads == 2 and config.tie_word_embeddings
+    assert type(critic).__name__ == "Qwen2ForTokenClassification" and critic.config.num_labels == 1
+    assert next(critic.parameters()).dtype == torch.bfloat16
+
+
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine would start the GPU run")
 def test_without_a_gpu_the_gpu_run_says_so_and_fails(tmp_path) -> None:
     proc = subprocess.run(
