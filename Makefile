@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools run serve test test-fast lint openapi docs bench throughput vllm-bench reproduce soak faults fuzz clean
+.PHONY: install tools run serve test test-fast lint openapi docs bench throughput gpu-bench vllm-bench reproduce soak faults fuzz clean
 
 install: $(STAMP)
 
@@ -90,6 +90,13 @@ bench: $(STAMP)
 
 throughput: $(STAMP)
 	$(PY) -m bench.throughput
+
+# The GPU run (docs/benchmarks.md): random-weight Qwen2-shaped 1.5B policy and 0.5B critic made from
+# configs, the overhead, throughput and critic-cost benchmarks against them, one table; at most 8
+# minutes on one H100, results in bench/results/gpu/. Without a GPU it says so and fails; the test
+# suite runs the same pipeline at its own size (bash bench/gpu.sh --smoke).
+gpu-bench: $(STAMP)
+	PYTHON=$(abspath $(PY)) bash bench/gpu.sh
 
 # vLLM's own benchmark client (vllm bench serve) against espo-server and stock vllm serve (docs/vllm-bench.md)
 vllm-bench: $(STAMP)

@@ -22,13 +22,16 @@ server of another source tree (e.g. `git archive` of an older commit), whose cri
 counted from the values traces as whole prefixes (what that code computed).
 
     .venv/bin/python -m bench.critic_cost --variant before="--no-critic-prefix-caching --critic-max-batch 1"
+
+`--url URL` measures one running espo-server instead (as `after`, with whatever models it serves:
+the toy task's prompts only need a vocabulary that starts with the toy's characters, as the GPU run's
+random Qwen2 models do).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shlex
 import statistics
 import time
@@ -44,25 +47,34 @@ GPU_BLOCK = 16
 
 def reuse_floor(prefixes: list[list[int]]) -> int:
     """Tokens any exact critic must compute for these queries: the distinct nodes of their prefix
-    trie (every token position encoded once, whichever query or sample reaches it first)."""
-    seen: set[tuple[int, ...]] = set()
+    trie (every token position encoded once, whichever query or sample reaches it first). Walked
+    token by token, so long prefixes (the GPU run's) cost their length, not its square."""
+    root: dict = {}
+    nodes = 0
     for prefix in prefixes:
-        for end in range(1, len(prefix) + 1):
-            seen.add(tuple(prefix[:end]))
-    return len(seen)
+        node = root
+        for token in prefix:
+            if token not in node:
+                node[token] = {}
+                nodes += 1
+            node = node[token]
+    return nodes
 
 
 def block_cache(prefixes: list[list[int]], block: int) -> int:
     """Tokens a vLLM-style prefix cache of `block`-token blocks computes for these queries, answered
-    in this order: each reuses the full blocks earlier queries stored (never its last token)."""
-    stored: set[tuple[int, ...]] = set()
+    in this order: each reuses the full blocks earlier queries stored (never its last token). A trie
+    of blocks: a block is reusable when every block before it is."""
+    root: dict = {}
     computed = 0
     for prefix in prefixes:
-        reused = 0
-        while reused + block <= len(prefix) - 1 and tuple(prefix[: reused + block]) in stored:
-            reused += block
+        node, reused = root, 0
+        while reused + block <= len(prefix) - 1 and (key := tuple(prefix[reused : reused + block])) in node:
+            node, reused = node[key], reused + block
         computed += len(prefix) - reused
-        stored.update(tuple(prefix[: k * block]) for k in range(1, len(prefix) // block + 1))
+        node = root
+        for start in range(0, len(prefix) // block * block, block):
+            node = node.setdefault(tuple(prefix[start : start + block]), {})
     return computed
 
 
@@ -150,11 +162,16 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"')
     parser.add_argument("--before-src", default=None, help="also run the server of this source tree")
-    parser.add_argument("--out", default=str(harness.RESULTS / "critic_cost.json"))
+    harness.add_common_args(
+        parser, "critic_cost", url_help="measure this running espo-server (default: start some)"
+    )
     harness.add_toy_args(parser)
     args = parser.parse_args()
+    if args.url and (args.variant or args.before_src):
+        parser.error("--url measures one server: no --variant or --before-src with it")
 
-    task = harness.toy_models(args).task
+    # servers of ours need the toy models; one given by --url only the task's problems
+    task = harness.toy_task(args) if args.url else harness.toy_models(args).task
     variants: list[tuple[str, str | None, list[str]]] = [("after", None, [])]
     for spec in args.variant:
         name, _, flags = spec.partition("=")
@@ -169,6 +186,7 @@ def main() -> None:
             name, "serve", *memory, *(size if src is None else ()), *flags, logs=logs, src=src
         )
         for name, src, flags in variants
+        if not args.url
     }
     started = time.time()
     results: dict = {"config": vars(args), "variants": {n: f for n, _, f in variants}, "rows": {}}
@@ -176,7 +194,8 @@ def main() -> None:
         print(f"starting {len(servers)} servers (logs {logs}) ...", flush=True)
         for server in servers.values():
             server.wait_ready()
-        clients = {name: EspoClient(base_url=s.url, timeout=1800) for name, s in servers.items()}
+        urls = {"after": args.url} if args.url else {name: s.url for name, s in servers.items()}
+        clients = {name: EspoClient(base_url=url, timeout=1800) for name, url in urls.items()}
         problems = generate(args.problems, "test", seed=10_000, spec=task)
         prompts = [{"token_ids": encode(p.prompt), "answer": p.answer} for p in problems]
         prompt_lens = [len(p["token_ids"]) for p in prompts]
@@ -219,7 +238,7 @@ def main() -> None:
             with contextlib.suppress(Exception):
                 server.stop()
     results["wall_s"] = round(time.time() - started, 1)
-    results["machine"] = f"{os.cpu_count()} CPU cores"
+    results["machine"] = harness.machine()
     harness.write_result(args.out, results)
     print_table(results)
     print(f"wrote {args.out}")

@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +103,17 @@ def start_critic(name: str, model: str, *flags: str, logs: Path, port: int | Non
     return start_espo(name, "critic", *argv, logs=logs, ready_path="/health", port=port)
 
 
+def wait_ready(url: str, timeout: float = 900.0, path: str = "/readyz") -> None:
+    """Until a server this process did not start answers `path` with 200; RuntimeError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + path, timeout=5).status_code == 200:
+                return
+        time.sleep(1.0)
+    raise RuntimeError(f"{url}{path} not ready after {timeout:.0f}s")
+
+
 @contextlib.contextmanager
 def embedded_server(args: argparse.Namespace, *flags: str, name: str = "espo-server") -> Iterator[str]:
     """The URL to measure: `args.url` if given, else an `espo-server serve` on the embedded toy models
@@ -118,6 +131,14 @@ def embedded_server(args: argparse.Namespace, *flags: str, name: str = "espo-ser
         yield server.url
     finally:
         server.stop()
+
+
+def toy_task(args: argparse.Namespace):  # -> espo_server.toy.task.TaskSpec
+    """The toy task's problems of `--toy-size`, without its models: for a server given by `--url`,
+    which may run any models whose vocabulary starts with the toy's characters (the GPU run's)."""
+    from espo_server.toy.train import ToyConfig
+
+    return (ToyConfig.quick() if toy_size(args) == "quick" else ToyConfig()).task
 
 
 def toy_models(args: argparse.Namespace):
@@ -273,6 +294,20 @@ def _allowed(proc: psutil.Process) -> str:
             if line.startswith("Cpus_allowed_list:"):
                 return line.split(":", 1)[1].strip()
     return "?"
+
+
+def machine() -> str:
+    """The machine a benchmark ran on, as the results record it: its CPU cores and GPU (nvidia-smi)."""
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        gpu = ""
+    return f"{os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU")
 
 
 def load_average() -> str:

@@ -21,6 +21,12 @@ quiet before each, so drift on a shared machine hits all paths alike; each figur
     .venv/bin/python -m bench.overhead               # CPU defaults (seeded random tiny models)
     .venv/bin/python -m bench.overhead --concurrency 1 16 64 --repeats 5 --max-tokens 128
     .venv/bin/python -m bench.overhead --policy DIR --critic DIR --dtype bfloat16 --concurrency 256   # GPU
+
+`--espo-url URL` measures (c) and (d) on a running espo-server (on this machine, for the CPU ledger)
+started on the same models, instead of starting one. On a GPU the engines start one at a time: vLLM
+sizes an engine's KV cache from the card's free memory before and after its profile run, so engines
+starting side by side on one card count each other's allocations (or fail its check that none was
+freed meanwhile).
 """
 
 from __future__ import annotations
@@ -28,9 +34,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -176,10 +180,17 @@ async def main_async(args) -> dict:
             "--critic-gpu-memory-utilization", str(args.critic_mem), *extra, logs=logs,
         )  # fmt: skip
 
-    espo = espo_server("espo-server")
+    from vllm.platforms import current_platform
+
+    one_by_one = not current_platform.is_cpu()  # see the module's docstring
+    espo = None if args.espo_url else espo_server("espo-server")
+    if one_by_one and espo is not None:
+        espo.wait_ready()
     interval = None
     if args.stream_interval > 1:
         interval = espo_server("espo-interval", "--stream-interval", str(args.stream_interval))
+        if one_by_one:
+            interval.wait_ready()
     vllm_srv = ServerProcess(
         "vllm-serve",
         vllm_serve_argv(
@@ -204,10 +215,13 @@ async def main_async(args) -> dict:
         logs,
         ready_path="/health",
     ).start()
+    if one_by_one:
+        vllm_srv.wait_ready()
 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    atexit.register(espo.stop)
+    if espo is not None:
+        atexit.register(espo.stop)
     atexit.register(vllm_srv.stop)
     if interval is not None:
         atexit.register(interval.stop)
@@ -228,15 +242,20 @@ async def main_async(args) -> dict:
     results: dict = {"config": vars(args) | {"policy": policy, "critic": critic}, "rows": []}
     try:
         print("waiting for the servers ...", flush=True)
-        espo.wait_ready()
+        if espo is not None:
+            espo.wait_ready()
+        else:
+            harness.wait_ready(args.espo_url)  # (started beside this process's engines, on CPU)
         vllm_srv.wait_ready()
         if interval is not None:
             interval.wait_ready()
         vocab = llm.model_config.get_vocab_size()
-        ledger = harness.CpuLedger(espo.proc.pid)  # the espo server's processes, by role
+        espo_url = args.espo_url or espo.url
+        # the espo server's processes, by role (none when --espo-url is on another machine)
+        ledger = harness.CpuLedger(espo.proc.pid) if espo is not None else harness.CpuLedger.of_url(espo_url)
         async with contextlib.AsyncExitStack() as stack:
             espo_client = await stack.enter_async_context(
-                httpx.AsyncClient(base_url=espo.url, timeout=timeout)
+                httpx.AsyncClient(base_url=espo_url, timeout=timeout)
             )
             vllm_client = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=vllm_srv.url, timeout=timeout)
@@ -263,7 +282,7 @@ async def main_async(args) -> dict:
                 ledgers: dict[str, list[dict]] = {"c_espo_none": [], "d_espo_shadow": []}
                 bench_usage.clear()
                 # only (d) asks the critic there
-                batches_before = harness.scrape(espo.url).histogram("espo_critic_batch_size")
+                batches_before = harness.scrape(espo_url).histogram("espo_critic_batch_size")
                 names = list(paths)
                 for rep in range(args.repeats):
                     # Rotate the order every repeat, and let the last engine's OpenMP threads stop
@@ -271,7 +290,8 @@ async def main_async(args) -> dict:
                     for name in names[rep % len(names) :] + names[: rep % len(names)]:
                         await asyncio.sleep(args.settle)
                         with contextlib.ExitStack() as measuring:
-                            cpu = measuring.enter_context(ledger.measure()) if name in ledgers else {}
+                            measured = ledger is not None and name in ledgers
+                            cpu = measuring.enter_context(ledger.measure()) if measured else {}
                             start = time.perf_counter()
                             tokens = await paths[name](prompts, 1000 * rep)
                             seconds = time.perf_counter() - start
@@ -286,7 +306,7 @@ async def main_async(args) -> dict:
                         flush=True,
                     )
                 med = {name: statistics.median(r) for name, r in rates.items()}
-                batches_after = harness.scrape(espo.url).histogram("espo_critic_batch_size")
+                batches_after = harness.scrape(espo_url).histogram("espo_critic_batch_size")
                 d_usage = bench_usage["d"]
                 computed = sum(u["generated_tokens"] + u["discarded_tokens"] for u in d_usage)
                 batches = batches_after[0] - batches_before[0]
@@ -319,11 +339,12 @@ async def main_async(args) -> dict:
                     row["e_over_d"] = round(med["e_espo_interval"] / med["d_espo_shadow"], 3)
                 results["rows"].append(row)
     finally:
+        servers = [server for server in (espo, vllm_srv, interval) if server is not None]
+        for server in servers:  # they shut down side by side, and beside this process's engine
+            server.terminate()
         shutdown_engine(llm)  # once, now: no AsyncLLM.__del__ traceback at exit
-        espo.stop()
-        vllm_srv.stop()
-        if interval is not None:
-            interval.stop()
+        for server in servers:
+            server.stop()
     return results
 
 
@@ -360,19 +381,6 @@ def print_table(results: dict) -> None:
     print(f"machine: {results['machine']}")
 
 
-def machine() -> str:
-    try:
-        gpu = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        gpu = ""
-    return f"{os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU")
-
-
 def main() -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
@@ -386,6 +394,9 @@ def main() -> None:
     parser.add_argument("--policy", default=None, help="policy dir (default: the seeded random tiny model)")
     parser.add_argument("--critic", default=None, help="critic dir (default: the seeded random tiny critic)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--espo-url", default=None, help="measure (c), (d) on this running espo-server (default: start one)"
+    )
     parser.add_argument("--mem", type=float, default=0.1, help="gpu_memory_utilization of each policy engine")
     parser.add_argument("--critic-mem", type=float, default=0.1)
     parser.add_argument(
@@ -398,7 +409,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     results = asyncio.run(main_async(args))
-    results["machine"] = machine()
+    results["machine"] = harness.machine()
     results["wall_s"] = round(time.time() - started, 1)
     harness.write_result(args.out, results)
     print_table(results)

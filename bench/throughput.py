@@ -54,7 +54,8 @@ def main() -> None:
     harness.add_toy_args(parser)
     args = parser.parse_args()
 
-    task = harness.toy_models(args).task
+    # a server of ours needs the toy models; one given by --url only the task's problems
+    task = harness.toy_task(args) if args.url else harness.toy_models(args).task
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     started = time.time()
     with (
@@ -101,6 +102,7 @@ def main() -> None:
         "cpu_seconds_per_batch": cpu,
         "placement": placement,
         "load_average_end": harness.load_average(),
+        "machine": harness.machine(),
         "runs": runs,
         "wall_s": round(time.time() - started, 1),
     }

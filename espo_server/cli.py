@@ -165,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also listen here, and answer POST /v1/critic/weights only here (403 on --port); the "
         "rollout server's --critic-url then names this port (env ESPO_ADMIN_PORT)",
     )
-    critic.add_argument("--gpu-memory-utilization", type=float, default=0.15)
+    critic.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vLLM memory fraction of the critic engine (default: 0.35 of the GPU, 0.15 of RAM on CPU)",
+    )
     critic.add_argument("--max-model-len", type=int, default=None)
     critic.add_argument("--dtype", default="auto", help="vLLM dtype (on CPU, auto means bfloat16)")
     critic.add_argument(

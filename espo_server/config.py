@@ -33,6 +33,20 @@ def default_toy_size() -> ToySize:
     return size  # type: ignore[return-value]
 
 
+MEMORY_FRACTIONS = {"policy": {"gpu": 0.5, "cpu": 0.2}, "critic": {"gpu": 0.35, "cpu": 0.15}}
+"""Default vLLM memory fraction of each engine, by device. On GPU, of the card: a 7B policy and a 7B
+critic on one 80 GB card (docs/operations.md has the arithmetic). On CPU, of RAM, where vLLM reserves
+it at start-up unless VLLM_CPU_KVCACHE_SPACE fixes the KV cache: the small fractions let several
+servers share one machine."""
+
+
+def memory_fraction(engine: Literal["policy", "critic"], requested: float | None, *, on_cpu: bool) -> float:
+    """The memory fraction an engine starts with: `requested`, else its default on this device."""
+    if requested is not None:
+        return requested
+    return MEMORY_FRACTIONS[engine]["cpu" if on_cpu else "gpu"]
+
+
 class ServerConfig(BaseSettings):
     """Everything `espo-server serve` can be told."""
 
@@ -104,8 +118,14 @@ class ServerConfig(BaseSettings):
         None,
         description="Policy model directory (HF format). Unset: the embedded toy model (built on first use).",
     )
-    gpu_memory_utilization: float = Field(
-        0.2, gt=0, le=1, description="vLLM memory fraction for the policy (on CPU: fraction of RAM)."
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vLLM memory fraction for the policy engine: of the GPU's memory (its weights, "
+        "activations and KV cache); on CPU, of RAM (vLLM's worker budget, unless VLLM_CPU_KVCACHE_SPACE "
+        "fixes the KV cache). Unset: 0.5 on GPU, 0.2 on CPU: with the critic's 0.35, a 7B policy and "
+        "a 7B critic on one 80 GB card (docs/operations.md).",
     )
     max_model_len: int | None = Field(None, ge=16, description="Context limit (default: the model's).")
     dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, ...).")
@@ -189,7 +209,14 @@ class ServerConfig(BaseSettings):
         description="Bearer token sent to the remote critic (`espo-server critic --api-key`, "
         "`vllm serve --api-key`); unset: --api-key.",
     )
-    critic_gpu_memory_utilization: float = Field(0.15, gt=0, le=1, description="vLLM memory for the critic.")
+    critic_gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vLLM memory fraction for the in-process critic engine (as --gpu-memory-utilization; "
+        "both engines share the card, so the two must sum to less than about 0.9). Its KV cache is the "
+        "prefix cache of the trajectories it is asked about. Unset: 0.35 on GPU, 0.15 on CPU.",
+    )
     critic_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of one critic call (a batch of queries counts against one timeout)."
     )

@@ -28,6 +28,7 @@ from typing import Any
 
 from . import metrics
 from .async_llm import running_async_llm
+from .config import memory_fraction
 from .critic import CriticAnswer, CriticError, ValuesFromScore
 from .critic_worker import checkpoint_problem
 from .errors import InvalidRequest, ServiceError
@@ -80,7 +81,7 @@ class InProcessCritic(ValuesFromScore):
     def engine_args(
         model: str,
         *,
-        gpu_memory_utilization: float = 0.15,
+        gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
         dtype: str = "auto",
         prefix_caching: bool = True,
@@ -91,7 +92,8 @@ class InProcessCritic(ValuesFromScore):
     ):  # -> vllm.engine.arg_utils.AsyncEngineArgs
         """The critic's vLLM engine arguments (no engine is started). `max_num_seqs` (its slots: the
         most queries it scores at once) and `max_num_batched_tokens` (prefix tokens per step) are
-        vLLM's choice when None."""
+        vLLM's choice when None; `gpu_memory_utilization` None: this device's default
+        (config.MEMORY_FRACTIONS)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
@@ -100,7 +102,9 @@ class InProcessCritic(ValuesFromScore):
         return AsyncEngineArgs(
             model=model,
             runner="pooling",
-            gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_utilization=memory_fraction(
+                "critic", gpu_memory_utilization, on_cpu=current_platform.is_cpu()
+            ),
             max_model_len=max_model_len,
             dtype=dtype,
             enable_prefix_caching=prefix_caching,

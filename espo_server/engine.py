@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from espo_client.protocol import MAX_SEED, Sampling
 
 from .async_llm import running_async_llm
+from .config import memory_fraction
 from .errors import EngineDead, ReloadFailed, WeightsBroken
 from .gate import ReadWriteGate
 from .stream_readers import StreamReaders
@@ -208,7 +209,7 @@ class PolicyEngine:
     def engine_args(
         model: str,
         *,
-        gpu_memory_utilization: float = 0.2,
+        gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
         dtype: str = "auto",
         seed: int = 0,
@@ -218,12 +219,16 @@ class PolicyEngine:
         max_num_batched_tokens: int | None = None,
         parallel: Parallelism | None = None,
     ):  # -> vllm.engine.arg_utils.AsyncEngineArgs
-        """The policy's vLLM engine arguments (no engine is started)."""
+        """The policy's vLLM engine arguments (no engine is started); `gpu_memory_utilization` None:
+        this device's default (config.MEMORY_FRACTIONS)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
 
         return AsyncEngineArgs(
             model=model,
-            gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_utilization=memory_fraction(
+                "policy", gpu_memory_utilization, on_cpu=current_platform.is_cpu()
+            ),
             max_model_len=max_model_len,
             dtype=dtype,
             seed=seed,

@@ -284,7 +284,7 @@ def run_critic_server(
     *,
     host: str,
     port: int,
-    gpu_memory_utilization: float = 0.15,
+    gpu_memory_utilization: float | None = None,
     max_model_len: int | None = None,
     dtype: str = "auto",
     prefix_caching: bool = True,

@@ -189,3 +189,30 @@ def test_on_cpu_model_classes_are_inspected_in_this_process(monkeypatch, tmp_pat
     assert [p.name for p in (tmp_path / "modelinfos").iterdir()] == [
         "vllm-model_executor-models-qwen2-Qwen2ForCausalLM.json"
     ]  # and cached for the next start, as vLLM's own way does
+
+
+def test_memory_fractions_default_per_device(monkeypatch):
+    """Unset, the engines' memory fractions are the device's defaults: on GPU a split that holds a 7B
+    policy and a 7B critic on one card, on CPU (this machine) the small fractions of RAM it always had;
+    a fraction given is passed through on either."""
+    from vllm.platforms import current_platform
+
+    from espo_server.config import MEMORY_FRACTIONS, memory_fraction
+
+    for key in ("ESPO_GPU_MEMORY_UTILIZATION", "ESPO_CRITIC_GPU_MEMORY_UTILIZATION"):
+        monkeypatch.delenv(key, raising=False)
+    gpu = {engine: memory_fraction(engine, None, on_cpu=False) for engine in ("policy", "critic")}
+    assert gpu == {"policy": 0.5, "critic": 0.35} and sum(gpu.values()) < 0.9
+    assert memory_fraction("policy", None, on_cpu=True) == 0.2
+    assert memory_fraction("critic", None, on_cpu=True) == 0.15
+    assert memory_fraction("critic", 0.6, on_cpu=False) == memory_fraction("critic", 0.6, on_cpu=True) == 0.6
+    assert current_platform.is_cpu()
+    config = config_from_args(build_parser().parse_args(["serve"]))
+    assert config.gpu_memory_utilization is None and config.critic_gpu_memory_utilization is None
+    assert PolicyEngine.engine_args("/m").gpu_memory_utilization == MEMORY_FRACTIONS["policy"]["cpu"]
+    assert InProcessCritic.engine_args("/m").gpu_memory_utilization == MEMORY_FRACTIONS["critic"]["cpu"]
+    config = config_from_args(build_parser().parse_args(["serve", "--critic-gpu-memory-utilization", "0.3"]))
+    given = InProcessCritic.engine_args("/m", gpu_memory_utilization=config.critic_gpu_memory_utilization)
+    assert given.gpu_memory_utilization == 0.3
+    critic_args = build_parser().parse_args(["critic", "--model", "/m"])
+    assert critic_args.gpu_memory_utilization is None  # the critic server: the same defaults
