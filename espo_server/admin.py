@@ -31,7 +31,7 @@ from .config import ServerConfig
 from .critic import CriticClient, CriticError, counted_critic_load
 from .critic_engine import InProcessCritic
 from .engine import Engine
-from .errors import InvalidRequest
+from .errors import InvalidRequest, ServiceError
 from .ledger import StateLedger
 from .runs import RunRegistry
 from .weights import allowed_weights_dir, check_checkpoint
@@ -99,8 +99,21 @@ class Admin:
 
     # ------------------------------------------------------------------ weights
 
+    def check_not_joining(self) -> None:
+        """A learner's push while this server joins a peer (`--join`) would be overwritten by the
+        peer's copy, loaded after it: 503 until the join is done (the join's own loads pass)."""
+        if self.join is not None and not self.join.done:
+            error = ServiceError(
+                f"this server is joining a peer ({self.join.detail}): a push now would be overwritten "
+                "by the peer's weights; push again once /readyz is 200 (the Service sends pushes only "
+                "to ready replicas)"
+            )
+            error.retry_after_s = 5.0
+            raise error
+
     async def load_weights(self, path: str, version: int | None) -> WeightsResponse:
         """A push by path: `serve_weights` of a directory inside --weights-dir."""
+        self.check_not_joining()
         self.admission.check_new_work()
         allowed_weights_dir(path, self.config.weights_dir)
         return await self.serve_weights(path, version)
@@ -134,6 +147,7 @@ class Admin:
     async def load_critic_weights(self, path: str, version: int | None) -> CriticWeightsResponse:
         """A critic push by path. An in-process critic loads only from --weights-dir; a remote
         critic (`espo-server critic`) gets the push forwarded and checks the directory itself."""
+        self.check_not_joining()
         critic = self._pushable_critic()
         if isinstance(critic, InProcessCritic):
             allowed_weights_dir(path, self.config.weights_dir)

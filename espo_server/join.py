@@ -281,7 +281,7 @@ async def _load(
     version, policy = copies[0]
     note(f"loading the policy weights copied from {peer.url} as version {version}")
     try:
-        await service.serve_weights(policy, version)
+        await service.admin.serve_weights(policy, version)  # not a learner's push: not refused, not counted
     except ServiceError as exc:
         raise JoinError(f"the peer's policy weights cannot be served here: {exc.message}") from exc
     summary = f"policy version {version}"
@@ -289,7 +289,7 @@ async def _load(
         critic_version, directory = copies[1]
         note(f"loading the critic weights copied from {peer.url} as version {critic_version}")
         try:
-            await service.update_critic(lambda: critic.load_weights(str(directory), critic_version))
+            await service.admin.update_critic(lambda: critic.load_weights(str(directory), critic_version))
         except ServiceError as exc:
             raise JoinError(f"the peer's critic weights cannot be served here: {exc.message}") from exc
         summary += f", critic version {critic_version}"

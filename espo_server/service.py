@@ -155,11 +155,13 @@ class RolloutService:
     @metrics.timed_push("policy", "upload")
     async def serve_weights(self, path: str | Path, version: int | None) -> WeightsResponse:
         """The policy weights in a directory of this server's (an upload's staging): `Admin`."""
+        self.admin.check_not_joining()
         return await self.admin.serve_weights(path, version)
 
     @metrics.timed_push("critic", "upload")
     async def update_critic(self, load: Callable[[], Awaitable[tuple[int, float]]]) -> CriticWeightsResponse:
         """New critic weights by `load()` (an upload's), under the push gate: `Admin`."""
+        self.admin.check_not_joining()
         return await self.admin.update_critic(load)
 
     def open_run(self, body: RunRequest) -> RunResponse:

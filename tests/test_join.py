@@ -21,6 +21,7 @@ from espo_server.admin import JoinStatus
 from espo_server.app import build_app
 from espo_server.config import ServerConfig
 from espo_server.critic_engine import InProcessCritic
+from espo_server.errors import ServiceError
 from espo_server.join import run_join
 from espo_server.process import ServerProcess, espo_server_argv, free_port
 from espo_server.service import RolloutService
@@ -328,3 +329,33 @@ def test_replicas_listing_one_new_checkpoint_together_hash_it_once(tmp_path, mon
         t.join(timeout=60)
     assert hashed == [shard]
     assert digests == [hashlib.new("sha256", shard.read_bytes()).hexdigest()] * 4
+
+
+def test_a_learners_push_to_a_joining_replica_is_503_and_the_join_still_loads(tiny_models, tmp_path):
+    """A push sent straight to a replica still copying its peer (not through the Service, which sends
+    only to ready replicas) would be overwritten by the peer's copy: refused with 503 and a
+    Retry-After, by path and by upload alike, until the join is done; the join's own load goes on."""
+    joiner = service(FakeEngine(), None, weights_dir=[str(tiny_models["policy"].parent)])
+    joiner.admin.join = JoinStatus("joining: http://peer (copying 1 of 2 files)")
+
+    async def refused() -> list:
+        errors = []
+        for push in (
+            lambda: joiner.load_weights(str(tiny_models["policy"]), 5),
+            lambda: joiner.serve_weights(str(tiny_models["policy"]), 5),  # an upload's commit
+            lambda: joiner.update_critic(lambda: asyncio.sleep(0, (1, 0.0))),
+        ):
+            with pytest.raises(ServiceError) as error:
+                await push()
+            errors.append(error.value)
+        return errors
+
+    for error in asyncio.run(refused()):
+        assert error.status == 503 and error.retry_after_s == 5.0
+        assert "joining a peer" in error.message and "overwritten" in error.message
+    assert joiner.engine.policy_version == 0
+    asyncio.run(joiner.admin.serve_weights(str(tiny_models["policy"]), 9))  # the join's load
+    assert joiner.engine.policy_version == 9
+    joiner.admin.join.done = True
+    asyncio.run(joiner.load_weights(str(tiny_models["policy"]), 10))  # joined: pushes as usual
+    assert joiner.engine.policy_version == 10
