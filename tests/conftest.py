@@ -17,9 +17,9 @@ os.environ["ESPO_TOY_SIZE"] = "quick"
 # Every engine the tests start runs eagerly: no torch.compile warm-up, about 20 s less per start.
 os.environ["ESPO_ENFORCE_EAGER"] = "true"
 # Even eager, vLLM's sampler compiles one small function with inductor (batched_count_greater_than:
-# the rank of each sampled token's logprob); run eagerly it gives the same integer counts. On a fresh
-# machine every engine that started before the first had written torch's compile cache spent 10-14 s
-# compiling it (0.7 s to load it from the cache after). Inherited by every process the tests start.
+# the rank of each sampled token's logprob); run eagerly it gives the same integer counts, and no
+# engine compiles or writes torch's compile cache (each would compile it until the first had written
+# that cache). Inherited by every process the tests start.
 os.environ["TORCHDYNAMO_DISABLE"] = "1"
 
 MAX_MODEL_LEN = 512
