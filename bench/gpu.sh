@@ -100,22 +100,8 @@ stop_server() {  # SIGTERM (it drains and stops its engines), SIGKILL to its gro
 trap stop_server EXIT
 
 server_ready() {  # until the server answers /readyz (fails if it exits first)
-    step server-ready "$PY" - "$URL" "$SERVER" <<'EOF'
-import os, sys, time
-import httpx
-url, pid = sys.argv[1], int(sys.argv[2])
-while True:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit("espo-server exited before it was ready: see its log")
-    try:
-        if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-            break
-    except httpx.HTTPError:
-        pass
-    time.sleep(1)
-EOF
+    step server-ready "$PY" -c 'import sys; from bench.harness import wait_ready
+wait_ready(sys.argv[1], timeout=float("inf"), pid=int(sys.argv[2]))' "$URL" "$SERVER"
     local rc=$?
     [ "$rc" = 0 ] || tail -n 40 "$OUT/logs/espo-server.log" >&2
     return "$rc"

@@ -103,10 +103,13 @@ def start_critic(name: str, model: str, *flags: str, logs: Path, port: int | Non
     return start_espo(name, "critic", *argv, logs=logs, ready_path="/health", port=port)
 
 
-def wait_ready(url: str, timeout: float = 900.0, path: str = "/readyz") -> None:
-    """Until a server this process did not start answers `path` with 200; RuntimeError after `timeout`."""
+def wait_ready(url: str, timeout: float = 900.0, path: str = "/readyz", pid: int | None = None) -> None:
+    """Until a server this process did not start answers `path` with 200; RuntimeError after `timeout`,
+    or as soon as process `pid` (the server, when known) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if pid is not None and not psutil.pid_exists(pid):
+            raise RuntimeError(f"the server at {url} (pid {pid}) exited before it was ready: see its log")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url + path, timeout=5).status_code == 200:
                 return
