@@ -58,9 +58,9 @@ tools:
 # (PYTEST_ARGS selected none of its kind) is fine as long as the other ran tests.
 test: $(STAMP) tools
 	@export PATH="$(abspath $(VENV))/bin:$$PATH"; \
-	$(PY) -m pytest -v -rs --durations=10 $(PYTEST_ARGS) -m "not vllm" tests > $(VENV)/test-rest.log 2>&1 & \
+	$(PY) -m pytest -v -rfEs --durations=10 $(PYTEST_ARGS) -m "not vllm" tests > $(VENV)/test-rest.log 2>&1 & \
 	rest=$$!; \
-	$(PY) -m pytest -v -rs --durations=15 $(PYTEST_ARGS) -m vllm tests; engines=$$?; \
+	$(PY) -m pytest -v -rfEs --durations=15 $(PYTEST_ARGS) -m vllm tests; engines=$$?; \
 	wait $$rest; others=$$?; \
 	echo "=============== the tests that start no engine, run beside those (-m 'not vllm'):"; \
 	cat $(VENV)/test-rest.log; \

@@ -328,16 +328,26 @@ def group_advantages(trajectories: list, rewards: list[float | None], mask: torc
     return adv[:, None] * mask
 
 
+def fresh_run_dir(out: Path, run_name: str) -> Path:
+    """out/run_name, or out/run_name-2, -3, ...: a new directory even for runs started in one second.
+    mkdir itself decides which is free: an exists() check first races with another process (two of
+    bench/reproduce.py's parallel chains once took the same name on CI)."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = out / run_name
+    for suffix in itertools.count(2):
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            run_dir = out / f"{run_name}-{suffix}"
+    raise AssertionError("unreachable")
+
+
 def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = None) -> list[dict]:
     """Run PPO; return the per-iteration log records. `transport`: an httpx transport (tests)."""
     args = parse_args(argv)
     run_name = f"ppo_toy__{args.stop_rule}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.out) / run_name
-    for suffix in itertools.count(2):  # a fresh directory, even for two runs started in one second
-        if not run_dir.exists():
-            break
-        run_dir = Path(args.out) / f"{run_name}-{suffix}"
-    run_dir.mkdir(parents=True)
+    run_dir = fresh_run_dir(Path(args.out), run_name)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -265,6 +265,25 @@ class FakeServer:
         )
 
 
+def test_runs_started_at_once_get_directories_of_their_own(ppo_toy, tmp_path):
+    """Sixteen threads ask for one run name at the same moment: each gets its own directory (the
+    exists()-then-mkdir it replaced let two of bench/reproduce.py's parallel chains collide on CI)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "runs" / "r-2").mkdir(parents=True)  # a suffix taken by an earlier run is skipped
+    start = threading.Barrier(16)
+
+    def claim(_: int) -> Path:
+        start.wait()
+        return ppo_toy.fresh_run_dir(tmp_path / "runs", "r")
+
+    with ThreadPoolExecutor(16) as pool:
+        dirs = list(pool.map(claim, range(16)))
+    assert len(set(dirs)) == 16 and all(d.is_dir() and not any(d.iterdir()) for d in dirs)
+    assert {d.name for d in dirs} == {"r"} | {f"r-{k}" for k in range(3, 18)}
+
+
 @pytest.mark.parametrize("owner", ["learner", "server"])
 def test_the_loop_against_a_fake_server(ppo_toy, tiny_pair, tmp_path, owner):
     server = FakeServer()
