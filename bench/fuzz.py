@@ -30,6 +30,7 @@ operation and phase, however long they take.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import subprocess
@@ -44,6 +45,9 @@ import httpx
 from bench import harness
 from espo_server.process import free_port
 
+HOOKS = Path(__file__).with_name("fuzz_hooks.py")
+"""Loaded by schemathesis: makes its threaded workers safe on Python 3.11.7 (see the module)."""
+PHASES = "examples,coverage,fuzzing,stateful"
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 PROBE = {"prompts": [{"token_ids": [5, 6, 7]}], "n": 2, "max_tokens": 8, "stop_rule": "espo", "seed": 1}
 
@@ -52,6 +56,20 @@ UPLOAD_MAX_BYTES = 8 * 2**20
 """The fuzzed server's --upload-max-bytes: what one upload the fuzzer opens may take of the disk."""
 FUZZED_ROUTES = re.compile(r'"[A-Z]+ (/v1/weights/(?:uploads|files)[^ "]*) HTTP/1\.[01]" (\d{3})')
 """An access log line of the policy's upload routes or of the weight-file routes."""
+UPLOAD_ID_ROUTES = re.compile(
+    r'"(GET /v1/(?:critic/)?weights/uploads/|DELETE /v1/(?:critic/)?weights/uploads/'
+    r'|POST /v1/(?:critic/)?weights/uploads/|PUT /v1/(?:critic/)?weights/uploads/)([^/ "?]+)'
+    r'(/commit|/shards/[^/ "?]+|)(?:\?[^ "]*)? HTTP/1\.[01]" (\d{3})'
+)
+"""An access log line of a route that takes an `{upload_id}` (the policy's or the critic's)."""
+SERVER_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+"""The form of the ids the server hands out (a uuid4's hex): the fuzzer does not draw one by
+chance, it has it from an answer (an OpenAPI link of the stateful phase)."""
+NEED_AN_UPLOAD = ("GET /v1/weights/uploads/{upload_id}", "DELETE /v1/weights/uploads/{upload_id}",
+                  "POST /v1/weights/uploads/{upload_id}/commit")  # fmt: skip
+"""The policy's routes that do something only for an upload that exists: each must have been
+called with an id the server handed out and answered with something other than 404."""
+UPLOAD_ROUTE_SHAPES = {("GET", ""), ("DELETE", ""), ("POST", "/commit"), ("PUT", "/shards/{shard}")}
 
 
 def server_flags(model: str, weights_dir: str, upload_dir: str) -> list[str]:
@@ -70,7 +88,7 @@ def fuzz(url: str, args: argparse.Namespace, report_dir: Path) -> dict:
     argv = [
         sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json",
         "--checks", args.checks, "--max-examples", str(args.max_examples), "--seed", str(args.seed),
-        "--workers", str(args.workers), "--request-timeout", "60", "--phases", "examples,coverage,fuzzing",
+        "--workers", str(args.workers), "--request-timeout", "60", "--phases", PHASES,
         "--report", "junit", "--report-dir", str(report_dir), "--suppress-health-check", "all",
         "--no-color",
     ]  # fmt: skip
@@ -81,8 +99,11 @@ def fuzz(url: str, args: argparse.Namespace, report_dir: Path) -> dict:
         # relayed to it) is rightly a 503 critic_unavailable there (pushes are fuzzed against a live
         # critic by tests/test_soak.py)
         argv += ["--exclude-path-regex", "^/v1/critic/weights"]
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}
     started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout, cwd=report_dir.parent)
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=args.timeout, cwd=report_dir.parent, env=env
+    )
     took = time.monotonic() - started
     output = proc.stdout + proc.stderr
     ready = httpx.get(url + "/readyz", timeout=60)
@@ -115,6 +136,20 @@ def read_log(result: dict, log: str) -> None:
     result["answers_by_status"] = dict(sorted(access_log_statuses(log).items()))
     routes = Counter(m.group(1).split("/")[3] for m in FUZZED_ROUTES.finditer(log))
     result["weight_upload_and_file_answers"] = dict(sorted(routes.items()))  # uploads / files -> answers
+    answers: dict[str, dict[str, Counter]] = {}  # route -> "handed_out" / "other" ids -> statuses
+    for m in UPLOAD_ID_ROUTES.finditer(log):
+        start, upload_id, rest, status = m.groups()
+        method, prefix = start.split(" ")
+        rest = "/shards/{shard}" if rest.startswith("/shards/") else rest
+        if (method, rest) not in UPLOAD_ROUTE_SHAPES:
+            continue  # a method the route does not take (405)
+        kind = "handed_out" if SERVER_UPLOAD_ID.fullmatch(upload_id) else "other"
+        route = answers.setdefault(f"{method} {prefix}{{upload_id}}{rest}", {})
+        route.setdefault(kind, Counter())[status] += 1
+    result["upload_id_answers"] = {
+        route: {kind: dict(sorted(c.items())) for kind, c in sorted(kinds.items())}
+        for route, kinds in sorted(answers.items())
+    }
     serving = log.split("INFO:     Shutting down")[0]  # vLLM's __del__ at exit prints one after
     result["tracebacks_in_log"] = serving.count("Traceback (most recent call last)")
     where = serving.find("Traceback")
@@ -166,6 +201,11 @@ def main() -> None:
         fuzzed = result["weight_upload_and_file_answers"]
         both = bool(fuzzed.get("uploads") and fuzzed.get("files"))
         checks["the upload and weight-file routes were fuzzed"] = both
+        answered = result["upload_id_answers"]
+        checks["the upload-id routes met an existing upload (an answer other than 404)"] = all(
+            any(status != "404" for status in answered.get(route, {}).get("handed_out", {}))
+            for route in NEED_AN_UPLOAD
+        )
     if "server_running_after" in result:
         checks["the server still runs"] = result["server_running_after"]
     result["checks"] = checks

@@ -61,6 +61,7 @@ from .config import ServerConfig
 from .errors import bearer_matches, error_body, install_error_handlers
 from .events import CallDone, TokenDelta, encode
 from .openai_api import OpenAIServing
+from .openapi_links import add_id_links
 from .ports import admin_only
 from .service import RolloutService
 from .upload_routes import state_target, upload_router
@@ -236,7 +237,8 @@ def build_app(config: ServerConfig) -> FastAPI:
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
     def openapi_with_stream_events() -> dict:
-        """FastAPI's schema plus the NDJSON event models of `?stream=true`, which no route returns as JSON."""
+        """FastAPI's schema plus the NDJSON event models of `?stream=true`, which no route returns as JSON,
+        and the links from the ids answers hand out to the routes that take them (openapi_links.py)."""
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             events = TypeAdapter(RolloutStreamEvent).json_schema(
@@ -253,7 +255,7 @@ def build_app(config: ServerConfig) -> FastAPI:
                 for name, definition in chunk_schema.pop("$defs", {}).items():
                     components.setdefault(name, definition)
                 components[chunk.__name__] = chunk_schema
-            app.openapi_schema = schema
+            app.openapi_schema = add_id_links(schema)
         return app.openapi_schema
 
     app.openapi = openapi_with_stream_events  # type: ignore[method-assign]

@@ -109,6 +109,49 @@ def test_schema_lists_the_routes(fresh):
         assert methods <= paths[path], f"{path}: {sorted(paths[path])}, expected {sorted(methods)}"
 
 
+def _links(schema: dict) -> dict[tuple[str, str, str], dict]:
+    """(method, path, status) of an answer -> its links."""
+    return {
+        (method.upper(), path, status): response["links"]
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+        for status, response in operation.get("responses", {}).items()
+        if "links" in response
+    }
+
+
+def test_ids_handed_out_link_to_the_routes_that_take_them(fresh):
+    """An opened upload's id (policy's and critic's) and an opened run's id link to every operation
+    that takes it; each link names an operation that exists and sets a path parameter it has from
+    a required property of the answer's model."""
+    operations = {
+        operation["operationId"]: (path, operation)
+        for path, item in fresh["paths"].items()
+        for operation in item.values()
+    }
+    links = _links(fresh)
+    for prefix in ("/v1/weights/uploads", "/v1/critic/weights/uploads"):
+        opened = links[("POST", prefix, "201")]
+        targets = {operations[link["operationId"]][0] for link in opened.values()}
+        assert targets == {f"{prefix}/{{upload_id}}", f"{prefix}/{{upload_id}}/commit",
+                           f"{prefix}/{{upload_id}}/shards/{{shard}}"}, targets  # fmt: skip
+        assert len(opened) == 4  # GET and DELETE of the upload, a shard, the commit
+        assert ("PUT", f"{prefix}/{{upload_id}}/shards/{{shard}}", "200") in links  # a shard -> the commit
+    opened_run = links[("POST", "/v1/runs", "200")]
+    assert {operations[link["operationId"]][0] for link in opened_run.values()} == {"/v1/runs/{run_id}"}
+    assert len(opened_run) == 2  # GET and DELETE
+    components = fresh["components"]["schemas"]
+    for (method, path, status), named in links.items():
+        model = fresh["paths"][path][method.lower()]["responses"][status]["content"]["application/json"]
+        required = components[model["schema"]["$ref"].rsplit("/", 1)[1]]["required"]
+        for link in named.values():
+            target_path, target = operations[link["operationId"]]
+            path_parameters = {p["name"] for p in target.get("parameters", []) if p["in"] == "path"}
+            for parameter, expression in link["parameters"].items():
+                assert parameter in path_parameters and f"{{{parameter}}}" in target_path, (link, target_path)
+                assert expression == f"$response.body#/{parameter}" and parameter in required, link
+
+
 def _model_name(component: str) -> str:
     """FastAPI names a model `X-Input` / `X-Output` when its request and response schemas differ."""
     for suffix in ("-Input", "-Output"):
