@@ -8,14 +8,19 @@ listens (every critic query fails: the fallback path, flagged; so the critic's p
 The policy's upload routes (`/v1/weights/uploads` and its sub-routes) and the weight-file routes
 (`/v1/weights/files`, `/v1/weights/files/{name}`) are fuzzed like every other operation, bounded:
 uploads are staged in a temporary --upload-dir, each holds at most --upload-max-bytes (8 MiB), and
-one left open is abandoned after 30 s; a check says that both groups of routes were answered (the
-access log). Then
-`schemathesis run` generates requests for every operation of `/openapi.json` (valid ones and
-invalid ones: wrong types, out-of-range numbers, missing fields, odd strings) and checks each
-answer: no 5xx (`not_a_server_error`), the status is one the schema documents, the body matches
-the documented model, invalid data is refused. Afterwards: /readyz is 200, a normal rollout call
-succeeds, the server process still runs and its log holds no traceback; the uvicorn access log
-gives the answers by status.
+one left open is abandoned after 3 s (the server takes one at a time). Then `schemathesis run`
+generates requests for every operation of `/openapi.json` in its phases coverage, fuzzing and
+stateful (examples: the schema has none): valid ones and invalid ones (wrong types, out-of-range
+numbers, missing fields, odd strings), and in the stateful phase chains that follow the schema's
+links (an opened upload's id to its status, shards, commit and abandon; a run's id to its routes).
+It checks each answer: no 5xx (`not_a_server_error`), the status is one the schema documents, the
+body matches the documented model, invalid data is refused. Afterwards: every phase ran, /readyz
+is 200, a normal rollout call succeeds, the server process still runs and its log holds no
+traceback; from the uvicorn access log: the answers by status, both groups of weight routes
+answered, and each of GET, DELETE and commit of `/v1/weights/uploads/{upload_id}` answered
+something other than 404 for an id the server handed out (required of our own server; with
+`--url`, reported). schemathesis runs with `bench/fuzz_hooks.py` loaded (its workers are threads;
+the module makes them safe on Python 3.11.7).
 
     .venv/bin/python -m bench.fuzz                      # 300 cases per operation, fuzzing for 600 s
     .venv/bin/python -m bench.fuzz --max-time 60        # a quick look
@@ -54,6 +59,10 @@ PROBE = {"prompts": [{"token_ids": [5, 6, 7]}], "n": 2, "max_tokens": 8, "stop_r
 
 UPLOAD_MAX_BYTES = 8 * 2**20
 """The fuzzed server's --upload-max-bytes: what one upload the fuzzer opens may take of the disk."""
+UPLOAD_IDLE_S = 3
+"""The fuzzed server's --upload-idle-timeout-s. It takes one upload at a time (409 while one is open),
+and the fuzzer leaves most of those it opens open: a short expiry frees the slot for the stateful
+phase, whose chains open an upload and follow the links from its id at once."""
 FUZZED_ROUTES = re.compile(r'"[A-Z]+ (/v1/weights/(?:uploads|files)[^ "]*) HTTP/1\.[01]" (\d{3})')
 """An access log line of the policy's upload routes or of the weight-file routes."""
 UPLOAD_ID_ROUTES = re.compile(
@@ -79,7 +88,7 @@ def server_flags(model: str, weights_dir: str, upload_dir: str) -> list[str]:
         "--max-n", "4", "--max-prompts", "4", "--max-trajectories", "16", "--max-call-seconds", "2",
         "--max-inflight-trajectories", "64", "--weights-dir", weights_dir, "--run-idle-timeout-s", "60",
         "--idempotency-cache-mb", "16", "--upload-dir", upload_dir,
-        "--upload-max-bytes", str(UPLOAD_MAX_BYTES), "--upload-idle-timeout-s", "30",
+        "--upload-max-bytes", str(UPLOAD_MAX_BYTES), "--upload-idle-timeout-s", str(UPLOAD_IDLE_S),
     ]  # fmt: skip
 
 
@@ -112,6 +121,7 @@ def fuzz(url: str, args: argparse.Namespace, report_dir: Path) -> dict:
         "schemathesis_exit": proc.returncode,
         "schemathesis_s": round(took, 1),
         "cases": count_cases(report_dir, output),
+        "phases": phase_outcomes(output),
         "probe_before": before.status_code,
         "readyz_after": ready.status_code,
         "probe_after": after.status_code,
@@ -124,6 +134,15 @@ def count_cases(report_dir: Path, output: str) -> int | None:
     """Test cases generated, from schemathesis' summary ('N generated')."""
     found = re.findall(r"(\d+) generated", output)
     return int(found[-1]) if found else None
+
+
+def phase_outcomes(output: str) -> dict[str, str]:
+    """schemathesis' summary, 'Test Phases:' then a line per phase: 'passed', 'failed' (it found
+    something), 'errored' (the phase itself broke off) or 'skipped'."""
+    marks = {"✅": "passed", "❌": "failed", "🚫": "errored", "⏭": "skipped"}
+    summary = output.rpartition("Test Phases:")[2]
+    found = re.findall(r"^\s*(✅|❌|🚫|⏭)\s+(Examples|Coverage|Fuzzing|Stateful)\b", summary, re.MULTILINE)
+    return {phase.lower(): marks[mark] for mark, phase in found}
 
 
 def access_log_statuses(log: str) -> Counter:
@@ -190,8 +209,12 @@ def main() -> None:
                 result |= fuzz(server.url, args, work / "report")
                 result["server_running_after"] = server.proc is not None and server.proc.poll() is None
             read_log(result, server.log_path.read_text(errors="replace"))
+    ran = ("coverage", "fuzzing", "stateful")  # examples: the schema has none, so it is skipped
     checks = {
         "schemathesis found nothing": result["schemathesis_exit"] == 0,
+        "the coverage, fuzzing and stateful phases ran": all(
+            result["phases"].get(phase) in ("passed", "failed") for phase in ran
+        ),
         "a normal call succeeded before and after": result["probe_before"] == result["probe_after"] == 200,
         "/readyz 200 after": result["readyz_after"] == 200,
     }
@@ -201,13 +224,13 @@ def main() -> None:
         fuzzed = result["weight_upload_and_file_answers"]
         both = bool(fuzzed.get("uploads") and fuzzed.get("files"))
         checks["the upload and weight-file routes were fuzzed"] = both
+    if "server_running_after" in result:  # our own server (its short upload expiry lets chains open one)
+        checks["the server still runs"] = result["server_running_after"]
         answered = result["upload_id_answers"]
         checks["the upload-id routes met an existing upload (an answer other than 404)"] = all(
             any(status != "404" for status in answered.get(route, {}).get("handed_out", {}))
             for route in NEED_AN_UPLOAD
         )
-    if "server_running_after" in result:
-        checks["the server still runs"] = result["server_running_after"]
     result["checks"] = checks
     result["ok"] = all(checks.values())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

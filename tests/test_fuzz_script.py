@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from bench.fuzz import HOOKS, NEED_AN_UPLOAD, read_log
+from bench.fuzz import HOOKS, NEED_AN_UPLOAD, phase_outcomes, read_log
 
 RACE = """
 import argparse, ast, gc, inspect, runpy, sys, threading, time
@@ -64,3 +64,23 @@ def test_the_upload_id_routes_answers_are_read_by_route_and_by_where_the_id_came
     }  # the 405 (a method the route does not take) is left out
     assert set(NEED_AN_UPLOAD) <= set(result["upload_id_answers"])
     assert result["weight_upload_and_file_answers"] == {"uploads": 7}
+
+
+SUMMARY = """
+ 🚫  Coverage (in 41.68s)
+=================================== SUMMARY ====================================
+
+Test Phases:
+  ⏭  Examples (disabled)
+  🚫 Coverage
+  ❌ Fuzzing
+  ✅ Stateful
+"""
+
+
+def test_the_phases_outcomes_are_read_from_schemathesis_summary():
+    """The summary the crashed coverage phase left ("🚫"): bench/fuzz.py's check that every
+    phase ran fails on it."""
+    assert phase_outcomes(SUMMARY) == {
+        "examples": "skipped", "coverage": "errored", "fuzzing": "failed", "stateful": "passed"
+    }  # fmt: skip

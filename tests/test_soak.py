@@ -15,6 +15,7 @@ import json
 import pytest
 
 from bench import faults
+from bench.fuzz import NEED_AN_UPLOAD
 from tests.scripts import run_bench
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -55,7 +56,8 @@ def test_soak_delivers_every_trajectory_once_and_metrics_match(
 
 def test_fuzz_finds_no_5xx_and_the_server_keeps_serving(rollout_server, tmp_path):
     """bench/fuzz.py against the session's server: schemathesis, every operation, 15 examples each
-    (no time limit: the number of cases does not depend on the machine's speed)."""
+    (no time limit: the number of cases does not depend on the machine's speed), in the phases
+    coverage, fuzzing and stateful (chains along the schema's links from opened uploads and runs)."""
     out = tmp_path / "fuzz.json"
     proc = run_bench(
         "fuzz", "--url", rollout_server.url, "--log", str(rollout_server.log_path),
@@ -70,6 +72,11 @@ def test_fuzz_finds_no_5xx_and_the_server_keeps_serving(rollout_server, tmp_path
     assert any(s.startswith("4") for s in statuses), statuses  # hostile bodies were sent and refused
     fuzzed = result["weight_upload_and_file_answers"]  # the upload and weight-file routes are in
     assert fuzzed.get("uploads", 0) > 0 and fuzzed.get("files", 0) > 0, fuzzed
+    assert {result["phases"][p] for p in ("coverage", "fuzzing", "stateful")} == {"passed"}, result["phases"]
+    # the upload-id routes were called with ids the server handed out (its 120 s upload expiry keeps the
+    # one upload slot taken by the first one left open, so they need not have met a live one here)
+    answered = result["upload_id_answers"]
+    assert all(answered.get(route, {}).get("handed_out") for route in NEED_AN_UPLOAD), answered
 
 
 def test_broken_weight_pushes_are_refused_and_the_old_weights_still_serve(
