@@ -208,7 +208,11 @@ def main() -> None:
                 server.wait_ready()
                 result |= fuzz(server.url, args, work / "report")
                 result["server_running_after"] = server.proc is not None and server.proc.poll() is None
-            read_log(result, server.log_path.read_text(errors="replace"))
+                result["server_exit_status_after"] = None if server.proc is None else server.proc.poll()
+            log = server.log_path.read_text(errors="replace")
+            read_log(result, log)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).with_suffix(".server.log").write_text(log)  # kept: the work dir goes
     ran = ("coverage", "fuzzing", "stateful")  # examples: the schema has none, so it is skipped
     checks = {
         "schemathesis found nothing": result["schemathesis_exit"] == 0,
