@@ -37,6 +37,7 @@ from .critic import push_weights
 from .critic_engine import InProcessCritic
 from .errors import InvalidRequest, bearer_matches, install_error_handlers
 from .metrics import critic_process_registry, timed_push
+from .openapi_links import with_id_links
 from .ports import admin_only
 from .upload_routes import upload_router
 from .upload_targets import LocalUploads
@@ -121,4 +122,4 @@ def build_critic_app(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return with_id_links(app)

@@ -19,9 +19,12 @@ no list to keep.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["add_id_links"]
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["add_id_links", "with_id_links"]
 
 _METHODS = ("get", "put", "post", "delete", "patch")
 
@@ -52,6 +55,20 @@ def add_id_links(schema: dict[str, Any]) -> dict[str, Any]:
                         "description": f"`{field}` of this answer, for {target_method.upper()} {target_path}",
                     }
     return schema
+
+
+def with_id_links(app: FastAPI) -> FastAPI:
+    """`app`, whose schema (`app.openapi()`, /openapi.json) gets the links (for an app that makes
+    its schema FastAPI's way; the rollout server's app adds them where it makes its own)."""
+    make = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_id_links(make())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
 
 
 def _required_ids(response: dict[str, Any], components: dict[str, Any]) -> set[str]:

@@ -209,3 +209,17 @@ def test_rule_params_mirror_espo_params():
 def test_rollout_request_overrides_are_rule_params(fresh):
     usage = fresh["components"]["schemas"]["RolloutRequest"]["properties"]["rule_params"]
     assert "#/components/schemas/RuleParams" in json.dumps(usage)
+
+
+def test_the_critic_servers_schema_has_the_upload_links_too(tmp_path):
+    """`espo-server critic`'s own /openapi.json: an opened critic upload links to its routes."""
+    from espo_server.critic_server import build_critic_app
+    from espo_server.uploads import UploadStore
+    from tests.test_admin_port import StandInCritic
+
+    store = UploadStore(tmp_path, what="critic", reference=str(tmp_path), in_use=lambda: None)
+    app = build_critic_app(StandInCritic(), upload_store=store)  # type: ignore[arg-type]
+    opened = _links(app.openapi())[("POST", "/v1/critic/weights/uploads", "201")]
+    assert len(opened) == 4 and all(
+        link["parameters"] == {"upload_id": "$response.body#/upload_id"} for link in opened.values()
+    ), opened
