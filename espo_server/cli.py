@@ -22,7 +22,7 @@ from . import heap_trim
 from .config import CPU_CORES, ServerConfig
 from .config_docs import flag_name as _flag
 from .config_docs import help_text
-from .process import cpu_worker_from_env, eager_from_env, kv_cache_memory_bytes
+from .process import cpu_worker_from_env, eager_from_env
 
 
 def _base_type(annotation: object) -> object:
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     critic.add_argument(
         "--kv-cache-memory-bytes",
         type=int,
-        default=kv_cache_memory_bytes(),
+        default=os.environ.get("ESPO_KV_CACHE_MEMORY_BYTES") or None,  # argparse applies type=int
         help="bytes of the engine's KV cache, as vLLM's --kv-cache-memory-bytes (default: sized from "
         "--gpu-memory-utilization; on CPU, VLLM_CPU_KVCACHE_SPACE wins if set; "
         "env ESPO_KV_CACHE_MEMORY_BYTES)",

@@ -33,8 +33,11 @@ ENGINE_ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"} | (
 
 
 def kv_cache_memory_bytes() -> int | None:
-    """ESPO_KV_CACHE_MEMORY_BYTES: what the stock vLLM engines the benchmarks start beside ours get."""
-    raw = os.environ.get("ESPO_KV_CACHE_MEMORY_BYTES")
+    """The policy KV cache of the servers started here (ESPO_KV_CACHE_MEMORY_BYTES, ENGINE_ENV's over
+    the environment's, as ServerProcess passes them on): what the stock vLLM engines the tests and
+    benchmarks start beside ours get. Without it vLLM's CPU worker reserves its memory fraction of
+    RAM, 0.92 for `vllm serve`, and refuses to start when less is free."""
+    raw = {**os.environ, **ENGINE_ENV}.get("ESPO_KV_CACHE_MEMORY_BYTES")
     return int(raw) if raw else None
 
 

@@ -229,11 +229,12 @@ def test_kv_cache_bytes_reach_both_engines_and_the_stock_server(monkeypatch):
     critic = InProcessCritic.engine_args("/m", kv_cache_memory_bytes=config.critic_kv_cache_memory_bytes)
     assert (policy.kv_cache_memory_bytes, critic.kv_cache_memory_bytes) == (1_000_000, 2_000_000)
     assert PolicyEngine.engine_args("/m").kv_cache_memory_bytes is None  # unset: vLLM sizes it
-    assert vllm_serve_argv("/m").count("--kv-cache-memory-bytes") == 0
-    monkeypatch.setenv("ESPO_KV_CACHE_MEMORY_BYTES", "3000000")  # the critic server's and stock vllm's
+    assert build_parser().parse_args(["critic", "--model", "/m"]).kv_cache_memory_bytes is None
+    monkeypatch.setenv("ESPO_KV_CACHE_MEMORY_BYTES", "3000000")
     assert build_parser().parse_args(["critic", "--model", "/m"]).kv_cache_memory_bytes == 3_000_000
+    # a stock `vllm serve` started here gets what our servers started here get (ENGINE_ENV's, on CPU)
     argv = vllm_serve_argv("/m")
-    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == "3000000"
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(CPU_KV_CACHE_BYTES)
 
 
 @pytest.mark.vllm
