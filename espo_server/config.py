@@ -127,6 +127,13 @@ class ServerConfig(BaseSettings):
         "fixes the KV cache). Unset: 0.5 on GPU, 0.2 on CPU: with the critic's 0.35, a 7B policy and "
         "a 7B critic on one 80 GB card (docs/operations.md).",
     )
+    kv_cache_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Bytes of the policy engine's KV cache, as vLLM's --kv-cache-memory-bytes: fixes it "
+        "instead of sizing it from --gpu-memory-utilization (on CPU, VLLM_CPU_KVCACHE_SPACE wins if set). "
+        "Unset: sized from the fraction.",
+    )
     max_model_len: int | None = Field(None, ge=16, description="Context limit (default: the model's).")
     dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, ...).")
     seed: int = Field(0, description="Engine seed.")
@@ -216,6 +223,12 @@ class ServerConfig(BaseSettings):
         description="vLLM memory fraction for the in-process critic engine (as --gpu-memory-utilization; "
         "both engines share the card, so the two must sum to less than about 0.9). Its KV cache is the "
         "prefix cache of the trajectories it is asked about. Unset: 0.35 on GPU, 0.15 on CPU.",
+    )
+    critic_kv_cache_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Bytes of the in-process critic engine's KV cache (as --kv-cache-memory-bytes). "
+        "Unset: sized from --critic-gpu-memory-utilization.",
     )
     critic_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of one critic call (a batch of queries counts against one timeout)."

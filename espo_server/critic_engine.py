@@ -82,6 +82,7 @@ class InProcessCritic(ValuesFromScore):
         model: str,
         *,
         gpu_memory_utilization: float | None = None,
+        kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
         dtype: str = "auto",
         prefix_caching: bool = True,
@@ -105,6 +106,7 @@ class InProcessCritic(ValuesFromScore):
             gpu_memory_utilization=memory_fraction(
                 "critic", gpu_memory_utilization, on_cpu=current_platform.is_cpu()
             ),
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len,
             dtype=dtype,
             enable_prefix_caching=prefix_caching,

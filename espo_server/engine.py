@@ -210,6 +210,7 @@ class PolicyEngine:
         model: str,
         *,
         gpu_memory_utilization: float | None = None,
+        kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
         dtype: str = "auto",
         seed: int = 0,
@@ -229,6 +230,7 @@ class PolicyEngine:
             gpu_memory_utilization=memory_fraction(
                 "policy", gpu_memory_utilization, on_cpu=current_platform.is_cpu()
             ),
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len,
             dtype=dtype,
             seed=seed,

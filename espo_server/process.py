@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,8 +16,29 @@ from pathlib import Path
 
 import httpx
 
-# Keep each CPU engine's KV cache small: several engines share one 24 GiB test machine.
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+CPU_KV_CACHE_BYTES = 2**28
+"""On CPU, each engine's KV cache in the servers the tests, the demo and the benchmarks start: 256 MiB
+(about 260,000 tokens of the toy model), so that a dozen engines fit on one 24 GiB machine; with
+VLLM_CPU_KVCACHE_SPACE's smallest, 1 GiB, each engine took 0.75 GiB more. On GPU vLLM sizes it from
+the memory fraction."""
+ENGINE_ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"} | (
+    {}
+    if shutil.which("nvidia-smi")
+    else {
+        "ESPO_KV_CACHE_MEMORY_BYTES": str(CPU_KV_CACHE_BYTES),
+        "ESPO_CRITIC_KV_CACHE_MEMORY_BYTES": str(CPU_KV_CACHE_BYTES),
+    }
+)
+"""The environment of every server started here (ServerProcess)."""
+
+
+def kv_cache_memory_bytes() -> int | None:
+    """The policy KV cache of the servers started here (ESPO_KV_CACHE_MEMORY_BYTES, ENGINE_ENV's over
+    the environment's, as ServerProcess passes them on): what the stock vLLM engines the tests and
+    benchmarks start beside ours get. Without it vLLM's CPU worker reserves its memory fraction of
+    RAM, 0.92 for `vllm serve`, and refuses to start when less is free."""
+    raw = {**os.environ, **ENGINE_ENV}.get("ESPO_KV_CACHE_MEMORY_BYTES")
+    return int(raw) if raw else None
 
 
 def free_port() -> int:
@@ -141,7 +163,10 @@ def vllm_serve_argv(model: str, *args: str) -> list[str]:
     as a user would run it. Run as a module: the `vllm` script of the vllm-cpu build looks up a
     distribution named "vllm" for its version and fails."""
     eager = ["--enforce-eager"] if eager_from_env() else []
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *eager, *args]
+    kv = kv_cache_memory_bytes()  # the KV cache of the espo servers beside it
+    kv_flags = ["--kv-cache-memory-bytes", str(kv)] if kv else []
+    entrypoint = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    return [*entrypoint, "--model", model, *eager, *kv_flags, *args]
 
 
 _VLLM_BENCH = (

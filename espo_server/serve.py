@@ -113,6 +113,7 @@ async def launch_critic(config: ServerConfig) -> AsyncIterator[CriticClient | No
         async with InProcessCritic.launch(
             config.critic_model,
             gpu_memory_utilization=config.critic_gpu_memory_utilization,
+            kv_cache_memory_bytes=config.critic_kv_cache_memory_bytes,
             max_model_len=config.max_model_len,
             dtype=config.dtype,
             prefix_caching=config.critic_prefix_caching,
@@ -160,6 +161,7 @@ async def launch_service(config: ServerConfig) -> AsyncIterator[RolloutService]:
         PolicyEngine.launch(
             config.model,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            kv_cache_memory_bytes=config.kv_cache_memory_bytes,
             max_model_len=config.max_model_len,
             dtype=config.dtype,
             seed=config.seed,
@@ -285,6 +287,7 @@ def run_critic_server(
     host: str,
     port: int,
     gpu_memory_utilization: float | None = None,
+    kv_cache_memory_bytes: int | None = None,
     max_model_len: int | None = None,
     dtype: str = "auto",
     prefix_caching: bool = True,
@@ -308,6 +311,7 @@ def run_critic_server(
         async with InProcessCritic.launch(
             model,
             gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len,
             dtype=dtype,
             prefix_caching=prefix_caching,

@@ -17,6 +17,7 @@ from espo_server import critic_engine
 from espo_server.critic import CriticError
 from espo_server.critic_engine import InProcessCritic
 from espo_server.errors import InvalidRequest
+from espo_server.process import CPU_KV_CACHE_BYTES
 from espo_server.tiny_model import TinyConfig, make_tiny_models
 from tests.live_server import EAGER, PREFIXES, PROMPT, hf_values, metric
 
@@ -43,7 +44,11 @@ def test_inprocess_critic_batches_caches_and_takes_pushes(critics, monkeypatch):
 
     async def main() -> None:
         async with InProcessCritic.launch(
-            str(a), gpu_memory_utilization=0.1, dtype="float32", enforce_eager=True, cpu_worker="inline"
+            str(a),
+            kv_cache_memory_bytes=CPU_KV_CACHE_BYTES,
+            dtype="float32",
+            enforce_eager=True,
+            cpu_worker="inline",
         ) as critic:
             assert critic.block_size == 32 and critic.version == 0
             # batched == single == HF

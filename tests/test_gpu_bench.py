@@ -56,12 +56,15 @@ def test_without_a_gpu_the_gpu_run_says_so_and_fails(tmp_path) -> None:
 @pytest.mark.slow
 def test_the_gpu_script_runs_its_whole_pipeline_at_smoke_size(tmp_path) -> None:
     out = tmp_path / "gpu"
-    env = {**os.environ, **ENGINE_ENV, "PYTHON": sys.executable}
+    # its 8-minute budget is the GPU run's; here a loaded machine may take longer (no test on speed)
+    env = {**os.environ, **ENGINE_ENV, "PYTHON": sys.executable, "GPU_BENCH_SECONDS": "1500"}
     proc = subprocess.run(
         ["bash", str(GPU_SH), "--smoke", "--out", str(out)],
         capture_output=True, text=True, timeout=1800, env=env, cwd=ROOT,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    if proc.returncode != 0:  # each step's own log, whose tail says why (the script's output interleaves)
+        logs = "".join(f"\n--- {p.name}:\n{p.read_text()[-3000:]}" for p in sorted(out.glob("logs/*.log")))
+        pytest.fail(f"gpu.sh exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}{logs}")
 
     results = {name: json.loads((out / name).read_text()) for name in gpu_table.BENCHES}
     for name, rows_of in gpu_table.BENCHES.items():  # every field the table reads is there

@@ -10,6 +10,7 @@ import pytest
 from espo_server.cli import build_parser, config_from_args
 from espo_server.critic_engine import InProcessCritic
 from espo_server.engine import Parallelism, PolicyEngine
+from espo_server.process import CPU_KV_CACHE_BYTES, ENGINE_ENV, vllm_serve_argv
 from espo_server.serve import parallelism
 
 
@@ -216,3 +217,29 @@ def test_memory_fractions_default_per_device(monkeypatch):
     assert given.gpu_memory_utilization == 0.3
     critic_args = build_parser().parse_args(["critic", "--model", "/m"])
     assert critic_args.gpu_memory_utilization is None  # the critic server: the same defaults
+
+
+def test_kv_cache_bytes_reach_both_engines_and_the_stock_server(monkeypatch):
+    monkeypatch.delenv("ESPO_KV_CACHE_MEMORY_BYTES", raising=False)
+    monkeypatch.delenv("ESPO_CRITIC_KV_CACHE_MEMORY_BYTES", raising=False)
+    argv = ["serve", "--kv-cache-memory-bytes", "1000000", "--critic-kv-cache-memory-bytes", "2000000"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert (config.kv_cache_memory_bytes, config.critic_kv_cache_memory_bytes) == (1_000_000, 2_000_000)
+    policy = PolicyEngine.engine_args("/m", kv_cache_memory_bytes=config.kv_cache_memory_bytes)
+    critic = InProcessCritic.engine_args("/m", kv_cache_memory_bytes=config.critic_kv_cache_memory_bytes)
+    assert (policy.kv_cache_memory_bytes, critic.kv_cache_memory_bytes) == (1_000_000, 2_000_000)
+    assert PolicyEngine.engine_args("/m").kv_cache_memory_bytes is None  # unset: vLLM sizes it
+    assert build_parser().parse_args(["critic", "--model", "/m"]).kv_cache_memory_bytes is None
+    monkeypatch.setenv("ESPO_KV_CACHE_MEMORY_BYTES", "3000000")
+    assert build_parser().parse_args(["critic", "--model", "/m"]).kv_cache_memory_bytes == 3_000_000
+    # a stock `vllm serve` started here gets what our servers started here get (ENGINE_ENV's, on CPU)
+    argv = vllm_serve_argv("/m")
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(CPU_KV_CACHE_BYTES)
+
+
+@pytest.mark.vllm
+def test_the_test_servers_engines_have_the_small_kv_cache(rollout_server, critic_server):
+    """ENGINE_ENV on CPU: every engine a ServerProcess starts takes 256 MiB of KV cache, not 1 GiB."""
+    assert ENGINE_ENV["ESPO_KV_CACHE_MEMORY_BYTES"] == str(CPU_KV_CACHE_BYTES) == str(2**28)
+    for server in (rollout_server.wait_ready(), critic_server.wait_ready()):
+        assert "Explicitly set (0.25/" in server.log_path.read_text(), server.name
