@@ -66,8 +66,7 @@ phase, whose chains open an upload and follow the links from its id at once."""
 FUZZED_ROUTES = re.compile(r'"[A-Z]+ (/v1/weights/(?:uploads|files)[^ "]*) HTTP/1\.[01]" (\d{3})')
 """An access log line of the policy's upload routes or of the weight-file routes."""
 UPLOAD_ID_ROUTES = re.compile(
-    r'"(GET /v1/(?:critic/)?weights/uploads/|DELETE /v1/(?:critic/)?weights/uploads/'
-    r'|POST /v1/(?:critic/)?weights/uploads/|PUT /v1/(?:critic/)?weights/uploads/)([^/ "?]+)'
+    r'"(GET|DELETE|POST|PUT) (/v1/(?:critic/)?weights/uploads/)([^/ "?]+)'
     r'(/commit|/shards/[^/ "?]+|)(?:\?[^ "]*)? HTTP/1\.[01]" (\d{3})'
 )
 """An access log line of a route that takes an `{upload_id}` (the policy's or the critic's)."""
@@ -157,8 +156,7 @@ def read_log(result: dict, log: str) -> None:
     result["weight_upload_and_file_answers"] = dict(sorted(routes.items()))  # uploads / files -> answers
     answers: dict[str, dict[str, Counter]] = {}  # route -> "handed_out" / "other" ids -> statuses
     for m in UPLOAD_ID_ROUTES.finditer(log):
-        start, upload_id, rest, status = m.groups()
-        method, prefix = start.split(" ")
+        method, prefix, upload_id, rest, status = m.groups()
         rest = "/shards/{shard}" if rest.startswith("/shards/") else rest
         if (method, rest) not in UPLOAD_ROUTE_SHAPES:
             continue  # a method the route does not take (405)
