@@ -103,6 +103,13 @@ def test_reduced_reproduction_in_process(reproduce, tmp_path):
     assert all(c["rule_params"]["r_fail"] == 0.0 for c in rfail0)
     full = json.loads((tmp_path / "out" / "reproduce.json").read_text())
     assert all(len(c["records"]) == 2 for c in full["cells"])
+    # --resume keeps every finished cell (same flags) instead of training it again: the same
+    # measured wall and CPU seconds come back, and no cell's file is written anew
+    kept = {f: f.stat().st_mtime_ns for f in (tmp_path / "out" / "cells").glob("*.json")}
+    assert len(kept) == len(doc["cells"])
+    reproduce.main([*argv, "--resume"])
+    assert json.loads((tmp_path / "reproduce.json").read_text())["cells"] == doc["cells"]
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept
 
 
 @pytest.mark.vllm
