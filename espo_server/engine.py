@@ -261,6 +261,8 @@ class PolicyEngine:
         sampling = SamplingParams(
             **settings,
             logprobs=params.top_k_logprobs,
+            # vLLM's flat logprobs measured slower here (bench/logprobs_cost.py, docs/benchmarks.md)
+            flat_logprobs=False,
             output_kind=RequestOutputKind.DELTA,
             detokenize=bool(params.stop),
             stream_interval=params.stream_interval if params.stream_interval > 1 else None,
