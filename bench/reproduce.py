@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick-models", action="store_true", help="the reduced toy models (tests)")
     parser.add_argument(
         "--resume", action="store_true",
-        help="keep the cells an earlier run finished (--out/cells/*.json, same flags): no rerun",
+        help="keep the seeds' setups and the cells an earlier run finished (--out, same flags)",
     )  # fmt: skip
     parser.add_argument("--learner-flags", default="", help="more ppo_toy flags for every cell (one string)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reproduce")
@@ -172,6 +172,21 @@ def seed_setup(job: tuple[int, argparse.Namespace]) -> dict:
         found = ceiling.matched(logs, rule, state, params, values, zeros, 0, target, "beta")
         beta0[rule] = round(found["beta"], 4)
     return {"seed": seed, "start": start, "beta0": beta0, "models": toy.report.get("key")}
+
+
+def setup_flags(args: argparse.Namespace) -> dict:
+    """The flags a seed's setup depends on."""
+    names = ("problems", "n", "max_tokens", "eval_problems", "eval_greedy", "quick_models")
+    return {name: getattr(args, name) for name in names}
+
+
+def kept_setup(seed: int, args: argparse.Namespace) -> dict | None:
+    """A seed's setup that an earlier run with the same flags wrote (--resume), else None."""
+    path = args.out / "setups" / f"seed-{seed}.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["setup"] if saved["flags"] == setup_flags(args) else None
 
 
 # --- one cell ----------------------------------------------------------------------------------
@@ -485,12 +500,17 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:  # train (or find) every seed's models first
         toy_models(seed, args.quick_models)
-    jobs = [(seed, args) for seed in args.seeds]
-    if args.workers > 1:
+    setups = {seed: kept_setup(seed, args) for seed in args.seeds} if args.resume else {}
+    jobs = [(seed, args) for seed in args.seeds if setups.get(seed) is None]
+    if args.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(args.workers) as pool:
-            setups = {s["seed"]: s for s in pool.map(seed_setup, jobs)}
+            setups |= {s["seed"]: s for s in pool.map(seed_setup, jobs)}
     else:
-        setups = {s["seed"]: s for s in map(seed_setup, jobs)}
+        setups |= {s["seed"]: s for s in map(seed_setup, jobs)}
+    for seed, setup in setups.items():  # kept for --resume, with the flags that decide it
+        path = args.out / "setups" / f"seed-{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"flags": setup_flags(args), "setup": setup}))
     for s in setups.values():
         print(
             f"seed {s['seed']}: start T=1 {s['start']['heldout_acc_t1']:.3f}, beta0 {s['beta0']}", flush=True

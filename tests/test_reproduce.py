@@ -85,7 +85,7 @@ def check_outputs(doc: dict, tmp_path: Path, rules: list[str], learners: list[st
 
 
 @pytest.mark.slow
-def test_reduced_reproduction_in_process(reproduce, tmp_path):
+def test_reduced_reproduction_in_process(reproduce, tmp_path, monkeypatch):
     # One seed: a second would train its own quick toy models first (about a minute here); the
     # interval over seeds is test_paired_differences_and_their_interval's.
     rules, learners, seeds = ["none", "espo", "random", "espo_rfail0"], ["gae", "group"], [0]
@@ -103,10 +103,15 @@ def test_reduced_reproduction_in_process(reproduce, tmp_path):
     assert all(c["rule_params"]["r_fail"] == 0.0 for c in rfail0)
     full = json.loads((tmp_path / "out" / "reproduce.json").read_text())
     assert all(len(c["records"]) == 2 for c in full["cells"])
-    # --resume keeps every finished cell (same flags) instead of training it again: the same
-    # measured wall and CPU seconds come back, and no cell's file is written anew
+    # --resume keeps the seed's setup and every finished cell (same flags) instead of computing them
+    # again: the same measured wall and CPU seconds come back, and no cell's file is written anew
     kept = {f: f.stat().st_mtime_ns for f in (tmp_path / "out" / "cells").glob("*.json")}
     assert len(kept) == len(doc["cells"])
+
+    def no_setup(job):
+        raise AssertionError(f"seed {job[0]}'s setup computed again")
+
+    monkeypatch.setattr(reproduce, "seed_setup", no_setup)
     reproduce.main([*argv, "--resume"])
     assert json.loads((tmp_path / "reproduce.json").read_text())["cells"] == doc["cells"]
     assert {f: f.stat().st_mtime_ns for f in kept} == kept
