@@ -442,10 +442,11 @@ def plot(cells: list[dict], summary: dict, args, path: Path) -> None:
 
 
 def chains_of(args) -> list[list[Cell]]:
+    # learning rate outermost: a run cut short has both learners at the first rate
     chains = [
         [Cell(learner, lr, rule, seed) for rule in args.rules]
-        for learner in args.learners
         for lr in args.lrs
+        for learner in args.learners
         for seed in args.seeds
     ]
     return chains
