@@ -215,6 +215,19 @@ def core_ids(cpu_cores: str) -> list[int]:
     return ids
 
 
+ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ENGINE_ONEDNN_CACHE = "0"
+"""oneDNN's own primitive cache in every engine process: off (unless the environment sets it).
+
+vLLM's CPU linear layers run oneDNN matmuls built for each number of tokens in a step (M), and keep
+32 per weight shape themselves; oneDNN's global cache kept up to 1,024 more (its default), each
+with its JIT-compiled kernels, ~0.3 MiB apiece here. A critic asked about prefixes of every length
+sees a new M in most steps, so its engine's `[heap]` grew until that cache was full: +280 MiB after
+170,000 queries of random length on the tiny critic (bench/engine_memory.py), a plateau the
+45-minute soak had not yet reached at +256. With the cache off: +3 MiB, at the same queries per
+second (docs/reliability.md)."""
+
+
 @contextlib.contextmanager
 def engine_spawn_env(cpu_cores: str | None, *, inline: bool = False) -> Iterator[None]:
     """The environment an engine's processes are spawned with (they inherit it); this process's own
@@ -224,8 +237,9 @@ def engine_spawn_env(cpu_cores: str | None, *, inline: bool = False) -> Iterator
     the worker's OpenMP binding. An inline worker (in the engine process): vLLM binds only the workers
     it spawns, so OpenMP binds the engine process's threads itself (OMP_PLACES, OMP_PROC_BIND,
     OMP_NUM_THREADS) when cores are named; and VLLM_ENABLE_V1_MULTIPROCESSING=0, without which vLLM's
-    CPU platform turns the `uni` executor back into `mp`."""
-    env: dict[str, str] = {}
+    CPU platform turns the `uni` executor back into `mp`. Always: oneDNN's primitive cache off
+    (ENGINE_ONEDNN_CACHE), unless this process's environment sets ONEDNN_PRIMITIVE_CACHE_CAPACITY."""
+    env: dict[str, str] = {} if ONEDNN_CACHE in os.environ else {ONEDNN_CACHE: ENGINE_ONEDNN_CACHE}
     if inline:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if cpu_cores and cpu_cores not in ("auto", "nobind"):

@@ -10,7 +10,14 @@ import pytest
 from espo_server.cli import build_parser, config_from_args
 from espo_server.critic_engine import InProcessCritic
 from espo_server.engine import Parallelism, PolicyEngine
-from espo_server.process import CPU_KV_CACHE_BYTES, ENGINE_ENV, vllm_serve_argv
+from espo_server.process import (
+    CPU_KV_CACHE_BYTES,
+    ENGINE_ENV,
+    ENGINE_ONEDNN_CACHE,
+    ONEDNN_CACHE,
+    engine_spawn_env,
+    vllm_serve_argv,
+)
 from espo_server.serve import parallelism
 
 
@@ -243,3 +250,31 @@ def test_the_test_servers_engines_have_the_small_kv_cache(rollout_server, critic
     assert ENGINE_ENV["ESPO_KV_CACHE_MEMORY_BYTES"] == str(CPU_KV_CACHE_BYTES) == str(2**28)
     for server in (rollout_server.wait_ready(), critic_server.wait_ready()):
         assert "Explicitly set (0.25/" in server.log_path.read_text(), server.name
+
+
+@pytest.mark.vllm
+def test_the_engine_processes_run_without_onednns_primitive_cache(rollout_server, critic_server):
+    """Every engine process (the rollout server's policy, the critic server's) starts with oneDNN's
+    primitive cache off, the environment's own setting kept if it has one (process.ENGINE_ONEDNN_CACHE)."""
+    import psutil
+
+    want = os.environ.get(ONEDNN_CACHE, ENGINE_ONEDNN_CACHE)
+    seen = {}
+    for server in (rollout_server.wait_ready(), critic_server.wait_ready()):
+        assert server.proc is not None
+        for child in psutil.Process(server.proc.pid).children(recursive=True):
+            if "EngineCor" in child.name():
+                seen[(server.name, child.pid)] = child.environ().get(ONEDNN_CACHE)
+    assert {name for name, _ in seen} == {"rollout", "critic"} and set(seen.values()) == {want}, seen
+
+
+def test_the_onednn_cache_setting_is_set_for_the_engine_and_restored(monkeypatch):
+    monkeypatch.delenv(ONEDNN_CACHE, raising=False)
+    for inline in (False, True):
+        with engine_spawn_env("0", inline=inline):
+            assert os.environ[ONEDNN_CACHE] == ENGINE_ONEDNN_CACHE == "0"
+        assert ONEDNN_CACHE not in os.environ
+    monkeypatch.setenv(ONEDNN_CACHE, "1024")  # an operator's own setting wins
+    with engine_spawn_env(None):
+        assert os.environ[ONEDNN_CACHE] == "1024"
+    assert os.environ[ONEDNN_CACHE] == "1024"
