@@ -221,11 +221,11 @@ ENGINE_ONEDNN_CACHE = "0"
 
 vLLM's CPU linear layers run oneDNN matmuls built for each number of tokens in a step (M), and keep
 32 per weight shape themselves; oneDNN's global cache kept up to 1,024 more (its default), each
-with its JIT-compiled kernels, ~0.3 MiB apiece here. A critic asked about prefixes of every length
-sees a new M in most steps, so its engine's `[heap]` grew until that cache was full: +280 MiB after
-170,000 queries of random length on the tiny critic (bench/engine_memory.py), a plateau the
-45-minute soak had not yet reached at +256. With the cache off: +3 MiB, at the same queries per
-second (docs/reliability.md)."""
+with its JIT-compiled kernels. A critic asked about prefixes of every length sees a new M in most
+steps, so its engine's `[heap]` grew until that cache was full: +284 MiB, levelling off, after
+173,000 queries of random length on the tiny critic (bench/engine_memory.py); the 45-minute soak
+had reached +256. With the cache off it stays flat (+18 MiB, within its trimming's sawtooth, after
+127,000 queries), at the same queries per second (docs/reliability.md)."""
 
 
 @contextlib.contextmanager
