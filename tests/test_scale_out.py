@@ -252,22 +252,6 @@ def test_the_test_servers_engines_have_the_small_kv_cache(rollout_server, critic
         assert "Explicitly set (0.25/" in server.log_path.read_text(), server.name
 
 
-@pytest.mark.vllm
-def test_the_engine_processes_run_without_onednns_primitive_cache(rollout_server, critic_server):
-    """Every engine process (the rollout server's policy, the critic server's) starts with oneDNN's
-    primitive cache off, the environment's own setting kept if it has one (process.ENGINE_ONEDNN_CACHE)."""
-    import psutil
-
-    want = os.environ.get(ONEDNN_CACHE, ENGINE_ONEDNN_CACHE)
-    seen = {}
-    for server in (rollout_server.wait_ready(), critic_server.wait_ready()):
-        assert server.proc is not None
-        for child in psutil.Process(server.proc.pid).children(recursive=True):
-            if "EngineCor" in child.name():
-                seen[(server.name, child.pid)] = child.environ().get(ONEDNN_CACHE)
-    assert {name for name, _ in seen} == {"rollout", "critic"} and set(seen.values()) == {want}, seen
-
-
 def test_the_onednn_cache_setting_is_set_for_the_engine_and_restored(monkeypatch):
     monkeypatch.delenv(ONEDNN_CACHE, raising=False)
     for inline in (False, True):
