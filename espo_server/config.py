@@ -245,6 +245,14 @@ class ServerConfig(BaseSettings):
         description="Critic queries arriving within this many ms go to the critic as one call "
         "(0: only those raised by the same engine step).",
     )
+    critic_batch_window_steps: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="If > 0, the batching window in policy steps instead of ms: a batch is sent once "
+        "the sample that asked its first query has generated this many more tokens (or ended). Larger "
+        "critic calls; a stop decided by their answers discards the tokens generated meanwhile.",
+    )
     critic_max_batch: int = Field(64, ge=1, le=4096, description="Most queries in one critic call.")
     critic_prefix_caching: bool = Field(
         True,

@@ -34,7 +34,10 @@ class _Query:
 class CriticBatcher:
     """Gathers concurrent queries into one critic call: a batch is sent `window_s` after its first
     query arrived (0: once the event loop has run the tasks that are ready, i.e. the queries raised
-    by the same engine step), or at once when it holds `max_batch` queries. A batch counts against
+    by the same engine step), or at once when it holds `max_batch` queries. With `window_steps` > 0
+    the window is counted in policy steps instead: a batch whose first query came from a sample
+    reading its stream (`opener`) is sent once that sample has read `window_steps` more tokens
+    (`stepped`), or as soon as it stops reading (`left`). A batch counts against
     one timeout, `timeout_s`, from when it is sent; if it fails or times out, every query it held
     raises CriticError. Batches run concurrently; a cancelled query leaves its batch alone.
 
@@ -45,14 +48,26 @@ class CriticBatcher:
     """
 
     def __init__(
-        self, client: CriticClient, *, timeout_s: float, window_s: float = 0.0, max_batch: int = 64
+        self,
+        client: CriticClient,
+        *,
+        timeout_s: float,
+        window_s: float = 0.0,
+        window_steps: int = 0,
+        max_batch: int = 64,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if window_steps < 0:
+            raise ValueError(f"window_steps must be >= 0, got {window_steps}")
         self.client = client
         self.timeout_s = timeout_s
         self.window_s = window_s
+        self.window_steps = window_steps
         self.max_batch = max_batch
+        self._opener: object | None = None
+        """The sample whose steps time the open batch (window_steps > 0)."""
+        self._steps_left = 0
         self._pending: list[_Query] = []
         self._timer: asyncio.Handle | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -61,16 +76,19 @@ class CriticBatcher:
     def name(self) -> str:
         return self.client.name
 
-    async def value(self, prefix: Sequence[int]) -> CriticValue:
+    async def value(self, prefix: Sequence[int], opener: object | None = None) -> CriticValue:
         """V of one prefix, batched with whatever else is asked meanwhile. Raises CriticError.
-        A list is kept as it is, not copied (the caller builds one per query and leaves it alone)."""
+        A list is kept as it is, not copied (the caller builds one per query and leaves it alone).
+        `opener`: the asking sample, if it is reading its stream and will report its steps."""
         loop = asyncio.get_running_loop()
         query = _Query(prefix if isinstance(prefix, list) else list(prefix), loop.create_future())
         self._pending.append(query)
         if len(self._pending) >= self.max_batch:
             self._flush()
-        elif self._timer is None:
-            if self.window_s > 0:
+        elif self._timer is None and self._opener is None:
+            if self.window_steps > 0 and opener is not None:
+                self._opener, self._steps_left = opener, self.window_steps
+            elif self.window_s > 0:
                 self._timer = loop.call_later(self.window_s, self._flush)
             else:
                 self._timer = loop.call_soon(self._flush)
@@ -81,7 +99,22 @@ class CriticBatcher:
                 metrics.CRITIC_CALLS.labels(outcome="cancelled").inc()
             raise
 
+    def stepped(self, sample: object, tokens: int = 1) -> None:
+        """`sample` read `tokens` more tokens: the batch it opened goes once it has read
+        `window_steps` of them."""
+        if sample is self._opener:
+            self._steps_left -= tokens
+            if self._steps_left <= 0:
+                self._flush()
+
+    def left(self, sample: object) -> None:
+        """`sample` stopped reading its stream (it ended, was stopped, suspended or aborted): the batch
+        it opened goes now, as no step of its will send it."""
+        if sample is self._opener:
+            self._flush()
+
     def _flush(self) -> None:
+        self._opener = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -127,6 +160,7 @@ class CriticBatcher:
 
     async def aclose(self) -> None:
         """Cancel the batches in flight and the queries still waiting."""
+        self._opener = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

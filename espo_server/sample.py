@@ -125,6 +125,8 @@ class Sample:
         self._query_t: int | None = None
         self._reading = False
         """Waiting for the engine's next chunk (a critic answer that stops may interrupt it)."""
+        self._streaming = False
+        """Reading a stream: its chunks time the critic batch this sample opens (`window_steps`)."""
         self._cut_by_answer = False
         self._engine_id: str | None = None
         self._running = asyncio.Event()
@@ -266,6 +268,8 @@ class Sample:
         """Read the engine's stream to its end, a stop, an abort or a suspension. The stream is read
         inline, with no task or wait per chunk: a critic answer is folded in by its query's
         done-callback (`_answered`) as it comes, and one that stops interrupts the read."""
+        batcher = self.critic.client if self.critic is not None else None
+        self._streaming = True
         try:
             while self.stop_step is None:
                 self._reading = True
@@ -283,18 +287,26 @@ class Sample:
                     self._resolve_query()  # answered before this chunk (its callback has not run)
                     if self.stop_step is not None:
                         break
+                if self._query is not None and batcher is not None:
+                    batcher.stepped(self, len(chunk.token_ids))
                 self._feed(chunk)
                 if chunk.finish_reason is not None:
                     self.finish_reason = chunk.finish_reason
                     break
                 if self._aborting or not self._running.is_set():
                     break  # abort() or suspend(): stop reading; closing the stream aborts the request
+            self._streaming = False
+            if batcher is not None:
+                batcher.left(self)  # no more steps of ours: a batch we opened goes now
             if self._query is not None and self.stop_step is None and not self._aborting:
                 # The stream ended while the critic was thinking: the decision for step t still holds.
                 await asyncio.wait({self._query})
                 if self._query is not None:  # its callback may have folded it in already
                     self._resolve_query()
         finally:
+            self._streaming = False
+            if batcher is not None:
+                batcher.left(self)
             if self._query is not None:
                 self._query.cancel()
                 await asyncio.gather(self._query, return_exceptions=True)
@@ -353,7 +365,7 @@ class Sample:
         self.critic_calls += 1
         started = time.perf_counter()
         try:
-            answer = await critic.client.value(prefix)
+            answer = await critic.client.value(prefix, self if self._streaming else None)
         except CriticError as exc:
             self.critic_errors += 1
             log.warning("critic query failed (%s); policy %s", exc, critic.fallback)

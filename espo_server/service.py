@@ -69,6 +69,7 @@ class RolloutService:
                 critic,
                 timeout_s=config.critic_timeout_s,
                 window_s=config.critic_batch_window_ms / 1000,
+                window_steps=config.critic_batch_window_steps,
                 max_batch=config.critic_max_batch,
             )
             if critic

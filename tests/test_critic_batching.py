@@ -85,6 +85,58 @@ def test_batches_are_bounded_and_window_zero_gathers_one_event_loop_turn():
     assert sample("espo_critic_batch_size_sum") - before == 25
 
 
+def test_a_window_in_steps_sends_once_the_opener_has_read_that_many_tokens():
+    critic = ScriptedCritic()
+    a, b = object(), object()
+
+    async def main():
+        batcher = CriticBatcher(critic, timeout_s=1.0, window_s=0.0, window_steps=3)
+        first = asyncio.ensure_future(batcher.value([1], a))  # opens the batch: a's steps time it
+        second = asyncio.ensure_future(batcher.value([2, 2], b))
+        await asyncio.sleep(0)
+        for _ in range(5):
+            batcher.stepped(b)  # another sample's steps do not count
+        batcher.stepped(a, 2)
+        await asyncio.sleep(0.01)
+        held = len(critic.calls)
+        batcher.stepped(a)  # the third: sent
+        values = await asyncio.gather(first, second)
+        # a batch opened by a sample that stops reading goes at once
+        third = asyncio.ensure_future(batcher.value([3, 3, 3], b))
+        await asyncio.sleep(0.01)
+        held_too = len(critic.calls)
+        batcher.left(b)
+        await third
+        # a query asked by no reading sample falls back to the window in time (here: one loop turn)
+        await batcher.value([4] * 4)
+        return held, values, held_too
+
+    held, values, held_too = asyncio.run(main())
+    assert held == 0 and [v.batch_size for v in values] == [2, 2]
+    assert [v.value for v in values] == [0.01, 0.02]
+    assert held_too == 1
+    assert [len(c) for c in critic.calls] == [2, 1, 1]
+
+
+def test_a_window_in_steps_never_holds_a_query_whose_sample_ended():
+    """Samples that end (length) or stop while their query waits for steps: every batch still goes,
+    every call returns, and the queries of samples in step share calls."""
+
+    async def run(steps: int):
+        critic = ScriptedCritic()
+        svc = service(critic, critic_batch_window_steps=steps)
+        req = request(8).model_copy(update={"max_tokens": 13})
+        out = await asyncio.wait_for(svc.rollouts(req), 30)  # a held batch would hang here
+        return critic, out
+
+    critic, out = asyncio.run(run(3))
+    assert len(out.trajectories) == 8
+    assert out.usage.critic_calls == sum(len(c) for c in critic.calls) > 0
+    assert all(t.critic_error is False for t in out.trajectories)
+    plain, _ = asyncio.run(run(0))
+    assert len(critic.calls) <= len(plain.calls)
+
+
 def test_a_cancelled_query_leaves_its_batch_alone():
     critic = ScriptedCritic(delay=0.02)
 
