@@ -429,9 +429,8 @@ def plot(cells: list[dict], summary: dict, args, path: Path) -> None:
     for r in range(rows):
         axes[r][0].set_ylabel("held-out accuracy, T=1")
     axes[0][0].legend()
-    fig.suptitle(
-        f"Toy task: held-out accuracy under each stop rule ({len(args.seeds)} seeds; thin: seeds, bold: mean)"
-    )
+    seeds = f"{len(args.seeds)} seeds; thin: seeds, bold: mean"
+    fig.suptitle(f"Toy task: held-out accuracy under each stop rule\n({seeds})")  # one panel is narrow
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -524,7 +523,11 @@ def main(argv: list[str] | None = None) -> dict:
         json.dumps({"config": config, "setups": setups, "cells": cells, "wall_s": wall}, default=str)
     )
     compact = [{k: v for k, v in c.items() if k != "records"} for c in cells]
-    doc = {"config": config, "setups": setups, "summary": summary, "cells": compact, "wall_s": wall}
+    spent = {  # what the cells took when they ran (a --resume run keeps them: its own wall is short)
+        "cells_wall_s": sum(c["wall_s"] for c in cells),
+        "cells_cpu_s": sum(c["cpu_s"] for c in cells),
+    }
+    doc = {"config": config, "setups": setups, "summary": summary, "cells": compact, "wall_s": wall, **spent}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=1, default=str))
     table = markdown(summary, setups, args)
@@ -533,7 +536,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     print(
         f"wrote {args.out / 'reproduce.json'}, {args.out / 'reproduce.md'}, {args.json} and {args.plot} "
-        f"in {wall:.0f}s"
+        f"in {wall:.0f}s; the cells took {spent['cells_cpu_s']:.0f} CPU-s "
+        f"({spent['cells_wall_s']:.0f} s of workers)"
     )
     return doc
 

@@ -54,6 +54,7 @@ def test_random_rate_is_scaled_to_stop_espos_share(reproduce):
 
 def check_outputs(doc: dict, tmp_path: Path, rules: list[str], learners: list[str], seeds: list[int]) -> None:
     cells = doc["cells"]
+    assert doc["cells_cpu_s"] == pytest.approx(sum(c["cpu_s"] for c in cells))
     assert sorted((c["learner"], c["rule"], c["seed"]) for c in cells) == sorted(
         (learner, rule, seed) for learner in learners for rule in rules for seed in seeds
     )
