@@ -72,7 +72,7 @@ def engine_core(server_pid: int, timeout: float = 60.0) -> psutil.Process:
     """The critic server's VLLM::EngineCore process."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        cores = [c for c in psutil.Process(server_pid).children(recursive=True) if harness.is_engine_core(c)]
+        cores = harness.engine_cores(psutil.Process(server_pid))
         if cores:
             return cores[0]
         time.sleep(0.5)

@@ -387,9 +387,9 @@ def until(condition, bound_s: float, what: str, seen: list | None = None) -> Non
 def policy_engine_core(pid: int) -> psutil.Process:
     """The policy engine's process of the server `pid`: its oldest VLLM::EngineCore child (the
     server starts the policy engine before an in-process critic's)."""
-    cores = [c for c in psutil.Process(pid).children(recursive=True) if harness.is_engine_core(c)]
+    cores = harness.engine_cores(psutil.Process(pid))
     assert cores, "no VLLM::EngineCore child found"
-    return min(cores, key=lambda c: c.create_time())
+    return cores[0]
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -361,6 +361,19 @@ def write_result(path: str | Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2, default=str))
 
 
+def engine_cores(proc: psutil.Process) -> list[psutil.Process]:
+    """`proc`'s VLLM::EngineCore descendants, oldest first (a server starts its policy engine
+    before an in-process critic's)."""
+    return sorted((c for c in proc.children(recursive=True) if is_engine_core(c)), key=_created)
+
+
+def _created(proc: psutil.Process) -> float:
+    try:
+        return proc.create_time()
+    except psutil.Error:
+        return 0.0
+
+
 def is_engine_core(proc: psutil.Process) -> bool:
     """vLLM's engine process: its title is VLLM::EngineCore (the kernel's name of it, cut at 15
     characters, VLLM::EngineCor)."""

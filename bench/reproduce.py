@@ -180,9 +180,13 @@ def setup_flags(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
+def setup_path(seed: int, args: argparse.Namespace) -> Path:
+    return args.out / "setups" / f"seed-{seed}.json"
+
+
 def kept_setup(seed: int, args: argparse.Namespace) -> dict | None:
     """A seed's setup that an earlier run with the same flags wrote (--resume), else None."""
-    path = args.out / "setups" / f"seed-{seed}.json"
+    path = setup_path(seed, args)
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
@@ -289,9 +293,10 @@ def run_chain(job: tuple[list[Cell], argparse.Namespace, dict, str | None]) -> l
             )
         saved = args.out / "cells" / (cell.key.replace("/", "_") + ".json")
         argv = cell_argv(cell, args, setup, url, rate)[0]
-        if args.resume and saved.exists() and json.loads(saved.read_text())["argv"] == argv:
+        kept = json.loads(saved.read_text()) if args.resume and saved.exists() else None
+        if kept is not None and kept["argv"] == argv:
             print(f"=== {cell.key}: kept from {saved}", flush=True)
-            out.append(json.loads(saved.read_text())["cell"])
+            out.append(kept["cell"])
             continue
         print(f"=== {cell.key}", flush=True)
         out.append(run_cell(cell, args, setup, url, rate))
@@ -508,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         setups |= {s["seed"]: s for s in map(seed_setup, jobs)}
     for seed, setup in setups.items():  # kept for --resume, with the flags that decide it
-        path = args.out / "setups" / f"seed-{seed}.json"
+        path = setup_path(seed, args)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"flags": setup_flags(args), "setup": setup}))
     for s in setups.values():

@@ -611,8 +611,7 @@ class RssWatch:
 
 def _engine_trees(proc: psutil.Process) -> list[list[psutil.Process]]:
     """The process trees of `proc`'s VLLM::EngineCore descendants, oldest first."""
-    cores = sorted((c for c in proc.children(recursive=True) if harness.is_engine_core(c)), key=_created)
-    return [[core, *_children(core)] for core in cores]
+    return [[core, *_children(core)] for core in harness.engine_cores(proc)]
 
 
 def _children(proc: psutil.Process) -> list[psutil.Process]:
@@ -620,13 +619,6 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
         return proc.children(recursive=True)
     except psutil.Error:
         return []
-
-
-def _created(proc: psutil.Process) -> float:
-    try:
-        return proc.create_time()
-    except psutil.Error:
-        return 0.0
 
 
 def _rss(proc: psutil.Process) -> int:

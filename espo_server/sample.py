@@ -295,24 +295,27 @@ class Sample:
                     break
                 if self._aborting or not self._running.is_set():
                     break  # abort() or suspend(): stop reading; closing the stream aborts the request
-            self._streaming = False
-            if batcher is not None:
-                batcher.left(self)  # no more steps of ours: a batch we opened goes now
+            self._stop_streaming(batcher)
             if self._query is not None and self.stop_step is None and not self._aborting:
                 # The stream ended while the critic was thinking: the decision for step t still holds.
                 await asyncio.wait({self._query})
                 if self._query is not None:  # its callback may have folded it in already
                     self._resolve_query()
         finally:
-            self._streaming = False
-            if batcher is not None:
-                batcher.left(self)
+            self._stop_streaming(batcher)
             if self._query is not None:
                 self._query.cancel()
                 await asyncio.gather(self._query, return_exceptions=True)
                 self._query = None
             with contextlib.suppress(Exception):
                 await stream.aclose()  # type: ignore[attr-defined]  # aborts the engine request if unfinished
+
+    def _stop_streaming(self, batcher: CriticBatcher | None) -> None:
+        """No more steps of ours (before waiting on a pending query, or on the way out): a critic
+        batch this sample opened goes now."""
+        self._streaming = False
+        if batcher is not None:
+            batcher.left(self)
 
     def _answered(self, query: asyncio.Task[float | None]) -> None:
         """The query's done-callback: fold its answer in now; if it stops the sample while the
