@@ -243,15 +243,17 @@ class ServerConfig(BaseSettings):
         ge=0,
         le=1000,
         description="Critic queries arriving within this many ms go to the critic as one call "
-        "(0: only those raised by the same engine step).",
+        "(0: only those raised by the same engine step). With critic_batch_window_steps > 0, only "
+        "for a batch opened by a sample that no longer reads its stream.",
     )
     critic_batch_window_steps: int = Field(
-        0,
+        4,
         ge=0,
         le=256,
         description="If > 0, the batching window in policy steps instead of ms: a batch is sent once "
-        "the sample that asked its first query has generated this many more tokens (or ended). Larger "
-        "critic calls; a stop decided by their answers discards the tokens generated meanwhile.",
+        "the sample that asked its first query has generated this many more tokens (or ended); a "
+        "query from a sample no longer reading its stream uses the ms window. Larger critic calls; a "
+        "stop decided by their answers discards the tokens generated meanwhile. 0: the ms window.",
     )
     critic_max_batch: int = Field(64, ge=1, le=4096, description="Most queries in one critic call.")
     critic_prefix_caching: bool = Field(
