@@ -227,7 +227,7 @@ class CpuLedger:
         return None
 
     def _engines(self) -> list[psutil.Process]:
-        return [c for c in self.root.children() if _is_engine(c)]
+        return [c for c in self.root.children() if is_engine_core(c)]
 
     def _classify(self) -> dict[int, tuple[str, psutil.Process]]:
         engines = sorted(self._engines(), key=lambda p: p.create_time())
@@ -274,15 +274,9 @@ class CpuLedger:
         run inline (--cpu-worker inline) is its engine's process."""
         out = {"server": _allowed(self.root)}
         for role, proc in self._classify().values():  # an engine comes before its worker
-            if role in ("policy", "critic") and (_is_worker(proc) or _is_engine(proc)):
+            if role in ("policy", "critic") and (_is_worker(proc) or is_engine_core(proc)):
                 out[f"{role}_worker"] = _allowed(proc)
         return out
-
-
-def _is_engine(proc: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return "EngineCore" in " ".join(proc.cmdline()) or "EngineCore" in proc.name()
-    return False
 
 
 def _is_worker(proc: psutil.Process) -> bool:
