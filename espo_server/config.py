@@ -256,6 +256,14 @@ class ServerConfig(BaseSettings):
         "stop decided by their answers discards the tokens generated meanwhile. 0: the ms window.",
     )
     critic_max_batch: int = Field(64, ge=1, le=4096, description="Most queries in one critic call.")
+    critic_batches_in_flight: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="If > 0, at most this many critic calls run at once: queries due while they all "
+        "run wait and go together the moment one ends (an idle critic is asked at once, a busy one in "
+        "larger batches). 0: no limit.",
+    )
     critic_prefix_caching: bool = Field(
         True,
         description="In-process critic: reuse the KV of cached prefixes (LAST pooling), so a query "

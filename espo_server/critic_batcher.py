@@ -37,9 +37,12 @@ class CriticBatcher:
     by the same engine step), or at once when it holds `max_batch` queries. With `window_steps` > 0
     the window is counted in policy steps instead: a batch whose first query came from a sample
     reading its stream (`opener`) is sent once that sample has read `window_steps` more tokens
-    (`stepped`), or as soon as it stops reading (`left`). A batch counts against
-    one timeout, `timeout_s`, from when it is sent; if it fails or times out, every query it held
-    raises CriticError. Batches run concurrently; a cancelled query leaves its batch alone.
+    (`stepped`), or as soon as it stops reading (`left`). With `max_in_flight` > 0 at most that
+    many batches run at once: a batch due while they all run waits, gathering every query asked
+    meanwhile, and goes the moment one of them ends (an idle critic is asked at once, a busy one in
+    larger batches). A batch counts against one timeout, `timeout_s`, from when it is sent; if it
+    fails or times out, every query it held raises CriticError. Batches run concurrently; a
+    cancelled query leaves its batch alone.
 
     Counted here, per query: `espo_critic_calls_total{outcome=ok|error|timeout|cancelled}` (so that
     it sums to the responses' `critic_calls`; cancelled: asked, never used) and
@@ -55,16 +58,22 @@ class CriticBatcher:
         window_s: float = 0.0,
         window_steps: int = 0,
         max_batch: int = 64,
+        max_in_flight: int = 0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if window_steps < 0:
             raise ValueError(f"window_steps must be >= 0, got {window_steps}")
+        if max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be >= 0, got {max_in_flight}")
         self.client = client
         self.timeout_s = timeout_s
         self.window_s = window_s
         self.window_steps = window_steps
         self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
+        self._held = False
+        """A batch is due but `max_in_flight` batches run: it goes when one of them ends."""
         self._opener: object | None = None
         """The sample whose steps time the open batch (window_steps > 0)."""
         self._steps_left = 0
@@ -85,7 +94,7 @@ class CriticBatcher:
         self._pending.append(query)
         if len(self._pending) >= self.max_batch:
             self._flush()
-        elif self._timer is None and self._opener is None:
+        elif self._timer is None and self._opener is None and not self._held:
             if self.window_steps > 0 and opener is not None:
                 self._opener, self._steps_left = opener, self.window_steps
             elif self.window_s > 0:
@@ -118,12 +127,21 @@ class CriticBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.max_in_flight and len(self._running) >= self.max_in_flight:
+            self._held = True
+            return
+        self._held = False
         pending = [q for q in self._pending if not q.future.done()]
         self._pending = []
         for start in range(0, len(pending), self.max_batch):
             task = asyncio.create_task(self._send(pending[start : start + self.max_batch]))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if self._held:
+            self._flush()
 
     async def _send(self, batch: list[_Query]) -> None:
         metrics.CRITIC_BATCH_SIZE.observe(len(batch))
@@ -160,7 +178,7 @@ class CriticBatcher:
 
     async def aclose(self) -> None:
         """Cancel the batches in flight and the queries still waiting."""
-        self._opener = None
+        self._opener, self._held = None, False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -71,6 +71,7 @@ class RolloutService:
                 window_s=config.critic_batch_window_ms / 1000,
                 window_steps=config.critic_batch_window_steps,
                 max_batch=config.critic_max_batch,
+                max_in_flight=config.critic_batches_in_flight,
             )
             if critic
             else None

@@ -137,6 +137,70 @@ def test_a_window_in_steps_never_holds_a_query_whose_sample_ended():
     assert len(critic.calls) <= len(plain.calls)
 
 
+class CountingCritic(ScriptedCritic):
+    """Records how many calls ran at once at most; with `gated`, each call waits for `gate`."""
+
+    running = most = started = 0
+
+    def __init__(self, gated: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.gate = asyncio.Event() if gated else None
+
+    async def score(self, prefixes) -> CriticAnswer:
+        self.running += 1
+        self.started += 1
+        self.most = max(self.most, self.running)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            return await super().score(prefixes)
+        finally:
+            self.running -= 1
+
+
+async def turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_with_one_batch_in_flight_an_idle_critic_is_asked_at_once_and_a_busy_one_in_larger_batches():
+    async def main():
+        critic = CountingCritic(gated=True)
+        batcher = CriticBatcher(critic, timeout_s=5.0, window_s=0.0, max_in_flight=1)
+        first = asyncio.ensure_future(batcher.value([1]))
+        await turns()
+        sent_at_once = critic.started  # the critic was idle
+        later = [asyncio.ensure_future(batcher.value([2] * k)) for k in range(1, 6)]
+        await turns()
+        held = critic.started  # the first call has not answered: the five wait
+        critic.gate.set()
+        values = await asyncio.gather(first, *later)
+        alone = await batcher.value([7])  # idle again: at once, alone
+        return critic, sent_at_once, held, values, alone
+
+    critic, sent_at_once, held, values, alone = asyncio.run(main())
+    assert sent_at_once == 1 and held == 1
+    assert [len(c) for c in critic.calls] == [1, 5, 1]
+    assert [v.value for v in values] == [0.01, 0.01, 0.02, 0.03, 0.04, 0.05]
+    assert [v.batch_size for v in values] == [1] + [5] * 5 and alone.batch_size == 1
+    assert critic.most == 1
+
+
+def test_batches_in_flight_through_the_service_never_exceed_the_limit_and_every_call_returns():
+    async def run(limit: int):
+        critic = CountingCritic(delay=0.01)
+        svc = service(critic, critic_batches_in_flight=limit, critic_batch_window_steps=0)
+        out = await asyncio.wait_for(svc.rollouts(request(8)), 30)  # a held batch would hang here
+        return critic, out
+
+    critic, out = asyncio.run(run(1))
+    assert len(out.trajectories) == 8 and critic.most == 1
+    assert out.usage.critic_calls == sum(len(c) for c in critic.calls) > 0
+    assert all(t.critic_error is False for t in out.trajectories)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        CriticBatcher(critic, timeout_s=1.0, max_in_flight=-1)
+
+
 def test_a_cancelled_query_leaves_its_batch_alone():
     critic = ScriptedCritic(delay=0.02)
 
