@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import statistics
 import tempfile
 import time
@@ -160,6 +161,21 @@ async def run_espo(
 bench_usage: dict[str, list[dict]] = {}
 
 
+def check_model_len(model_dir: str, max_model_len: int) -> None:
+    """Refuse a --max-model-len above the model's positions before any engine starts (vLLM would
+    refuse it in every engine, one traceback each)."""
+    config = Path(model_dir) / "config.json"
+    if not config.exists():
+        return
+    positions = json.loads(config.read_text()).get("max_position_embeddings")
+    if positions is not None and max_model_len > positions:
+        raise SystemExit(
+            f"--max-model-len {max_model_len} is above the {positions} positions of {model_dir} "
+            f"(config.json max_position_embeddings): pass --max-model-len {positions} or less, and "
+            "--max-tokens below it"
+        )
+
+
 async def main_async(args) -> dict:
     policy, critic = args.policy, args.critic
     if policy is None or critic is None:
@@ -173,6 +189,7 @@ async def main_async(args) -> dict:
         )
         policy, critic = policy or str(tiny_policy), critic or str(tiny_critic)
     print(f"policy {policy}\ncritic {critic}", flush=True)
+    check_model_len(policy, args.max_model_len)
     logs = Path(args.out).with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
 

@@ -52,6 +52,16 @@ def test_without_a_gpu_the_gpu_run_says_so_and_fails(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
 
 
+def test_the_overhead_bench_refuses_a_model_len_its_model_cannot_take(tmp_path) -> None:
+    out = tmp_path / "o.json"
+    argv = [sys.executable, "-m", "bench.overhead", "--max-model-len", "1024", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "--max-model-len 1024 is above the 512 positions" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_the_gpu_script_runs_its_whole_pipeline_at_smoke_size(tmp_path) -> None:
