@@ -277,6 +277,11 @@ def random_rate_for(stop_rate: float, mean_length: float, max_tokens: int, min_t
     return min(1.0, stop_rate / min(1.0, reach))
 
 
+def say(line: str) -> None:
+    """One line in one write: the workers share stdout, and print() writes the newline apart."""
+    print(line + "\n", end="", flush=True)
+
+
 def run_chain(job: tuple[list[Cell], argparse.Namespace, dict, str | None]) -> list[dict]:
     """The cells of one (learner, lr, seed) in order: random last, at espo's measured stop rate."""
     cells, args, setup, url = job
@@ -295,10 +300,10 @@ def run_chain(job: tuple[list[Cell], argparse.Namespace, dict, str | None]) -> l
         argv = cell_argv(cell, args, setup, url, rate)[0]
         kept = json.loads(saved.read_text()) if args.resume and saved.exists() else None
         if kept is not None and kept["argv"] == argv:
-            print(f"=== {cell.key}: kept from {saved}", flush=True)
+            say(f"=== {cell.key}: kept from {saved}")
             out.append(kept["cell"])
             continue
-        print(f"=== {cell.key}", flush=True)
+        say(f"=== {cell.key}")
         out.append(run_cell(cell, args, setup, url, rate))
         saved.parent.mkdir(parents=True, exist_ok=True)  # each cell kept as it ends: a crash loses one
         saved.write_text(json.dumps({"argv": argv, "cell": out[-1]}, default=str))
@@ -466,7 +471,7 @@ def run_local(args, setups: dict[int, dict]) -> list[dict]:
     with ProcessPoolExecutor(args.workers) as pool:
         for out in pool.map(run_chain, jobs):
             cells += out
-            print(f"done: {len(cells)} cells", flush=True)
+            say(f"done: {len(cells)} cells")
     return cells
 
 
