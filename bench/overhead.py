@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import json
 import statistics
 import tempfile
 import time
@@ -52,6 +51,7 @@ from espo_server.process import (
     kv_cache_memory_bytes,
     vllm_serve_argv,
 )
+from espo_server.weights import read_config
 
 # Seeded random-weight models (char vocabulary): `tiny` for CPU, `0.5b` (~0.47B parameters) for a GPU.
 RANDOM_MODELS = {
@@ -164,10 +164,7 @@ bench_usage: dict[str, list[dict]] = {}
 def check_model_len(model_dir: str, max_model_len: int) -> None:
     """Refuse a --max-model-len above the model's positions before any engine starts (vLLM would
     refuse it in every engine, one traceback each)."""
-    config = Path(model_dir) / "config.json"
-    if not config.exists():
-        return
-    positions = json.loads(config.read_text()).get("max_position_embeddings")
+    positions = (read_config(Path(model_dir)) or {}).get("max_position_embeddings")
     if positions is not None and max_model_len > positions:
         raise SystemExit(
             f"--max-model-len {max_model_len} is above the {positions} positions of {model_dir} "
