@@ -226,11 +226,8 @@ class CpuLedger:
             pass
         return None
 
-    def _engines(self) -> list[psutil.Process]:
-        return [c for c in self.root.children() if is_engine_core(c)]
-
     def _classify(self) -> dict[int, tuple[str, psutil.Process]]:
-        engines = sorted(self._engines(), key=lambda p: p.create_time())
+        engines = engine_cores(self.root)
         found: dict[int, tuple[str, psutil.Process]] = {self.root.pid: ("server", self.root)}
         for order, engine in enumerate(engines):
             role = self._roles.get(engine.pid) or ("policy" if order == 0 else "critic")
