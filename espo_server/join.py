@@ -8,10 +8,12 @@ engines are up and while /readyz answers 503 (detail `join`), it copies from the
        beside its uploads (--upload-dir), each checked against the size and SHA-256 listed;
     2. the in-process critic's the same way (GET /v1/critic/weights/files; a remote critic server
        is shared by the replicas: nothing to copy);
-    3. checks that the peer's versions did not change meanwhile (else it copies again, a few times);
-    4. loads them through the push of a path (`serve_weights`, `update_critic`: the same checks of
-       the checkpoint, the same version bookkeeping), at the peer's versions;
-    5. sets the peer's ESPO state (GET /v1/espo/state) as its own.
+    3. reads the peer's ESPO state (GET /v1/espo/state);
+    4. checks that the peer's versions did not change meanwhile (else it copies again, a few times),
+       so that the weights and the state are of the same versions;
+    5. loads the weights through the push of a path (`serve_weights`, `update_critic`: the same
+       checks of the checkpoint, the same version bookkeeping), at the peer's versions;
+    6. sets the state it read as its own.
 
 Then it is ready. A peer that cannot be reached, or answers 503 (it is starting, draining or joining
 itself), is retried for `join_timeout_s`. Anything the replica cannot use (a file that fails its
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from espo_client.protocol import StateResponse, WeightFilesResponse
+from espo_client.protocol import EspoState, StateResponse, WeightFilesResponse
 
 from .admin import JoinStatus
 from .config import ServerConfig
@@ -226,10 +228,11 @@ async def join(
                 copies.append(
                     await fetch_checkpoint(peer, prefix, _new(stores["critic"], "critic"), "critic", note)
                 )
+            state = await _state(peer)  # read before the check: it goes with the versions copied
             after = await _info(peer)
             if copies[0][0] == after.policy_version and _versions(after) == _versions(before):
                 try:
-                    return await _load(service, critic, copies, peer, note)
+                    return await _load(service, critic, copies, state, peer, note)
                 finally:  # a copy that serves is the store's to delete later; the others go now
                     serving = {service.engine.weights_path, critic.weights_dir if critic else None}
                     for what, (_, directory) in zip(("policy", "critic"), copies, strict=False):
@@ -274,6 +277,7 @@ async def _load(
     service: RolloutService,
     critic: InProcessCritic | None,
     copies: list[tuple[int, Path]],
+    state: EspoState,
     peer: Peer,
     note: Callable[[str], None],
 ) -> str:
@@ -294,10 +298,7 @@ async def _load(
             raise JoinError(f"the peer's critic weights cannot be served here: {exc.message}") from exc
         summary += f", critic version {critic_version}"
     try:
-        state = StateResponse.model_validate(await peer.json("/v1/espo/state")).state
         service.set_state(state)
-    except ValidationError as exc:
-        raise JoinError(f"the peer's ESPO state is not one this server takes: {_first(exc)}") from exc
     except ServiceError as exc:
         raise JoinError(f"the peer's ESPO state was refused: {exc.message}") from exc
     return f"{summary}, ESPO state (warm={state.warm}, batches={state.batches})"
@@ -306,6 +307,13 @@ async def _load(
 def _first(exc: ValidationError) -> str:
     error = exc.errors()[0]
     return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+
+
+async def _state(peer: Peer) -> EspoState:
+    try:
+        return StateResponse.model_validate(await peer.json("/v1/espo/state")).state
+    except ValidationError as exc:
+        raise JoinError(f"the peer's ESPO state is not one this server takes: {_first(exc)}") from exc
 
 
 async def _info(peer: Peer) -> PeerVersions:

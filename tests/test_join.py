@@ -216,6 +216,42 @@ def test_a_peer_whose_weights_keep_changing_is_copied_again_then_given_up(tiny_m
     assert joiner.engine.policy_version == 0 and not list(tmp_path.glob("joined-*"))
 
 
+def test_a_push_that_lands_while_the_state_is_read_is_copied_again(tiny_models, tmp_path):
+    """The state is read before the versions are checked: a peer whose learner pushes version 4 (and
+    its state) while the joiner reads the state is copied again, so weights and state are of one
+    version (the state's `batches` here tells which version it came with)."""
+    app = FastAPI()
+    files = weight_files(tiny_models["policy_b"])
+    version, state_reads = [3], [0]
+
+    @app.get("/v1/info")
+    async def info() -> dict:
+        return {"policy_version": version[0], "critic_version": None}
+
+    @app.get("/v1/weights/files")
+    async def listing() -> dict:
+        listed = [{"name": f.name, "size": f.stat().st_size, "sha256": sha256(f)} for f in files]
+        return {"version": version[0], "files": listed}
+
+    @app.get("/v1/weights/files/{name}")
+    async def download(name: str) -> FileResponse:
+        return FileResponse(tiny_models["policy_b"] / name)
+
+    @app.get("/v1/espo/state")
+    async def get_state() -> dict:
+        state_reads[0] += 1
+        answer = {**WARM.__dict__, "batches": version[0]}
+        if state_reads[0] == 1:  # the push lands just after this read
+            version[0] = 4
+        return {"state": answer}
+
+    with serving(app) as url:
+        status, joiner = join_once(url, tmp_path)
+    assert status.done, status.detail
+    assert joiner.engine.policy_version == 4 and joiner.state().state.batches == 4
+    assert state_reads[0] == 2 and len(list(tmp_path.glob("joined-policy-*"))) == 1
+
+
 def test_weights_the_replica_cannot_serve_keep_it_unready(tiny_models, tmp_path):
     with serving(lying_peer(tiny_models["critic"])) as url:  # a critic's checkpoint for a policy
         status, joiner = join_once(url, tmp_path, model=str(tiny_models["policy"]))
