@@ -290,8 +290,29 @@ def _allowed(proc: psutil.Process) -> str:
     return "?"
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model (a hypervisor may hide the rest
+    of the name) and its widest vector instructions: two "2-core" machines can differ nearly 2x in
+    CPU-seconds for the same work (docs/benchmarks.md, make reproduce's cells)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first processor's block describes them all
+    flags = set(fields.get("flags", "").split())
+    vector = next((name for flag, name in _VECTOR if flag in flags), "no AVX")
+    name = fields.get("model name", "unknown CPU")
+    return f"{name} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {vector})"
+
+
+_VECTOR = (("amx_tile", "AMX, AVX-512"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+
+
 def machine() -> str:
-    """The machine a benchmark ran on, as the results record it: its CPU cores and GPU (nvidia-smi)."""
+    """The machine a benchmark ran on, as the results record it: its CPU cores and model, and its GPU
+    (nvidia-smi)."""
     try:
         gpu = subprocess.run(
             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -301,7 +322,7 @@ def machine() -> str:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         gpu = ""
-    return f"{os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU")
+    return f"{os.cpu_count()} CPU cores, {cpu_model()}" + (f", {gpu}" if gpu else ", no GPU")
 
 
 def load_average() -> str:

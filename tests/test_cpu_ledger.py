@@ -1,6 +1,7 @@
 """The benchmarks' CPU ledger (bench.harness.CpuLedger) on a process tree shaped like a server's:
 a root (the server), two VLLM::EngineCore processes each with a worker below it, and a helper.
-No engine runs: the engines are shell processes named as vLLM names its engine."""
+No engine runs: the engines are shell processes named as vLLM names its engine. And the machine
+the benchmarks record (bench.harness.cpu_model)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from bench.harness import CpuLedger, engine_cores
+from bench.harness import CpuLedger, cpu_model, engine_cores
 from tests.waiting import wait_until
 
 # The root starts the policy engine, waits for a line (the test sends it once the clock has moved
@@ -84,3 +85,14 @@ def test_spent_counts_each_role_and_nothing_negative(server_tree: psutil.Process
     before = {pid: ("policy", 1.0) for pid in ledger.read()}
     after = {pid: ("policy", 1.5) for pid in before}
     assert CpuLedger.spent(before, after)["policy"] == pytest.approx(0.5 * len(before))
+
+
+def test_the_cpu_recorded_names_its_model_and_widest_vector_instructions(tmp_path) -> None:
+    block = "processor\t: {n}\nmodel name\t: Some CPU\ncpu family\t: 6\nmodel\t\t: 143\n"
+    block += "flags\t\t: {flags}\n\n"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(block.format(n=0, flags="fpu avx avx2 avx512f") + block.format(n=1, flags="fpu"))
+    assert cpu_model(cpuinfo) == "Some CPU (family 6 model 143, AVX-512)"
+    cpuinfo.write_text(block.format(n=0, flags="fpu sse2 avx avx2"))
+    assert cpu_model(cpuinfo) == "Some CPU (family 6 model 143, AVX2)"
+    assert cpu_model(tmp_path / "missing") == "unknown CPU (family ? model ?, no AVX)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def test_random_rate_is_scaled_to_stop_espos_share(reproduce):
 
 def check_outputs(doc: dict, tmp_path: Path, rules: list[str], learners: list[str], seeds: list[int]) -> None:
     cells = doc["cells"]
+    assert doc["machine"].startswith(f"{os.cpu_count()} CPU cores, ")
     assert doc["cells_cpu_s"] == pytest.approx(sum(c["cpu_s"] for c in cells))
     assert sorted((c["learner"], c["rule"], c["seed"]) for c in cells) == sorted(
         (learner, rule, seed) for learner in learners for rule in rules for seed in seeds
