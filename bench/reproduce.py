@@ -53,7 +53,7 @@ from bench import ceiling, harness
 from bench.harness import ROOT
 
 RULES = ("none", "espo", "regret_only", "random", "espo_rfail0", "value_only")
-# random (the fifth ablation) is left out of the default grid to fit `make reproduce` in 90 minutes
+# random (the fifth ablation) is left out of the default grid, to bring `make reproduce` near 90 minutes
 DEFAULT_RULES = "none,espo,regret_only,espo_rfail0"
 RULE_OF = {"espo_rfail0": "espo"}
 EXTRA_PARAMS = {"espo_rfail0": {"r_fail": 0.0}}
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lrs", default="1e-5,3e-5", help="the policy learning rates, each run for every learner"
     )
-    # 12 iterations, 2 evaluations: 80 cells in about 90 minutes on 2 cores (docs/science.md)
+    # 12 iterations, 2 evaluations: 80 cells in 81-118 minutes on 2 cores, by CPU (docs/benchmarks.md)
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--problems", type=int, default=32, help="problems per iteration")
     parser.add_argument("--n", type=int, default=8, help="samples per problem")
