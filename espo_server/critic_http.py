@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT_S = 600.0
 """How long a forwarded critic push may take (it waits for the critic's queries in flight)."""
+KEEPALIVE_EXPIRY_S = 2.0
+"""How long an idle pooled connection to a critic server is kept: below the 5 s after which a uvicorn
+server with its default keep-alive (vLLM's) closes one (ours keeps them 75 s: serve.KEEP_ALIVE_S)."""
 
 
 class _HttpCritic(ValuesFromScore):
@@ -38,7 +41,11 @@ class _HttpCritic(ValuesFromScore):
         self._client = client or httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout_s,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+            # idle connections dropped before a server with uvicorn's default 5-s keep-alive (vLLM's)
+            # closes them: reusing one as it closes fails the request (ReadError)
+            limits=httpx.Limits(
+                max_connections=32, max_keepalive_connections=32, keepalive_expiry=KEEPALIVE_EXPIRY_S
+            ),
             headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         )
 

@@ -66,6 +66,10 @@ WATCHDOG_INTERVAL_S = 0.5
 """How often the engine's liveness is looked at (vLLM's own monitor thread notices a death at once)."""
 UVICORN_GRACE_S = 5.0
 """uvicorn's own graceful-shutdown timeout, once the drain has answered the calls (or on Ctrl-C)."""
+KEEP_ALIVE_S = 75
+"""How long an idle keep-alive connection stays open (uvicorn's default: 5 s). Clients pool idle
+connections for 5 s (httpx's default); one reused just as a 5-s server closes it fails with a
+ReadError (seen: a learner's critic push answered 503). Longer here: pooled clients drop theirs first."""
 
 
 def resolve_models(config: ServerConfig) -> ServerConfig:
@@ -226,6 +230,7 @@ async def serve_rollout_app(app: FastAPI, service: RolloutService, config: Serve
             port=config.port,
             log_level=config.log_level,
             timeout_graceful_shutdown=int(UVICORN_GRACE_S),
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
     )
     status = 0
@@ -356,5 +361,6 @@ async def serve_app(
 ) -> None:
     """uvicorn in the running event loop (on `admin_port` too, if set); returns after a graceful
     shutdown (SIGTERM, SIGINT)."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S)
+    server = uvicorn.Server(config)
     await serve_on_ports(server, admin_port)
