@@ -531,26 +531,15 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(cells, setups, args)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     wall = time.perf_counter() - started
-    (args.out / "reproduce.json").write_text(
-        json.dumps(
-            {"config": config, "machine": machine, "setups": setups, "cells": cells, "wall_s": wall},
-            default=str,
-        )
-    )
+    head = {"config": config, "machine": machine, "setups": setups}
+    raw = {**head, "cells": cells, "wall_s": wall}
+    (args.out / "reproduce.json").write_text(json.dumps(raw, default=str))
     compact = [{k: v for k, v in c.items() if k != "records"} for c in cells]
     spent = {  # what the cells took when they ran (a --resume run keeps them: its own wall is short)
         "cells_wall_s": sum(c["wall_s"] for c in cells),
         "cells_cpu_s": sum(c["cpu_s"] for c in cells),
     }
-    doc = {
-        "config": config,
-        "machine": machine,
-        "setups": setups,
-        "summary": summary,
-        "cells": compact,
-        "wall_s": wall,
-        **spent,
-    }
+    doc = {**head, "summary": summary, "cells": compact, "wall_s": wall, **spent}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=1, default=str))
     table = markdown(summary, setups, args)
