@@ -118,9 +118,8 @@ vllm-bench: $(STAMP)
 
 # The paper's comparison at toy scale (outside CI; once the five seeds' toy models are cached, about
 # 81 minutes on the earlier 2-core machine, about 118 on an AVX2-only EPYC, projected from pieces:
-# docs/benchmarks.md): PPO
-# with examples/ppo_toy.py, 2 learners x 2 learning rates x 4 rules
-# x 5 seeds; writes bench/results/reproduce/, docs/reproduce.json and docs/reproduce.png. An
+# docs/benchmarks.md): PPO with examples/ppo_toy.py, 2 learners x 2 learning rates x 4 rules x 5
+# seeds; writes bench/results/reproduce/, docs/reproduce.json and docs/reproduce.png. An
 # interrupted run goes on with `$(PY) -m bench.reproduce --resume`.
 reproduce: $(STAMP)
 	$(PY) -m bench.reproduce

@@ -41,8 +41,6 @@ class _HttpCritic(ValuesFromScore):
         self._client = client or httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout_s,
-            # idle connections dropped before a server with uvicorn's default 5-s keep-alive (vLLM's)
-            # closes them: reusing one as it closes fails the request (ReadError)
             limits=httpx.Limits(
                 max_connections=32, max_keepalive_connections=32, keepalive_expiry=KEEPALIVE_EXPIRY_S
             ),

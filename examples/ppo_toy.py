@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None, transport: httpx.BaseTransport | None = 
                     if policy_steps == 0:  # before the first step the local policy is pi_old
                         # The server's logprobs are pi_old; how far this forward pass is from them
                         # says whether the server really serves this learner's weights (checked on
-                        # the first minibatch: a pass of its own over the batch cost 7-14% of the update).
+                        # the first minibatch: a pass of its own over the batch cost 8-18% of a cell's CPU).
                         logprob_gap = (logratio.detach().abs() * mb_mask).max().item()
                         if logprob_gap > 1e-3:
                             print(f"warning: local and server logprobs differ by up to {logprob_gap:.2e}")
